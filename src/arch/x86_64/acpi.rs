@@ -1,0 +1,170 @@
+//! ACPI tables: RSDP, XSDT, FADT (hardware-reduced, with reset and sleep registers),
+//! DSDT (the S5 sleep package and COM1) and MADT (every vCPU and the IOAPIC).
+//!
+//! Built with the rust-vmm `acpi_tables` crate; this module only decides what goes in
+//! them and where they live (the BIOS area, so a guest that scans for the RSDP finds it).
+
+use acpi_tables::aml;
+use acpi_tables::Aml;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::layout;
+
+const OEM_ID: [u8; 6] = *b"CELLVM";
+const OEM_TABLE_ID: [u8; 8] = *b"CELLVM  ";
+const OEM_REVISION: u32 = 1;
+
+/// IAPC_BOOT_ARCH: no VGA, no CMOS RTC, no 8042 keyboard (only its reset line).
+const IAPC_NO_VGA: u16 = 1 << 2;
+const IAPC_NO_CMOS_RTC: u16 = 1 << 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("ACPI tables need {0} bytes, more than the {1}-byte BIOS area")]
+    TooLarge(u64, u64),
+    #[error("cannot write ACPI tables into guest memory: {0}")]
+    Write(vm_memory::GuestMemoryError),
+    #[error("{0} vCPUs exceed the 254 an xAPIC MADT can list")]
+    TooManyCpus(u32),
+}
+
+fn bytes(table: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    table.to_aml_bytes(&mut v);
+    v
+}
+
+fn io_register(port: u16) -> GAS {
+    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port as u64)
+}
+
+fn dsdt() -> Vec<u8> {
+    let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    // \_S5_: SLP_TYP 5 is what the guest writes to the sleep control register to power off.
+    let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&5u8, &0u8]));
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let io = aml::IO::new(layout::COM1_PORT, layout::COM1_PORT, 1, 8);
+    let irq = aml::Interrupt::new(true, true, false, false, layout::COM1_IRQ);
+    let resources = aml::ResourceTemplate::new(vec![&io, &irq]);
+    let crs = aml::Name::new("_CRS".into(), &resources);
+    let com1 = aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]);
+    sdt.append_slice(&bytes(&s5));
+    sdt.append_slice(&bytes(&com1));
+    sdt.update_checksum();
+    sdt.as_slice().to_vec()
+}
+
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    fadt.reset_reg = io_register(layout::I8042_PORT + 4);
+    fadt.reset_value = 0xfe;
+    fadt.sleep_control_reg = io_register(layout::ACPI_SLEEP_PORT);
+    fadt.sleep_status_reg = io_register(layout::ACPI_SLEEP_PORT + 1);
+    fadt.iapc_boot_arch = (IAPC_NO_VGA | IAPC_NO_CMOS_RTC).into();
+    fadt.hypervisor_vendor_identity = u64::from_le_bytes(*b"CELLVM\0\0").into();
+    bytes(&fadt.finalize())
+}
+
+fn madt(cpus: u32) -> Result<Vec<u8>, Error> {
+    let mut madt = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(layout::LAPIC_BASE as u32),
+    );
+    if cpus > 254 {
+        return Err(Error::TooManyCpus(cpus));
+    }
+    for id in 0..cpus as u8 {
+        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+    }
+    // The IOAPIC takes the first id after the vCPUs' APIC ids.
+    madt.add_structure(IoApic::new(cpus as u8, layout::IOAPIC_BASE as u32, 0));
+    Ok(bytes(&madt))
+}
+
+/// Writes every table into guest memory and returns the RSDP's address.
+pub fn create_tables(mem: &GuestMemoryMmap, cpus: u32) -> Result<GuestAddress, Error> {
+    let align = |x: u64| (x + 15) & !15;
+    let rsdp_addr = layout::ACPI_START;
+    let dsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
+    let dsdt = dsdt();
+    let fadt_addr = align(dsdt_addr + dsdt.len() as u64);
+    let fadt = fadt(dsdt_addr);
+    let madt_addr = align(fadt_addr + fadt.len() as u64);
+    let madt = madt(cpus)?;
+    let xsdt_addr = align(madt_addr + madt.len() as u64);
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt = bytes(&xsdt);
+    let end = xsdt_addr + xsdt.len() as u64;
+    if end > layout::ACPI_END {
+        return Err(Error::TooLarge(end - layout::ACPI_START, layout::ACPI_END - layout::ACPI_START));
+    }
+    let rsdp = bytes(&Rsdp::new(OEM_ID, xsdt_addr));
+    for (addr, data) in [(rsdp_addr, &rsdp), (dsdt_addr, &dsdt), (fadt_addr, &fadt), (madt_addr, &madt), (xsdt_addr, &xsdt)] {
+        mem.write_slice(data, GuestAddress(addr)).map_err(Error::Write)?;
+    }
+    Ok(GuestAddress(rsdp_addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checksum(data: &[u8]) -> u8 {
+        data.iter().fold(0u8, |a, b| a.wrapping_add(*b))
+    }
+
+    #[test]
+    fn every_table_has_a_valid_checksum_and_length() {
+        for table in [dsdt(), fadt(0x1234), madt(4).unwrap()] {
+            assert_eq!(checksum(&table), 0, "table {:?}", &table[..4]);
+            let len = u32::from_le_bytes(table[4..8].try_into().unwrap()) as usize;
+            assert_eq!(len, table.len());
+        }
+    }
+
+    #[test]
+    fn madt_lists_every_vcpu_and_one_ioapic() {
+        let t = madt(7).unwrap();
+        let (mut cpus, mut ioapics, mut off) = (0, 0, 44);
+        while off < t.len() {
+            match t[off] {
+                0 => cpus += 1,
+                1 => ioapics += 1,
+                _ => {}
+            }
+            off += t[off + 1] as usize;
+        }
+        assert_eq!((cpus, ioapics), (7, 1));
+        assert!(matches!(madt(255), Err(Error::TooManyCpus(255))));
+    }
+
+    #[test]
+    fn fadt_names_the_sleep_and_reset_registers() {
+        let f = fadt(0x1000);
+        assert_eq!(&f[0..4], b"FACP");
+        // RESET_REG (offset 116): system I/O, the i8042 command port; RESET_VALUE 0xfe.
+        assert_eq!(f[116], 1);
+        assert_eq!(u64::from_le_bytes(f[120..128].try_into().unwrap()), 0x64);
+        assert_eq!(f[128], 0xfe);
+        // SLEEP_CONTROL_REG (offset 244).
+        assert_eq!(u64::from_le_bytes(f[248..256].try_into().unwrap()), layout::ACPI_SLEEP_PORT as u64);
+        // X_DSDT (offset 140).
+        assert_eq!(u64::from_le_bytes(f[140..148].try_into().unwrap()), 0x1000);
+    }
+}

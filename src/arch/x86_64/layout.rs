@@ -1,0 +1,100 @@
+//! Guest-physical memory layout. One table of addresses, so that the loader, the
+//! firmware tables and the e820 map cannot disagree.
+
+/// `hvm_start_info` for PVH boots, followed by its memory map and module list.
+pub const PVH_START_INFO: u64 = 0x6000;
+pub const PVH_MEMMAP: u64 = 0x6100;
+pub const PVH_MODLIST: u64 = 0x6800;
+/// Linux `boot_params` (the "zero page") for 64-bit boot-protocol boots.
+pub const ZERO_PAGE: u64 = 0x7000;
+/// Initial stack of the boot vCPU in 64-bit boots.
+pub const BOOT_STACK: u64 = 0x8ff0;
+/// Page tables identity-mapping the first 1 GiB for 64-bit boots.
+pub const PML4: u64 = 0x9000;
+pub const PDPT: u64 = 0xa000;
+pub const PD: u64 = 0xb000;
+/// GDT and (empty) IDT for 64-bit boots.
+pub const BOOT_GDT: u64 = 0x500;
+pub const BOOT_IDT: u64 = 0x520;
+/// The kernel command line.
+pub const CMDLINE: u64 = 0x2_0000;
+/// Linux's x86 COMMAND_LINE_SIZE, NUL included.
+pub const CMDLINE_MAX: usize = 2048;
+/// End of conventional memory; 640 KiB to 1 MiB is the legacy hole.
+pub const LOW_RAM_END: u64 = 0xa_0000;
+/// ACPI tables live in the BIOS area so that a guest scanning for the RSDP finds it.
+pub const ACPI_START: u64 = 0xe_0000;
+pub const ACPI_END: u64 = 0x10_0000;
+/// Kernels load here (and above).
+pub const HIGH_RAM_START: u64 = 0x10_0000;
+/// The 32-bit PCI hole: device MMIO (IOAPIC, LAPIC, later PCI BARs), never RAM.
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+pub const IOAPIC_BASE: u64 = 0xfec0_0000;
+pub const IOAPIC_SIZE: u64 = 0x1000;
+pub const LAPIC_BASE: u64 = 0xfee0_0000;
+
+/// I/O ports of the platform devices.
+pub const COM1_PORT: u16 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+pub const I8042_PORT: u16 = 0x60;
+/// ACPI sleep control / status registers (hardware-reduced ACPI).
+pub const ACPI_SLEEP_PORT: u16 = 0x600;
+
+/// The smallest guest we accept: the low 1 MiB plus room for a kernel.
+pub const MIN_MEMORY_MIB: u64 = 8;
+
+/// RAM regions for `mem` bytes: below the 32-bit hole, then above 4 GiB.
+pub fn ram_regions(mem: u64) -> Vec<(u64, u64)> {
+    if mem <= MMIO_HOLE_START {
+        vec![(0, mem)]
+    } else {
+        vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, mem - MMIO_HOLE_START)]
+    }
+}
+
+/// E820 types.
+pub const E820_RAM: u32 = 1;
+pub const E820_RESERVED: u32 = 2;
+
+/// The e820 map the guest sees: (start, size, type), sorted and non-overlapping.
+pub fn e820_map(mem: u64) -> Vec<(u64, u64, u32)> {
+    let mut map = vec![
+        (0, LOW_RAM_END, E820_RAM),
+        (ACPI_START, ACPI_END - ACPI_START, E820_RESERVED),
+    ];
+    for (start, size) in ram_regions(mem) {
+        let end = start + size;
+        let start = start.max(HIGH_RAM_START);
+        if end > start {
+            map.push((start, end - start, E820_RAM));
+        }
+    }
+    map
+}
+
+/// Highest address (exclusive) of RAM below 4 GiB.
+pub fn low_ram_end(mem: u64) -> u64 {
+    mem.min(MMIO_HOLE_START)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_is_one_region_below_the_hole() {
+        assert_eq!(ram_regions(64 << 20), vec![(0, 64 << 20)]);
+        let map = e820_map(64 << 20);
+        assert_eq!(map.last(), Some(&(HIGH_RAM_START, (64 << 20) - HIGH_RAM_START, E820_RAM)));
+    }
+
+    #[test]
+    fn large_guest_skips_the_pci_hole() {
+        let mem = 5u64 << 30;
+        assert_eq!(ram_regions(mem), vec![(0, 3 << 30), (4 << 30, 2 << 30)]);
+        let ram: u64 = e820_map(mem).iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum();
+        assert_eq!(ram + (HIGH_RAM_START - LOW_RAM_END), mem);
+        assert!(e820_map(mem).iter().all(|e| e.0 + e.1 <= MMIO_HOLE_START || e.0 >= MMIO_HOLE_END));
+    }
+}

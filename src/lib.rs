@@ -1,0 +1,9 @@
+//! cellvm: a security-hardened KVM virtual machine monitor.
+//!
+//! The crate is one binary (`cellvm`) so every cell execs the same audited file; this
+//! library holds its parts so tests and fuzz targets reach them directly.
+
+pub mod arch;
+pub mod devices;
+pub mod testguest;
+pub mod vmm;

@@ -1,0 +1,83 @@
+//! Guest RAM: one sealed memfd (no grow, no shrink), mapped around the 32-bit PCI hole
+//! and registered with KVM. Device backends later map the same fd.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::arch::x86_64::layout;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("memfd_create: {0}")]
+    Memfd(std::io::Error),
+    #[error("sizing guest RAM to {0} bytes: {1}")]
+    Size(u64, std::io::Error),
+    #[error("sealing guest RAM: {0}")]
+    Seal(std::io::Error),
+    #[error("mapping guest RAM: {0}")]
+    Map(vm_memory::mmap::FromRangesError),
+    #[error("KVM_SET_USER_MEMORY_REGION: {0}")]
+    Slot(kvm_ioctls::Error),
+}
+
+pub struct GuestRam {
+    pub mem: GuestMemoryMmap,
+    pub file: File,
+}
+
+pub fn create(size: u64) -> Result<GuestRam, Error> {
+    let name = CString::new("cellvm-guest-ram").expect("static name");
+    // SAFETY: memfd_create with a valid NUL-terminated name; the fd is checked below and
+    // owned by the File from then on.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(Error::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(|e| Error::Size(size, e))?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor we own; no pointers involved.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(Error::Seal(std::io::Error::last_os_error()));
+    }
+    let mut ranges = Vec::new();
+    let mut offset = 0;
+    for (start, len) in layout::ram_regions(size) {
+        let fo = FileOffset::new(file.try_clone().map_err(Error::Memfd)?, offset);
+        ranges.push((GuestAddress(start), len as usize, Some(fo)));
+        offset += len;
+    }
+    let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(Error::Map)?;
+    Ok(GuestRam { mem, file })
+}
+
+/// Registers every RAM region as a KVM memory slot.
+pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
+    for (slot, region) in mem.iter().enumerate() {
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the mapping stays alive as long as `mem`, which the VM owns for its
+        // whole life; the region does not overlap another slot (ram_regions is disjoint).
+        unsafe { vm.set_user_memory_region(region_desc) }.map_err(Error::Slot)?;
+    }
+    Ok(())
+}
+
+/// The host's total RAM, the ceiling for `--memory`.
+pub fn host_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

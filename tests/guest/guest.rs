@@ -1,0 +1,234 @@
+//! cellvm test guest: the CPL 3 program.
+//!
+//! `boot.S` leaves us at CPL 3 with IOPL 3, interrupts off, and all of the first 4 GiB
+//! identity-mapped and user-accessible. From here the program checks what the VMM built
+//! (boot information, command line, e820 map, ACPI tables, vCPUs), prints one line per
+//! check on COM1 (`TEST <name> PASS|FAIL <detail>`), and ends the VM.
+//!
+//! Command line: `tests=a,b,...` (default: all; `none`: boot, print one line, end),
+//! `hold=SECONDS` (stay up that long before ending), `expect_mem=MiB` and
+//! `expect_cpus=N` (what the e820, madt and smp checks compare against).
+#![no_std]
+#![no_main]
+
+core::arch::global_asm!(include_str!("boot.S"), options(att_syntax));
+
+mod acpi;
+mod hw;
+
+use core::fmt::Write;
+use hw::{Serial, StartInfo};
+
+/// Every check the guest knows, in the order it runs them.
+const CHECKS: [&str; 7] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp"];
+
+/// Size of the legacy hole between 640 KiB and 1 MiB that the VMM leaves out of RAM.
+const LEGACY_HOLE: u64 = 0x10_0000 - 0xa_0000;
+/// The 32-bit PCI hole: no RAM between 3 GiB and 4 GiB.
+const HOLE_START: u64 = 0xc000_0000;
+const HOLE_END: u64 = 0x1_0000_0000;
+
+struct Args<'a> {
+    cmdline: &'a str,
+    tests: Option<&'a str>,
+    hold_secs: u64,
+    expect_mem_mib: Option<u64>,
+    expect_cpus: Option<u64>,
+}
+
+impl<'a> Args<'a> {
+    fn parse(cmdline: &'a str) -> Self {
+        let mut args = Args { cmdline, tests: None, hold_secs: 0, expect_mem_mib: None, expect_cpus: None };
+        for word in cmdline.split_ascii_whitespace() {
+            let Some((key, value)) = word.split_once('=') else { continue };
+            match key {
+                "tests" => args.tests = Some(value),
+                "hold" => args.hold_secs = value.parse().unwrap_or(0),
+                "expect_mem" => args.expect_mem_mib = value.parse().ok(),
+                "expect_cpus" => args.expect_cpus = value.parse().ok(),
+                _ => {}
+            }
+        }
+        args
+    }
+
+    fn selected(&self, check: &str) -> bool {
+        match self.tests {
+            None | Some("all") => true,
+            Some(list) => list.split(',').any(|t| t == check),
+        }
+    }
+}
+
+/// Outcome of one check: pass or fail, with a detail line either way.
+type Outcome = Result<(), ()>;
+
+struct Report {
+    serial: Serial,
+    passed: u32,
+    failed: u32,
+}
+
+impl Report {
+    fn line(&mut self, name: &str, outcome: Outcome, detail: core::fmt::Arguments) {
+        let verdict = if outcome.is_ok() { "PASS" } else { "FAIL" };
+        match outcome {
+            Ok(()) => self.passed += 1,
+            Err(()) => self.failed += 1,
+        }
+        let _ = writeln!(self.serial, "TEST {name} {verdict} {detail}");
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn guest_main() -> ! {
+    let mut serial = Serial::com1();
+    let info = StartInfo::from_boot();
+    let cmdline = info.and_then(|i| i.cmdline()).unwrap_or("");
+    let args = Args::parse(cmdline);
+
+    if args.tests == Some("none") {
+        let _ = writeln!(serial, "cellvm-testguest: up");
+        hold(args.hold_secs);
+        hw::power_off(None);
+    }
+    let _ = writeln!(serial, "cellvm-testguest: running checks");
+    let mut report = Report { serial, passed: 0, failed: 0 };
+    let tables = info.and_then(|i| acpi::Tables::locate(i.rsdp_paddr));
+    for check in CHECKS.iter().filter(|c| args.selected(c)) {
+        run_check(check, &args, info, tables.as_ref(), &mut report);
+    }
+    let (passed, failed) = (report.passed, report.failed);
+    let _ = writeln!(report.serial, "cellvm-testguest: done, {passed} passed, {failed} failed");
+    hold(args.hold_secs);
+    hw::power_off(tables.as_ref());
+}
+
+fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&acpi::Tables>, r: &mut Report) {
+    match name {
+        "serial" => {
+            let (scratch, lsr) = r.serial.self_test(0x5a);
+            let ok = scratch == 0x5a && lsr & 0x20 != 0;
+            r.line(name, ok.then_some(()).ok_or(()), format_args!("scratch={scratch:#x} lsr={lsr:#x}"));
+        }
+        "bootinfo" => match info {
+            Some(i) => {
+                let ok = i.version >= 1 && i.memmap_entries > 0 && i.cmdline_paddr != 0 && i.rsdp_paddr != 0;
+                r.line(
+                    name,
+                    ok.then_some(()).ok_or(()),
+                    format_args!(
+                        "magic=0x336ec578 version={} memmap_entries={} cmdline={:#x} rsdp={:#x} modules={}",
+                        i.version, i.memmap_entries, i.cmdline_paddr, i.rsdp_paddr, i.nr_modules
+                    ),
+                )
+            }
+            None => r.line(name, Err(()), format_args!("no hvm_start_info with the PVH magic")),
+        },
+        "cmdline" => match info.and_then(|i| i.cmdline()) {
+            Some(c) => r.line(name, Ok(()), format_args!("len={} \"{}\"", c.len(), args.cmdline)),
+            None => r.line(name, Err(()), format_args!("no NUL-terminated command line")),
+        },
+        "e820" => check_e820(args, info, r),
+        "acpi" => match tables {
+            Some(t) => {
+                let mut sigs = hw::Buf::<96>::new();
+                let mut ok = t.rsdp_ok && t.xsdt_ok;
+                for table in t.iter() {
+                    let _ = write!(sigs, "{} ", table.signature_str());
+                    ok &= table.checksum_ok();
+                }
+                let dsdt = t.dsdt();
+                ok &= dsdt.map(|d| d.checksum_ok()).unwrap_or(false);
+                let fadt_ok = t.find(b"FACP").map(|f| f.len() >= 244).unwrap_or(false);
+                ok &= fadt_ok;
+                r.line(
+                    name,
+                    ok.then_some(()).ok_or(()),
+                    format_args!(
+                        "rsdp={:#x} rsdp_checksum={} xsdt_checksum={} tables: {}+ DSDT checksum={}",
+                        t.rsdp_addr,
+                        t.rsdp_ok,
+                        t.xsdt_ok,
+                        sigs.as_str(),
+                        dsdt.map(|d| d.checksum_ok()).unwrap_or(false)
+                    ),
+                )
+            }
+            None => r.line(name, Err(()), format_args!("no RSDP found")),
+        },
+        "madt" => match tables.and_then(|t| t.madt()) {
+            Some(m) => {
+                let ok = m.ioapics == 1 && Some(m.cpus as u64) == args.expect_cpus;
+                r.line(
+                    name,
+                    ok.then_some(()).ok_or(()),
+                    format_args!("cpus={} ioapics={} expected_cpus={:?}", m.cpus, m.ioapics, args.expect_cpus),
+                )
+            }
+            None => r.line(name, Err(()), format_args!("no MADT")),
+        },
+        "smp" => match tables.and_then(|t| t.madt()) {
+            Some(m) => {
+                let result = hw::start_aps(&m);
+                let ok = result.reported == m.cpus && result.missing.is_none();
+                r.line(
+                    name,
+                    ok.then_some(()).ok_or(()),
+                    format_args!(
+                        "cpus={} reported={} first_missing_apic_id={:?} wait_ms={}",
+                        m.cpus, result.reported, result.missing, result.wait_ms
+                    ),
+                )
+            }
+            None => r.line(name, Err(()), format_args!("no MADT to find the APs")),
+        },
+        _ => {}
+    }
+}
+
+fn check_e820(args: &Args, info: Option<StartInfo>, r: &mut Report) {
+    let (Some(info), Some(mem_mib)) = (info, args.expect_mem_mib) else {
+        r.line("e820", Err(()), format_args!("needs hvm_start_info and expect_mem= on the command line"));
+        return;
+    };
+    let mem = mem_mib << 20;
+    let (mut ram, mut top, mut prev_end, mut sorted, mut in_hole) = (0u64, 0u64, 0u64, true, false);
+    let mut map = hw::Buf::<256>::new();
+    for e in info.memmap() {
+        let end = e.addr.saturating_add(e.size);
+        sorted &= e.addr >= prev_end;
+        prev_end = end;
+        let _ = write!(map, "[{:#x}-{:#x} {}]", e.addr, end, e.kind);
+        if e.kind == 1 {
+            ram += e.size;
+            top = top.max(end);
+            in_hole |= e.addr < HOLE_END && end > HOLE_START;
+        }
+    }
+    let expected_top = if mem <= HOLE_START { mem } else { HOLE_END + (mem - HOLE_START) };
+    let ok = sorted && !in_hole && ram + LEGACY_HOLE == mem && top == expected_top;
+    r.line(
+        "e820",
+        ok.then_some(()).ok_or(()),
+        format_args!("ram={ram:#x} top={top:#x} expected_top={expected_top:#x} sorted={sorted} map={}", map.as_str()),
+    );
+}
+
+fn hold(secs: u64) {
+    if secs == 0 {
+        return;
+    }
+    let hz = hw::tsc_hz();
+    let end = hw::rdtsc().saturating_add(secs.saturating_mul(hz));
+    while hw::rdtsc() < end {
+        core::hint::spin_loop();
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    let mut serial = Serial::com1();
+    let _ = writeln!(serial, "TEST panic FAIL {info}");
+    hw::power_off(None)
+}

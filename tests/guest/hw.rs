@@ -1,0 +1,333 @@
+//! Hardware access from CPL 3: ports (IOPL 3), identity-mapped physical memory, the
+//! local APIC page, the TSC. The only place the guest touches raw addresses.
+
+use core::arch::asm;
+use core::fmt;
+
+/// Highest physical address the boot page tables map.
+pub const MAPPED_LIMIT: u64 = 0x1_0000_0000;
+const LAPIC_BASE: u64 = 0xfee0_0000;
+/// Where the AP trampoline is copied; the SIPI vector is this address >> 12.
+const TRAMPOLINE: u64 = 0x8000;
+
+extern "C" {
+    static start_info_paddr: u64;
+    static ap_tramp_start: u8;
+    static ap_tramp_end: u8;
+    static ap_tramp_count: u8;
+    static ap_tramp_slots: u8;
+}
+
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: IOPL is 3, so port I/O from CPL 3 is allowed; it touches no memory.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nostack, preserves_flags)) }
+}
+
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: as for `outb`.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nostack, preserves_flags)) }
+    value
+}
+
+/// Reads `T` from guest-physical `addr`, if the identity map covers it.
+pub fn read_phys<T: Copy>(addr: u64) -> Option<T> {
+    let end = addr.checked_add(core::mem::size_of::<T>() as u64)?;
+    if addr == 0 || end > MAPPED_LIMIT {
+        return None;
+    }
+    // SAFETY: the boot page tables identity-map [0, 4 GiB) for CPL 3; memory the VMM
+    // did not back reads as all-ones through MMIO exits rather than faulting.
+    Some(unsafe { core::ptr::read_volatile(addr as *const T) })
+}
+
+fn write_phys<T: Copy>(addr: u64, value: T) {
+    if addr == 0 || addr + core::mem::size_of::<T>() as u64 > MAPPED_LIMIT {
+        return;
+    }
+    // SAFETY: see `read_phys`; callers pass the APIC page, the trampoline page or a
+    // register address the firmware tables named.
+    unsafe { core::ptr::write_volatile(addr as *mut T, value) }
+}
+
+pub fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: RDTSC is allowed at CPL 3 (CR4.TSD is clear).
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) }
+    ((hi as u64) << 32) | lo as u64
+}
+
+fn cpuid(leaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, 0);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// TSC frequency: KVM's timing leaf, else the architectural leaves, else a guess.
+pub fn tsc_hz() -> u64 {
+    let hv = cpuid(0x4000_0000);
+    if hv[0] >= 0x4000_0010 {
+        let khz = cpuid(0x4000_0010)[0] as u64;
+        if khz != 0 {
+            return khz * 1000;
+        }
+    }
+    let max = cpuid(0)[0];
+    if max >= 0x15 {
+        let [den, num, crystal, _] = cpuid(0x15);
+        if den != 0 && num != 0 && crystal != 0 {
+            return crystal as u64 * num as u64 / den as u64;
+        }
+    }
+    if max >= 0x16 {
+        let mhz = cpuid(0x16)[0] as u64;
+        if mhz != 0 {
+            return mhz * 1_000_000;
+        }
+    }
+    2_000_000_000
+}
+
+/// COM1, polled.
+pub struct Serial {
+    base: u16,
+}
+
+impl Serial {
+    pub fn com1() -> Self {
+        Serial { base: 0x3f8 }
+    }
+
+    /// Writes `value` to the scratch register and reads it back, with the line status.
+    pub fn self_test(&mut self, value: u8) -> (u8, u8) {
+        outb(self.base + 7, value);
+        (inb(self.base + 7), inb(self.base + 5))
+    }
+
+    fn put(&mut self, byte: u8) {
+        // Wait (boundedly) for the transmit holding register to empty.
+        for _ in 0..100_000 {
+            if inb(self.base + 5) & 0x20 != 0 {
+                break;
+            }
+        }
+        outb(self.base, byte);
+    }
+}
+
+impl fmt::Write for Serial {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            if b == b'\n' {
+                self.put(b'\r');
+            }
+            self.put(b);
+        }
+        Ok(())
+    }
+}
+
+/// A fixed-size text buffer for building detail strings without an allocator.
+pub struct Buf<const N: usize> {
+    data: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> Buf<N> {
+    pub fn new() -> Self {
+        Buf { data: [0; N], len: 0 }
+    }
+
+    pub fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.data[..self.len]).unwrap_or("?")
+    }
+}
+
+impl<const N: usize> fmt::Write for Buf<N> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let take = s.len().min(N - self.len);
+        self.data[self.len..self.len + take].copy_from_slice(&s.as_bytes()[..take]);
+        self.len += take;
+        Ok(())
+    }
+}
+
+/// The PVH `hvm_start_info` (version 1) the VMM passed in %ebx.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct StartInfo {
+    pub magic: u32,
+    pub version: u32,
+    pub flags: u32,
+    pub nr_modules: u32,
+    pub modlist_paddr: u64,
+    pub cmdline_paddr: u64,
+    pub rsdp_paddr: u64,
+    pub memmap_paddr: u64,
+    pub memmap_entries: u32,
+    pub reserved: u32,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct MemmapEntry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: u32,
+    pub reserved: u32,
+}
+
+impl StartInfo {
+    pub fn from_boot() -> Option<StartInfo> {
+        // SAFETY: written once by boot.S before CPL 3 code runs.
+        let paddr = unsafe { core::ptr::read_volatile(&raw const start_info_paddr) };
+        let info: StartInfo = read_phys(paddr)?;
+        (info.magic == 0x336e_c578).then_some(info)
+    }
+
+    /// The command line, if it is NUL-terminated within 4 KiB and valid UTF-8.
+    pub fn cmdline(&self) -> Option<&'static str> {
+        let base = self.cmdline_paddr;
+        let len = (0..4096u64).find(|i| read_phys::<u8>(base + i) == Some(0))?;
+        if base == 0 || base + len > MAPPED_LIMIT {
+            return None;
+        }
+        // SAFETY: `len` bytes from `base` were just read through the identity map, and
+        // the VMM does not change the command line after boot.
+        let bytes = unsafe { core::slice::from_raw_parts(base as *const u8, len as usize) };
+        core::str::from_utf8(bytes).ok()
+    }
+
+    pub fn memmap(&self) -> impl Iterator<Item = MemmapEntry> + '_ {
+        let count = if self.version >= 1 { self.memmap_entries.min(128) } else { 0 };
+        (0..count as u64).filter_map(move |i| read_phys(self.memmap_paddr + i * 24))
+    }
+}
+
+pub struct ApStart {
+    pub reported: u32,
+    pub missing: Option<u8>,
+    pub wait_ms: u64,
+}
+
+/// Starts every AP the MADT lists with INIT + SIPI through the user-mapped local APIC,
+/// and waits (up to 20 s: CPL 0 code is emulated on nested hosts) for each to report.
+pub fn start_aps(madt: &crate::acpi::Madt) -> ApStart {
+    // Linker-provided symbols bounding the trampoline in the loaded image.
+    let (start, end, count_at, slots_at) = (
+            &raw const ap_tramp_start as u64,
+            &raw const ap_tramp_end as u64,
+            &raw const ap_tramp_count as u64,
+            &raw const ap_tramp_slots as u64,
+    );
+    for off in 0..end - start {
+        write_phys(TRAMPOLINE + off, read_phys::<u8>(start + off).unwrap_or(0));
+    }
+    let count_addr = TRAMPOLINE + (count_at - start);
+    let slots_addr = TRAMPOLINE + (slots_at - start);
+    let own_id = (cpuid(1)[1] >> 24) as u8;
+
+    write_phys::<u32>(LAPIC_BASE + 0xf0, 0x1ff); // software-enable, spurious vector 0xff
+    let sipi = 0x4600 | (TRAMPOLINE >> 12) as u32;
+    for &id in madt.apic_ids() {
+        if id == own_id {
+            continue;
+        }
+        for command in [0x4500, sipi, sipi] {
+            write_phys::<u32>(LAPIC_BASE + 0x310, (id as u32) << 24);
+            write_phys::<u32>(LAPIC_BASE + 0x300, command);
+            while read_phys::<u32>(LAPIC_BASE + 0x300).unwrap_or(0) & (1 << 12) != 0 {
+                core::hint::spin_loop();
+            }
+        }
+    }
+    let hz = tsc_hz();
+    let begin = rdtsc();
+    let deadline = begin + 20 * hz;
+    let expected = madt.cpus - 1;
+    while (read_phys::<u16>(count_addr).unwrap_or(0) as u32) < expected && rdtsc() < deadline {
+        core::hint::spin_loop();
+    }
+    let wait_ms = (rdtsc() - begin) / (hz / 1000).max(1);
+    let mut missing = None;
+    for &id in madt.apic_ids() {
+        if id != own_id && read_phys::<u8>(slots_addr + id as u64) != Some(1) {
+            missing = missing.or(Some(id));
+        }
+    }
+    ApStart { reported: read_phys::<u16>(count_addr).unwrap_or(0) as u32 + 1, missing, wait_ms }
+}
+
+/// Ends the VM: QEMU's isa-debug-exit (a port no other VMM claims), then the ACPI sleep
+/// control register the FADT names (S5), then the i8042 reset line; whichever the VMM
+/// implements first.
+pub fn power_off(tables: Option<&crate::acpi::Tables>) -> ! {
+    const S5: u8 = (5 << 2) | (1 << 5); // SLP_TYP = 5, SLP_EN
+    outb(0xf4, 0);
+    if let Some(reg) = tables.and_then(|t| t.sleep_control_reg()) {
+        match reg.space {
+            0 => write_phys::<u8>(reg.address, S5),
+            1 if reg.address <= 0xffff => outb(reg.address as u16, S5),
+            _ => {}
+        }
+    }
+    outb(0x64, 0xfe);
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+// The freestanding build has no libc: the few memory functions the compiler calls.
+// Written with inline `rep` string instructions so they cannot be turned back into
+// calls to themselves.
+
+#[no_mangle]
+pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees both ranges are valid and do not overlap.
+    unsafe { asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _, options(nostack, preserves_flags)) };
+    dst
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dst as usize) <= (src as usize) || (dst as usize) >= (src as usize) + n {
+        // SAFETY: copying forward never overwrites bytes not yet read.
+        return unsafe { memcpy(dst, src, n) };
+    }
+    // SAFETY: overlapping with dst above src: copy backwards with the direction flag set.
+    unsafe {
+        asm!("std", "rep movsb", "cld",
+             inout("rcx") n => _, inout("rdi") dst.add(n - 1) => _, inout("rsi") src.add(n - 1) => _,
+             options(nostack))
+    };
+    dst
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn memset(dst: *mut u8, value: i32, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees the range is valid.
+    unsafe { asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") value as u8, options(nostack, preserves_flags)) };
+    dst
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    for i in 0..n {
+        // SAFETY: the caller guarantees both ranges hold n bytes.
+        let (x, y) = unsafe { (core::ptr::read_volatile(a.add(i)), core::ptr::read_volatile(b.add(i))) };
+        if x != y {
+            return x as i32 - y as i32;
+        }
+    }
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY: same contract as memcmp.
+    unsafe { memcmp(a, b, n) }
+}
+
+/// The precompiled `core` refers to the unwinder's personality routine; with
+/// `panic = "abort"` nothing ever unwinds, so it is never called.
+#[no_mangle]
+pub extern "C" fn rust_eh_personality() {}

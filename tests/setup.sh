@@ -1,0 +1,18 @@
+#!/bin/sh
+# Installs what cellvm's build, tests and demo need on a fresh Debian machine (root,
+# Rust toolchain present). Idempotent: installs only what is missing.
+set -eu
+need=""
+for pkg in qemu-system-x86 qemu-utils xz-utils zstd binutils gcc; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
+done
+if [ -n "$need" ]; then
+    echo "setup: installing$need"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends $need >/dev/null
+fi
+if [ ! -c /dev/kvm ]; then
+    echo "setup: /dev/kvm is missing: cellvm needs KVM" >&2
+    exit 1
+fi

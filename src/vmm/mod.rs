@@ -159,6 +159,7 @@ pub fn run(cfg: VmConfig) -> Result<i32, Error> {
     for id in 0..cpus {
         let fd = vm.create_vcpu(id as u64).map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
         let tsc_khz = fd.get_tsc_khz().ok();
+        log::debug!("vcpu {id}: TSC {tsc_khz:?} kHz");
         cpu::configure_vcpu(&fd, id, &cpu::vcpu_cpuid(&base_cpuid, id, cpus, tsc_khz))?;
         vcpus.push(fd);
     }

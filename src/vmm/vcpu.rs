@@ -105,12 +105,12 @@ fn internal_error(vcpu: &mut VcpuFd) -> String {
     if suberror != SUBERROR_EMULATION {
         return format!("KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror {suberror}, data {data:x?})");
     }
-    // data[0]: flags; then insn_size (u32) and up to 15 instruction bytes.
+    // data[0]: flags; then insn_size (u8) and up to 15 instruction bytes.
     let mut text = "KVM emulation failure (KVM_EXIT_INTERNAL_ERROR, suberror 1)".to_string();
-    if data.len() >= 2 && data[0] & EMULATION_FLAG_INSN_BYTES != 0 {
-        let raw: Vec<u8> = data[1..].iter().flat_map(|w| w.to_le_bytes()).collect();
-        let size = (u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]) as usize).min(15).min(raw.len() - 4);
-        let bytes: Vec<String> = raw[4..4 + size].iter().map(|b| format!("{b:02x}")).collect();
+    if data.len() >= 3 && data[0] & EMULATION_FLAG_INSN_BYTES != 0 {
+        let raw: Vec<u8> = data[1..3].iter().flat_map(|w| w.to_le_bytes()).collect();
+        let size = (raw[0] as usize).min(15);
+        let bytes: Vec<String> = raw[1..1 + size].iter().map(|b| format!("{b:02x}")).collect();
         text.push_str(&format!(", instruction bytes [{}]", bytes.join(" ")));
     }
     text

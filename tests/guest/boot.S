@@ -31,6 +31,10 @@ pvh_entry:
     movb %al, gdt_tss + 4
     movb %ah, gdt_tss + 7
     lgdtl gdt_desc
+    movl $0x4b564d01, %ecx      /* MSR_KVM_SYSTEM_TIME_NEW: kvm-clock, for the TSC rate */
+    movl $pvclock + 1, %eax     /* bit 0: enable */
+    xorl %edx, %edx
+    wrmsr
     movw $0x10, %ax
     movw %ax, %ds
     movw %ax, %es
@@ -149,3 +153,7 @@ user_stack_top:
     .p2align 3
 start_info_paddr:
     .quad 0
+    .globl pvclock
+    .p2align 5                  /* pvclock_vcpu_time_info: 32 bytes, one page */
+pvclock:
+    .fill 32, 1, 0

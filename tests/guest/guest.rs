@@ -109,7 +109,8 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
         "serial" => {
             let (scratch, lsr) = r.serial.self_test(0x5a);
             let ok = scratch == 0x5a && lsr & 0x20 != 0;
-            r.line(name, ok.then_some(()).ok_or(()), format_args!("scratch={scratch:#x} lsr={lsr:#x}"));
+            let tsc_mhz = hw::tsc_hz() / 1_000_000;
+            r.line(name, ok.then_some(()).ok_or(()), format_args!("scratch={scratch:#x} lsr={lsr:#x} tsc_mhz={tsc_mhz}"));
         }
         "bootinfo" => match info {
             Some(i) => {

@@ -12,6 +12,7 @@ const TRAMPOLINE: u64 = 0x8000;
 
 extern "C" {
     static start_info_paddr: u64;
+    static pvclock: [u8; 32];
     static ap_tramp_start: u8;
     static ap_tramp_end: u8;
     static ap_tramp_count: u8;
@@ -57,34 +58,22 @@ pub fn rdtsc() -> u64 {
     ((hi as u64) << 32) | lo as u64
 }
 
-fn cpuid(leaf: u32) -> [u32; 4] {
-    let r = core::arch::x86_64::__cpuid_count(leaf, 0);
-    [r.eax, r.ebx, r.ecx, r.edx]
-}
-
-/// TSC frequency: KVM's timing leaf, else the architectural leaves, else a guess.
+/// TSC frequency from kvm-clock's scale factors (boot.S registered the structure; KVM
+/// fills it). CPUID cannot tell: on nested PVM hosts CPUID at CPL 3 is not intercepted
+/// and reports the host's leaves, not the ones the VMM set.
 pub fn tsc_hz() -> u64 {
-    let hv = cpuid(0x4000_0000);
-    if hv[0] >= 0x4000_0010 {
-        let khz = cpuid(0x4000_0010)[0] as u64;
-        if khz != 0 {
-            return khz * 1000;
-        }
+    // SAFETY: `pvclock` is a static KVM writes; volatile reads of plain bytes.
+    let (mul, shift) = unsafe {
+        let p = &raw const pvclock as *const u8;
+        (core::ptr::read_volatile(p.add(24) as *const u32), core::ptr::read_volatile(p.add(28) as *const i8))
+    };
+    if mul == 0 {
+        return 2_000_000_000; // no kvm-clock: a guess
     }
-    let max = cpuid(0)[0];
-    if max >= 0x15 {
-        let [den, num, crystal, _] = cpuid(0x15);
-        if den != 0 && num != 0 && crystal != 0 {
-            return crystal as u64 * num as u64 / den as u64;
-        }
-    }
-    if max >= 0x16 {
-        let mhz = cpuid(0x16)[0] as u64;
-        if mhz != 0 {
-            return mhz * 1_000_000;
-        }
-    }
-    2_000_000_000
+    // ns = (tsc << shift) * mul >> 32, so tsc_hz = 1e9 * 2^32 / (mul * 2^shift).
+    let num: u128 = 1_000_000_000u128 << 32;
+    let hz = if shift >= 0 { num / ((mul as u128) << shift) } else { (num << (-shift) as u32) / mul as u128 };
+    hz as u64
 }
 
 /// COM1, polled.
@@ -224,7 +213,8 @@ pub fn start_aps(madt: &crate::acpi::Madt) -> ApStart {
     }
     let count_addr = TRAMPOLINE + (count_at - start);
     let slots_addr = TRAMPOLINE + (slots_at - start);
-    let own_id = (cpuid(1)[1] >> 24) as u8;
+    // The LAPIC's ID register, not CPUID: CPL 3 CPUID is not virtualized on PVM hosts.
+    let own_id = (read_phys::<u32>(LAPIC_BASE + 0x20).unwrap_or(0) >> 24) as u8;
 
     write_phys::<u32>(LAPIC_BASE + 0xf0, 0x1ff); // software-enable, spurious vector 0xff
     let sipi = 0x4600 | (TRAMPOLINE >> 12) as u32;

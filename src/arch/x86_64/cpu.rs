@@ -26,6 +26,7 @@ const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE: u32 = 0x4;
 const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+const LEAF_TSC: u32 = 0x15;
 const LEAF_HYPERVISOR: u32 = 0x4000_0000;
 const LEAF_HYPERVISOR_TIMING: u32 = 0x4000_0010;
 const ECX_HYPERVISOR: u32 = 1 << 31;
@@ -41,8 +42,8 @@ fn bits_for(count: u32) -> u32 {
 }
 
 /// Normalises KVM's supported CPUID for vCPU `id` of `cpus`: APIC ids, a flat topology
-/// (one package, one core per vCPU, no SMT), the hypervisor bit and leaves, and KVM's
-/// TSC-frequency leaf so guests need not calibrate.
+/// (one package, one core per vCPU, no SMT), the hypervisor bit and leaves, and the TSC
+/// frequency (KVM's timing leaf and leaf 0x15) so guests need not calibrate.
 pub fn vcpu_cpuid(base: &CpuId, id: u32, cpus: u32, tsc_khz: Option<u32>) -> CpuId {
     let mut cpuid = base.clone();
     let shift = bits_for(cpus);
@@ -82,6 +83,15 @@ pub fn vcpu_cpuid(base: &CpuId, id: u32, cpus: u32, tsc_khz: Option<u32>) -> Cpu
                     }
                 }
             }
+            // The TSC/crystal ratio leaf, when the host CPU leaves it empty (AMD): a
+            // 1 MHz "crystal" times tsc_khz / 1000. Nested PVM hosts replace the
+            // hypervisor leaves below with their own, so this is the leaf a CPL 3 guest
+            // can always read its TSC frequency from.
+            LEAF_TSC if e.eax == 0 || e.ebx == 0 => {
+                if let Some(khz) = tsc_khz {
+                    (e.eax, e.ebx, e.ecx, e.edx) = (1000, khz, 1_000_000, 0);
+                }
+            }
             LEAF_HYPERVISOR => {
                 if tsc_khz.is_some() {
                     e.eax = e.eax.max(LEAF_HYPERVISOR_TIMING);
@@ -104,7 +114,9 @@ pub fn vcpu_cpuid(base: &CpuId, id: u32, cpus: u32, tsc_khz: Option<u32>) -> Cpu
             ebx: 1_000_000,
             ..Default::default()
         };
-        let _ = cpuid.push(entry);
+        if let Err(e) = cpuid.push(entry) {
+            log::warn!("cannot add the TSC frequency leaf to CPUID: {e:?}");
+        }
     }
     cpuid
 }
@@ -245,6 +257,25 @@ fn write_boot_gdt_and_page_tables(mem: &GuestMemoryMmap) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn leaf(c: &CpuId, function: u32, index: u32) -> kvm_bindings::kvm_cpuid_entry2 {
+        *c.as_slice().iter().find(|e| e.function == function && e.index == index).expect("leaf present")
+    }
+
+    #[test]
+    fn each_vcpu_gets_its_apic_id_topology_and_the_tsc_rate() {
+        let entry = |function, index| kvm_bindings::kvm_cpuid_entry2 { function, index, ..Default::default() };
+        let base = CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0x15, 0), entry(LEAF_HYPERVISOR, 0)]).unwrap();
+        let c = vcpu_cpuid(&base, 5, 6, Some(2_500_000));
+        let l1 = leaf(&c, 1, 0);
+        assert_eq!((l1.ebx >> 24, (l1.ebx >> 16) & 0xff), (5, 6));
+        assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
+        assert_eq!((leaf(&c, 0xb, 1).eax, leaf(&c, 0xb, 1).ebx, leaf(&c, 0xb, 1).edx), (3, 6, 5));
+        let tsc = leaf(&c, 0x15, 0);
+        assert_eq!(tsc.ecx as u64 * tsc.ebx as u64 / tsc.eax as u64, 2_500_000_000);
+        assert_eq!(leaf(&c, LEAF_HYPERVISOR_TIMING, 0).eax, 2_500_000);
+        assert_eq!(leaf(&c, LEAF_HYPERVISOR, 0).eax, LEAF_HYPERVISOR_TIMING);
+    }
 
     #[test]
     fn topology_bits_cover_every_apic_id() {

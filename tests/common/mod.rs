@@ -1,0 +1,151 @@
+//! Helpers shared by the integration tests: running `cellvm` with a deadline, and
+//! building tiny PVH ELF guests from raw machine code.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn cellvm() -> Command {
+    assert!(Path::new("/dev/kvm").exists(), "these tests need /dev/kvm; it is missing on this machine");
+    Command::new(env!("CARGO_BIN_EXE_cellvm"))
+}
+
+pub struct Outcome {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    pub fn test_lines(&self) -> Vec<&str> {
+        self.stdout.lines().filter(|l| l.starts_with("TEST ")).collect()
+    }
+
+    /// The detail of `TEST <name> PASS ...`, failing the test if it is missing or failed.
+    pub fn passed(&self, name: &str) -> &str {
+        let prefix = format!("TEST {name} ");
+        let line = self
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no line for check {name}:\n{}\n{}", self.stdout, self.stderr));
+        let rest = &line[prefix.len()..];
+        assert!(rest.starts_with("PASS"), "check {name} failed: {line}");
+        rest
+    }
+}
+
+/// Runs `cmd`, killing it after `limit`; panics if it had to be killed.
+pub fn run(mut cmd: Command, limit: Duration) -> Outcome {
+    let start = Instant::now();
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn cellvm");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} still running after {limit:?}; output so far:\n{}", t_out.join().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Outcome {
+        code: status.code(),
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+        elapsed: start.elapsed(),
+    }
+}
+
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cellvm-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A minimal ELF64 whose PVH note points at `code`, loaded at 1 MiB and entered in
+/// 32-bit protected mode.
+pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
+    const LOAD: u64 = 0x10_0000;
+    let ehdr_size = 64u64;
+    let phdr_size = 56u64;
+    let note_off = ehdr_size + 2 * phdr_size;
+    let note: Vec<u8> = [
+        &4u32.to_le_bytes()[..],
+        &4u32.to_le_bytes(),
+        &18u32.to_le_bytes(), // XEN_ELFNOTE_PHYS32_ENTRY
+        b"Xen\0",
+        &0u32.to_le_bytes(), // patched below
+    ]
+    .concat();
+    let code_off = note_off + note.len() as u64;
+    let entry = LOAD + code_off;
+    let mut note = note;
+    let n = note.len();
+    note[n - 4..].copy_from_slice(&(entry as u32).to_le_bytes());
+    let file_size = code_off + code.len() as u64;
+
+    let mut f = Vec::new();
+    f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&entry.to_le_bytes());
+    f.extend_from_slice(&ehdr_size.to_le_bytes()); // e_phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    f.extend_from_slice(&0u32.to_le_bytes());
+    f.extend_from_slice(&(ehdr_size as u16).to_le_bytes());
+    f.extend_from_slice(&(phdr_size as u16).to_le_bytes());
+    f.extend_from_slice(&2u16.to_le_bytes()); // e_phnum
+    f.extend_from_slice(&64u16.to_le_bytes());
+    f.extend_from_slice(&0u16.to_le_bytes());
+    f.extend_from_slice(&0u16.to_le_bytes());
+    // PT_LOAD covering the whole file at 1 MiB.
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&7u32.to_le_bytes());
+    f.extend_from_slice(&0u64.to_le_bytes());
+    f.extend_from_slice(&LOAD.to_le_bytes());
+    f.extend_from_slice(&LOAD.to_le_bytes());
+    f.extend_from_slice(&file_size.to_le_bytes());
+    f.extend_from_slice(&file_size.to_le_bytes());
+    f.extend_from_slice(&0x1000u64.to_le_bytes());
+    // PT_NOTE.
+    f.extend_from_slice(&4u32.to_le_bytes());
+    f.extend_from_slice(&4u32.to_le_bytes());
+    f.extend_from_slice(&note_off.to_le_bytes());
+    f.extend_from_slice(&(LOAD + note_off).to_le_bytes());
+    f.extend_from_slice(&(LOAD + note_off).to_le_bytes());
+    f.extend_from_slice(&(note.len() as u64).to_le_bytes());
+    f.extend_from_slice(&(note.len() as u64).to_le_bytes());
+    f.extend_from_slice(&4u64.to_le_bytes());
+    assert_eq!(f.len() as u64, note_off);
+    f.extend_from_slice(&note);
+    f.extend_from_slice(code);
+    f
+}
+
+/// 32-bit code: `out dx, al` of each byte of `text` to COM1.
+pub fn print_code(text: &[u8]) -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    for &b in text {
+        c.extend_from_slice(&[0xb0, b, 0xee]); // mov al, b; out dx, al
+    }
+    c
+}

@@ -1,0 +1,167 @@
+//! `cellvm run` end to end on the built-in test guest and on tiny hand-built guests.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{cellvm, pvh_elf, print_code, run, scratch_dir};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn run_guest(args: &[&str]) -> common::Outcome {
+    let mut cmd = cellvm();
+    cmd.arg("run").args(args);
+    run(cmd, LIMIT)
+}
+
+#[test]
+fn test_guest_passes_every_check_on_one_vcpu() {
+    let out = run_guest(&["--cpus", "1", "--memory", "64"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    for check in ["serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp"] {
+        out.passed(check);
+    }
+    assert!(out.stdout.contains("7 passed, 0 failed"), "{}", out.stdout);
+}
+
+#[test]
+fn every_vcpu_is_started_by_init_sipi_and_reports_in() {
+    let out = run_guest(&["--cpus", "8", "--memory", "64", "--cmdline", "tests=madt,smp"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert!(out.passed("madt").contains("cpus=8 ioapics=1"));
+    assert!(out.passed("smp").contains("cpus=8 reported=8 first_missing_apic_id=None"));
+}
+
+#[test]
+fn memory_above_the_pci_hole_is_mapped_above_4g() {
+    // 5 GiB of memfd is reserved lazily: only the pages the guest touches are used.
+    let out = run_guest(&["--memory", "5120", "--cmdline", "tests=e820"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let detail = out.passed("e820");
+    assert!(detail.contains("[0x100000-0xc0000000 1][0x100000000-0x180000000 1]"), "{detail}");
+}
+
+#[test]
+fn the_guest_sees_the_exact_command_line() {
+    let line = "tests=cmdline marker=cellvm-7f3a expect_mem=128 expect_cpus=1";
+    let out = run_guest(&["--cmdline", line]);
+    assert_eq!(out.code, Some(0));
+    assert_eq!(out.passed("cmdline"), format!("PASS len={} \"{line}\"", line.len()));
+}
+
+#[test]
+fn tests_none_prints_one_line_and_powers_off() {
+    let out = run_guest(&["--cmdline", "tests=none"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout.trim_end(), "cellvm-testguest: up");
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+}
+
+#[test]
+fn hold_keeps_the_guest_running_that_long() {
+    let out = run_guest(&["--cmdline", "tests=none hold=1"]);
+    assert_eq!(out.code, Some(0));
+    assert!(out.elapsed >= Duration::from_millis(900), "ended after {:?}", out.elapsed);
+}
+
+#[test]
+fn config_file_fields_apply_and_flags_override_them() {
+    let dir = scratch_dir("config");
+    let cfg = dir.join("vm.toml");
+    let serial = dir.join("serial.log");
+    std::fs::write(&cfg, format!("cpus = 2\nmemory_mib = 96\ncmdline = \"tests=madt,e820\"\nserial = \"file={}\"\n", serial.display())).unwrap();
+    let out = run_guest(&["--config", cfg.to_str().unwrap(), "--cpus", "3"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.is_empty(), "serial went to the file, not stdout");
+    let log = std::fs::read_to_string(&serial).unwrap();
+    assert!(log.contains("TEST madt PASS cpus=3"), "{log}");
+    assert!(log.contains("TEST e820 PASS"), "{log}");
+    assert!(log.contains("expect_mem=96") || log.contains("top=0x6000000"), "{log}");
+}
+
+#[test]
+fn testguest_output_writes_a_pvh_elf_that_boots_from_a_file() {
+    let dir = scratch_dir("testguest");
+    let elf = dir.join("guest.elf");
+    let mut cmd = cellvm();
+    cmd.args(["testguest", "--output", elf.to_str().unwrap()]);
+    assert_eq!(run(cmd, LIMIT).code, Some(0));
+    let bytes = std::fs::read(&elf).unwrap();
+    assert_eq!(&bytes[..4], b"\x7fELF");
+    let out = run_guest(&["--kernel", elf.to_str().unwrap(), "--cmdline", "tests=serial,acpi"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    out.passed("serial");
+    out.passed("acpi");
+}
+
+#[test]
+fn shared_tiny_pvh_yardstick_prints_ok_and_exits_zero() {
+    let dir = scratch_dir("tiny");
+    let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/guests/build.sh");
+    let built = std::process::Command::new("sh").arg(&shared).arg(&dir).output().expect("run build.sh");
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let out = run_guest(&["--kernel", dir.join("tiny-pvh.elf").to_str().unwrap(), "--memory", "64"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout, "OK\n");
+}
+
+#[test]
+fn a_guest_triple_fault_exits_nonzero_with_one_line_naming_it_and_the_rip() {
+    let dir = scratch_dir("triple");
+    let kernel = dir.join("fault.elf");
+    // Print a marker, then ud2 with no IDT: #UD cannot be delivered -> triple fault.
+    let mut code = print_code(b"x");
+    code.extend_from_slice(&[0x0f, 0x0b]);
+    std::fs::write(&kernel, pvh_elf(&code)).unwrap();
+    let out = run_guest(&["--kernel", kernel.to_str().unwrap(), "--memory", "16"]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert_eq!(out.stdout, "x");
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", out.stderr);
+    // Either the CPU delivers the fault (triple fault), or a nested emulator gives up on
+    // it; both must name the reason and the RIP.
+    assert!(
+        lines[0].starts_with("cellvm: vcpu 0: guest stopped: triple fault (KVM_EXIT_SHUTDOWN) at RIP 0x")
+            || lines[0].contains("KVM_EXIT_INTERNAL_ERROR"),
+        "{}",
+        lines[0]
+    );
+}
+
+#[test]
+fn acpi_sleep_register_powers_off_with_status_zero() {
+    let dir = scratch_dir("s5");
+    let kernel = dir.join("s5.elf");
+    let mut code = print_code(b"bye");
+    code.extend_from_slice(&[0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee]); // out 0x600, 0x34
+    code.extend_from_slice(&[0xeb, 0xfe]); // jmp . (never reached)
+    std::fs::write(&kernel, pvh_elf(&code)).unwrap();
+    let out = run_guest(&["--kernel", kernel.to_str().unwrap(), "--memory", "16"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout, "bye");
+}
+
+#[test]
+fn unclaimed_ports_and_mmio_read_as_all_ones() {
+    let dir = scratch_dir("ports");
+    let kernel = dir.join("ports.elf");
+    // Print 'Y' or 'N' for: a byte from an unclaimed port, then a dword from unclaimed
+    // MMIO in the PCI hole; then pulse the i8042 reset.
+    let code = [
+        0x66, 0xba, 0x34, 0x12, // mov dx, 0x1234
+        0xec, // in al, dx
+        0x3c, 0xff, // cmp al, 0xff
+        0xb0, b'N', 0x75, 0x02, 0xb0, b'Y', // mov al,'N'; jne +2; mov al,'Y'
+        0x66, 0xba, 0xf8, 0x03, 0xee, // mov dx, 0x3f8; out dx, al
+        0xa1, 0x00, 0x00, 0x00, 0xd0, // mov eax, [0xd0000000]
+        0x83, 0xf8, 0xff, // cmp eax, -1
+        0xb0, b'N', 0x75, 0x02, 0xb0, b'Y', // mov al,'N'; jne +2; mov al,'Y'
+        0xee, // out dx, al
+        0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al
+        0xeb, 0xfe,
+    ];
+    std::fs::write(&kernel, pvh_elf(&code)).unwrap();
+    let out = run_guest(&["--kernel", kernel.to_str().unwrap(), "--memory", "16"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout, "YY");
+}

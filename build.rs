@@ -16,12 +16,38 @@ fn main() {
     let status = Command::new(rustc)
         .current_dir(&guest)
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .args(["--edition", "2021", "--crate-type", "bin", "--crate-name", "cellvm_testguest"])
+        .args([
+            "--edition",
+            "2021",
+            "--crate-type",
+            "bin",
+            "--crate-name",
+            "cellvm_testguest",
+        ])
         .args(["--target", "x86_64-unknown-linux-gnu"])
-        .args(["-C", "opt-level=s", "-C", "panic=abort", "-C", "relocation-model=static"])
+        .args([
+            "-C",
+            "opt-level=s",
+            "-C",
+            "panic=abort",
+            "-C",
+            "relocation-model=static",
+        ])
         .args(["-C", "debuginfo=0", "-C", "strip=debuginfo"])
-        .args(["-C", "link-arg=-nostdlib", "-C", "link-arg=-static", "-C", "link-arg=-no-pie"])
-        .args(["-C", "link-arg=-Wl,-T,guest.ld", "-C", "link-arg=-Wl,--build-id=none"])
+        .args([
+            "-C",
+            "link-arg=-nostdlib",
+            "-C",
+            "link-arg=-static",
+            "-C",
+            "link-arg=-no-pie",
+        ])
+        .args([
+            "-C",
+            "link-arg=-Wl,-T,guest.ld",
+            "-C",
+            "link-arg=-Wl,--build-id=none",
+        ])
         .args(["-C", "link-arg=-Wl,-n"])
         .arg("-o")
         .arg(&out)

@@ -5,5 +5,6 @@
 
 pub mod arch;
 pub mod devices;
+pub mod fuzzing;
 pub mod testguest;
 pub mod vmm;

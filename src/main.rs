@@ -7,7 +7,11 @@ use cellvm::arch::x86_64::boot::BootProtocol;
 use cellvm::vmm::config::{SerialOut, VmConfig};
 
 #[derive(Parser)]
-#[command(name = "cellvm", version, about = "A security-hardened KVM virtual machine monitor")]
+#[command(
+    name = "cellvm",
+    version,
+    about = "A security-hardened KVM virtual machine monitor"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -81,7 +85,8 @@ fn run(args: RunArgs) -> Result<i32, (String, i32)> {
         serial: args.serial,
         boot_protocol: args.boot_protocol,
     };
-    let code = cellvm::vmm::run(from_file.merge(flags)).map_err(|e| (e.to_string(), e.exit_code()))?;
+    let code =
+        cellvm::vmm::run(from_file.merge(flags)).map_err(|e| (e.to_string(), e.exit_code()))?;
     // Exit at once: vCPU threads still inside KVM_RUN are not joined.
     std::process::exit(code);
 }

@@ -10,18 +10,40 @@ fn refuse(args: &[&str], expect: &str) {
     let mut cmd = cellvm();
     cmd.arg("run").args(args);
     let out = run(cmd, Duration::from_secs(30));
-    assert_eq!(out.code, Some(2), "args {args:?}: {}\n{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.code,
+        Some(2),
+        "args {args:?}: {}\n{}",
+        out.stdout,
+        out.stderr
+    );
     let lines: Vec<&str> = out.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "args {args:?}: want one line, got:\n{}", out.stderr);
+    assert_eq!(
+        lines.len(),
+        1,
+        "args {args:?}: want one line, got:\n{}",
+        out.stderr
+    );
     assert!(lines[0].starts_with("cellvm: error: "), "{}", lines[0]);
-    assert!(lines[0].contains(expect), "args {args:?}: {:?} lacks {expect:?}", lines[0]);
+    assert!(
+        lines[0].contains(expect),
+        "args {args:?}: {:?} lacks {expect:?}",
+        lines[0]
+    );
     assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
-    assert!(out.stdout.is_empty(), "the guest must not have run: {}", out.stdout);
+    assert!(
+        out.stdout.is_empty(),
+        "the guest must not have run: {}",
+        out.stdout
+    );
 }
 
 #[test]
 fn missing_kernel_file() {
-    refuse(&["--kernel", "/nonexistent/vmlinux"], "kernel /nonexistent/vmlinux: No such file or directory");
+    refuse(
+        &["--kernel", "/nonexistent/vmlinux"],
+        "kernel /nonexistent/vmlinux: No such file or directory",
+    );
 }
 
 #[test]
@@ -77,12 +99,18 @@ fn initrd_larger_than_ram() {
     let rd = dir.join("initrd.img");
     let f = std::fs::File::create(&rd).unwrap();
     f.set_len(64 << 20).unwrap(); // sparse: costs no disk
-    refuse(&["--memory", "32", "--initrd", rd.to_str().unwrap()], "do not fit in guest RAM");
+    refuse(
+        &["--memory", "32", "--initrd", rd.to_str().unwrap()],
+        "do not fit in guest RAM",
+    );
 }
 
 #[test]
 fn missing_initrd() {
-    refuse(&["--initrd", "/nonexistent/initrd"], "initrd /nonexistent/initrd: No such file");
+    refuse(
+        &["--initrd", "/nonexistent/initrd"],
+        "initrd /nonexistent/initrd: No such file",
+    );
 }
 
 #[test]
@@ -98,7 +126,10 @@ fn zero_cpus() {
 
 #[test]
 fn more_cpus_than_allowed() {
-    refuse(&["--cpus", "100000"], "cpus = 100000: must be between 1 and");
+    refuse(
+        &["--cpus", "100000"],
+        "cpus = 100000: must be between 1 and",
+    );
 }
 
 #[test]
@@ -118,10 +149,16 @@ fn malformed_config_file() {
     std::fs::write(&cfg, "cpus = \"two\"\n").unwrap();
     refuse(&["--config", cfg.to_str().unwrap()], "config ");
     std::fs::write(&cfg, "vcpus = 2\n").unwrap();
-    refuse(&["--config", cfg.to_str().unwrap()], "unknown field `vcpus`");
+    refuse(
+        &["--config", cfg.to_str().unwrap()],
+        "unknown field `vcpus`",
+    );
 }
 
 #[test]
 fn serial_file_in_a_missing_directory_leaves_nothing_behind() {
-    refuse(&["--serial", "file=/nonexistent/dir/serial.log"], "serial output /nonexistent/dir/serial.log");
+    refuse(
+        &["--serial", "file=/nonexistent/dir/serial.log"],
+        "serial output /nonexistent/dir/serial.log",
+    );
 }

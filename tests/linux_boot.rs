@@ -30,7 +30,12 @@ struct Kernel {
 
 fn sh(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Downloads (once, cached) the versioned package linux-image-cloud-amd64 depends on,
@@ -45,15 +50,22 @@ fn kernel() -> &'static Kernel {
             return Kernel { bzimage, vmlinux };
         }
         std::fs::create_dir_all(&cache).unwrap();
-        let deps = Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]).output().expect("apt-cache");
+        let deps = Command::new("apt-cache")
+            .args(["depends", "linux-image-cloud-amd64"])
+            .output()
+            .expect("apt-cache");
         let deps = String::from_utf8_lossy(&deps.stdout);
         let package = deps
             .lines()
             .filter_map(|l| l.trim().strip_prefix("Depends: "))
             .find(|p| p.starts_with("linux-image-"))
-            .unwrap_or_else(|| panic!("linux-image-cloud-amd64 has no linux-image dependency: {deps}"))
+            .unwrap_or_else(|| {
+                panic!("linux-image-cloud-amd64 has no linux-image dependency: {deps}")
+            })
             .to_string();
-        sh(Command::new("apt-get").args(["download", "-q", &package]).current_dir(&cache));
+        sh(Command::new("apt-get")
+            .args(["download", "-q", &package])
+            .current_dir(&cache));
         let deb = std::fs::read_dir(&cache)
             .unwrap()
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -64,7 +76,12 @@ fn kernel() -> &'static Kernel {
         let vmlinuz = std::fs::read_dir(root.join("boot"))
             .unwrap()
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("vmlinuz-"))
+            .find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("vmlinuz-")
+            })
             .expect("vmlinuz in the package");
         std::fs::copy(&vmlinuz, &bzimage).unwrap();
         extract_vmlinux(&bzimage, &vmlinux);
@@ -93,18 +110,36 @@ fn extract_vmlinux(bzimage: &Path, out: &Path) {
     };
     let packed = out.with_extension("payload");
     std::fs::write(&packed, payload).unwrap();
-    let result = Command::new(tool[0]).args(&tool[1..]).arg(&packed).output().expect("decompressor");
+    let result = Command::new(tool[0])
+        .args(&tool[1..])
+        .arg(&packed)
+        .output()
+        .expect("decompressor");
     // lz4's legacy frames end with trailing data it warns about; the ELF is complete.
-    assert!(result.stdout.starts_with(b"\x7fELF"), "{tool:?} gave no ELF: {}", String::from_utf8_lossy(&result.stderr));
+    assert!(
+        result.stdout.starts_with(b"\x7fELF"),
+        "{tool:?} gave no ELF: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
     std::fs::write(out, &result.stdout).unwrap();
 }
 
 fn boot(kernel: &Path, protocol: &str, marker: &str) -> (String, String) {
     let cmdline = format!("console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 {marker}");
     let mut cmd = cellvm();
-    cmd.args(["run", "--memory", MEMORY_MIB, "--cpus", CPUS, "--boot-protocol", protocol, "--cmdline", &cmdline])
-        .arg("--kernel")
-        .arg(kernel);
+    cmd.args([
+        "run",
+        "--memory",
+        MEMORY_MIB,
+        "--cpus",
+        CPUS,
+        "--boot-protocol",
+        protocol,
+        "--cmdline",
+        &cmdline,
+    ])
+    .arg("--kernel")
+    .arg(kernel);
     let out = run(cmd, LIMIT);
     let log = out.stdout.replace('\r', "");
     let ending = out.stderr.trim().to_string();
@@ -116,24 +151,43 @@ fn boot(kernel: &Path, protocol: &str, marker: &str) -> (String, String) {
         Some(0) => assert!(log.contains("Kernel panic - not syncing"), "exit 0 without the expected no-root panic:\n{log}"),
         other => panic!("cellvm exited with {other:?}: {ending}\n{log}"),
     }
-    assert!(log.contains(&format!("Command line: {cmdline}\n")), "exact command line missing:\n{log}");
+    assert!(
+        log.contains(&format!("Command line: {cmdline}\n")),
+        "exact command line missing:\n{log}"
+    );
     (log, ending)
 }
 
 fn assert_common(log: &str) {
     assert!(log.contains("Linux version 6."), "no banner:\n{log}");
     for table in ["RSDP", "XSDT", "FACP", "DSDT", "APIC"] {
-        let line = log.lines().find(|l| l.contains(&format!("ACPI: {table} 0x00000000000E"))).unwrap_or_else(|| panic!("no ACPI {table} line:\n{log}"));
+        let line = log
+            .lines()
+            .find(|l| l.contains(&format!("ACPI: {table} 0x00000000000E")))
+            .unwrap_or_else(|| panic!("no ACPI {table} line:\n{log}"));
         assert!(line.contains("CELLVM"), "{line}");
     }
-    assert!(log.contains("ACPI: Using ACPI (MADT) for SMP configuration information"), "{log}");
-    assert!(log.contains(&format!("smpboot: Allowing {CPUS} CPUs, 0 hotplug CPUs")), "Linux did not find every vCPU:\n{log}");
-    assert!(log.contains("IOAPIC[0]: apic_id 2, version 17, address 0xfec00000, GSI 0-23"), "{log}");
+    assert!(
+        log.contains("ACPI: Using ACPI (MADT) for SMP configuration information"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("smpboot: Allowing {CPUS} CPUs, 0 hotplug CPUs")),
+        "Linux did not find every vCPU:\n{log}"
+    );
+    assert!(
+        log.contains("IOAPIC[0]: apic_id 2, version 17, address 0xfec00000, GSI 0-23"),
+        "{log}"
+    );
 }
 
 /// The e820 map as the 64-bit boot protocol hands it over, line for line.
 fn assert_linux_e820(log: &str) {
-    let e820: Vec<&str> = log.lines().filter(|l| l.contains("BIOS-e820:")).map(|l| l.split("] ").nth(1).unwrap_or(l)).collect();
+    let e820: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("BIOS-e820:"))
+        .map(|l| l.split_once("] ").map_or(l, |(_, rest)| rest))
+        .collect();
     assert_eq!(
         e820,
         [
@@ -163,6 +217,12 @@ fn debian_vmlinux_boots_through_its_pvh_note() {
     let (log, _) = boot(&kernel().vmlinux, "pvh", "cellvm_marker=pvh");
     assert_common(&log);
     // Linux's PVH entry reserves the whole ISA range itself, so the hole prints as one.
-    assert!(log.contains("BIOS-e820: [mem 0x0000000000000000-0x000000000009ffff] usable"), "{log}");
-    assert!(log.contains("BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable"), "{log}");
+    assert!(
+        log.contains("BIOS-e820: [mem 0x0000000000000000-0x000000000009ffff] usable"),
+        "{log}"
+    );
+    assert!(
+        log.contains("BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable"),
+        "{log}"
+    );
 }

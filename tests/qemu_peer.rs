@@ -10,12 +10,26 @@ use common::{cellvm, run, scratch_dir};
 
 fn qemu(elf: &std::path::Path, append: &str) -> common::Outcome {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-enable-kvm", "-M", "microvm", "-cpu", "host,-arch-capabilities", "-m", "64"])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4"])
-        .arg("-kernel")
-        .arg(elf)
-        .args(["-append", append]);
+    cmd.args([
+        "-enable-kvm",
+        "-M",
+        "microvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-m",
+        "64",
+    ])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+    ])
+    .args(["-device", "isa-debug-exit,iobase=0xf4"])
+    .arg("-kernel")
+    .arg(elf)
+    .args(["-append", append]);
     run(cmd, Duration::from_secs(60))
 }
 
@@ -33,15 +47,23 @@ fn qemu_microvm_boots_the_test_guest_and_it_ends_cleanly() {
     let out = qemu(&guest_elf("qemu-none"), "tests=none");
     // isa-debug-exit with value 0 makes QEMU exit with (0 << 1) | 1.
     assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
-    assert_eq!(out.stdout.replace('\r', "").trim_end(), "cellvm-testguest: up");
+    assert_eq!(
+        out.stdout.replace('\r', "").trim_end(),
+        "cellvm-testguest: up"
+    );
 }
 
 #[test]
 fn test_guest_checks_pass_under_qemu_where_they_do_not_depend_on_cellvm_layout() {
-    let out = qemu(&guest_elf("qemu-checks"), "tests=serial,bootinfo,cmdline,acpi marker=q");
+    let out = qemu(
+        &guest_elf("qemu-checks"),
+        "tests=serial,bootinfo,cmdline,acpi marker=q",
+    );
     assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
     for check in ["serial", "bootinfo", "cmdline", "acpi"] {
         out.passed(check);
     }
-    assert!(out.passed("cmdline").contains("\"tests=serial,bootinfo,cmdline,acpi marker=q\""));
+    assert!(out
+        .passed("cmdline")
+        .contains("\"tests=serial,bootinfo,cmdline,acpi marker=q\""));
 }

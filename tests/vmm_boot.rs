@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cellvm, pvh_elf, print_code, run, scratch_dir};
+use common::{cellvm, print_code, pvh_elf, run, scratch_dir};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -18,7 +18,9 @@ fn run_guest(args: &[&str]) -> common::Outcome {
 fn test_guest_passes_every_check_on_one_vcpu() {
     let out = run_guest(&["--cpus", "1", "--memory", "64"]);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
-    for check in ["serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp"] {
+    for check in [
+        "serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp",
+    ] {
         out.passed(check);
     }
     assert!(out.stdout.contains("7 passed, 0 failed"), "{}", out.stdout);
@@ -26,10 +28,19 @@ fn test_guest_passes_every_check_on_one_vcpu() {
 
 #[test]
 fn every_vcpu_is_started_by_init_sipi_and_reports_in() {
-    let out = run_guest(&["--cpus", "8", "--memory", "64", "--cmdline", "tests=madt,smp"]);
+    let out = run_guest(&[
+        "--cpus",
+        "8",
+        "--memory",
+        "64",
+        "--cmdline",
+        "tests=madt,smp",
+    ]);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     assert!(out.passed("madt").contains("cpus=8 ioapics=1"));
-    assert!(out.passed("smp").contains("cpus=8 reported=8 first_missing_apic_id=None"));
+    assert!(out
+        .passed("smp")
+        .contains("cpus=8 reported=8 first_missing_apic_id=None"));
 }
 
 #[test]
@@ -38,7 +49,10 @@ fn memory_above_the_pci_hole_is_mapped_above_4g() {
     let out = run_guest(&["--memory", "5120", "--cmdline", "tests=e820"]);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     let detail = out.passed("e820");
-    assert!(detail.contains("[0x100000-0xc0000000 1][0x100000000-0x180000000 1]"), "{detail}");
+    assert!(
+        detail.contains("[0x100000-0xc0000000 1][0x100000000-0x180000000 1]"),
+        "{detail}"
+    );
 }
 
 #[test]
@@ -46,7 +60,10 @@ fn the_guest_sees_the_exact_command_line() {
     let line = "tests=cmdline marker=cellvm-7f3a expect_mem=128 expect_cpus=1";
     let out = run_guest(&["--cmdline", line]);
     assert_eq!(out.code, Some(0));
-    assert_eq!(out.passed("cmdline"), format!("PASS len={} \"{line}\"", line.len()));
+    assert_eq!(
+        out.passed("cmdline"),
+        format!("PASS len={} \"{line}\"", line.len())
+    );
 }
 
 #[test]
@@ -61,7 +78,11 @@ fn tests_none_prints_one_line_and_powers_off() {
 fn hold_keeps_the_guest_running_that_long() {
     let out = run_guest(&["--cmdline", "tests=none hold=1"]);
     assert_eq!(out.code, Some(0));
-    assert!(out.elapsed >= Duration::from_millis(900), "ended after {:?}", out.elapsed);
+    assert!(
+        out.elapsed >= Duration::from_millis(900),
+        "ended after {:?}",
+        out.elapsed
+    );
 }
 
 #[test]
@@ -69,14 +90,24 @@ fn config_file_fields_apply_and_flags_override_them() {
     let dir = scratch_dir("config");
     let cfg = dir.join("vm.toml");
     let serial = dir.join("serial.log");
-    std::fs::write(&cfg, format!("cpus = 2\nmemory_mib = 96\ncmdline = \"tests=madt,e820\"\nserial = \"file={}\"\n", serial.display())).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "cpus = 2\nmemory_mib = 96\ncmdline = \"tests=madt,e820\"\nserial = \"file={}\"\n",
+            serial.display()
+        ),
+    )
+    .unwrap();
     let out = run_guest(&["--config", cfg.to_str().unwrap(), "--cpus", "3"]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert!(out.stdout.is_empty(), "serial went to the file, not stdout");
     let log = std::fs::read_to_string(&serial).unwrap();
     assert!(log.contains("TEST madt PASS cpus=3"), "{log}");
     assert!(log.contains("TEST e820 PASS"), "{log}");
-    assert!(log.contains("expect_mem=96") || log.contains("top=0x6000000"), "{log}");
+    assert!(
+        log.contains("expect_mem=96") || log.contains("top=0x6000000"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -88,7 +119,12 @@ fn testguest_output_writes_a_pvh_elf_that_boots_from_a_file() {
     assert_eq!(run(cmd, LIMIT).code, Some(0));
     let bytes = std::fs::read(&elf).unwrap();
     assert_eq!(&bytes[..4], b"\x7fELF");
-    let out = run_guest(&["--kernel", elf.to_str().unwrap(), "--cmdline", "tests=serial,acpi"]);
+    let out = run_guest(&[
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--cmdline",
+        "tests=serial,acpi",
+    ]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     out.passed("serial");
     out.passed("acpi");
@@ -98,9 +134,22 @@ fn testguest_output_writes_a_pvh_elf_that_boots_from_a_file() {
 fn shared_tiny_pvh_yardstick_prints_ok_and_exits_zero() {
     let dir = scratch_dir("tiny");
     let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/guests/build.sh");
-    let built = std::process::Command::new("sh").arg(&shared).arg(&dir).output().expect("run build.sh");
-    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
-    let out = run_guest(&["--kernel", dir.join("tiny-pvh.elf").to_str().unwrap(), "--memory", "64"]);
+    let built = std::process::Command::new("sh")
+        .arg(&shared)
+        .arg(&dir)
+        .output()
+        .expect("run build.sh");
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let out = run_guest(&[
+        "--kernel",
+        dir.join("tiny-pvh.elf").to_str().unwrap(),
+        "--memory",
+        "64",
+    ]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert_eq!(out.stdout, "OK\n");
 }
@@ -121,8 +170,9 @@ fn a_guest_triple_fault_exits_nonzero_with_one_line_naming_it_and_the_rip() {
     // Either the CPU delivers the fault (triple fault), or a nested emulator gives up on
     // it; both must name the reason and the RIP.
     assert!(
-        lines[0].starts_with("cellvm: vcpu 0: guest stopped: triple fault (KVM_EXIT_SHUTDOWN) at RIP 0x")
-            || lines[0].contains("KVM_EXIT_INTERNAL_ERROR"),
+        lines[0].starts_with(
+            "cellvm: vcpu 0: guest stopped: triple fault (KVM_EXIT_SHUTDOWN) at RIP 0x"
+        ) || lines[0].contains("KVM_EXIT_INTERNAL_ERROR"),
         "{}",
         lines[0]
     );

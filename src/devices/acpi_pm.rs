@@ -23,7 +23,11 @@ impl BusDevice for AcpiSleep {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset == 0 && data.len() == 1 && data[0] & SLP_EN != 0 && (data[0] >> 2) & 7 == SLP_TYP_S5 {
+        if offset == 0
+            && data.len() == 1
+            && data[0] & SLP_EN != 0
+            && (data[0] >> 2) & 7 == SLP_TYP_S5
+        {
             let _ = self.events.send(VmEvent::Poweroff);
         }
     }

@@ -29,9 +29,21 @@ pub struct Bus {
 }
 
 impl Bus {
-    pub fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) -> Result<(), Error> {
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or(Error::BadRange(base, len))?;
-        if self.entries.iter().any(|e| base < e.base + e.len && e.base < end) {
+    pub fn insert(
+        &mut self,
+        base: u64,
+        len: u64,
+        device: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), Error> {
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(Error::BadRange(base, len))?;
+        if self
+            .entries
+            .iter()
+            .any(|e| base < e.base + e.len && e.base < end)
+        {
             return Err(Error::Overlap(base, len));
         }
         let at = self.entries.partition_point(|e| e.base < base);
@@ -40,7 +52,10 @@ impl Bus {
     }
 
     fn find(&self, addr: u64, size: usize) -> Option<(&Entry, u64)> {
-        let i = self.entries.partition_point(|e| e.base <= addr).checked_sub(1)?;
+        let i = self
+            .entries
+            .partition_point(|e| e.base <= addr)
+            .checked_sub(1)?;
         let e = &self.entries[i];
         let offset = addr - e.base;
         (offset + size as u64 <= e.len).then_some((e, offset))
@@ -94,7 +109,8 @@ mod tests {
     #[test]
     fn unclaimed_reads_are_all_ones_and_claimed_ones_reach_the_device() {
         let mut bus = Bus::default();
-        bus.insert(0x3f8, 8, Arc::new(Mutex::new(Echo(0x10)))).unwrap();
+        bus.insert(0x3f8, 8, Arc::new(Mutex::new(Echo(0x10))))
+            .unwrap();
         let mut d = [0u8; 1];
         assert!(!bus.read(0x3f0, &mut d));
         assert_eq!(d, [0xff]);
@@ -111,9 +127,16 @@ mod tests {
     #[test]
     fn overlapping_ranges_are_refused() {
         let mut bus = Bus::default();
-        bus.insert(0x100, 0x10, Arc::new(Mutex::new(Echo(0)))).unwrap();
-        assert_eq!(bus.insert(0x10f, 1, Arc::new(Mutex::new(Echo(0)))).err(), Some(Error::Overlap(0x10f, 1)));
-        assert_eq!(bus.insert(u64::MAX, 2, Arc::new(Mutex::new(Echo(0)))).err(), Some(Error::BadRange(u64::MAX, 2)));
+        bus.insert(0x100, 0x10, Arc::new(Mutex::new(Echo(0))))
+            .unwrap();
+        assert_eq!(
+            bus.insert(0x10f, 1, Arc::new(Mutex::new(Echo(0)))).err(),
+            Some(Error::Overlap(0x10f, 1))
+        );
+        assert_eq!(
+            bus.insert(u64::MAX, 2, Arc::new(Mutex::new(Echo(0)))).err(),
+            Some(Error::BadRange(u64::MAX, 2))
+        );
         bus.insert(0x110, 1, Arc::new(Mutex::new(Echo(0)))).unwrap();
     }
 }

@@ -53,7 +53,13 @@ pub struct IoApic<S: MsiSink> {
 
 impl<S: MsiSink> IoApic<S> {
     pub fn new(id: u32, sink: S) -> Self {
-        IoApic { id, select: 0, table: [MASKED; NUM_PINS], level: [false; NUM_PINS], sink }
+        IoApic {
+            id,
+            select: 0,
+            table: [MASKED; NUM_PINS],
+            level: [false; NUM_PINS],
+            sink,
+        }
     }
 
     /// An edge on `pin` (or its level going high).
@@ -198,7 +204,10 @@ mod tests {
         assert!(rec.0.lock().unwrap().is_empty());
         program(&mut io, 4, (3u64 << 56) | 0x31);
         io.assert_irq(4);
-        assert_eq!(rec.0.lock().unwrap().as_slice(), &[(0xfee0_3000, 0x31 | (1 << 14))]);
+        assert_eq!(
+            rec.0.lock().unwrap().as_slice(),
+            &[(0xfee0_3000, 0x31 | (1 << 14))]
+        );
     }
 
     #[test]
@@ -208,9 +217,17 @@ mod tests {
         program(&mut io, 9, LEVEL | 0x41);
         io.assert_irq(9);
         io.assert_irq(9);
-        assert_eq!(rec.0.lock().unwrap().len(), 1, "Remote IRR holds the second one");
+        assert_eq!(
+            rec.0.lock().unwrap().len(),
+            1,
+            "Remote IRR holds the second one"
+        );
         io.end_of_interrupt(0x41);
-        assert_eq!(rec.0.lock().unwrap().len(), 2, "still asserted: re-delivered after EOI");
+        assert_eq!(
+            rec.0.lock().unwrap().len(),
+            2,
+            "still asserted: re-delivered after EOI"
+        );
         io.deassert_irq(9);
         io.end_of_interrupt(0x41);
         assert_eq!(rec.0.lock().unwrap().len(), 2);

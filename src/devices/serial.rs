@@ -77,7 +77,12 @@ mod tests {
         let sink = Sink::default();
         let raised = Arc::new(AtomicU32::new(0));
         let r = raised.clone();
-        let mut s = Serial::new(IrqLine::new(move || { r.fetch_add(1, Ordering::SeqCst); }), Box::new(sink.clone()));
+        let mut s = Serial::new(
+            IrqLine::new(move || {
+                r.fetch_add(1, Ordering::SeqCst);
+            }),
+            Box::new(sink.clone()),
+        );
         s.write(1, &[0x02]); // IER: transmitter-holding-register-empty interrupt
         s.write(0, b"h");
         s.write(0, b"i");

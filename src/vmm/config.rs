@@ -34,7 +34,9 @@ impl std::str::FromStr for SerialOut {
 
 impl<'de> Deserialize<'de> for SerialOut {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -55,15 +57,24 @@ pub struct VmConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("config {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("config {path}: {message}")]
     Parse { path: String, message: String },
 }
 
 impl VmConfig {
     pub fn from_toml(path: &std::path::Path) -> Result<VmConfig, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.display().to_string(), source })?;
-        Self::parse_toml(&text).map_err(|message| Error::Parse { path: path.display().to_string(), message })
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse_toml(&text).map_err(|message| Error::Parse {
+            path: path.display().to_string(),
+            message,
+        })
     }
 
     pub fn parse_toml(text: &str) -> Result<VmConfig, String> {
@@ -96,8 +107,14 @@ impl VmConfig {
     pub fn effective_cmdline(&self) -> String {
         let mut cmdline = self.cmdline.clone().unwrap_or_default();
         if self.kernel.is_none() {
-            for (key, value) in [("expect_mem", self.memory_mib().to_string()), ("expect_cpus", self.cpus().to_string())] {
-                if !cmdline.split_whitespace().any(|w| w.starts_with(&format!("{key}="))) {
+            for (key, value) in [
+                ("expect_mem", self.memory_mib().to_string()),
+                ("expect_cpus", self.cpus().to_string()),
+            ] {
+                if !cmdline
+                    .split_whitespace()
+                    .any(|w| w.starts_with(&format!("{key}=")))
+                {
                     if !cmdline.is_empty() {
                         cmdline.push(' ');
                     }
@@ -115,26 +132,51 @@ mod tests {
 
     #[test]
     fn file_fields_parse_and_flags_override_them() {
-        let file = VmConfig::parse_toml("cpus = 2\nmemory_mib = 256\nserial = \"file=/tmp/x\"\ncmdline = \"a\"").unwrap();
+        let file = VmConfig::parse_toml(
+            "cpus = 2\nmemory_mib = 256\nserial = \"file=/tmp/x\"\ncmdline = \"a\"",
+        )
+        .unwrap();
         assert_eq!(file.serial, Some(SerialOut::File("/tmp/x".into())));
-        let merged = file.merge(VmConfig { cpus: Some(4), ..Default::default() });
+        let merged = file.merge(VmConfig {
+            cpus: Some(4),
+            ..Default::default()
+        });
         assert_eq!((merged.cpus(), merged.memory_mib()), (4, 256));
         assert_eq!(merged.cmdline.as_deref(), Some("a"));
     }
 
     #[test]
     fn unknown_fields_and_bad_serial_are_errors() {
-        assert!(VmConfig::parse_toml("cpu = 2").unwrap_err().contains("unknown field"));
-        assert!(VmConfig::parse_toml("serial = \"tcp\"").unwrap_err().contains("expected stdio"));
+        assert!(VmConfig::parse_toml("cpu = 2")
+            .unwrap_err()
+            .contains("unknown field"));
+        assert!(VmConfig::parse_toml("serial = \"tcp\"")
+            .unwrap_err()
+            .contains("expected stdio"));
     }
 
     #[test]
     fn test_guest_gets_its_expectations_unless_given() {
-        let c = VmConfig { cpus: Some(3), memory_mib: Some(64), cmdline: Some("tests=e820".into()), ..Default::default() };
-        assert_eq!(c.effective_cmdline(), "tests=e820 expect_mem=64 expect_cpus=3");
-        let c = VmConfig { cmdline: Some("expect_mem=1".into()), ..Default::default() };
+        let c = VmConfig {
+            cpus: Some(3),
+            memory_mib: Some(64),
+            cmdline: Some("tests=e820".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            c.effective_cmdline(),
+            "tests=e820 expect_mem=64 expect_cpus=3"
+        );
+        let c = VmConfig {
+            cmdline: Some("expect_mem=1".into()),
+            ..Default::default()
+        };
         assert_eq!(c.effective_cmdline(), "expect_mem=1 expect_cpus=1");
-        let c = VmConfig { kernel: Some("k".into()), cmdline: Some("x".into()), ..Default::default() };
+        let c = VmConfig {
+            kernel: Some("k".into()),
+            cmdline: Some("x".into()),
+            ..Default::default()
+        };
         assert_eq!(c.effective_cmdline(), "x");
     }
 }

@@ -34,7 +34,8 @@ pub fn create(size: u64) -> Result<GuestRam, Error> {
     let name = CString::new("cellvm-guest-ram").expect("static name");
     // SAFETY: memfd_create with a valid NUL-terminated name; the fd is checked below and
     // owned by the File from then on.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(Error::Memfd(std::io::Error::last_os_error()));
     }

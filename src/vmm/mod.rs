@@ -71,15 +71,23 @@ fn validate(cfg: &VmConfig, kvm: &Kvm) -> Result<(), Error> {
     let max_cpus = (kvm.get_max_vcpus() as u32).min(XAPIC_MAX_CPUS);
     let cpus = cfg.cpus();
     if cpus == 0 || cpus > max_cpus {
-        return Err(Error::Invalid(format!("cpus = {cpus}: must be between 1 and {max_cpus}")));
+        return Err(Error::Invalid(format!(
+            "cpus = {cpus}: must be between 1 and {max_cpus}"
+        )));
     }
     let mib = cfg.memory_mib();
     if mib < layout::MIN_MEMORY_MIB {
-        return Err(Error::Invalid(format!("memory = {mib} MiB: the minimum is {} MiB", layout::MIN_MEMORY_MIB)));
+        return Err(Error::Invalid(format!(
+            "memory = {mib} MiB: the minimum is {} MiB",
+            layout::MIN_MEMORY_MIB
+        )));
     }
     let host = memory::host_memory_bytes().unwrap_or(u64::MAX);
     if mib.checked_mul(1 << 20).is_none_or(|b| b > host) {
-        return Err(Error::Invalid(format!("memory = {mib} MiB: more than the host's {} MiB", host >> 20)));
+        return Err(Error::Invalid(format!(
+            "memory = {mib} MiB: more than the host's {} MiB",
+            host >> 20
+        )));
     }
     Ok(())
 }
@@ -88,7 +96,9 @@ fn serial_writer(out: &SerialOut) -> Result<Box<dyn Write + Send>, Error> {
     Ok(match out {
         SerialOut::Stdio => Box::new(std::io::stdout()),
         SerialOut::Off => Box::new(std::io::sink()),
-        SerialOut::File(p) => Box::new(File::create(p).map_err(|e| Error::SerialOut(p.display().to_string(), e))?),
+        SerialOut::File(p) => {
+            Box::new(File::create(p).map_err(|e| Error::SerialOut(p.display().to_string(), e))?)
+        }
     })
 }
 
@@ -100,33 +110,67 @@ pub fn run(cfg: VmConfig) -> Result<i32, Error> {
     let mem_size = cfg.memory_mib() << 20;
 
     // Open the images before any KVM object exists, so bad paths cost nothing.
-    let kernel_path = cfg.kernel.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(built-in test guest)".into());
+    let kernel_path = cfg
+        .kernel
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "(built-in test guest)".into());
     let mut kernel_file = match &cfg.kernel {
-        Some(p) => Some(File::open(p).map_err(|source| boot::Error::Open { path: kernel_path.clone(), source })?),
+        Some(p) => Some(File::open(p).map_err(|source| boot::Error::Open {
+            path: kernel_path.clone(),
+            source,
+        })?),
         None => None,
     };
     let mut initrd_file = match &cfg.initrd {
-        Some(p) => Some((p.display().to_string(), File::open(p).map_err(|source| boot::Error::Initrd { path: p.display().to_string(), source })?)),
+        Some(p) => Some((
+            p.display().to_string(),
+            File::open(p).map_err(|source| boot::Error::Initrd {
+                path: p.display().to_string(),
+                source,
+            })?,
+        )),
         None => None,
     };
 
-    let vm = Arc::new(kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?);
+    let vm = Arc::new(
+        kvm.create_vm()
+            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?,
+    );
     // Split irqchip: the LAPIC in the kernel, the IOAPIC here, no PIC and no PIT. It
     // keeps that emulation out of the kernel the guest can reach, and on nested hosts a
     // full in-kernel irqchip costs 6-7 ms at the first memslot and a PIT 16-24 ms at
     // teardown, against < 0.5 ms for this.
-    let cap = kvm_enable_cap { cap: KVM_CAP_SPLIT_IRQCHIP, args: [ioapic::NUM_PINS as u64, 0, 0, 0], ..Default::default() };
-    vm.enable_cap(&cap).map_err(|e| Error::Kvm("KVM_ENABLE_CAP(SPLIT_IRQCHIP)", e))?;
-    vm.set_tss_address(KVM_TSS_ADDRESS).map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
+    let cap = kvm_enable_cap {
+        cap: KVM_CAP_SPLIT_IRQCHIP,
+        args: [ioapic::NUM_PINS as u64, 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap)
+        .map_err(|e| Error::Kvm("KVM_ENABLE_CAP(SPLIT_IRQCHIP)", e))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
 
     let ram = memory::create(mem_size)?;
     memory::register(&vm, &ram.mem)?;
 
     let kernel = match kernel_file.as_mut() {
-        Some(f) => boot::load_kernel(&ram.mem, &kernel_path, f, mem_size, cfg.boot_protocol.unwrap_or_default())?,
+        Some(f) => boot::load_kernel(
+            &ram.mem,
+            &kernel_path,
+            f,
+            mem_size,
+            cfg.boot_protocol.unwrap_or_default(),
+        )?,
         None => {
             let mut image = std::io::Cursor::new(crate::testguest::IMAGE);
-            boot::load_kernel(&ram.mem, &kernel_path, &mut image, mem_size, boot::BootProtocol::Pvh)?
+            boot::load_kernel(
+                &ram.mem,
+                &kernel_path,
+                &mut image,
+                mem_size,
+                boot::BootProtocol::Pvh,
+            )?
         }
     };
     let cmdline = cfg.effective_cmdline();
@@ -142,22 +186,41 @@ pub fn run(cfg: VmConfig) -> Result<i32, Error> {
     let ioapic = Arc::new(Mutex::new(IoApic::new(cpus, vm.clone())));
     let irq_ioapic = ioapic.clone();
     let serial = Arc::new(Mutex::new(Serial::new(
-        IrqLine::new(move || irq_ioapic.lock().unwrap_or_else(|p| p.into_inner()).assert_irq(layout::COM1_IRQ as usize)),
+        IrqLine::new(move || {
+            irq_ioapic
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .assert_irq(layout::COM1_IRQ as usize)
+        }),
         serial_writer(cfg.serial.as_ref().unwrap_or(&SerialOut::Stdio))?,
     )));
     let mut pio = Bus::default();
     let mut mmio = Bus::default();
     let bus_err = |e| Error::Invalid(format!("device layout: {e}"));
-    pio.insert(layout::COM1_PORT as u64, 8, serial.clone()).map_err(bus_err)?;
-    pio.insert(layout::I8042_PORT as u64, 5, Arc::new(Mutex::new(I8042::new(events.clone())))).map_err(bus_err)?;
-    pio.insert(layout::ACPI_SLEEP_PORT as u64, 2, Arc::new(Mutex::new(AcpiSleep::new(events.clone())))).map_err(bus_err)?;
-    mmio.insert(layout::IOAPIC_BASE, layout::IOAPIC_SIZE, ioapic.clone()).map_err(bus_err)?;
+    pio.insert(layout::COM1_PORT as u64, 8, serial.clone())
+        .map_err(bus_err)?;
+    pio.insert(
+        layout::I8042_PORT as u64,
+        5,
+        Arc::new(Mutex::new(I8042::new(events.clone()))),
+    )
+    .map_err(bus_err)?;
+    pio.insert(
+        layout::ACPI_SLEEP_PORT as u64,
+        2,
+        Arc::new(Mutex::new(AcpiSleep::new(events.clone()))),
+    )
+    .map_err(bus_err)?;
+    mmio.insert(layout::IOAPIC_BASE, layout::IOAPIC_SIZE, ioapic.clone())
+        .map_err(bus_err)?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
     let base_cpuid = cpu::supported_cpuid(&kvm)?;
     let mut vcpus = Vec::with_capacity(cpus as usize);
     for id in 0..cpus {
-        let fd = vm.create_vcpu(id as u64).map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+        let fd = vm
+            .create_vcpu(id as u64)
+            .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
         let tsc_khz = fd.get_tsc_khz().ok();
         log::debug!("vcpu {id}: TSC {tsc_khz:?} kHz");
         cpu::configure_vcpu(&fd, id, &cpu::vcpu_cpuid(&base_cpuid, id, cpus, tsc_khz))?;
@@ -167,14 +230,21 @@ pub fn run(cfg: VmConfig) -> Result<i32, Error> {
     // LAPIC for INIT/SIPI, as on real hardware.
     cpu::setup_boot_vcpu(&vcpus[0], &ram.mem, kernel.protocol, kernel.entry)?;
     for (id, fd) in vcpus.into_iter().enumerate() {
-        let ctx = vcpu::Context { pio: pio.clone(), mmio: mmio.clone(), ioapic: ioapic.clone(), events: events.clone() };
+        let ctx = vcpu::Context {
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            ioapic: ioapic.clone(),
+            events: events.clone(),
+        };
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || vcpu::run(id as u32, fd, ctx))
             .map_err(Error::Thread)?;
     }
 
-    let event = ended.recv().unwrap_or(VmEvent::Error("every vCPU thread ended without a reason".into()));
+    let event = ended.recv().unwrap_or(VmEvent::Error(
+        "every vCPU thread ended without a reason".into(),
+    ));
     serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
     // Guest RAM and the VM fd go with the process: the caller exits right away, and
     // vCPUs still inside KVM_RUN are not waited for.

@@ -49,7 +49,11 @@ pub fn run(id: u32, mut vcpu: VcpuFd, ctx: Context) {
                 VcpuExit::MmioWrite(addr, data) => {
                     ctx.mmio.write(addr, data);
                 }
-                VcpuExit::IoapicEoi(vector) => ctx.ioapic.lock().unwrap_or_else(|p| p.into_inner()).end_of_interrupt(vector),
+                VcpuExit::IoapicEoi(vector) => ctx
+                    .ioapic
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .end_of_interrupt(vector),
                 // With the LAPIC in the kernel a halted vCPU waits there; an exit only
                 // means a signal arrived.
                 VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
@@ -77,7 +81,10 @@ pub fn run(id: u32, mut vcpu: VcpuFd, ctx: Context) {
 }
 
 fn describe(id: u32, vcpu: &mut VcpuFd, stop: Stop) -> String {
-    let rip = vcpu.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "unknown".into());
+    let rip = vcpu
+        .get_regs()
+        .map(|r| format!("{:#x}", r.rip))
+        .unwrap_or_else(|_| "unknown".into());
     if log::log_enabled!(log::Level::Debug) {
         log::debug!("vcpu {id}: regs {:x?}", vcpu.get_regs());
         log::debug!("vcpu {id}: sregs {:x?}", vcpu.get_sregs());
@@ -85,7 +92,9 @@ fn describe(id: u32, vcpu: &mut VcpuFd, stop: Stop) -> String {
     let what = match stop {
         Stop::Event(_) => unreachable!("events are not errors"),
         Stop::TripleFault => "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
-        Stop::FailEntry(reason) => format!("VM entry failed (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x})"),
+        Stop::FailEntry(reason) => {
+            format!("VM entry failed (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x})")
+        }
         Stop::Unhandled(exit) => format!("unhandled exit {exit}"),
         Stop::RunFailed(e) => format!("KVM_RUN failed: {e}"),
         Stop::InternalError => internal_error(vcpu),
@@ -103,14 +112,19 @@ fn internal_error(vcpu: &mut VcpuFd) -> String {
         (internal.suberror, internal.data[..n].to_vec())
     };
     if suberror != SUBERROR_EMULATION {
-        return format!("KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror {suberror}, data {data:x?})");
+        return format!(
+            "KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror {suberror}, data {data:x?})"
+        );
     }
     // data[0]: flags; then insn_size (u8) and up to 15 instruction bytes.
     let mut text = "KVM emulation failure (KVM_EXIT_INTERNAL_ERROR, suberror 1)".to_string();
     if data.len() >= 3 && data[0] & EMULATION_FLAG_INSN_BYTES != 0 {
         let raw: Vec<u8> = data[1..3].iter().flat_map(|w| w.to_le_bytes()).collect();
         let size = (raw[0] as usize).min(15);
-        let bytes: Vec<String> = raw[1..1 + size].iter().map(|b| format!("{b:02x}")).collect();
+        let bytes: Vec<String> = raw[1..1 + size]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         text.push_str(&format!(", instruction bytes [{}]", bytes.join(" ")));
     }
     text

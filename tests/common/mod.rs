@@ -8,7 +8,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn cellvm() -> Command {
-    assert!(Path::new("/dev/kvm").exists(), "these tests need /dev/kvm; it is missing on this machine");
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "these tests need /dev/kvm; it is missing on this machine"
+    );
     Command::new(env!("CARGO_BIN_EXE_cellvm"))
 }
 
@@ -21,7 +24,10 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn test_lines(&self) -> Vec<&str> {
-        self.stdout.lines().filter(|l| l.starts_with("TEST ")).collect()
+        self.stdout
+            .lines()
+            .filter(|l| l.starts_with("TEST "))
+            .collect()
     }
 
     /// The detail of `TEST <name> PASS ...`, failing the test if it is missing or failed.
@@ -31,7 +37,12 @@ impl Outcome {
             .stdout
             .lines()
             .find(|l| l.starts_with(&prefix))
-            .unwrap_or_else(|| panic!("no line for check {name}:\n{}\n{}", self.stdout, self.stderr));
+            .unwrap_or_else(|| {
+                panic!(
+                    "no line for check {name}:\n{}\n{}",
+                    self.stdout, self.stderr
+                )
+            });
         let rest = &line[prefix.len()..];
         assert!(rest.starts_with("PASS"), "check {name} failed: {line}");
         rest
@@ -41,7 +52,11 @@ impl Outcome {
 /// Runs `cmd`, killing it after `limit`; panics if it had to be killed.
 pub fn run(mut cmd: Command, limit: Duration) -> Outcome {
     let start = Instant::now();
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn cellvm");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cellvm");
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
     let t_out = std::thread::spawn(move || {
@@ -61,7 +76,10 @@ pub fn run(mut cmd: Command, limit: Duration) -> Outcome {
         if start.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{cmd:?} still running after {limit:?}; output so far:\n{}", t_out.join().unwrap());
+            panic!(
+                "{cmd:?} still running after {limit:?}; output so far:\n{}",
+                t_out.join().unwrap()
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
     };

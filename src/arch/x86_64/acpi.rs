@@ -5,13 +5,15 @@
 //! them and where they live (the BIOS area, so a guest that scans for the RSDP finds it).
 
 use acpi_tables::aml;
-use acpi_tables::Aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout;
@@ -41,7 +43,13 @@ fn bytes(table: &dyn Aml) -> Vec<u8> {
 }
 
 fn io_register(port: u16) -> GAS {
-    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port as u64)
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        port as u64,
+    )
 }
 
 fn dsdt() -> Vec<u8> {
@@ -112,13 +120,101 @@ pub fn create_tables(mem: &GuestMemoryMmap, cpus: u32) -> Result<GuestAddress, E
     let xsdt = bytes(&xsdt);
     let end = xsdt_addr + xsdt.len() as u64;
     if end > layout::ACPI_END {
-        return Err(Error::TooLarge(end - layout::ACPI_START, layout::ACPI_END - layout::ACPI_START));
+        return Err(Error::TooLarge(
+            end - layout::ACPI_START,
+            layout::ACPI_END - layout::ACPI_START,
+        ));
     }
     let rsdp = bytes(&Rsdp::new(OEM_ID, xsdt_addr));
-    for (addr, data) in [(rsdp_addr, &rsdp), (dsdt_addr, &dsdt), (fadt_addr, &fadt), (madt_addr, &madt), (xsdt_addr, &xsdt)] {
-        mem.write_slice(data, GuestAddress(addr)).map_err(Error::Write)?;
+    for (addr, data) in [
+        (rsdp_addr, &rsdp),
+        (dsdt_addr, &dsdt),
+        (fadt_addr, &fadt),
+        (madt_addr, &madt),
+        (xsdt_addr, &xsdt),
+    ] {
+        mem.write_slice(data, GuestAddress(addr))
+            .map_err(Error::Write)?;
     }
     Ok(GuestAddress(rsdp_addr))
+}
+
+/// What a guest finds when it reads the tables back (used by tests and fuzzing).
+#[derive(Debug)]
+pub struct ParsedTables {
+    pub signatures: Vec<[u8; 4]>,
+    pub madt_cpus: u32,
+    pub madt_ioapics: u32,
+    pub dsdt_ok: bool,
+}
+
+fn read_table(mem: &GuestMemoryMmap, addr: u64) -> Result<Vec<u8>, String> {
+    let len: u32 = mem
+        .read_obj(GuestAddress(addr + 4))
+        .map_err(|e| format!("table at {addr:#x}: {e}"))?;
+    if !(36..=0x1_0000).contains(&len) {
+        return Err(format!("table at {addr:#x}: length {len}"));
+    }
+    let mut t = vec![0u8; len as usize];
+    mem.read_slice(&mut t, GuestAddress(addr))
+        .map_err(|e| format!("table at {addr:#x}: {e}"))?;
+    if t.iter().fold(0u8, |a, b| a.wrapping_add(*b)) != 0 {
+        return Err(format!(
+            "table {:?} at {addr:#x}: bad checksum",
+            String::from_utf8_lossy(&t[..4])
+        ));
+    }
+    Ok(t)
+}
+
+fn u64_at(t: &[u8], off: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(t.get(off..off + 8)?.try_into().ok()?))
+}
+
+/// Reads the tables from the RSDP as a guest would, checking every checksum.
+pub fn parse_tables(mem: &GuestMemoryMmap, rsdp: GuestAddress) -> Result<ParsedTables, String> {
+    let mut r = [0u8; 36];
+    mem.read_slice(&mut r, rsdp)
+        .map_err(|e| format!("RSDP: {e}"))?;
+    let sum = |d: &[u8]| d.iter().fold(0u8, |a, b| a.wrapping_add(*b));
+    if &r[..8] != b"RSD PTR " || sum(&r[..20]) != 0 || sum(&r) != 0 {
+        return Err("RSDP: bad signature or checksum".into());
+    }
+    let xsdt = read_table(mem, u64_at(&r, 24).unwrap_or(0))?;
+    let mut parsed = ParsedTables {
+        signatures: Vec::new(),
+        madt_cpus: 0,
+        madt_ioapics: 0,
+        dsdt_ok: false,
+    };
+    for i in 0..(xsdt.len() - 36) / 8 {
+        let t = read_table(mem, u64_at(&xsdt, 36 + i * 8).unwrap_or(0))?;
+        let sig: [u8; 4] = t[..4].try_into().unwrap_or_default();
+        match &sig {
+            b"FACP" => {
+                parsed.dsdt_ok = u64_at(&t, 140)
+                    .is_some_and(|a| read_table(mem, a).is_ok_and(|d| &d[..4] == b"DSDT"))
+            }
+            b"APIC" => {
+                let mut off = 44;
+                while off + 2 <= t.len() {
+                    let len = t[off + 1] as usize;
+                    if len < 2 || off + len > t.len() {
+                        return Err(format!("MADT: bad structure length {len} at {off}"));
+                    }
+                    match t[off] {
+                        0 => parsed.madt_cpus += 1,
+                        1 => parsed.madt_ioapics += 1,
+                        _ => {}
+                    }
+                    off += len;
+                }
+            }
+            _ => {}
+        }
+        parsed.signatures.push(sig);
+    }
+    Ok(parsed)
 }
 
 #[cfg(test)]
@@ -163,7 +259,10 @@ mod tests {
         assert_eq!(u64::from_le_bytes(f[120..128].try_into().unwrap()), 0x64);
         assert_eq!(f[128], 0xfe);
         // SLEEP_CONTROL_REG (offset 244).
-        assert_eq!(u64::from_le_bytes(f[248..256].try_into().unwrap()), layout::ACPI_SLEEP_PORT as u64);
+        assert_eq!(
+            u64::from_le_bytes(f[248..256].try_into().unwrap()),
+            layout::ACPI_SLEEP_PORT as u64
+        );
         // X_DSDT (offset 140).
         assert_eq!(u64::from_le_bytes(f[140..148].try_into().unwrap()), 0x1000);
     }

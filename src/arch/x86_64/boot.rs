@@ -11,7 +11,9 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_params, setup_header};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::{self, BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile};
 
@@ -30,21 +32,40 @@ const MIN_BZIMAGE_PROTOCOL: u16 = 0x020c;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("kernel {path}: {source}")]
-    Open { path: String, source: std::io::Error },
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("kernel {0}: file is empty")]
     Empty(String),
     #[error("kernel {path}: not a loadable kernel: as ELF: {elf}; as bzImage: {bzimage}")]
-    NotAKernel { path: String, elf: loader::Error, bzimage: loader::Error },
+    NotAKernel {
+        path: String,
+        elf: loader::Error,
+        bzimage: loader::Error,
+    },
     #[error("kernel {path}: {source}")]
     Load { path: String, source: loader::Error },
-    #[error("kernel {0}: bzImage boot protocol {1:#x} is older than 2.12 or has no 64-bit entry point")]
+    #[error(
+        "kernel {0}: bzImage boot protocol {1:#x} is older than 2.12 or has no 64-bit entry point"
+    )]
     OldBzImage(String, u16),
-    #[error("kernel {path}: image ends at {end:#x}, beyond guest RAM ({ram:#x} bytes below 4 GiB)")]
+    #[error(
+        "kernel {path}: image ends at {end:#x}, beyond guest RAM ({ram:#x} bytes below 4 GiB)"
+    )]
     TooLarge { path: String, end: u64, ram: u64 },
     #[error("initrd {path}: {source}")]
-    Initrd { path: String, source: std::io::Error },
+    Initrd {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("initrd {path}: {size} bytes do not fit in guest RAM ({available} bytes free between the kernel and {limit:#x})")]
-    InitrdTooLarge { path: String, size: u64, available: u64, limit: u64 },
+    InitrdTooLarge {
+        path: String,
+        size: u64,
+        available: u64,
+        limit: u64,
+    },
     #[error("command line is {len} bytes; the limit is {max}")]
     CmdlineTooLong { len: usize, max: usize },
     #[error("command line: {0}")]
@@ -117,14 +138,20 @@ pub fn load_kernel<F>(
 where
     F: Read + ReadVolatile + Seek,
 {
-    let size = image.seek(std::io::SeekFrom::End(0)).map_err(|source| Error::Open { path: path.into(), source })?;
+    let size = image
+        .seek(std::io::SeekFrom::End(0))
+        .map_err(|source| Error::Open {
+            path: path.into(),
+            source,
+        })?;
     if size == 0 {
         return Err(Error::Empty(path.into()));
     }
     let ram_top = layout::low_ram_end(mem_size);
     let elf = match Elf::load(mem, None, image, Some(GuestAddress(layout::HIGH_RAM_START))) {
         Ok(r) => r,
-        Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) | Err(loader::Error::Elf(loader::elf::Error::ReadElfHeader)) => {
+        Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber))
+        | Err(loader::Error::Elf(loader::elf::Error::ReadElfHeader)) => {
             return load_bzimage(mem, path, image, ram_top);
         }
         Err(source) => return Err(load_error(path, source, ram_top)),
@@ -132,33 +159,57 @@ where
     let end = elf.kernel_end;
     check_end(path, end, ram_top)?;
     let (entry, protocol) = match (elf.pvh_boot_cap, want) {
-        (PvhBootCapability::PvhEntryPresent(addr), BootProtocol::Auto | BootProtocol::Pvh) => (addr, Protocol::Pvh),
+        (PvhBootCapability::PvhEntryPresent(addr), BootProtocol::Auto | BootProtocol::Pvh) => {
+            (addr, Protocol::Pvh)
+        }
         (_, BootProtocol::Pvh) => {
-            return Err(Error::Load { path: path.into(), source: loader::Error::Elf(loader::elf::Error::InvalidPvhNote) })
+            return Err(Error::Load {
+                path: path.into(),
+                source: loader::Error::Elf(loader::elf::Error::InvalidPvhNote),
+            })
         }
         _ => (elf.kernel_load, Protocol::Linux64),
     };
-    Ok(LoadedKernel { entry, protocol, end, header: None })
+    Ok(LoadedKernel {
+        entry,
+        protocol,
+        end,
+        header: None,
+    })
 }
 
 fn load_error(path: &str, source: loader::Error, ram_top: u64) -> Error {
     match source {
         // linux-loader reports segments that do not fit guest memory this way.
-        loader::Error::Elf(loader::elf::Error::ReadKernelImage) => {
-            Error::TooLarge { path: path.into(), end: u64::MAX, ram: ram_top }
-        }
-        source => Error::Load { path: path.into(), source },
+        loader::Error::Elf(loader::elf::Error::ReadKernelImage) => Error::TooLarge {
+            path: path.into(),
+            end: u64::MAX,
+            ram: ram_top,
+        },
+        source => Error::Load {
+            path: path.into(),
+            source,
+        },
     }
 }
 
 fn check_end(path: &str, end: u64, ram_top: u64) -> Result<(), Error> {
     if end > ram_top {
-        return Err(Error::TooLarge { path: path.into(), end, ram: ram_top });
+        return Err(Error::TooLarge {
+            path: path.into(),
+            end,
+            ram: ram_top,
+        });
     }
     Ok(())
 }
 
-fn load_bzimage<F>(mem: &GuestMemoryMmap, path: &str, image: &mut F, ram_top: u64) -> Result<LoadedKernel, Error>
+fn load_bzimage<F>(
+    mem: &GuestMemoryMmap,
+    path: &str,
+    image: &mut F,
+    ram_top: u64,
+) -> Result<LoadedKernel, Error>
 where
     F: Read + ReadVolatile + Seek,
 {
@@ -166,11 +217,21 @@ where
         Ok(r) => r,
         Err(bz) => {
             // Re-run the ELF probe only to report both reasons in one line.
-            let elf = Elf::load(mem, None, image, None).err().unwrap_or(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber));
-            return Err(Error::NotAKernel { path: path.into(), elf, bzimage: bz });
+            let elf = Elf::load(mem, None, image, None)
+                .err()
+                .unwrap_or(loader::Error::Elf(
+                    loader::elf::Error::InvalidElfMagicNumber,
+                ));
+            return Err(Error::NotAKernel {
+                path: path.into(),
+                elf,
+                bzimage: bz,
+            });
         }
     };
-    let header = result.setup_header.ok_or(Error::OldBzImage(path.into(), 0))?;
+    let header = result
+        .setup_header
+        .ok_or(Error::OldBzImage(path.into(), 0))?;
     let version = header.version;
     let xloadflags = header.xloadflags;
     if version < MIN_BZIMAGE_PROTOCOL || xloadflags & XLF_KERNEL_64 == 0 {
@@ -188,19 +249,29 @@ where
 /// The command line limit for this kernel, NUL included.
 pub fn cmdline_limit(kernel: &LoadedKernel) -> usize {
     match kernel.header {
-        Some(h) if h.version >= 0x0206 && h.cmdline_size > 0 => (h.cmdline_size as usize + 1).min(layout::CMDLINE_MAX),
+        Some(h) if h.version >= 0x0206 && h.cmdline_size > 0 => {
+            (h.cmdline_size as usize + 1).min(layout::CMDLINE_MAX)
+        }
         _ => layout::CMDLINE_MAX,
     }
 }
 
 /// Writes the command line at its fixed address.
-pub fn load_cmdline(mem: &GuestMemoryMmap, kernel: &LoadedKernel, text: &str) -> Result<u64, Error> {
+pub fn load_cmdline(
+    mem: &GuestMemoryMmap,
+    kernel: &LoadedKernel,
+    text: &str,
+) -> Result<u64, Error> {
     let max = cmdline_limit(kernel);
     if text.len() + 1 > max {
-        return Err(Error::CmdlineTooLong { len: text.len(), max: max - 1 });
+        return Err(Error::CmdlineTooLong {
+            len: text.len(),
+            max: max - 1,
+        });
     }
     let cmdline = Cmdline::try_from(text, max).map_err(Error::Cmdline)?;
-    loader::load_cmdline(mem, GuestAddress(layout::CMDLINE), &cmdline).map_err(|e| Error::BootInfo(e.to_string()))?;
+    loader::load_cmdline(mem, GuestAddress(layout::CMDLINE), &cmdline)
+        .map_err(|e| Error::BootInfo(e.to_string()))?;
     Ok(text.len() as u64)
 }
 
@@ -220,7 +291,13 @@ pub fn load_initrd(
     file: &mut File,
     mem_size: u64,
 ) -> Result<Initrd, Error> {
-    let size = file.metadata().map_err(|source| Error::Initrd { path: path.into(), source })?.len();
+    let size = file
+        .metadata()
+        .map_err(|source| Error::Initrd {
+            path: path.into(),
+            source,
+        })?
+        .len();
     let mut limit = layout::low_ram_end(mem_size);
     if let Some(h) = kernel.header {
         let max = h.initrd_addr_max as u64;
@@ -231,11 +308,19 @@ pub fn load_initrd(
     let floor = (kernel.end + 0xfff) & !0xfff;
     let available = limit.saturating_sub(floor);
     if size > available {
-        return Err(Error::InitrdTooLarge { path: path.into(), size, available, limit });
+        return Err(Error::InitrdTooLarge {
+            path: path.into(),
+            size,
+            available,
+            limit,
+        });
     }
     let addr = (limit - size) & !0xfff;
     mem.read_exact_volatile_from(GuestAddress(addr), file, size as usize)
-        .map_err(|e| Error::Initrd { path: path.into(), source: std::io::Error::other(e.to_string()) })?;
+        .map_err(|e| Error::Initrd {
+            path: path.into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
     Ok(Initrd { addr, size })
 }
 
@@ -262,20 +347,32 @@ pub fn write_boot_info(
             };
             let memmap: Vec<MemmapEntry> = e820
                 .iter()
-                .map(|&(addr, size, type_)| MemmapEntry(hvm_memmap_table_entry { addr, size, type_, reserved: 0 }))
+                .map(|&(addr, size, type_)| {
+                    MemmapEntry(hvm_memmap_table_entry {
+                        addr,
+                        size,
+                        type_,
+                        reserved: 0,
+                    })
+                })
                 .collect();
             let mut params;
             if let Some(rd) = initrd {
                 info.nr_modules = 1;
                 info.modlist_paddr = layout::PVH_MODLIST;
                 params = BootParams::new(&StartInfo(info), GuestAddress(layout::PVH_START_INFO));
-                let module = ModlistEntry(hvm_modlist_entry { paddr: rd.addr, size: rd.size, ..Default::default() });
+                let module = ModlistEntry(hvm_modlist_entry {
+                    paddr: rd.addr,
+                    size: rd.size,
+                    ..Default::default()
+                });
                 params.set_modules(&[module], GuestAddress(layout::PVH_MODLIST));
             } else {
                 params = BootParams::new(&StartInfo(info), GuestAddress(layout::PVH_START_INFO));
             }
             params.set_sections(&memmap, GuestAddress(layout::PVH_MEMMAP));
-            PvhBootConfigurator::write_bootparams(&params, mem).map_err(|e| Error::BootInfo(e.to_string()))
+            PvhBootConfigurator::write_bootparams(&params, mem)
+                .map_err(|e| Error::BootInfo(e.to_string()))
         }
         Protocol::Linux64 => {
             let mut zp = boot_params::default();
@@ -302,12 +399,15 @@ pub fn write_boot_info(
             }
             zp.e820_entries = e820.len() as u8;
             let params = BootParams::new(&ZeroPage(zp), GuestAddress(layout::ZERO_PAGE));
-            LinuxBootConfigurator::write_bootparams(&params, mem).map_err(|e| Error::BootInfo(e.to_string()))
+            LinuxBootConfigurator::write_bootparams(&params, mem)
+                .map_err(|e| Error::BootInfo(e.to_string()))
         }
     }
 }
 
 /// Reads back what `write_boot_info` wrote for a PVH boot (tests and diagnostics).
 pub fn read_start_info(mem: &GuestMemoryMmap) -> Option<hvm_start_info> {
-    mem.read_obj::<StartInfo>(GuestAddress(layout::PVH_START_INFO)).ok().map(|s| s.0)
+    mem.read_obj::<StartInfo>(GuestAddress(layout::PVH_START_INFO))
+        .ok()
+        .map(|s| s.0)
 }

@@ -1,7 +1,9 @@
 //! Per-vCPU state: CPUID (KVM's supported set, normalised), MSRs, FPU, LAPIC LVTs, and
 //! the boot vCPU's registers for each boot protocol.
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -34,7 +36,8 @@ const EDX_HTT: u32 = 1 << 28;
 
 /// KVM's supported CPUID, fetched once per VM.
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, Error> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::SupportedCpuid)
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::SupportedCpuid)
 }
 
 fn bits_for(count: u32) -> u32 {
@@ -132,7 +135,11 @@ fn boot_msrs() -> Vec<kvm_msr_entry> {
     const CSTAR: u32 = 0xc000_0083;
     const SYSCALL_MASK: u32 = 0xc000_0084;
     const KERNEL_GS_BASE: u32 = 0xc000_0102;
-    let entry = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+    let entry = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
     vec![
         entry(IA32_MISC_ENABLE, 1),
         entry(IA32_SYSENTER_CS, 0),
@@ -151,12 +158,22 @@ pub fn configure_vcpu(vcpu: &VcpuFd, id: u32, cpuid: &CpuId) -> Result<(), Error
     vcpu.set_cpuid2(cpuid).map_err(|e| Error::SetCpuid(id, e))?;
     let entries = boot_msrs();
     let msrs = Msrs::from_entries(&entries).map_err(|e| Error::SetMsrs(id, format!("{e:?}")))?;
-    let set = vcpu.set_msrs(&msrs).map_err(|e| Error::SetMsrs(id, e.to_string()))?;
+    let set = vcpu
+        .set_msrs(&msrs)
+        .map_err(|e| Error::SetMsrs(id, e.to_string()))?;
     if set != entries.len() {
-        return Err(Error::SetMsrs(id, format!("KVM refused MSR {:#x}", entries[set].index)));
+        return Err(Error::SetMsrs(
+            id,
+            format!("KVM refused MSR {:#x}", entries[set].index),
+        ));
     }
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
-    vcpu.set_fpu(&fpu).map_err(|e| Error::Ioctl(id, "KVM_SET_FPU", e))?;
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu)
+        .map_err(|e| Error::Ioctl(id, "KVM_SET_FPU", e))?;
     set_lint(vcpu, id)
 }
 
@@ -166,15 +183,23 @@ fn set_lint(vcpu: &VcpuFd, id: u32) -> Result<(), Error> {
     const APIC_LVT1: usize = 0x360;
     const MODE_EXTINT: u32 = 0x7;
     const MODE_NMI: u32 = 0x4;
-    let mut lapic = vcpu.get_lapic().map_err(|e| Error::Ioctl(id, "KVM_GET_LAPIC", e))?;
+    let mut lapic = vcpu
+        .get_lapic()
+        .map_err(|e| Error::Ioctl(id, "KVM_GET_LAPIC", e))?;
     for (reg, mode) in [(APIC_LVT0, MODE_EXTINT), (APIC_LVT1, MODE_NMI)] {
-        let bytes: [u8; 4] = lapic.regs[reg..reg + 4].iter().map(|b| *b as u8).collect::<Vec<_>>().try_into().unwrap_or([0; 4]);
+        let bytes: [u8; 4] = lapic.regs[reg..reg + 4]
+            .iter()
+            .map(|b| *b as u8)
+            .collect::<Vec<_>>()
+            .try_into()
+            .unwrap_or([0; 4]);
         let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
         for (i, b) in value.to_le_bytes().iter().enumerate() {
             lapic.regs[reg + i] = *b as _;
         }
     }
-    vcpu.set_lapic(&lapic).map_err(|e| Error::Ioctl(id, "KVM_SET_LAPIC", e))
+    vcpu.set_lapic(&lapic)
+        .map_err(|e| Error::Ioctl(id, "KVM_SET_LAPIC", e))
 }
 
 fn segment(selector: u16, code: bool, long: bool) -> kvm_segment {
@@ -196,9 +221,20 @@ fn segment(selector: u16, code: bool, long: bool) -> kvm_segment {
 }
 
 /// Puts the boot vCPU at the kernel entry, in the mode its protocol asks for.
-pub fn setup_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, protocol: Protocol, entry: GuestAddress) -> Result<(), Error> {
-    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(|e| Error::Ioctl(0, "KVM_GET_SREGS", e))?;
-    let mut regs = kvm_regs { rflags: 0x2, rip: entry.0, ..Default::default() };
+pub fn setup_boot_vcpu(
+    vcpu: &VcpuFd,
+    mem: &GuestMemoryMmap,
+    protocol: Protocol,
+    entry: GuestAddress,
+) -> Result<(), Error> {
+    let mut sregs: kvm_sregs = vcpu
+        .get_sregs()
+        .map_err(|e| Error::Ioctl(0, "KVM_GET_SREGS", e))?;
+    let mut regs = kvm_regs {
+        rflags: 0x2,
+        rip: entry.0,
+        ..Default::default()
+    };
     let mut tr = segment(0x18, false, false);
     tr.type_ = 0xb; // busy 32-bit TSS
     tr.s = 0;
@@ -234,22 +270,34 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, protocol: Protocol,
             regs.rsi = layout::ZERO_PAGE;
         }
     }
-    vcpu.set_sregs(&sregs).map_err(|e| Error::Ioctl(0, "KVM_SET_SREGS", e))?;
-    vcpu.set_regs(&regs).map_err(|e| Error::Ioctl(0, "KVM_SET_REGS", e))
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| Error::Ioctl(0, "KVM_SET_SREGS", e))?;
+    vcpu.set_regs(&regs)
+        .map_err(|e| Error::Ioctl(0, "KVM_SET_REGS", e))
 }
 
 /// GDT (null, 64-bit code, data, TSS) and page tables identity-mapping 1 GiB with 2 MiB
 /// pages: what the Linux 64-bit boot protocol requires at entry.
 fn write_boot_gdt_and_page_tables(mem: &GuestMemoryMmap) -> Result<(), Error> {
-    let gdt: [u64; 4] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x008f_8b00_0000_ffff];
+    let gdt: [u64; 4] = [
+        0,
+        0x00af_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x008f_8b00_0000_ffff,
+    ];
     for (i, d) in gdt.iter().enumerate() {
-        mem.write_obj(*d, GuestAddress(layout::BOOT_GDT + i as u64 * 8)).map_err(Error::PageTables)?;
+        mem.write_obj(*d, GuestAddress(layout::BOOT_GDT + i as u64 * 8))
+            .map_err(Error::PageTables)?;
     }
-    mem.write_obj(0u64, GuestAddress(layout::BOOT_IDT)).map_err(Error::PageTables)?;
-    mem.write_obj(layout::PDPT | 0x3, GuestAddress(layout::PML4)).map_err(Error::PageTables)?;
-    mem.write_obj(layout::PD | 0x3, GuestAddress(layout::PDPT)).map_err(Error::PageTables)?;
+    mem.write_obj(0u64, GuestAddress(layout::BOOT_IDT))
+        .map_err(Error::PageTables)?;
+    mem.write_obj(layout::PDPT | 0x3, GuestAddress(layout::PML4))
+        .map_err(Error::PageTables)?;
+    mem.write_obj(layout::PD | 0x3, GuestAddress(layout::PDPT))
+        .map_err(Error::PageTables)?;
     for i in 0..512u64 {
-        mem.write_obj((i << 21) | 0x83, GuestAddress(layout::PD + i * 8)).map_err(Error::PageTables)?;
+        mem.write_obj((i << 21) | 0x83, GuestAddress(layout::PD + i * 8))
+            .map_err(Error::PageTables)?;
     }
     Ok(())
 }
@@ -259,20 +307,44 @@ mod tests {
     use super::*;
 
     fn leaf(c: &CpuId, function: u32, index: u32) -> kvm_bindings::kvm_cpuid_entry2 {
-        *c.as_slice().iter().find(|e| e.function == function && e.index == index).expect("leaf present")
+        *c.as_slice()
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .expect("leaf present")
     }
 
     #[test]
     fn each_vcpu_gets_its_apic_id_topology_and_the_tsc_rate() {
-        let entry = |function, index| kvm_bindings::kvm_cpuid_entry2 { function, index, ..Default::default() };
-        let base = CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0x15, 0), entry(LEAF_HYPERVISOR, 0)]).unwrap();
+        let entry = |function, index| kvm_bindings::kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        };
+        let base = CpuId::from_entries(&[
+            entry(1, 0),
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0x15, 0),
+            entry(LEAF_HYPERVISOR, 0),
+        ])
+        .unwrap();
         let c = vcpu_cpuid(&base, 5, 6, Some(2_500_000));
         let l1 = leaf(&c, 1, 0);
         assert_eq!((l1.ebx >> 24, (l1.ebx >> 16) & 0xff), (5, 6));
         assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
-        assert_eq!((leaf(&c, 0xb, 1).eax, leaf(&c, 0xb, 1).ebx, leaf(&c, 0xb, 1).edx), (3, 6, 5));
+        assert_eq!(
+            (
+                leaf(&c, 0xb, 1).eax,
+                leaf(&c, 0xb, 1).ebx,
+                leaf(&c, 0xb, 1).edx
+            ),
+            (3, 6, 5)
+        );
         let tsc = leaf(&c, 0x15, 0);
-        assert_eq!(tsc.ecx as u64 * tsc.ebx as u64 / tsc.eax as u64, 2_500_000_000);
+        assert_eq!(
+            tsc.ecx as u64 * tsc.ebx as u64 / tsc.eax as u64,
+            2_500_000_000
+        );
         assert_eq!(leaf(&c, LEAF_HYPERVISOR_TIMING, 0).eax, 2_500_000);
         assert_eq!(leaf(&c, LEAF_HYPERVISOR, 0).eax, LEAF_HYPERVISOR_TIMING);
     }

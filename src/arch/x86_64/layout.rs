@@ -86,15 +86,24 @@ mod tests {
     fn small_guest_is_one_region_below_the_hole() {
         assert_eq!(ram_regions(64 << 20), vec![(0, 64 << 20)]);
         let map = e820_map(64 << 20);
-        assert_eq!(map.last(), Some(&(HIGH_RAM_START, (64 << 20) - HIGH_RAM_START, E820_RAM)));
+        assert_eq!(
+            map.last(),
+            Some(&(HIGH_RAM_START, (64 << 20) - HIGH_RAM_START, E820_RAM))
+        );
     }
 
     #[test]
     fn large_guest_skips_the_pci_hole() {
         let mem = 5u64 << 30;
         assert_eq!(ram_regions(mem), vec![(0, 3 << 30), (4 << 30, 2 << 30)]);
-        let ram: u64 = e820_map(mem).iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum();
+        let ram: u64 = e820_map(mem)
+            .iter()
+            .filter(|e| e.2 == E820_RAM)
+            .map(|e| e.1)
+            .sum();
         assert_eq!(ram + (HIGH_RAM_START - LOW_RAM_END), mem);
-        assert!(e820_map(mem).iter().all(|e| e.0 + e.1 <= MMIO_HOLE_START || e.0 >= MMIO_HOLE_END));
+        assert!(e820_map(mem)
+            .iter()
+            .all(|e| e.0 + e.1 <= MMIO_HOLE_START || e.0 >= MMIO_HOLE_END));
     }
 }

@@ -1,0 +1,31 @@
+//! The benchmark still runs: one quick pass, every scenario present with real numbers.
+//! (No timing is asserted: benchmarks are measured, not tested.)
+
+#[test]
+fn quick_mode_runs_every_scenario_against_its_peer() {
+    let json = std::env::temp_dir().join(format!("cellvm-bench-quick-{}.json", std::process::id()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cellvm-bench"))
+        .args(["--quick", "--json"])
+        .arg(&json)
+        .output()
+        .expect("run cellvm-bench");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("1. start-up, tiny-pvh") && table.contains("tests=none"),
+        "{table}"
+    );
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(rows.len(), 6, "2 scenarios x 3 metrics");
+    for r in &rows {
+        assert!(r["cellvm"]["median"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["peer"]["median"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["peer_name"], "qemu microvm");
+    }
+}

@@ -1,0 +1,59 @@
+//! Replays every committed fuzz corpus file and every past crash through the same
+//! library functions the cargo-fuzz targets call, on stable Rust, as part of
+//! `cargo test`. A target without seeds, or a seed directory without a target, fails.
+
+use std::path::Path;
+
+use cellvm::fuzzing::TARGETS;
+
+fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn every_corpus_file_and_past_crash_replays_without_a_panic() {
+    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    for (name, target) in TARGETS {
+        assert!(
+            fuzz.join("fuzz_targets")
+                .join(format!("{name}.rs"))
+                .exists(),
+            "no cargo-fuzz target for {name}"
+        );
+        let seeds = files(&fuzz.join("corpus").join(name));
+        assert!(!seeds.is_empty(), "fuzz/corpus/{name} has no seeds");
+        for file in seeds
+            .iter()
+            .chain(files(&fuzz.join("regressions").join(name)).iter())
+        {
+            let data = std::fs::read(file).unwrap();
+            let result = std::panic::catch_unwind(|| target(&data));
+            assert!(result.is_ok(), "{name}: {} panicked", file.display());
+        }
+    }
+}
+
+#[test]
+fn every_fuzz_target_file_is_known_to_the_replay() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/fuzz_targets");
+    for file in files(&dir) {
+        let stem = file.file_stem().unwrap().to_string_lossy().to_string();
+        assert!(
+            TARGETS.iter().any(|(n, _)| *n == stem),
+            "fuzz target {stem} is not in cellvm::fuzzing::TARGETS"
+        );
+    }
+}
+
+#[test]
+fn the_built_in_test_guest_goes_through_the_loader_target() {
+    cellvm::fuzzing::kernel_loader(cellvm::testguest::IMAGE);
+}

@@ -6,3 +6,4 @@ tests/setup.sh
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 cargo build --release --workspace --all-targets
 cargo test --release --workspace -- --test-threads=2
+tests/fuzz-smoke.sh

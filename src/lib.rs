@@ -6,5 +6,7 @@
 pub mod arch;
 pub mod devices;
 pub mod fuzzing;
+pub mod probe;
+pub mod seccomp;
 pub mod testguest;
 pub mod vmm;

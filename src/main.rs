@@ -26,6 +26,14 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Test only: try one thing a cell must forbid, after installing the VMM's
+    /// main-thread seccomp profile, and report how it was stopped.
+    #[command(hide = true)]
+    Probe {
+        name: String,
+        #[arg(long, value_enum, default_value = "kill")]
+        seccomp: cellvm::seccomp::Mode,
+    },
 }
 
 #[derive(Args)]
@@ -48,15 +56,27 @@ struct RunArgs {
     /// For ELF kernels with a PVH note: which entry to use.
     #[arg(long, value_enum)]
     boot_protocol: Option<BootProtocol>,
+    /// What a seccomp violation does: kill (default), log, or off (diagnosis only).
+    #[arg(long, value_enum)]
+    seccomp: Option<cellvm::seccomp::Mode>,
     /// The same fields from a TOML file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
 }
 
+extern "C" fn on_sigterm(_: libc::c_int) {
+    // SAFETY: _exit is async-signal-safe. A VMM that is PID 1 of its pid namespace
+    // ignores SIGTERM without a handler; with this one the supervisor's SIGTERM ends it.
+    unsafe { libc::_exit(128 + libc::SIGTERM) };
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // SAFETY: installing a handler that only calls _exit.
+    unsafe { libc::signal(libc::SIGTERM, on_sigterm as *const () as libc::sighandler_t) };
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Probe { name, seccomp } => Ok(cellvm::probe::run(&name, seccomp)),
         Command::Run(args) => run(args),
         Command::Testguest { output } => std::fs::write(&output, cellvm::testguest::IMAGE)
             .map(|_| 0)
@@ -84,6 +104,7 @@ fn run(args: RunArgs) -> Result<i32, (String, i32)> {
         memory_mib: args.memory,
         serial: args.serial,
         boot_protocol: args.boot_protocol,
+        seccomp: args.seccomp,
     };
     let code =
         cellvm::vmm::run(from_file.merge(flags)).map_err(|e| (e.to_string(), e.exit_code()))?;

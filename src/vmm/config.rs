@@ -52,6 +52,8 @@ pub struct VmConfig {
     pub memory_mib: Option<u64>,
     pub serial: Option<SerialOut>,
     pub boot_protocol: Option<BootProtocol>,
+    /// What a seccomp violation does (default: kill).
+    pub seccomp: Option<crate::seccomp::Mode>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +93,7 @@ impl VmConfig {
             memory_mib: over.memory_mib.or(self.memory_mib),
             serial: over.serial.or(self.serial),
             boot_protocol: over.boot_protocol.or(self.boot_protocol),
+            seccomp: over.seccomp.or(self.seccomp),
         }
     }
 

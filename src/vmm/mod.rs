@@ -51,6 +51,8 @@ pub enum Error {
     SerialOut(String, std::io::Error),
     #[error("cannot start vcpu thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Seccomp(crate::seccomp::Error),
 }
 
 impl Error {
@@ -229,6 +231,7 @@ pub fn run(cfg: VmConfig) -> Result<i32, Error> {
     // Only the boot vCPU starts at the entry point; the others wait in the kernel's
     // LAPIC for INIT/SIPI, as on real hardware.
     cpu::setup_boot_vcpu(&vcpus[0], &ram.mem, kernel.protocol, kernel.entry)?;
+    let seccomp = cfg.seccomp.unwrap_or_default();
     for (id, fd) in vcpus.into_iter().enumerate() {
         let ctx = vcpu::Context {
             pio: pio.clone(),
@@ -238,9 +241,11 @@ pub fn run(cfg: VmConfig) -> Result<i32, Error> {
         };
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu::run(id as u32, fd, ctx))
+            .spawn(move || vcpu::run(id as u32, fd, ctx, seccomp))
             .map_err(Error::Thread)?;
     }
+    // The main thread's own, narrower profile: from here it only waits and exits.
+    crate::seccomp::install("vmm", "main", seccomp).map_err(Error::Seccomp)?;
 
     let event = ended.recv().unwrap_or(VmEvent::Error(
         "every vCPU thread ended without a reason".into(),

@@ -33,7 +33,13 @@ enum Stop {
     RunFailed(kvm_ioctls::Error),
 }
 
-pub fn run(id: u32, mut vcpu: VcpuFd, ctx: Context) {
+pub fn run(id: u32, mut vcpu: VcpuFd, ctx: Context, seccomp: crate::seccomp::Mode) {
+    // The filter goes on before the first KVM_RUN: nothing the guest does reaches this
+    // thread unfiltered.
+    if let Err(e) = crate::seccomp::install("vmm", "vcpu", seccomp) {
+        let _ = ctx.events.send(VmEvent::Error(format!("vcpu {id}: {e}")));
+        return;
+    }
     let stop = loop {
         match vcpu.run() {
             Ok(exit) => match exit {

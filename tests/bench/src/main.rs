@@ -156,7 +156,7 @@ fn repo_root() -> PathBuf {
 }
 
 fn cellvm_binary(root: &Path) -> PathBuf {
-    let bin = root.join("target/release/cellvm");
+    let bin = root.join("target/x86_64-unknown-linux-gnu/release/cellvm");
     let status = Command::new("cargo")
         .args(["build", "--release", "--quiet", "--bin", "cellvm"])
         .current_dir(root)

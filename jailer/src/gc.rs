@@ -1,0 +1,39 @@
+//! Reclaiming cells: what a finished launch removes, and what `cellvm-jailer gc` (and
+//! every launch) removes for supervisors that died without cleaning up.
+
+use crate::cgroup::Cgroup;
+use crate::registry::Registry;
+
+/// Kills the cell's processes, removes its cgroup and its jail directory.
+pub fn remove_cell(id: &str) {
+    let cg = Cgroup::open(id);
+    if cg.exists() {
+        if let Err(e) = cg.destroy() {
+            eprintln!("cellvm-jailer: {e}");
+        }
+    }
+    let dir = crate::launch::jail_dir(id);
+    // The jail's mounts lived in the cell's mount namespace and died with it; only the
+    // empty directories are left on the host.
+    for d in [dir.join("root"), dir.clone()] {
+        if let Err(e) = std::fs::remove_dir(&d) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("cellvm-jailer: {}: {e}", d.display());
+            }
+        }
+    }
+}
+
+/// Removes every cell whose supervisor is gone; returns their ids.
+pub fn collect(reg: &Registry) -> Vec<String> {
+    let mut reclaimed = Vec::new();
+    for entry in reg.entries().unwrap_or_default() {
+        if !entry.is_live() {
+            remove_cell(&entry.id);
+            if reg.remove(&entry.id).is_ok() {
+                reclaimed.push(entry.id);
+            }
+        }
+    }
+    reclaimed
+}

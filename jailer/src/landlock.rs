@@ -1,0 +1,65 @@
+//! Landlock: the highest ABI the kernel offers, every filesystem right handled, and
+//! rules for exactly the cell's files; with ABI 6, signals and abstract unix sockets
+//! are scoped to the cell too. A policy that requires Landlock refuses to launch on a
+//! kernel without it.
+
+use landlock::{
+    Access, AccessFs, BitFlags, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+};
+
+use crate::policy::Requirement;
+
+const ABI_USED: ABI = ABI::V6;
+
+/// (path inside the jail, rights) for the VMM's cell.
+pub fn vmm_rules(kernel: bool, initrd: bool) -> Vec<(&'static str, BitFlags<AccessFs>)> {
+    let mut rules = vec![
+        ("/cellvm", AccessFs::Execute | AccessFs::ReadFile),
+        (
+            "/dev/kvm",
+            AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev,
+        ),
+    ];
+    if kernel {
+        rules.push(("/kernel", AccessFs::ReadFile.into()));
+    }
+    if initrd {
+        rules.push(("/initrd", AccessFs::ReadFile.into()));
+    }
+    rules
+}
+
+/// Restricts this process (and what it execs) to `rules`. Returns how fully the kernel
+/// enforced it.
+pub fn restrict(
+    rules: &[(&str, BitFlags<AccessFs>)],
+    requirement: Requirement,
+) -> Result<&'static str, String> {
+    let err = |e: &dyn std::fmt::Display| format!("landlock: {e}");
+    let mut ruleset = Ruleset::default().set_compatibility(CompatLevel::BestEffort);
+    ruleset = ruleset
+        .handle_access(AccessFs::from_all(ABI_USED))
+        .map_err(|e| err(&e))?;
+    ruleset = ruleset
+        .scope(Scope::from_all(ABI_USED))
+        .map_err(|e| err(&e))?;
+    let mut created = ruleset.create().map_err(|e| err(&e))?;
+    for (path, access) in rules {
+        let fd = PathFd::new(path).map_err(|e| format!("landlock: {path}: {e}"))?;
+        created = created
+            .add_rule(PathBeneath::new(fd, *access))
+            .map_err(|e| err(&e))?;
+    }
+    let status = created.restrict_self().map_err(|e| err(&e))?;
+    match (status.ruleset, requirement) {
+        (RulesetStatus::FullyEnforced, _) => Ok("fully enforced"),
+        (RulesetStatus::PartiallyEnforced, _) => Ok("partially enforced (older kernel ABI)"),
+        (RulesetStatus::NotEnforced, Requirement::Required) => {
+            Err("landlock = \"required\" but this kernel does not enforce Landlock".into())
+        }
+        (RulesetStatus::NotEnforced, Requirement::IfAvailable) => {
+            Ok("not available on this kernel (policy: if-available)")
+        }
+    }
+}

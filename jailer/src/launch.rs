@@ -1,0 +1,383 @@
+//! `cellvm-jailer launch`: one function that reads top to bottom in the order the cell
+//! is built (DESIGN.md), then supervises the VMM and removes every trace of the cell.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use crate::cgroup::Cgroup;
+use crate::policy::{TenantPolicy, VmSpec};
+use crate::registry::{Entry, Registry};
+use crate::{identity, landlock, namespaces, paths, policy, selinux};
+
+/// Exit status for a refused launch (policy, spec, files): the caller's input.
+pub const EXIT_REFUSED: i32 = 2;
+/// Exit status when the cell could not be built.
+pub const EXIT_SETUP: i32 = 1;
+
+pub struct Options {
+    pub policy: PathBuf,
+    pub vm: PathBuf,
+    pub id: Option<String>,
+    pub vmm: PathBuf,
+    pub run_dir: PathBuf,
+    /// Test-only: run `cellvm probe NAME` in the VMM's exact cell instead of the VMM.
+    pub probe: Option<String>,
+    /// What a seccomp violation does in the cell: "kill" (default), "log" or "off";
+    /// anything but kill needs `seccomp_off_allowed` in the tenant policy.
+    pub seccomp: String,
+    /// Test-only: layers to leave out, to show the others still hold (defence in depth).
+    pub without: Vec<String>,
+}
+
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+fn refused(e: impl std::fmt::Display) -> Failure {
+    Failure {
+        code: EXIT_REFUSED,
+        message: e.to_string(),
+    }
+}
+
+fn setup(e: impl std::fmt::Display) -> Failure {
+    Failure {
+        code: EXIT_SETUP,
+        message: e.to_string(),
+    }
+}
+
+/// Everything validated and opened before any host state changes.
+pub struct Plan {
+    pub policy: TenantPolicy,
+    pub spec: VmSpec,
+    pub id: String,
+    pub kernel: Option<File>,
+    pub initrd: Option<File>,
+    pub vmm: File,
+}
+
+pub fn plan(opts: &Options) -> Result<Plan, Failure> {
+    let policy = TenantPolicy::load(&opts.policy).map_err(refused)?;
+    let spec = VmSpec::load(&opts.vm).map_err(refused)?;
+    policy::check(&policy, &spec).map_err(refused)?;
+    if !matches!(opts.seccomp.as_str(), "kill" | "log" | "off") {
+        return Err(refused(format!(
+            "--seccomp {}: expected kill, log or off",
+            opts.seccomp
+        )));
+    }
+    if opts.seccomp != "kill" && !policy.seccomp_off_allowed {
+        return Err(refused(format!(
+            "tenant {}: vm {}: seccomp = {} violates the tenant policy (seccomp_off_allowed = false)",
+            policy.name, spec.name, opts.seccomp
+        )));
+    }
+    if let Some(w) = opts
+        .without
+        .iter()
+        .find(|w| !["seccomp", "landlock"].contains(&w.as_str()))
+    {
+        return Err(refused(format!(
+            "--without {w}: only seccomp and landlock can be left out (test only)"
+        )));
+    }
+    let id = opts
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}-{}", policy.name, spec.name, std::process::id()));
+    if !(1..=64).contains(&id.len())
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(refused(format!(
+            "vm id {id:?}: 1-64 characters of [A-Za-z0-9_-]"
+        )));
+    }
+    let open = |p: &Option<PathBuf>| {
+        p.as_ref()
+            .map(|p| paths::open_beneath(&policy.image_dirs, p))
+            .transpose()
+    };
+    let kernel = open(&spec.kernel).map_err(|e| {
+        refused(format!(
+            "tenant {}: vm {}: kernel: {e}",
+            policy.name, spec.name
+        ))
+    })?;
+    let initrd = open(&spec.initrd).map_err(|e| {
+        refused(format!(
+            "tenant {}: vm {}: initrd: {e}",
+            policy.name, spec.name
+        ))
+    })?;
+    let vmm = open_static_binary(&opts.vmm).map_err(setup)?;
+    Ok(Plan {
+        policy,
+        spec,
+        id,
+        kernel,
+        initrd,
+        vmm,
+    })
+}
+
+/// The VMM must be statically linked: the cell holds no loader and no libraries.
+fn open_static_binary(path: &Path) -> Result<File, String> {
+    let mut f = File::open(path).map_err(|e| format!("VMM binary {}: {e}", path.display()))?;
+    let mut head = vec![0u8; 4096];
+    let n = f
+        .read(&mut head)
+        .map_err(|e| format!("VMM binary {}: {e}", path.display()))?;
+    head.truncate(n);
+    if head.len() < 64 || &head[..4] != b"\x7fELF" {
+        return Err(format!(
+            "VMM binary {}: not an ELF executable",
+            path.display()
+        ));
+    }
+    let phoff = u64::from_le_bytes(head[32..40].try_into().unwrap()) as usize;
+    let phnum = u16::from_le_bytes(head[56..58].try_into().unwrap()) as usize;
+    for i in 0..phnum {
+        let at = phoff + i * 56;
+        let kind = head
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+        if kind == Some(3) {
+            return Err(format!(
+                "VMM binary {} is dynamically linked; a cell holds no shared libraries (build it static, see .cargo/config.toml)",
+                path.display()
+            ));
+        }
+    }
+    File::open(path).map_err(|e| format!("VMM binary {}: {e}", path.display()))
+}
+
+fn vmm_argv(plan: &Plan, opts: &Options) -> Vec<String> {
+    let seccomp = if opts.without.iter().any(|w| w == "seccomp") {
+        "off".to_string()
+    } else {
+        opts.seccomp.clone()
+    };
+    if let Some(name) = &opts.probe {
+        return vec![
+            "cellvm".into(),
+            "probe".into(),
+            name.clone(),
+            "--seccomp".into(),
+            seccomp,
+        ];
+    }
+    let mut argv: Vec<String> = ["cellvm", "run", "--seccomp", &seccomp, "--cpus"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    argv.push(plan.spec.vcpus.to_string());
+    argv.push("--memory".into());
+    argv.push(plan.spec.memory_mib.to_string());
+    if !plan.spec.cmdline.is_empty() {
+        argv.push("--cmdline".into());
+        argv.push(plan.spec.cmdline.clone());
+    }
+    if plan.kernel.is_some() {
+        argv.extend(["--kernel".into(), "/kernel".into()]);
+    }
+    if plan.initrd.is_some() {
+        argv.extend(["--initrd".into(), "/initrd".into()]);
+    }
+    argv
+}
+
+pub fn jail_dir(id: &str) -> PathBuf {
+    Path::new(namespaces::JAIL_BASE).join(id)
+}
+
+/// Launches the VM and supervises it; returns the VMM's exit status.
+pub fn launch(opts: &Options) -> Result<i32, Failure> {
+    let plan = plan(opts)?;
+    let argv = vmm_argv(&plan, opts);
+
+    // Reclaim what dead supervisors left, then take this VM's uid and MCS pair.
+    let entry = {
+        let reg = Registry::lock(&opts.run_dir).map_err(setup)?;
+        crate::gc::collect(&reg);
+        reg.allocate(&plan.id, &plan.policy, std::process::id())
+            .map_err(refused)?
+    };
+    let result = build_and_supervise(&plan, &entry, &argv, opts);
+    cleanup(opts, &entry);
+    result
+}
+
+fn build_and_supervise(
+    plan: &Plan,
+    entry: &Entry,
+    argv: &[String],
+    opts: &Options,
+) -> Result<i32, Failure> {
+    // SELinux first: a policy that requires it must refuse before anything is built.
+    let _label =
+        selinux::plan(&plan.policy.name, plan.policy.selinux, entry.mcs).map_err(refused)?;
+    // The cgroup exists before the cell's first process, which joins it before it runs.
+    let cgroup =
+        Cgroup::create(&plan.id, &plan.policy.cgroup, plan.spec.memory_mib << 20).map_err(setup)?;
+    let root = jail_dir(&plan.id).join("root");
+    std::fs::create_dir_all(&root).map_err(|e| setup(format!("{}: {e}", root.display())))?;
+
+    // Detached mounts of the checked files, made here: the cell's namespace attaches them.
+    let trees = Trees {
+        vmm: namespaces::detached_mount(&plan.vmm).map_err(setup)?,
+        kernel: plan
+            .kernel
+            .as_ref()
+            .map(namespaces::detached_mount)
+            .transpose()
+            .map_err(setup)?,
+        initrd: plan
+            .initrd
+            .as_ref()
+            .map(namespaces::detached_mount)
+            .transpose()
+            .map_err(setup)?,
+    };
+    let (go_r, go_w) = pipe().map_err(setup)?;
+    let (err_r, err_w) = pipe().map_err(setup)?;
+    let signals = crate::supervise::block_signals();
+    let child = namespaces::clone_into_namespaces().map_err(setup)?;
+    if child == 0 {
+        drop(go_w);
+        drop(err_r);
+        let landlock_on = !opts.without.iter().any(|w| w == "landlock");
+        let message = match build_cell(
+            plan,
+            &trees,
+            entry,
+            argv,
+            go_r,
+            &err_w,
+            &signals,
+            landlock_on,
+        ) {
+            Err(m) => m,
+            Ok(never) => match never {},
+        };
+        let mut w = File::from(err_w);
+        let _ = w.write_all(message.as_bytes());
+        // SAFETY: leaving the child without running the parent's destructors.
+        unsafe { libc::_exit(127) };
+    }
+    drop(go_r);
+    drop(err_w);
+    // Put the cell's first process in its cgroup, then let it go on.
+    if let Err(e) = cgroup.add(child) {
+        // SAFETY: kill our own child.
+        unsafe { libc::kill(child as i32, libc::SIGKILL) };
+        crate::supervise::reap(child);
+        return Err(setup(e));
+    }
+    let _ = File::from(go_w).write_all(b"g");
+    let mut message = String::new();
+    let _ = File::from(err_r).read_to_string(&mut message);
+    let status = crate::supervise::wait(child, &signals);
+    if !message.is_empty() {
+        return Err(setup(format!("building the cell: {message}")));
+    }
+    Ok(status)
+}
+
+/// In the cell's first process (PID 1 of its namespace): every layer in order, then exec.
+struct Trees {
+    vmm: OwnedFd,
+    kernel: Option<OwnedFd>,
+    initrd: Option<OwnedFd>,
+}
+
+fn build_cell(
+    plan: &Plan,
+    trees: &Trees,
+    entry: &Entry,
+    argv: &[String],
+    go: OwnedFd,
+    err: &OwnedFd,
+    signals: &crate::supervise::Signals,
+    landlock_on: bool,
+) -> Result<std::convert::Infallible, String> {
+    // Wait until the supervisor has put us in the cgroup.
+    let mut b = [0u8; 1];
+    File::from(go)
+        .read_exact(&mut b)
+        .map_err(|e| format!("waiting for the supervisor: {e}"))?;
+    // Nothing inherited: only the files the jail needs and the error pipe stay open.
+    let mut keep = vec![err.as_raw_fd(), trees.vmm.as_raw_fd()];
+    keep.extend(
+        trees
+            .kernel
+            .iter()
+            .chain(trees.initrd.iter())
+            .map(|f| f.as_raw_fd()),
+    );
+    identity::close_inherited_fds(&keep)?;
+    signals.restore_in_child();
+    namespaces::set_hostname(&format!("cellvm-{}", plan.spec.name))?;
+    // Mount namespace: a private root with exactly the cell's files, then pivot_root.
+    let root = jail_dir(&plan.id).join("root");
+    let files = namespaces::JailFiles {
+        vmm: &trees.vmm,
+        kernel: trees.kernel.as_ref(),
+        initrd: trees.initrd.as_ref(),
+        uid: entry.uid,
+        gid: entry.uid,
+    };
+    namespaces::enter_jail(&root, &files)?;
+    identity::set_rlimits(&identity::Limits {
+        nofile: 256,
+        nproc: plan.policy.cgroup.pids_max as u64,
+        fsize: (plan.spec.memory_mib << 20).max(1 << 20),
+    })?;
+    // No uid 0, no capabilities, no way back.
+    identity::drop_privileges(entry.uid, entry.uid)?;
+    if landlock_on {
+        landlock::restrict(
+            &landlock::vmm_rules(plan.kernel.is_some(), plan.initrd.is_some()),
+            plan.policy.landlock,
+        )?;
+    }
+    // (SELinux exec context: set here once SELinux hosts are supported; selinux::plan
+    // refused the launch if the policy requires it.)
+    let c_argv: Vec<CString> = argv
+        .iter()
+        .map(|a| CString::new(a.as_str()).expect("no NUL in argv"))
+        .collect();
+    let mut ptrs: Vec<*const libc::c_char> = c_argv.iter().map(|a| a.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    // SAFETY: argv and envp are NULL-terminated arrays of valid C strings.
+    unsafe { libc::execve(c"/cellvm".as_ptr(), ptrs.as_ptr(), envp.as_ptr()) };
+    Err(format!("exec /cellvm: {}", std::io::Error::last_os_error()))
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fresh descriptors, owned from here on.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Removes everything the cell had on the host: processes, cgroup, jail directory,
+/// registry entry (and with it the uid and MCS pair).
+pub fn cleanup(opts: &Options, entry: &Entry) {
+    crate::gc::remove_cell(&entry.id);
+    if let Ok(reg) = Registry::lock(&opts.run_dir) {
+        if let Err(e) = reg.remove(&entry.id) {
+            eprintln!("cellvm-jailer: {e}");
+        }
+    }
+}

@@ -1,0 +1,508 @@
+//! `cellvm-jailer`: launches through every layer, refusals, what a running cell looks
+//! like from outside, cleanup after every kind of ending, and escape probes from inside
+//! the VMM's exact cell.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::run;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn bin(name: &str) -> PathBuf {
+    // Test binaries live in target/<triple>/release/deps; the workspace's binaries one up.
+    let p = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --release --workspace)",
+        p.display()
+    );
+    assert!(Path::new("/dev/kvm").exists(), "these tests need /dev/kvm");
+    p
+}
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn jailer(args: &[&str]) -> Command {
+    let mut c = Command::new(bin("cellvm-jailer"));
+    c.args(args).arg("--vmm").arg(bin("cellvm"));
+    c
+}
+
+/// A VM spec in a scratch directory.
+fn spec(dir: &Path, body: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = dir.join("vm.toml");
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+fn launch(id: &str, vm: &Path, extra: &[&str]) -> common::Outcome {
+    let policy = repo("policy/tenants/example.toml");
+    let mut c = jailer(&[
+        "launch",
+        "--id",
+        id,
+        "--policy",
+        policy.to_str().unwrap(),
+        "--vm",
+        vm.to_str().unwrap(),
+    ]);
+    c.args(extra);
+    run(c, LIMIT)
+}
+
+fn assert_nothing_left(id: &str) {
+    for p in [
+        format!("/srv/cellvm/{id}"),
+        format!("/run/cellvm/vms/{id}"),
+        format!("/sys/fs/cgroup/memory/cellvm/{id}"),
+        format!("/sys/fs/cgroup/pids/cellvm/{id}"),
+        format!("/sys/fs/cgroup/cpu/cellvm/{id}"),
+        format!("/sys/fs/cgroup/blkio/cellvm/{id}"),
+        format!("/sys/fs/cgroup/cellvm/{id}"),
+    ] {
+        assert!(!Path::new(&p).exists(), "{p} was left behind");
+    }
+}
+
+fn unique(name: &str) -> String {
+    format!("t-{name}-{}", std::process::id())
+}
+
+#[test]
+fn jailed_test_guest_passes_every_check_and_leaves_nothing_behind() {
+    let id = unique("full");
+    let out = launch(&id, &repo("policy/vms/example.toml"), &[]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    for check in [
+        "serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp",
+    ] {
+        out.passed(check);
+    }
+    assert!(out.passed("madt").contains("cpus=2"));
+    assert!(
+        out.stderr.contains("SELinux is not enabled on this host"),
+        "the downgrade is logged: {}",
+        out.stderr
+    );
+    assert_nothing_left(&id);
+}
+
+#[test]
+fn check_prints_the_plan_and_launches_nothing() {
+    let policy = repo("policy/tenants/example.toml");
+    let vm = repo("policy/vms/example.toml");
+    let out = run(
+        jailer(&[
+            "check",
+            "--id",
+            "t-plan",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--vm",
+            vm.to_str().unwrap(),
+        ]),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    for line in [
+        "tenant example vm demo: allowed",
+        "namespaces  mount, pid, net (empty), ipc, uts",
+        "jail        /srv/cellvm/t-plan/root: /cellvm /dev/kvm",
+    ] {
+        assert!(
+            out.stdout.contains(line),
+            "{line:?} missing from:\n{}",
+            out.stdout
+        );
+    }
+    assert_nothing_left("t-plan");
+}
+
+#[test]
+fn a_spec_outside_the_policy_is_refused_naming_the_field() {
+    let dir = std::env::temp_dir().join(format!("cellvm-jailer-refuse-{}", std::process::id()));
+    let images = Path::new("/var/lib/cellvm/images/example");
+    std::fs::create_dir_all(images).unwrap();
+    std::fs::write(dir.join("secret").with_file_name("x"), b"").ok();
+    let link = images.join(format!("escape-{}", std::process::id()));
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink("/etc/shadow", &link).unwrap();
+    for (body, expect) in [
+        ("name = \"big\"\nvcpus = 16\nmemory_mib = 128\n", "tenant example: vm big: vcpus = 16 exceeds the tenant limit 4"),
+        ("name = \"fat\"\nmemory_mib = 4096\n", "tenant example: vm fat: memory_mib = 4096 exceeds the tenant limit 1024"),
+        ("name = \"k\"\nmemory_mib = 64\nkernel = \"/etc/shadow\"\n", "tenant example: vm k: kernel = /etc/shadow violates image_dirs"),
+        ("name = \"dots\"\nmemory_mib = 64\nkernel = \"/var/lib/cellvm/images/example/../../../../etc/shadow\"\n", "kernel = /var/lib/cellvm/images/example/../../../../etc/shadow violates"),
+        (&format!("name = \"link\"\nmemory_mib = 64\nkernel = \"{}\"\n", link.display()), "escapes /var/lib/cellvm/images/example (through a symlink or `..`)"),
+        ("name = \"d\"\nmemory_mib = 64\ndisks = [{ path = \"x\" }]\n", "tenant example: vm d: disks = 1 entries violates"),
+        ("name = \"typo\"\nmemory = 64\n", "unknown field `memory`"),
+    ] {
+        let id = unique("refused");
+        let out = launch(&id, &spec(&dir, body), &[]);
+        assert_eq!(out.code, Some(2), "{body}: {}", out.stderr);
+        assert!(out.stderr.contains(expect), "{body}: {:?} lacks {expect:?}", out.stderr);
+        assert!(out.stdout.is_empty());
+        assert_nothing_left(&id);
+    }
+    let _ = std::fs::remove_file(&link);
+}
+
+#[test]
+fn a_tenant_that_requires_selinux_is_refused_on_a_host_without_it() {
+    let dir = std::env::temp_dir().join(format!("cellvm-jailer-strict-{}", std::process::id()));
+    let vm = spec(&dir, "name = \"s\"\nmemory_mib = 64\n");
+    let policy = repo("policy/tenants/strict.toml");
+    let id = unique("strict");
+    let out = run(
+        jailer(&[
+            "launch",
+            "--id",
+            &id,
+            "--policy",
+            policy.to_str().unwrap(),
+            "--vm",
+            vm.to_str().unwrap(),
+        ]),
+        LIMIT,
+    );
+    assert!(
+        !Path::new("/sys/fs/selinux/enforce").exists(),
+        "this test expects a host without SELinux"
+    );
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(
+            "tenant strict: selinux = \"required\" but SELinux is not enabled on this host"
+        ),
+        "{}",
+        out.stderr
+    );
+    assert_nothing_left(&id);
+}
+
+#[test]
+fn seccomp_off_needs_the_tenant_policy_to_allow_it() {
+    let id = unique("secoff");
+    let out = launch(&id, &repo("policy/vms/example.toml"), &["--seccomp", "off"]);
+    assert_eq!(out.code, Some(2));
+    assert!(
+        out.stderr
+            .contains("seccomp = off violates the tenant policy (seccomp_off_allowed = false)"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// Starts a jailed VM that holds for `secs`, returns the jailer and the VMM's host pid.
+fn start_holding(id: &str, secs: u32) -> (std::process::Child, u32) {
+    let dir = std::env::temp_dir().join(format!("cellvm-jailer-{id}"));
+    let vm = spec(
+        &dir,
+        &format!(
+            "name = \"hold\"\nvcpus = 2\nmemory_mib = 64\ncmdline = \"tests=none hold={secs}\"\n"
+        ),
+    );
+    let policy = repo("policy/tenants/example.toml");
+    let child = jailer(&[
+        "launch",
+        "--id",
+        id,
+        "--policy",
+        policy.to_str().unwrap(),
+        "--vm",
+        vm.to_str().unwrap(),
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let procs = format!("/sys/fs/cgroup/pids/cellvm/{id}/cgroup.procs");
+    let start = Instant::now();
+    loop {
+        if let Some(pid) = std::fs::read_to_string(&procs)
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
+        {
+            // Wait until it is the VMM (exec'd), not the jailer's child still building.
+            if std::fs::read_link(format!("/proc/{pid}/exe"))
+                .map(|e| e.ends_with("cellvm"))
+                .unwrap_or(false)
+            {
+                return (child, pid);
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the VMM never appeared in its cgroup"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_code(mut child: std::process::Child) -> Option<i32> {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code();
+        }
+        assert!(start.elapsed() < LIMIT, "jailer did not end");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn status_field(pid: &str, task: &str, field: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn every_thread_of_a_running_jailed_vmm_is_locked_down() {
+    let id = unique("inspect");
+    let (jailer_proc, pid) = start_holding(&id, 3);
+    // Give the VMM time to start its vCPU threads and install their filters.
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = pid.to_string();
+    let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .collect();
+    assert!(tasks.len() >= 3, "main + 2 vCPU threads, got {tasks:?}");
+    for t in &tasks {
+        assert_eq!(status_field(&pid, t, "Seccomp"), "2", "thread {t}");
+        assert_eq!(status_field(&pid, t, "NoNewPrivs"), "1", "thread {t}");
+        for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(
+                status_field(&pid, t, cap),
+                "0000000000000000",
+                "thread {t} {cap}"
+            );
+        }
+        let uid: Vec<u32> = status_field(&pid, t, "Uid")
+            .split_whitespace()
+            .map(|u| u.parse().unwrap())
+            .collect();
+        assert!(
+            uid.iter().all(|u| (200000..=200999).contains(u)),
+            "thread {t} uids {uid:?}"
+        );
+        assert_eq!(
+            status_field(&pid, t, "Groups"),
+            "",
+            "no supplementary groups"
+        );
+    }
+    for ns in ["mnt", "pid", "net", "ipc", "uts"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "{ns} namespace is shared with the host");
+    }
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for ctl in ["memory", "pids", "cpu"] {
+        assert!(
+            cgroups
+                .lines()
+                .any(|l| l.contains(ctl) && l.ends_with(&format!("/cellvm/{id}"))),
+            "{ctl}: {cgroups}"
+        );
+    }
+    let limit = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/memory/cellvm/{id}/memory.limit_in_bytes"
+    ))
+    .unwrap();
+    assert_eq!(limit.trim(), ((64u64 + 64) << 20).to_string());
+    assert_eq!(
+        std::fs::read_to_string(format!("/sys/fs/cgroup/pids/cellvm/{id}/pids.max"))
+            .unwrap()
+            .trim(),
+        "64"
+    );
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(env.is_empty(), "environment not cleared");
+    let fds: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .collect();
+    assert!(
+        fds.len() < 16,
+        "{} fds open: inherited descriptors were not closed",
+        fds.len()
+    );
+    assert_eq!(wait_code(jailer_proc), Some(0));
+    assert_nothing_left(&id);
+}
+
+#[test]
+fn sigkill_of_the_vmm_ends_the_launch_and_leaves_nothing_behind() {
+    let id = unique("sigkill");
+    let (jailer_proc, pid) = start_holding(&id, 30);
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert_eq!(wait_code(jailer_proc), Some(128 + libc::SIGKILL));
+    assert_nothing_left(&id);
+}
+
+#[test]
+fn sigterm_to_the_jailer_is_passed_to_the_vm_and_everything_is_cleaned_up() {
+    let id = unique("sigterm");
+    let (jailer_proc, _) = start_holding(&id, 30);
+    unsafe { libc::kill(jailer_proc.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    assert_eq!(
+        wait_code(jailer_proc),
+        Some(128 + libc::SIGTERM),
+        "the VMM ended on the SIGTERM it was passed"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "it did not need the SIGKILL fallback"
+    );
+    assert_nothing_left(&id);
+}
+
+#[test]
+fn gc_reclaims_the_cell_of_a_supervisor_that_died() {
+    let id = unique("orphan");
+    let (mut jailer_proc, vmm) = start_holding(&id, 60);
+    jailer_proc.kill().unwrap(); // SIGKILL: no cleanup runs
+    jailer_proc.wait().unwrap();
+    assert!(
+        Path::new(&format!("/run/cellvm/vms/{id}")).exists(),
+        "the orphaned entry is there to reclaim"
+    );
+    assert!(
+        Path::new(&format!("/proc/{vmm}")).exists(),
+        "the orphaned VMM still runs"
+    );
+    let mut gc = Command::new(bin("cellvm-jailer"));
+    gc.arg("gc");
+    let out = run(gc, LIMIT);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout.lines().any(|l| l == format!("reclaimed {id}")),
+        "{}",
+        out.stdout
+    );
+    let start = Instant::now();
+    while Path::new(&format!("/proc/{vmm}/status")).exists()
+        && !std::fs::read_to_string(format!("/proc/{vmm}/status"))
+            .unwrap_or_default()
+            .contains("State:\tZ")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "gc did not kill the orphaned VMM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_nothing_left(&id);
+}
+
+fn probe(name: &str, without: &[&str]) -> common::Outcome {
+    let id = unique(&format!("probe-{name}-{}", without.join("-")));
+    let mut extra = vec!["--probe", name];
+    for w in without {
+        extra.extend(["--without", w]);
+    }
+    let out = launch(&id, &repo("policy/vms/example.toml"), &extra);
+    assert_nothing_left(&id);
+    out
+}
+
+/// Every probe, in the full cell: the VMM's seccomp profile kills the process (SIGSYS)
+/// before the call runs, except the memory hog, which the cgroup's memory.max kills.
+#[test]
+fn every_escape_probe_is_stopped_in_the_full_cell() {
+    for name in cellvm::probe::PROBES {
+        let out = probe(name, &[]);
+        let expect = if *name == "allocate-past-memory-max" {
+            128 + libc::SIGKILL
+        } else {
+            128 + libc::SIGSYS
+        };
+        assert_eq!(
+            out.code,
+            Some(expect),
+            "{name}: {}{}",
+            out.stdout,
+            out.stderr
+        );
+        assert!(!out.stdout.contains("allowed"), "{name}: {}", out.stdout);
+    }
+}
+
+/// Defence in depth: with seccomp left out, which other layer stops each probe, and how.
+#[test]
+fn without_seccomp_the_other_layers_still_stop_the_probes() {
+    let expected = [
+        ("open-host-file", "denied ENOENT"),     // the jail: no /etc
+        ("open-via-proc-root", "denied ENOENT"), // the jail: no /proc
+        ("open-dev-mem", "denied ENOENT"),       // the jail: only /dev/kvm
+        ("write-jail-file", "denied EROFS"),     // the jail's root is read-only
+        ("mount", "denied EPERM"),               // no capabilities
+        ("setuid-root", "denied EPERM"),         // no capabilities
+        ("raise-rlimit", "denied EPERM"),        // no CAP_SYS_RESOURCE
+        ("exec-kernel-image", "denied EACCES"),  // noexec mounts and Landlock
+        ("connect-inet", "denied ENETUNREACH"),  // empty net namespace
+        ("mknod", "denied EROFS"),               // read-only root (and no CAP_MKNOD)
+        ("bpf", "denied EPERM"),                 // no CAP_BPF
+        ("perf-event-open", "denied EACCES"),    // no CAP_PERFMON, perf_event_paranoid
+        ("ptrace-init", "denied EPERM"),         // alone in its pid namespace
+    ];
+    for (name, outcome) in expected {
+        let out = probe(name, &["seccomp"]);
+        assert_eq!(out.code, Some(0), "{name}: {}", out.stderr);
+        assert_eq!(
+            out.stdout.trim(),
+            format!("PROBE {name} {outcome}"),
+            "{name}"
+        );
+    }
+    // pids.max = 64 (and RLIMIT_NPROC = 64 for the cell's uid): the 64th process fails.
+    let out = probe("fork-past-pids-max", &["seccomp"]);
+    let line = out.stdout.trim();
+    let forks: u32 = line
+        .strip_prefix("PROBE fork-past-pids-max denied EAGAIN after ")
+        .and_then(|n| n.strip_suffix(" forks"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!((32..64).contains(&forks), "{line}");
+    let out = probe("allocate-past-memory-max", &["seccomp"]);
+    assert_eq!(
+        out.code,
+        Some(128 + libc::SIGKILL),
+        "memory.max kills the hog"
+    );
+}
+
+/// With seccomp and Landlock both left out, the mount layout still stops execution
+/// and writes.
+#[test]
+fn without_seccomp_and_landlock_the_jail_still_holds() {
+    for (name, outcome) in [
+        ("exec-kernel-image", "denied EACCES"),
+        ("write-jail-file", "denied EROFS"),
+        ("open-host-file", "denied ENOENT"),
+    ] {
+        let out = probe(name, &["seccomp", "landlock"]);
+        assert_eq!(
+            out.stdout.trim(),
+            format!("PROBE {name} {outcome}"),
+            "{name}: {}",
+            out.stderr
+        );
+    }
+}

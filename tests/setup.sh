@@ -3,7 +3,8 @@
 # Rust toolchain present). Idempotent: installs only what is missing.
 set -eu
 need=""
-for pkg in qemu-system-x86 qemu-utils xz-utils zstd lz4 binutils gcc; do
+for pkg in qemu-system-x86 qemu-utils xz-utils zstd lz4 binutils gcc make \
+    selinux-policy-dev selinux-policy-default checkpolicy semodule-utils setools; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
 done
 if [ -n "$need" ]; then

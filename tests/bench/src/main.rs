@@ -148,6 +148,35 @@ fn compare(scenario: &str, a: &Runner, b: &Runner, runs: usize, rows: &mut Vec<R
     let _ = a.name;
 }
 
+/// The supervisor's resident memory while its VM runs (the VMM's is its own).
+fn supervisor_rss_kib(jailer: &Path, policy: &Path, work: &Path) -> u64 {
+    let spec = work.join("vm-hold.toml");
+    std::fs::write(
+        &spec,
+        "name = \"hold\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=none hold=1\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(jailer)
+        .args(["launch", "--policy"])
+        .arg(policy)
+        .arg("--vm")
+        .arg(&spec)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the jailer");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let _ = child.wait();
+    rss
+}
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
@@ -276,6 +305,66 @@ fn main() {
         &mut rows,
     );
 
+    // Scenario 2: the same guests launched through cellvm-jailer with every layer on.
+    let jailer = bin.with_file_name("cellvm-jailer");
+    let images = work.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::copy(&tiny, images.join("tiny-pvh.elf")).unwrap();
+    let policy = work.join("tenant.toml");
+    let example = std::fs::read_to_string(root.join("policy/tenants/example.toml")).unwrap();
+    std::fs::write(
+        &policy,
+        example.replace("/var/lib/cellvm/images/example", images.to_str().unwrap()),
+    )
+    .unwrap();
+    let spec_none = work.join("vm-none.toml");
+    std::fs::write(
+        &spec_none,
+        "name = \"bench\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=none\"\n",
+    )
+    .unwrap();
+    let spec_tiny = work.join("vm-tiny.toml");
+    let tiny_in_dir = images.join("tiny-pvh.elf");
+    std::fs::write(
+        &spec_tiny,
+        format!(
+            "name = \"tiny\"\nvcpus = 1\nmemory_mib = 64\nkernel = \"{}\"\n",
+            tiny_in_dir.display()
+        ),
+    )
+    .unwrap();
+    let jailed = |spec: &Path| Runner {
+        name: "cellvm-jailer launch",
+        cmd: vec![
+            jailer.display().to_string(),
+            "launch".into(),
+            "--policy".into(),
+            policy.display().to_string(),
+            "--vm".into(),
+            spec.display().to_string(),
+        ],
+        ok_status: &[0],
+    };
+    let mut direct_none = cellvm(&bin, None, Some("tests=none"));
+    direct_none.name = "cellvm run (unjailed)";
+    let mut direct_tiny = cellvm(&bin, Some(&tiny_in_dir), None);
+    direct_tiny.name = "cellvm run (unjailed)";
+    compare(
+        "2. jailed launch, tiny-pvh",
+        &jailed(&spec_tiny),
+        &direct_tiny,
+        runs,
+        &mut rows,
+    );
+    compare(
+        "2. jailed launch, tests=none",
+        &jailed(&spec_none),
+        &direct_none,
+        runs,
+        &mut rows,
+    );
+    let supervisor_rss = supervisor_rss_kib(&jailer, &policy, &work);
+
     println!(
         "cellvm-bench: {} run(s) per side, alternating; medians, min-max",
         runs
@@ -295,10 +384,8 @@ fn main() {
             r.ratio
         );
     }
-    println!(
-        "peer: {}",
-        rows.first().map(|r| r.peer_name.as_str()).unwrap_or("-")
-    );
+    println!("peers: scenario 1: qemu microvm; scenario 2: the same cellvm run without the jailer");
+    println!("jailer supervisor RSS while a VM runs: {supervisor_rss} KiB");
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&rows).unwrap())
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));

@@ -22,10 +22,18 @@ fn quick_mode_runs_every_scenario_against_its_peer() {
     );
     let rows: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(rows.len(), 6, "2 scenarios x 3 metrics");
+    assert_eq!(rows.len(), 12, "4 comparisons x 3 metrics");
     for r in &rows {
         assert!(r["cellvm"]["median"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["peer"]["median"].as_f64().unwrap() > 0.0, "{r}");
-        assert_eq!(r["peer_name"], "qemu microvm");
     }
+    assert!(rows.iter().any(|r| r["peer_name"] == "qemu microvm"));
+    assert!(rows.iter().any(|r| r["scenario"]
+        .as_str()
+        .unwrap()
+        .starts_with("2. jailed launch")));
+    assert!(
+        table.contains("jailer supervisor RSS while a VM runs: "),
+        "{table}"
+    );
 }

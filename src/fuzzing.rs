@@ -79,10 +79,13 @@ pub fn cmdline(data: &[u8]) {
     .expect("test guest loads");
     match boot::load_cmdline(&mem, &kernel, &text) {
         Ok(len) => {
-            let mut back = vec![0u8; len as usize];
+            // The reported length is exactly what is in guest memory, NUL after it.
+            let mut back = vec![0u8; len as usize + 1];
             mem.read_slice(&mut back, GuestAddress(layout::CMDLINE))
                 .expect("read back");
-            assert_eq!(back, text.as_bytes());
+            assert_eq!(back[len as usize], 0);
+            assert!(!back[..len as usize].contains(&0));
+            assert!(text.as_bytes().starts_with(&back[..len as usize]));
         }
         Err(boot::Error::CmdlineTooLong { len, max }) => assert!(len > max),
         Err(_) => {}

@@ -4,7 +4,27 @@
 
 use std::path::Path;
 
-use cellvm::fuzzing::TARGETS;
+/// The VMM's targets and the jailer's.
+const TARGETS: &[(&str, fn(&[u8]))] = &[
+    ("kernel_loader", cellvm::fuzzing::kernel_loader),
+    ("cmdline", cellvm::fuzzing::cmdline),
+    ("acpi_tables", cellvm::fuzzing::acpi_tables),
+    ("vm_config", cellvm::fuzzing::vm_config),
+    ("platform_io", cellvm::fuzzing::platform_io),
+    ("ioapic", cellvm::fuzzing::ioapic),
+    ("tenant_policy", cellvm_jailer::fuzzing::tenant_policy),
+    ("mcs_label", cellvm_jailer::fuzzing::mcs_label),
+];
+
+#[test]
+fn the_replay_list_covers_every_vmm_target() {
+    for (name, _) in cellvm::fuzzing::TARGETS {
+        assert!(
+            TARGETS.iter().any(|(n, _)| n == name),
+            "{name} is not replayed"
+        );
+    }
+}
 
 fn files(dir: &Path) -> Vec<std::path::PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {

@@ -4,18 +4,7 @@
 //! administrator's policy, build the cell (launch.rs, in order), exec the VMM,
 //! supervise it, clean up.
 
-mod cgroup;
-mod gc;
-mod identity;
-mod landlock;
-mod launch;
-mod mcs;
-mod namespaces;
-mod paths;
-mod policy;
-mod registry;
-mod selinux;
-mod supervise;
+use cellvm_jailer::{cgroup, gc, landlock, launch, mcs, registry, selinux};
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -133,7 +133,6 @@ impl TenantPolicy {
         Ok(p)
     }
 
-    #[cfg(test)]
     pub fn parse(text: &str) -> Result<TenantPolicy, Error> {
         let p: TenantPolicy = toml::from_str(text).map_err(|e| Error::Parse {
             path: "<policy>".into(),
@@ -194,7 +193,6 @@ impl VmSpec {
         read(path)
     }
 
-    #[cfg(test)]
     pub fn parse(text: &str) -> Result<VmSpec, Error> {
         toml::from_str(text).map_err(|e| Error::Parse {
             path: "<vm spec>".into(),

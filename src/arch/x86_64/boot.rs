@@ -272,7 +272,11 @@ pub fn load_cmdline(
     let cmdline = Cmdline::try_from(text, max).map_err(Error::Cmdline)?;
     // What is written (linux-loader normalises, e.g. trailing blanks) is what the boot
     // information must describe.
-    let written = cmdline.as_cstring().map_err(Error::Cmdline)?.as_bytes().len();
+    let written = cmdline
+        .as_cstring()
+        .map_err(Error::Cmdline)?
+        .as_bytes()
+        .len();
     loader::load_cmdline(mem, GuestAddress(layout::CMDLINE), &cmdline)
         .map_err(|e| Error::BootInfo(e.to_string()))?;
     Ok(written as u64)

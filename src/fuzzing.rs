@@ -111,7 +111,7 @@ pub fn acpi_tables(data: &[u8]) {
     let rsdp = match acpi::create_tables(&mem, cpus) {
         Ok(addr) => addr,
         Err(acpi::Error::TooManyCpus(n)) => {
-            assert!(n > 254);
+            assert!(n > acpi::MAX_MADT_CPUS);
             return;
         }
         Err(e) => panic!("building tables for {cpus} vCPUs: {e}"),

@@ -125,14 +125,24 @@ fn extract_vmlinux(bzimage: &Path, out: &Path) {
 }
 
 fn boot(kernel: &Path, protocol: &str, marker: &str) -> (String, String) {
+    boot_with(kernel, protocol, marker, CPUS, MEMORY_MIB)
+}
+
+fn boot_with(
+    kernel: &Path,
+    protocol: &str,
+    marker: &str,
+    cpus: &str,
+    memory: &str,
+) -> (String, String) {
     let cmdline = format!("console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 {marker}");
     let mut cmd = cellvm();
     cmd.args([
         "run",
         "--memory",
-        MEMORY_MIB,
+        memory,
         "--cpus",
-        CPUS,
+        cpus,
         "--boot-protocol",
         protocol,
         "--cmdline",
@@ -224,5 +234,79 @@ fn debian_vmlinux_boots_through_its_pvh_note() {
     assert!(
         log.contains("BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable"),
         "{log}"
+    );
+}
+
+/// Boots until the kernel has printed `until`, then stops the VM: with hundreds of
+/// vCPUs the emulated per-CPU setup that follows takes many minutes on nested hosts.
+fn boot_until(kernel: &Path, cpus: &str, memory: &str, until: &str) -> String {
+    use std::io::BufRead;
+    let cmdline = "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1";
+    let mut child = cellvm()
+        .args([
+            "run",
+            "--memory",
+            memory,
+            "--cpus",
+            cpus,
+            "--boot-protocol",
+            "linux",
+            "--cmdline",
+            cmdline,
+        ])
+        .arg("--kernel")
+        .arg(kernel)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + LIMIT;
+    let mut log = String::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(line) => {
+                log.push_str(&line.replace('\r', ""));
+                log.push('\n');
+                if line.contains(until) {
+                    break;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let mut err = String::new();
+                let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+                panic!("the VM ended before printing {until:?}: {err}\n{log}");
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {until:?} within {LIMIT:?}:\n{log}"
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    log
+}
+
+#[test]
+fn debian_vmlinux_finds_300_vcpus_through_x2apic() {
+    let log = boot_until(&kernel().vmlinux, "300", "1024", "smpboot: Allowing");
+    assert!(
+        log.contains("x2apic: enabled by BIOS, switching to x2apic ops"),
+        "{log}"
+    );
+    assert!(!log.contains("x2apic entry ignored"), "{log}");
+    assert!(
+        log.contains("smpboot: Allowing 300 CPUs, 0 hotplug CPUs"),
+        "Linux did not find every vCPU:\n{log}"
     );
 }

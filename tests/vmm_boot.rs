@@ -44,6 +44,44 @@ fn every_vcpu_is_started_by_init_sipi_and_reports_in() {
 }
 
 #[test]
+fn apic_ids_past_254_put_every_lapic_in_x2apic_mode_with_x2apic_madt_entries() {
+    let out = run_guest(&[
+        "--cpus",
+        "300",
+        "--memory",
+        "256",
+        "--cmdline",
+        "tests=madt,smp",
+    ]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert!(out.passed("madt").contains("cpus=300 ioapics=1"));
+    // In x2APIC mode the xAPIC page is gone, and a CPL 3 guest cannot reach the LAPIC
+    // MSRs: the guest says so rather than pretending to have started the APs.
+    assert!(
+        out.stdout
+            .contains("TEST smp FAIL cpus=300: the LAPICs are in x2APIC mode"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn the_largest_xapic_vm_starts_all_254_vcpus() {
+    let out = run_guest(&[
+        "--cpus",
+        "254",
+        "--memory",
+        "128",
+        "--cmdline",
+        "tests=madt,smp",
+    ]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert!(out
+        .passed("smp")
+        .contains("cpus=254 reported=254 first_missing_apic_id=None"));
+}
+
+#[test]
 fn memory_above_the_pci_hole_is_mapped_above_4g() {
     // 5 GiB of memfd is reserved lazily: only the pages the guest touches are used.
     let out = run_guest(&["--memory", "5120", "--cmdline", "tests=e820"]);
@@ -214,4 +252,32 @@ fn unclaimed_ports_and_mmio_read_as_all_ones() {
     let out = run_guest(&["--kernel", kernel.to_str().unwrap(), "--memory", "16"]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert_eq!(out.stdout, "YY");
+}
+
+#[test]
+fn an_initrd_reaches_the_guest_intact_as_its_pvh_module() {
+    let dir = scratch_dir("initrd-ok");
+    let rd = dir.join("initrd.img");
+    let data: Vec<u8> = (0..100_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(&rd, &data).unwrap();
+    let hash = data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let out = run_guest(&[
+        "--memory",
+        "64",
+        "--initrd",
+        rd.to_str().unwrap(),
+        "--cmdline",
+        "tests=bootinfo",
+    ]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let detail = out.passed("bootinfo");
+    assert!(detail.contains("modules=1 module0=0x"), "{detail}");
+    assert!(
+        detail.contains(&format!("+100000 fnv1a={hash:#018x}")),
+        "{detail}"
+    );
 }

@@ -342,10 +342,17 @@ fn build_cell(
     // No uid 0, no capabilities, no way back.
     identity::drop_privileges(entry.uid, entry.uid)?;
     if landlock_on {
-        landlock::restrict(
+        let how = landlock::restrict(
             &landlock::vmm_rules(plan.kernel.is_some(), plan.initrd.is_some()),
             plan.policy.landlock,
         )?;
+        // No layer is skipped silently: a partial or absent Landlock is logged.
+        if how != "fully enforced" {
+            eprintln!(
+                "cellvm-jailer: warning: tenant {}: Landlock {how}",
+                plan.policy.name
+            );
+        }
     }
     // (SELinux exec context: set here once SELinux hosts are supported; selinux::plan
     // refused the launch if the policy requires it.)

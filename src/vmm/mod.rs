@@ -21,9 +21,6 @@ use crate::devices::serial::{IrqLine, Serial};
 use crate::devices::VmEvent;
 use config::{SerialOut, VmConfig};
 
-/// The most vCPUs a VM may have: KVM's limit, and 254 because the MADT lists xAPIC ids
-/// (8 bits, 255 is broadcast); x2APIC entries would lift this.
-pub const XAPIC_MAX_CPUS: u32 = 254;
 /// Where KVM's real-mode TSS pages go (Intel only; harmless elsewhere): just below the
 /// IOAPIC, inside the MMIO hole.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -70,7 +67,7 @@ impl Error {
 
 /// Checks what can be checked before any KVM object exists.
 fn validate(cfg: &VmConfig, kvm: &Kvm) -> Result<(), Error> {
-    let max_cpus = (kvm.get_max_vcpus() as u32).min(XAPIC_MAX_CPUS);
+    let max_cpus = (kvm.get_max_vcpus() as u32).min(acpi::MAX_MADT_CPUS);
     let cpus = cfg.cpus();
     if cpus == 0 || cpus > max_cpus {
         return Err(Error::Invalid(format!(
@@ -152,6 +149,23 @@ pub fn run(cfg: VmConfig) -> Result<i32, Error> {
         .map_err(|e| Error::Kvm("KVM_ENABLE_CAP(SPLIT_IRQCHIP)", e))?;
     vm.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
+    if cpus > 255 {
+        // APIC ids past 255 exist only in x2APIC mode; MSIs must then carry 32-bit ids.
+        const KVM_X2APIC_API_USE_32BIT_IDS: u64 = 1;
+        const KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK: u64 = 2;
+        let cap = kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_X2APIC_API,
+            args: [
+                KVM_X2APIC_API_USE_32BIT_IDS | KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK,
+                0,
+                0,
+                0,
+            ],
+            ..Default::default()
+        };
+        vm.enable_cap(&cap)
+            .map_err(|e| Error::Kvm("KVM_ENABLE_CAP(X2APIC_API)", e))?;
+    }
 
     let ram = memory::create(mem_size)?;
     memory::register(&vm, &ram.mem)?;
@@ -227,6 +241,13 @@ pub fn run(cfg: VmConfig) -> Result<i32, Error> {
         log::debug!("vcpu {id}: TSC {tsc_khz:?} kHz");
         cpu::configure_vcpu(&fd, id, &cpu::vcpu_cpuid(&base_cpuid, id, cpus, tsc_khz))?;
         vcpus.push(fd);
+    }
+    // With APIC ids past 255, every LAPIC starts in x2APIC mode, as firmware leaves it
+    // on such machines: guests only accept x2APIC MADT entries in that mode.
+    if cpus > 255 {
+        for (id, fd) in vcpus.iter().enumerate() {
+            cpu::enable_x2apic(fd, id as u32)?;
+        }
     }
     // Only the boot vCPU starts at the entry point; the others wait in the kernel's
     // LAPIC for INIT/SIPI, as on real hardware.

@@ -65,14 +65,20 @@ pub struct Gas {
 }
 
 pub struct Madt {
+    /// Every enabled processor: xAPIC (type 0) and x2APIC (type 9) entries.
     pub cpus: u32,
+    /// Processors with x2APIC ids (> 254): a CPL 3 guest cannot start them, since
+    /// that needs x2APIC mode (MSR writes at CPL 0).
+    pub x2apic_cpus: u32,
     pub ioapics: u32,
+    xapic: u32,
     ids: [u8; 256],
 }
 
 impl Madt {
+    /// APIC ids of the xAPIC-addressable processors.
     pub fn apic_ids(&self) -> &[u8] {
-        &self.ids[..self.cpus as usize]
+        &self.ids[..self.xapic as usize]
     }
 }
 
@@ -117,7 +123,7 @@ impl Tables {
 
     pub fn madt(&self) -> Option<Madt> {
         let t = self.find(b"APIC")?;
-        let mut m = Madt { cpus: 0, ioapics: 0, ids: [0; 256] };
+        let mut m = Madt { cpus: 0, x2apic_cpus: 0, ioapics: 0, xapic: 0, ids: [0; 256] };
         let mut off = 44;
         while off + 2 <= t.len {
             let (kind, len) = (t.u8_at(off)?, t.u8_at(off + 1)? as u32);
@@ -125,8 +131,13 @@ impl Tables {
                 return None;
             }
             match kind {
-                0 if t.u32_at(off + 4)? & 1 != 0 && (m.cpus as usize) < m.ids.len() => {
-                    m.ids[m.cpus as usize] = t.u8_at(off + 3)?;
+                0 if t.u32_at(off + 4)? & 1 != 0 && (m.xapic as usize) < m.ids.len() => {
+                    m.ids[m.xapic as usize] = t.u8_at(off + 3)?;
+                    m.xapic += 1;
+                    m.cpus += 1;
+                }
+                9 if t.u32_at(off + 8)? & 1 != 0 => {
+                    m.x2apic_cpus += 1;
                     m.cpus += 1;
                 }
                 1 => m.ioapics += 1,

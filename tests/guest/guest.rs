@@ -115,12 +115,23 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
         "bootinfo" => match info {
             Some(i) => {
                 let ok = i.version >= 1 && i.memmap_entries > 0 && i.cmdline_paddr != 0 && i.rsdp_paddr != 0;
+                // The first module (an initrd): where it is, its size and an FNV-1a hash
+                // of its bytes, so a test can compare it with the file it came from.
+                let mut module = hw::Buf::<64>::new();
+                if let Some((addr, size, hash)) = i.first_module() {
+                    let _ = write!(module, " module0={addr:#x}+{size} fnv1a={hash:#018x}");
+                }
                 r.line(
                     name,
                     ok.then_some(()).ok_or(()),
                     format_args!(
-                        "magic=0x336ec578 version={} memmap_entries={} cmdline={:#x} rsdp={:#x} modules={}",
-                        i.version, i.memmap_entries, i.cmdline_paddr, i.rsdp_paddr, i.nr_modules
+                        "magic=0x336ec578 version={} memmap_entries={} cmdline={:#x} rsdp={:#x} modules={}{}",
+                        i.version,
+                        i.memmap_entries,
+                        i.cmdline_paddr,
+                        i.rsdp_paddr,
+                        i.nr_modules,
+                        module.as_str()
                     ),
                 )
             }
@@ -170,15 +181,21 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
             None => r.line(name, Err(()), format_args!("no MADT")),
         },
         "smp" => match tables.and_then(|t| t.madt()) {
+            Some(m) if !hw::xapic_mmio_available() => r.line(
+                name,
+                Err(()),
+                format_args!("cpus={}: the LAPICs are in x2APIC mode, so APs cannot be started from CPL 3", m.cpus),
+            ),
             Some(m) => {
                 let result = hw::start_aps(&m);
-                let ok = result.reported == m.cpus && result.missing.is_none();
+                let startable = m.cpus - m.x2apic_cpus;
+                let ok = result.reported == startable && result.missing.is_none();
                 r.line(
                     name,
                     ok.then_some(()).ok_or(()),
                     format_args!(
-                        "cpus={} reported={} first_missing_apic_id={:?} wait_ms={}",
-                        m.cpus, result.reported, result.missing, result.wait_ms
+                        "cpus={} reported={} first_missing_apic_id={:?} wait_ms={} x2apic_only={}",
+                        m.cpus, result.reported, result.missing, result.wait_ms, m.x2apic_cpus
                     ),
                 )
             }

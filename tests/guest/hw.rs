@@ -186,10 +186,31 @@ impl StartInfo {
         core::str::from_utf8(bytes).ok()
     }
 
+    /// The first module's address, size and FNV-1a hash (modules are at most 64 MiB here).
+    pub fn first_module(&self) -> Option<(u64, u64, u64)> {
+        if self.nr_modules == 0 {
+            return None;
+        }
+        let addr: u64 = read_phys(self.modlist_paddr)?;
+        let size: u64 = read_phys(self.modlist_paddr + 8)?;
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for i in 0..size.min(64 << 20) {
+            hash = (hash ^ read_phys::<u8>(addr + i)? as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        Some((addr, size, hash))
+    }
+
     pub fn memmap(&self) -> impl Iterator<Item = MemmapEntry> + '_ {
         let count = if self.version >= 1 { self.memmap_entries.min(128) } else { 0 };
         (0..count as u64).filter_map(move |i| read_phys(self.memmap_paddr + i * 24))
     }
+}
+
+/// Whether the LAPIC answers at its xAPIC MMIO page. In x2APIC mode (what the VMM sets
+/// for VMs with APIC ids past 255) the page is not decoded and reads as all-ones;
+/// reaching the LAPIC then needs MSRs, i.e. CPL 0.
+pub fn xapic_mmio_available() -> bool {
+    read_phys::<u32>(LAPIC_BASE + 0x30).is_some_and(|version| version != 0xffff_ffff)
 }
 
 pub struct ApStart {
@@ -233,7 +254,7 @@ pub fn start_aps(madt: &crate::acpi::Madt) -> ApStart {
     let hz = tsc_hz();
     let begin = rdtsc();
     let deadline = begin + 20 * hz;
-    let expected = madt.cpus - 1;
+    let expected = madt.apic_ids().len() as u32 - 1;
     while (read_phys::<u16>(count_addr).unwrap_or(0) as u32) < expected && rdtsc() < deadline {
         core::hint::spin_loop();
     }

@@ -32,7 +32,7 @@ pub enum Error {
     TooLarge(u64, u64),
     #[error("cannot write ACPI tables into guest memory: {0}")]
     Write(vm_memory::GuestMemoryError),
-    #[error("{0} vCPUs exceed the 254 an xAPIC MADT can list")]
+    #[error("{0} vCPUs exceed the {MAX_MADT_CPUS} the MADT is laid out for")]
     TooManyCpus(u32),
 }
 
@@ -85,6 +85,29 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     bytes(&fadt.finalize())
 }
 
+/// APIC ids below this get xAPIC entries; the rest x2APIC ones (255 is xAPIC broadcast).
+const FIRST_X2APIC_ID: u32 = 255;
+/// Upper bound on the MADT's processors (KVM's own limit is lower on every host seen).
+pub const MAX_MADT_CPUS: u32 = 4096;
+
+/// MADT structure type 9, Processor Local x2APIC, which acpi_tables does not provide.
+#[repr(C, packed)]
+#[derive(Clone, Copy, zerocopy::IntoBytes, zerocopy::Immutable)]
+struct LocalX2Apic {
+    kind: u8,
+    length: u8,
+    reserved: u16,
+    x2apic_id: u32,
+    flags: u32,
+    uid: u32,
+}
+
+impl Aml for LocalX2Apic {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(zerocopy::IntoBytes::as_bytes(self));
+    }
+}
+
 fn madt(cpus: u32) -> Result<Vec<u8>, Error> {
     let mut madt = MADT::new(
         OEM_ID,
@@ -92,14 +115,34 @@ fn madt(cpus: u32) -> Result<Vec<u8>, Error> {
         OEM_REVISION,
         LocalInterruptController::Address(layout::LAPIC_BASE as u32),
     );
-    if cpus > 254 {
+    if cpus > MAX_MADT_CPUS {
         return Err(Error::TooManyCpus(cpus));
     }
-    for id in 0..cpus as u8 {
-        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+    for id in 0..cpus {
+        if id < FIRST_X2APIC_ID {
+            madt.add_structure(ProcessorLocalApic::new(
+                id as u8,
+                id as u8,
+                EnabledStatus::Enabled,
+            ));
+        } else {
+            madt.add_structure(LocalX2Apic {
+                kind: 9,
+                length: 16,
+                reserved: 0,
+                x2apic_id: id,
+                flags: 1,
+                uid: id,
+            });
+        }
     }
-    // The IOAPIC takes the first id after the vCPUs' APIC ids.
-    madt.add_structure(IoApic::new(cpus as u8, layout::IOAPIC_BASE as u32, 0));
+    // The IOAPIC takes the first id after the vCPUs' (8 bits; ACPI-mode guests do not
+    // require it to differ from every LAPIC id).
+    madt.add_structure(IoApic::new(
+        cpus.min(254) as u8,
+        layout::IOAPIC_BASE as u32,
+        0,
+    ));
     Ok(bytes(&madt))
 }
 
@@ -203,7 +246,7 @@ pub fn parse_tables(mem: &GuestMemoryMmap, rsdp: GuestAddress) -> Result<ParsedT
                         return Err(format!("MADT: bad structure length {len} at {off}"));
                     }
                     match t[off] {
-                        0 => parsed.madt_cpus += 1,
+                        0 | 9 => parsed.madt_cpus += 1,
                         1 => parsed.madt_ioapics += 1,
                         _ => {}
                     }
@@ -247,7 +290,30 @@ mod tests {
             off += t[off + 1] as usize;
         }
         assert_eq!((cpus, ioapics), (7, 1));
-        assert!(matches!(madt(255), Err(Error::TooManyCpus(255))));
+        assert!(matches!(
+            madt(MAX_MADT_CPUS + 1),
+            Err(Error::TooManyCpus(_))
+        ));
+    }
+
+    #[test]
+    fn apic_ids_past_254_get_x2apic_entries() {
+        let t = madt(300).unwrap();
+        let (mut xapic, mut x2apic, mut off, mut last) = (0, 0, 44, 0);
+        while off < t.len() {
+            match t[off] {
+                0 => xapic += 1,
+                9 => {
+                    assert_eq!(t[off + 1], 16);
+                    last = u32::from_le_bytes(t[off + 4..off + 8].try_into().unwrap());
+                    x2apic += 1;
+                }
+                _ => {}
+            }
+            off += t[off + 1] as usize;
+        }
+        assert_eq!((xapic, x2apic, last), (255, 45, 299));
+        assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
     }
 
     #[test]

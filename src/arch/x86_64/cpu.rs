@@ -177,6 +177,18 @@ pub fn configure_vcpu(vcpu: &VcpuFd, id: u32, cpuid: &CpuId) -> Result<(), Error
     set_lint(vcpu, id)
 }
 
+/// Switches the vCPU's LAPIC to x2APIC mode (IA32_APIC_BASE: EN | EXTD).
+pub fn enable_x2apic(vcpu: &VcpuFd, id: u32) -> Result<(), Error> {
+    const APIC_BASE_ENABLE: u64 = 1 << 11;
+    const APIC_BASE_X2APIC: u64 = 1 << 10;
+    let mut sregs = vcpu
+        .get_sregs()
+        .map_err(|e| Error::Ioctl(id, "KVM_GET_SREGS", e))?;
+    sregs.apic_base |= APIC_BASE_ENABLE | APIC_BASE_X2APIC;
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| Error::Ioctl(id, "KVM_SET_SREGS(x2APIC)", e))
+}
+
 /// LINT0 as ExtINT and LINT1 as NMI, as firmware leaves them on a PC.
 fn set_lint(vcpu: &VcpuFd, id: u32) -> Result<(), Error> {
     const APIC_LVT0: usize = 0x350;

@@ -221,8 +221,17 @@ fn build_and_supervise(
     opts: &Options,
 ) -> Result<i32, Failure> {
     // SELinux first: a policy that requires it must refuse before anything is built.
-    let _label =
+    let label =
         selinux::plan(&plan.policy.name, plan.policy.selinux, entry.mcs).map_err(refused)?;
+    // Read-only images get the shared image label; restored when `_relabelled` drops.
+    let mut _relabelled = selinux::Relabelled::default();
+    if label.is_some() {
+        for f in plan.kernel.iter().chain(plan.initrd.iter()) {
+            _relabelled
+                .relabel(f, selinux::SHARED_IMAGE_LABEL)
+                .map_err(setup)?;
+        }
+    }
     // The cgroup exists before the cell's first process, which joins it before it runs.
     let cgroup =
         Cgroup::create(&plan.id, &plan.policy.cgroup, plan.spec.memory_mib << 20).map_err(setup)?;
@@ -262,6 +271,7 @@ fn build_and_supervise(
             &err_w,
             &signals,
             landlock_on,
+            label.as_deref(),
         ) {
             Err(m) => m,
             Ok(never) => match never {},
@@ -306,6 +316,7 @@ fn build_cell(
     err: &OwnedFd,
     signals: &crate::supervise::Signals,
     landlock_on: bool,
+    label: Option<&str>,
 ) -> Result<std::convert::Infallible, String> {
     // Wait until the supervisor has put us in the cgroup.
     let mut b = [0u8; 1];
@@ -324,6 +335,11 @@ fn build_cell(
     identity::close_inherited_fds(&keep)?;
     signals.restore_in_child();
     namespaces::set_hostname(&format!("cellvm-{}", plan.spec.name))?;
+    // The exec context goes on while /proc is still there (libselinux writes it through
+    // /proc/thread-self/attr/exec); it takes effect at the execve below.
+    if let Some(l) = label {
+        selinux::set_exec_label(l).map_err(|e| e.to_string())?;
+    }
     // Mount namespace: a private root with exactly the cell's files, then pivot_root.
     let root = jail_dir(&plan.id).join("root");
     let files = namespaces::JailFiles {
@@ -354,8 +370,6 @@ fn build_cell(
             );
         }
     }
-    // (SELinux exec context: set here once SELinux hosts are supported; selinux::plan
-    // refused the launch if the policy requires it.)
     let c_argv: Vec<CString> = argv
         .iter()
         .map(|a| CString::new(a.as_str()).expect("no NUL in argv"))

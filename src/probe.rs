@@ -26,6 +26,8 @@ pub const PROBES: &[&str] = &[
     "perf-event-open",
     "keyctl",
     "ptrace-init",
+    "signal-other-processes",
+    "read-other-process-memory",
     "fork-past-pids-max",
     "allocate-past-memory-max",
 ];
@@ -173,6 +175,23 @@ pub fn run(name: &str, seccomp: Mode) -> i32 {
                 -2i32, /* KEY_SPEC_PROCESS_KEYRING */
             )),
             "ptrace-init" => outcome(libc::ptrace(libc::PTRACE_ATTACH, 1, 0, 0) as i64),
+            // kill(-1): every process this one may signal. Alone in its pid namespace
+            // (and Landlock-scoped), there is none.
+            "signal-other-processes" => outcome(libc::kill(-1, libc::SIGTERM) as i64),
+            // The host's init as seen from outside would be some pid > 1; inside, pid 2
+            // does not exist.
+            "read-other-process-memory" => {
+                let mut buf = [0u8; 8];
+                let local = libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: 8,
+                };
+                let remote = libc::iovec {
+                    iov_base: 0x40_0000 as *mut libc::c_void,
+                    iov_len: 8,
+                };
+                outcome(libc::process_vm_readv(2, &local, 1, &remote, 1, 0) as i64)
+            }
             "fork-past-pids-max" => {
                 let mut n = 0;
                 let rc = loop {

@@ -448,19 +448,21 @@ fn every_escape_probe_is_stopped_in_the_full_cell() {
 #[test]
 fn without_seccomp_the_other_layers_still_stop_the_probes() {
     let expected = [
-        ("open-host-file", "denied ENOENT"),     // the jail: no /etc
-        ("open-via-proc-root", "denied ENOENT"), // the jail: no /proc
-        ("open-dev-mem", "denied ENOENT"),       // the jail: only /dev/kvm
-        ("write-jail-file", "denied EROFS"),     // the jail's root is read-only
-        ("mount", "denied EPERM"),               // no capabilities
-        ("setuid-root", "denied EPERM"),         // no capabilities
-        ("raise-rlimit", "denied EPERM"),        // no CAP_SYS_RESOURCE
-        ("exec-kernel-image", "denied EACCES"),  // noexec mounts and Landlock
-        ("connect-inet", "denied ENETUNREACH"),  // empty net namespace
-        ("mknod", "denied EROFS"),               // read-only root (and no CAP_MKNOD)
-        ("bpf", "denied EPERM"),                 // no CAP_BPF
-        ("perf-event-open", "denied EACCES"),    // no CAP_PERFMON, perf_event_paranoid
-        ("ptrace-init", "denied EPERM"),         // alone in its pid namespace
+        ("open-host-file", "denied ENOENT"),        // the jail: no /etc
+        ("open-via-proc-root", "denied ENOENT"),    // the jail: no /proc
+        ("open-dev-mem", "denied ENOENT"),          // the jail: only /dev/kvm
+        ("write-jail-file", "denied EROFS"),        // the jail's root is read-only
+        ("mount", "denied EPERM"),                  // no capabilities
+        ("setuid-root", "denied EPERM"),            // no capabilities
+        ("raise-rlimit", "denied EPERM"),           // no CAP_SYS_RESOURCE
+        ("exec-kernel-image", "denied EACCES"),     // noexec mounts and Landlock
+        ("connect-inet", "denied ENETUNREACH"),     // empty net namespace
+        ("mknod", "denied EROFS"),                  // read-only root (and no CAP_MKNOD)
+        ("bpf", "denied EPERM"),                    // no CAP_BPF
+        ("perf-event-open", "denied EACCES"),       // no CAP_PERFMON, perf_event_paranoid
+        ("ptrace-init", "denied EPERM"),            // alone in its pid namespace
+        ("signal-other-processes", "denied ESRCH"), // alone in its pid namespace
+        ("read-other-process-memory", "denied ESRCH"), // no other process visible
     ];
     for (name, outcome) in expected {
         let out = probe(name, &["seccomp"]);

@@ -275,14 +275,27 @@ fn status_field(pid: &str, task: &str, field: &str) -> String {
 fn every_thread_of_a_running_jailed_vmm_is_locked_down() {
     let id = unique("inspect");
     let (jailer_proc, pid) = start_holding(&id, 3);
-    // Give the VMM time to start its vCPU threads and install their filters.
-    std::thread::sleep(Duration::from_millis(300));
+    // Wait until the VMM has its vCPU threads (each installs its filter before running).
     let pid = pid.to_string();
-    let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into())
-        .collect();
-    assert!(tasks.len() >= 3, "main + 2 vCPU threads, got {tasks:?}");
+    let start = Instant::now();
+    let tasks: Vec<String> = loop {
+        let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into())
+            .collect();
+        if tasks.len() >= 3
+            && tasks
+                .iter()
+                .all(|t| status_field(&pid, t, "Seccomp") == "2")
+        {
+            break tasks;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "main + 2 vCPU threads, all filtered; got {tasks:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
     for t in &tasks {
         assert_eq!(status_field(&pid, t, "Seccomp"), "2", "thread {t}");
         assert_eq!(status_field(&pid, t, "NoNewPrivs"), "1", "thread {t}");

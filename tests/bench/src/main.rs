@@ -148,6 +148,31 @@ fn compare(scenario: &str, a: &Runner, b: &Runner, runs: usize, rows: &mut Vec<R
     let _ = a.name;
 }
 
+/// Starts `n` copies of `r` at once and returns VMs per second (first start to last exit).
+fn launch_rate(r: &Runner, n: usize) -> f64 {
+    let start = Instant::now();
+    let children: Vec<_> = (0..n)
+        .map(|_| {
+            Command::new(&r.cmd[0])
+                .args(&r.cmd[1..])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", r.cmd[0]))
+        })
+        .collect();
+    for mut c in children {
+        let status = c.wait().unwrap();
+        assert!(
+            r.ok_status.contains(&status.code().unwrap_or(-1)),
+            "{} ended with {status}",
+            r.cmd.join(" ")
+        );
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
 /// The supervisor's resident memory while its VM runs (the VMM's is its own).
 fn supervisor_rss_kib(jailer: &Path, policy: &Path, work: &Path) -> u64 {
     let spec = work.join("vm-hold.toml");
@@ -365,6 +390,26 @@ fn main() {
     );
     let supervisor_rss = supervisor_rss_kib(&jailer, &policy, &work);
 
+    // Scenario 5: launch rate: N VMs started at once, VMs per second per core.
+    let n = if args.quick { 4 } else { 32 };
+    let cores = std::thread::available_parallelism()
+        .map(|c| c.get())
+        .unwrap_or(1) as f64;
+    let (mut ja, mut qa) = (Vec::new(), Vec::new());
+    for _ in 0..runs.min(10) {
+        ja.push(launch_rate(&jailed(&spec_none), n) / cores);
+        qa.push(launch_rate(&qemu(&guest, Some("tests=none")), n) / cores);
+    }
+    let (ja, qa) = (stats(ja), stats(qa));
+    rows.push(Row {
+        scenario: format!("5. launch rate, {n} at once (jailed)"),
+        metric: "VMs/s/core".into(),
+        ratio: ja.median / qa.median,
+        cellvm: ja,
+        peer_name: "qemu microvm".into(),
+        peer: qa,
+    });
+
     println!(
         "cellvm-bench: {} run(s) per side, alternating; medians, min-max",
         runs
@@ -384,7 +429,7 @@ fn main() {
             r.ratio
         );
     }
-    println!("peers: scenario 1: qemu microvm; scenario 2: the same cellvm run without the jailer");
+    println!("peers: scenarios 1 and 5: qemu microvm; scenario 2: the same cellvm run without the jailer");
     println!("jailer supervisor RSS while a VM runs: {supervisor_rss} KiB");
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&rows).unwrap())

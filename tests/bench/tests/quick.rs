@@ -22,7 +22,12 @@ fn quick_mode_runs_every_scenario_against_its_peer() {
     );
     let rows: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(rows.len(), 12, "4 comparisons x 3 metrics");
+    assert_eq!(
+        rows.len(),
+        13,
+        "4 comparisons x 3 metrics, and the launch rate"
+    );
+    assert!(rows.iter().any(|r| r["metric"] == "VMs/s/core"));
     for r in &rows {
         assert!(r["cellvm"]["median"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["peer"]["median"].as_f64().unwrap() > 0.0, "{r}");

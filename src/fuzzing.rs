@@ -13,6 +13,7 @@ use crate::devices::acpi_pm::AcpiSleep;
 use crate::devices::bus::Bus;
 use crate::devices::i8042::I8042;
 use crate::devices::ioapic::{IoApic, MsiSink};
+use crate::devices::pci::{self, PciConfigIo, PciEcam, PciRoot};
 use crate::devices::serial::{IrqLine, Serial};
 use crate::vmm::config::VmConfig;
 
@@ -137,9 +138,9 @@ impl MsiSink for NoMsi {
     fn send_msi(&self, _address: u64, _data: u32) {}
 }
 
-/// Reads and writes of every size to every platform port (serial, i8042, ACPI sleep)
-/// and to the IOAPIC's MMIO page, as a guest issues them. Input: a sequence of
-/// 6-byte operations [kind, size, addr lo, addr hi, value lo, value hi].
+/// Reads and writes of every size to every platform port (serial, i8042, ACPI sleep,
+/// PCI config mechanism #1) and to the IOAPIC's and the PCI ECAM's MMIO, as a guest
+/// issues them. Input: 6-byte operations [kind, size, addr lo, addr hi, value lo, value hi].
 pub fn platform_io(data: &[u8]) {
     let (events, _ended) = std::sync::mpsc::channel();
     let ioapic = Arc::new(Mutex::new(IoApic::new(1, NoMsi)));
@@ -148,6 +149,7 @@ pub fn platform_io(data: &[u8]) {
         IrqLine::new(move || irq.lock().unwrap().assert_irq(4)),
         Box::new(std::io::sink()),
     );
+    let pci = Arc::new(Mutex::new(PciRoot::new()));
     let mut pio = Bus::default();
     pio.insert(layout::COM1_PORT as u64, 8, Arc::new(Mutex::new(serial)))
         .unwrap();
@@ -163,21 +165,36 @@ pub fn platform_io(data: &[u8]) {
         Arc::new(Mutex::new(AcpiSleep::new(events))),
     )
     .unwrap();
+    pio.insert(
+        pci::CONFIG_ADDRESS_PORT as u64,
+        8,
+        Arc::new(Mutex::new(PciConfigIo(pci.clone()))),
+    )
+    .unwrap();
     let mut mmio = Bus::default();
     mmio.insert(layout::IOAPIC_BASE, layout::IOAPIC_SIZE, ioapic)
         .unwrap();
+    mmio.insert(
+        layout::PCI_ECAM_BASE,
+        pci::ECAM_SIZE,
+        Arc::new(Mutex::new(PciEcam(pci))),
+    )
+    .unwrap();
     for op in data.chunks_exact(6) {
         let size = [1usize, 2, 4, 8][(op[1] & 3) as usize];
         let low = u16::from_le_bytes([op[2], op[3]]) as u64;
         let value = (u16::from_le_bytes([op[4], op[5]]) as u64).to_le_bytes();
-        match op[0] & 3 {
+        let ioapic_addr = layout::IOAPIC_BASE - 0x100 + (low & 0x1fff);
+        // ECAM: the address bits pick the device (15..19) and register (0..11).
+        let ecam_addr =
+            layout::PCI_ECAM_BASE + ((low << 4 | (op[1] as u64 >> 2) & 0xf) & 0x10_ffff);
+        match op[0] % 6 {
             0 => drop(pio.read(low, &mut [0u8; 8][..size])),
             1 => drop(pio.write(low, &value[..size])),
-            2 => drop(mmio.read(
-                layout::IOAPIC_BASE - 0x100 + (low & 0x1fff),
-                &mut [0u8; 8][..size],
-            )),
-            _ => drop(mmio.write(layout::IOAPIC_BASE - 0x100 + (low & 0x1fff), &value[..size])),
+            2 => drop(mmio.read(ioapic_addr, &mut [0u8; 8][..size])),
+            3 => drop(mmio.write(ioapic_addr, &value[..size])),
+            4 => drop(mmio.read(ecam_addr, &mut [0u8; 8][..size])),
+            _ => drop(mmio.write(ecam_addr, &value[..size])),
         }
     }
 }

@@ -170,7 +170,7 @@ fn boot_with(
 
 fn assert_common(log: &str) {
     assert!(log.contains("Linux version 6."), "no banner:\n{log}");
-    for table in ["RSDP", "XSDT", "FACP", "DSDT", "APIC"] {
+    for table in ["RSDP", "XSDT", "FACP", "DSDT", "APIC", "MCFG"] {
         let line = log
             .lines()
             .find(|l| l.contains(&format!("ACPI: {table} 0x00000000000E")))
@@ -204,6 +204,7 @@ fn assert_linux_e820(log: &str) {
             "BIOS-e820: [mem 0x0000000000000000-0x000000000009ffff] usable",
             "BIOS-e820: [mem 0x00000000000e0000-0x00000000000fffff] reserved",
             "BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable",
+            "BIOS-e820: [mem 0x00000000e0000000-0x00000000e00fffff] reserved",
         ]
     );
 }

@@ -19,11 +19,21 @@ fn test_guest_passes_every_check_on_one_vcpu() {
     let out = run_guest(&["--cpus", "1", "--memory", "64"]);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     for check in [
-        "serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp",
+        "serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp", "pci",
     ] {
         out.passed(check);
     }
-    assert!(out.stdout.contains("7 passed, 0 failed"), "{}", out.stdout);
+    assert!(out.stdout.contains("8 passed, 0 failed"), "{}", out.stdout);
+    assert!(
+        out.passed("acpi").contains("tables: FACP APIC MCFG"),
+        "{}",
+        out.stdout
+    );
+    let pci = out.passed("pci");
+    assert!(
+        pci.contains("cf8_and_ecam_agree=true functions=1: 00.0 1b36:0008 class 060000"),
+        "{pci}"
+    );
 }
 
 #[test]
@@ -88,7 +98,9 @@ fn memory_above_the_pci_hole_is_mapped_above_4g() {
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     let detail = out.passed("e820");
     assert!(
-        detail.contains("[0x100000-0xc0000000 1][0x100000000-0x180000000 1]"),
+        detail.contains(
+            "[0x100000-0xc0000000 1][0xe0000000-0xe0100000 2][0x100000000-0x180000000 1]"
+        ),
         "{detail}"
     );
 }

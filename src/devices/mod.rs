@@ -5,6 +5,7 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod i8042;
 pub mod ioapic;
+pub mod pci;
 pub mod serial;
 
 /// How a device asks the VMM to end the VM.

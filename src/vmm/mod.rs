@@ -17,6 +17,7 @@ use crate::devices::acpi_pm::AcpiSleep;
 use crate::devices::bus::Bus;
 use crate::devices::i8042::I8042;
 use crate::devices::ioapic::{self, IoApic};
+use crate::devices::pci::{self, PciConfigIo, PciEcam, PciRoot};
 use crate::devices::serial::{IrqLine, Serial};
 use crate::devices::VmEvent;
 use config::{SerialOut, VmConfig};
@@ -229,6 +230,20 @@ pub fn run(cfg: VmConfig) -> Result<i32, Error> {
     .map_err(bus_err)?;
     mmio.insert(layout::IOAPIC_BASE, layout::IOAPIC_SIZE, ioapic.clone())
         .map_err(bus_err)?;
+    // The PCI root complex: config mechanism #1 and ECAM over the same functions.
+    let pci = Arc::new(Mutex::new(PciRoot::new()));
+    pio.insert(
+        pci::CONFIG_ADDRESS_PORT as u64,
+        8,
+        Arc::new(Mutex::new(PciConfigIo(pci.clone()))),
+    )
+    .map_err(bus_err)?;
+    mmio.insert(
+        layout::PCI_ECAM_BASE,
+        pci::ECAM_SIZE,
+        Arc::new(Mutex::new(PciEcam(pci))),
+    )
+    .map_err(bus_err)?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
     let base_cpuid = cpu::supported_cpuid(&kvm)?;

@@ -114,6 +114,13 @@ impl Tables {
         Table::at(addr).filter(|t| &t.sig == b"DSDT")
     }
 
+    /// The ECAM base for segment 0, bus 0, from the MCFG.
+    pub fn ecam_base(&self) -> Option<u64> {
+        let t = self.find(b"MCFG")?;
+        let base = t.u64_at(44)?;
+        (t.u8_at(54)? == 0).then_some(base)
+    }
+
     pub fn sleep_control_reg(&self) -> Option<Gas> {
         let fadt = self.find(b"FACP")?;
         let space = fadt.u8_at(244)?;

@@ -20,7 +20,7 @@ use core::fmt::Write;
 use hw::{Serial, StartInfo};
 
 /// Every check the guest knows, in the order it runs them.
-const CHECKS: [&str; 7] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp"];
+const CHECKS: [&str; 8] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp", "pci"];
 
 /// Size of the legacy hole between 640 KiB and 1 MiB that the VMM leaves out of RAM.
 const LEGACY_HOLE: u64 = 0x10_0000 - 0xa_0000;
@@ -201,8 +201,35 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
             }
             None => r.line(name, Err(()), format_args!("no MADT to find the APs")),
         },
+        "pci" => check_pci(tables, r),
         _ => {}
     }
+}
+
+/// Enumerates bus 0 twice, through ports 0xCF8/0xCFC and through the MCFG's ECAM, and
+/// compares: the same functions must answer the same ids, and the rest read all-ones.
+fn check_pci(tables: Option<&acpi::Tables>, r: &mut Report) {
+    let Some(ecam) = tables.and_then(|t| t.ecam_base()) else {
+        r.line("pci", Err(()), format_args!("no MCFG with an ECAM for bus 0"));
+        return;
+    };
+    let (mut found, mut agree, mut list) = (0, true, hw::Buf::<128>::new());
+    for dev in 0..32u32 {
+        hw::outl(0xcf8, 0x8000_0000 | dev << 11);
+        let io_id = hw::inl(0xcfc);
+        let mm_id = hw::read_phys::<u32>(ecam + ((dev as u64) << 15)).unwrap_or(0);
+        agree &= io_id == mm_id;
+        if io_id != 0xffff_ffff {
+            found += 1;
+            hw::outl(0xcf8, 0x8000_0000 | dev << 11 | 8);
+            let class = hw::inl(0xcfc) >> 8;
+            let _ = write!(list, "{dev:02x}.0 {:04x}:{:04x} class {class:06x} ", io_id & 0xffff, io_id >> 16);
+        }
+    }
+    hw::outl(0xcf8, 0x8000_0000);
+    let bridge = hw::inl(0xcfc) != 0xffff_ffff;
+    let ok = agree && found >= 1 && bridge;
+    r.line("pci", ok.then_some(()).ok_or(()), format_args!("ecam={ecam:#x} cf8_and_ecam_agree={agree} functions={found}: {}", list.as_str()));
 }
 
 fn check_e820(args: &Args, info: Option<StartInfo>, r: &mut Report) {

@@ -10,6 +10,7 @@ use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -146,6 +147,12 @@ fn madt(cpus: u32) -> Result<Vec<u8>, Error> {
     Ok(bytes(&madt))
 }
 
+fn mcfg() -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.add_ecam(layout::PCI_ECAM_BASE, 0, 0, 0);
+    bytes(&mcfg)
+}
+
 /// Writes every table into guest memory and returns the RSDP's address.
 pub fn create_tables(mem: &GuestMemoryMmap, cpus: u32) -> Result<GuestAddress, Error> {
     let align = |x: u64| (x + 15) & !15;
@@ -156,10 +163,13 @@ pub fn create_tables(mem: &GuestMemoryMmap, cpus: u32) -> Result<GuestAddress, E
     let fadt = fadt(dsdt_addr);
     let madt_addr = align(fadt_addr + fadt.len() as u64);
     let madt = madt(cpus)?;
-    let xsdt_addr = align(madt_addr + madt.len() as u64);
+    let mcfg_addr = align(madt_addr + madt.len() as u64);
+    let mcfg = mcfg();
+    let xsdt_addr = align(mcfg_addr + mcfg.len() as u64);
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     let xsdt = bytes(&xsdt);
     let end = xsdt_addr + xsdt.len() as u64;
     if end > layout::ACPI_END {
@@ -174,6 +184,7 @@ pub fn create_tables(mem: &GuestMemoryMmap, cpus: u32) -> Result<GuestAddress, E
         (dsdt_addr, &dsdt),
         (fadt_addr, &fadt),
         (madt_addr, &madt),
+        (mcfg_addr, &mcfg),
         (xsdt_addr, &xsdt),
     ] {
         mem.write_slice(data, GuestAddress(addr))
@@ -270,7 +281,7 @@ mod tests {
 
     #[test]
     fn every_table_has_a_valid_checksum_and_length() {
-        for table in [dsdt(), fadt(0x1234), madt(4).unwrap()] {
+        for table in [dsdt(), fadt(0x1234), madt(4).unwrap(), mcfg()] {
             assert_eq!(checksum(&table), 0, "table {:?}", &table[..4]);
             let len = u32::from_le_bytes(table[4..8].try_into().unwrap()) as usize;
             assert_eq!(len, table.len());

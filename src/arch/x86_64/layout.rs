@@ -30,6 +30,9 @@ pub const HIGH_RAM_START: u64 = 0x10_0000;
 /// The 32-bit PCI hole: device MMIO (IOAPIC, LAPIC, later PCI BARs), never RAM.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// PCI ECAM (bus 0), described to the guest by the MCFG table.
+pub const PCI_ECAM_BASE: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
 pub const IOAPIC_BASE: u64 = 0xfec0_0000;
 pub const IOAPIC_SIZE: u64 = 0x1000;
 pub const LAPIC_BASE: u64 = 0xfee0_0000;
@@ -70,6 +73,9 @@ pub fn e820_map(mem: u64) -> Vec<(u64, u64, u32)> {
             map.push((start, end - start, E820_RAM));
         }
     }
+    // ECAM must be reserved in the firmware's map for guests to trust the MCFG.
+    map.push((PCI_ECAM_BASE, PCI_ECAM_SIZE, E820_RESERVED));
+    map.sort_by_key(|e| e.0);
     map
 }
 
@@ -86,9 +92,10 @@ mod tests {
     fn small_guest_is_one_region_below_the_hole() {
         assert_eq!(ram_regions(64 << 20), vec![(0, 64 << 20)]);
         let map = e820_map(64 << 20);
+        assert!(map.contains(&(HIGH_RAM_START, (64 << 20) - HIGH_RAM_START, E820_RAM)));
         assert_eq!(
             map.last(),
-            Some(&(HIGH_RAM_START, (64 << 20) - HIGH_RAM_START, E820_RAM))
+            Some(&(PCI_ECAM_BASE, PCI_ECAM_SIZE, E820_RESERVED))
         );
     }
 
@@ -104,6 +111,12 @@ mod tests {
         assert_eq!(ram + (HIGH_RAM_START - LOW_RAM_END), mem);
         assert!(e820_map(mem)
             .iter()
+            .filter(|e| e.2 == E820_RAM)
             .all(|e| e.0 + e.1 <= MMIO_HOLE_START || e.0 >= MMIO_HOLE_END));
+        let map = e820_map(mem);
+        assert!(
+            map.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0),
+            "sorted, disjoint: {map:x?}"
+        );
     }
 }

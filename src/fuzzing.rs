@@ -88,7 +88,9 @@ pub fn cmdline(data: &[u8]) {
             assert!(!back[..len as usize].contains(&0));
             // linux-loader trims surrounding blanks; what remains is the text's own.
             let written = &back[..len as usize];
-            assert!(written.is_empty() || text.as_bytes().windows(written.len()).any(|w| w == written));
+            assert!(
+                written.is_empty() || text.as_bytes().windows(written.len()).any(|w| w == written)
+            );
         }
         Err(boot::Error::CmdlineTooLong { len, max }) => assert!(len > max),
         Err(_) => {}

@@ -101,51 +101,43 @@ impl PciRoot {
 /// 0xCFC-0xCFF the data. Registered on the port bus at 0xCF8 with length 8.
 pub struct PciConfigIo(pub std::sync::Arc<std::sync::Mutex<PciRoot>>);
 
+impl PciRoot {
+    /// The (bus, device, function, register) a data-port access at `offset` (4..=7)
+    /// of `len` bytes addresses, if the address register enables one.
+    fn cf8_target(&self, offset: u64, len: usize) -> Option<(u8, u8, u8, u16)> {
+        let a = self.config_address;
+        if !(4..=7).contains(&offset) || (offset - 4) as usize + len > 4 || a & 0x8000_0000 == 0 {
+            return None;
+        }
+        let reg = (a & 0xfc) as u16 + (offset - 4) as u16;
+        Some((
+            (a >> 16) as u8,
+            ((a >> 11) & 0x1f) as u8,
+            ((a >> 8) & 7) as u8,
+            reg,
+        ))
+    }
+}
+
 impl BusDevice for PciConfigIo {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let mut root = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match offset {
-            0 if data.len() == 4 => data.copy_from_slice(&root.config_address.to_le_bytes()),
-            4..=7
-                if (offset - 4) as usize + data.len() <= 4
-                    && root.config_address & 0x8000_0000 != 0 =>
-            {
-                let a = root.config_address;
-                let reg = (a & 0xfc) as u16 + (offset - 4) as u16;
-                root.config_read(
-                    (a >> 16) as u8,
-                    ((a >> 11) & 0x1f) as u8,
-                    ((a >> 8) & 7) as u8,
-                    reg,
-                    data,
-                );
-            }
-            _ => data.fill(0xff),
+        if offset == 0 && data.len() == 4 {
+            data.copy_from_slice(&root.config_address.to_le_bytes());
+        } else if let Some((b, d, f, reg)) = root.cf8_target(offset, data.len()) {
+            root.config_read(b, d, f, reg, data);
+        } else {
+            data.fill(0xff);
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let mut root = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match offset {
-            0 if data.len() == 4 => {
-                root.config_address =
-                    u32::from_le_bytes([data[0], data[1], data[2], data[3]]) & 0x80ff_fffc
-            }
-            4..=7
-                if (offset - 4) as usize + data.len() <= 4
-                    && root.config_address & 0x8000_0000 != 0 =>
-            {
-                let a = root.config_address;
-                let reg = (a & 0xfc) as u16 + (offset - 4) as u16;
-                root.config_write(
-                    (a >> 16) as u8,
-                    ((a >> 11) & 0x1f) as u8,
-                    ((a >> 8) & 7) as u8,
-                    reg,
-                    data,
-                );
-            }
-            _ => {}
+        if offset == 0 && data.len() == 4 {
+            root.config_address =
+                u32::from_le_bytes([data[0], data[1], data[2], data[3]]) & 0x80ff_fffc;
+        } else if let Some((b, d, f, reg)) = root.cf8_target(offset, data.len()) {
+            root.config_write(b, d, f, reg, data);
         }
     }
 }

@@ -87,12 +87,12 @@ fn jailed_test_guest_passes_every_check_and_leaves_nothing_behind() {
     let out = launch(&id, &repo("policy/vms/example.toml"), &[]);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     for check in [
-        "serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp", "pci",
+        "serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp", "pci", "irq",
     ] {
         out.passed(check);
     }
     assert!(out.passed("madt").contains("cpus=2"));
-    assert!(out.stdout.contains("8 passed, 0 failed"), "{}", out.stdout);
+    assert!(out.stdout.contains("9 passed, 0 failed"), "{}", out.stdout);
     assert!(
         out.stderr.contains("SELinux is not enabled on this host"),
         "the downgrade is logged: {}",

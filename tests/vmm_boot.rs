@@ -19,11 +19,14 @@ fn test_guest_passes_every_check_on_one_vcpu() {
     let out = run_guest(&["--cpus", "1", "--memory", "64"]);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     for check in [
-        "serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp", "pci",
+        "serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp", "pci", "irq",
     ] {
         out.passed(check);
     }
-    assert!(out.stdout.contains("8 passed, 0 failed"), "{}", out.stdout);
+    assert!(out.stdout.contains("9 passed, 0 failed"), "{}", out.stdout);
+    assert!(out
+        .passed("irq")
+        .contains("COM1 THRE -> IOAPIC pin 4 -> MSI -> LAPIC IRR vector 0x41"));
     assert!(
         out.passed("acpi").contains("tables: FACP APIC MCFG"),
         "{}",

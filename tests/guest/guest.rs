@@ -20,7 +20,10 @@ use core::fmt::Write;
 use hw::{Serial, StartInfo};
 
 /// Every check the guest knows, in the order it runs them.
-const CHECKS: [&str; 8] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp", "pci"];
+const CHECKS: [&str; 9] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp", "pci", "irq"];
+
+/// The vector the irq check programs the serial's IOAPIC pin with.
+const IRQ_VECTOR: u8 = 0x41;
 
 /// Size of the legacy hole between 640 KiB and 1 MiB that the VMM leaves out of RAM.
 const LEGACY_HOLE: u64 = 0x10_0000 - 0xa_0000;
@@ -202,6 +205,17 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
             None => r.line(name, Err(()), format_args!("no MADT to find the APs")),
         },
         "pci" => check_pci(tables, r),
+        "irq" => {
+            let outcome = hw::serial_irq_reaches_lapic(IRQ_VECTOR);
+            match outcome {
+                Ok(spins) => r.line(
+                    name,
+                    Ok(()),
+                    format_args!("COM1 THRE -> IOAPIC pin 4 -> MSI -> LAPIC IRR vector {IRQ_VECTOR:#x} after {spins} polls"),
+                ),
+                Err(why) => r.line(name, Err(()), format_args!("{why}")),
+            }
+        }
         _ => {}
     }
 }

@@ -225,6 +225,42 @@ pub fn xapic_mmio_available() -> bool {
     read_phys::<u32>(LAPIC_BASE + 0x30).is_some_and(|version| version != 0xffff_ffff)
 }
 
+const IOAPIC_BASE: u64 = 0xfec0_0000;
+
+/// The serial interrupt end to end, with interrupts off: program IOAPIC pin 4 with
+/// `vector` for this CPU, enable the UART's transmitter-empty interrupt (which it raises
+/// at once, the THR being empty), and wait for the vector to show in the LAPIC's IRR.
+pub fn serial_irq_reaches_lapic(vector: u8) -> Result<u32, &'static str> {
+    if !xapic_mmio_available() {
+        return Err("the LAPICs are in x2APIC mode: IRR is not readable from CPL 3");
+    }
+    let own_id = read_phys::<u32>(LAPIC_BASE + 0x20).unwrap_or(0) >> 24;
+    write_phys::<u32>(LAPIC_BASE + 0xf0, 0x1ff); // software-enable the LAPIC
+    let ioapic = |reg: u32, value: u32| {
+        write_phys::<u32>(IOAPIC_BASE, reg);
+        write_phys::<u32>(IOAPIC_BASE + 0x10, value);
+    };
+    ioapic(0x10 + 2 * 4 + 1, own_id << 24); // destination: this CPU
+    ioapic(0x10 + 2 * 4, vector as u32); // fixed, physical, edge, unmasked
+    let irr = LAPIC_BASE + 0x200 + (vector as u64 / 32) * 0x10;
+    let bit = 1u32 << (vector % 32);
+    if read_phys::<u32>(irr).unwrap_or(0) & bit != 0 {
+        return Err("vector already pending before the UART raised anything");
+    }
+    outb(0x3f9, 0x02); // IER: THR empty
+    let mut result = Err("vector never appeared in the LAPIC IRR");
+    for spins in 0..1_000_000u32 {
+        if read_phys::<u32>(irr).unwrap_or(0) & bit != 0 {
+            result = Ok(spins);
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    outb(0x3f9, 0x00);
+    ioapic(0x10 + 2 * 4, 1 << 16); // mask the pin again
+    result
+}
+
 pub struct ApStart {
     pub reported: u32,
     pub missing: Option<u8>,

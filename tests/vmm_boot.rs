@@ -296,3 +296,42 @@ fn an_initrd_reaches_the_guest_intact_as_its_pvh_module() {
         "{detail}"
     );
 }
+
+/// Platform finding, kept as a test: a guest's CPL 0 code (run by KVM's instruction
+/// emulator on nested hosts) takes interrupts through its IDT. tests/probes/irq-idt.S
+/// routes the serial interrupt through the IOAPIC to vector 0x41 and enables interrupts.
+#[test]
+fn a_cpl0_guest_takes_the_serial_interrupt_through_its_idt() {
+    let dir = scratch_dir("irq-idt");
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/probes");
+    let obj = dir.join("irq.o");
+    let elf = dir.join("irq.elf");
+    let cc = std::process::Command::new("gcc")
+        .arg("-c")
+        .arg(src.join("irq-idt.S"))
+        .arg("-o")
+        .arg(&obj)
+        .output()
+        .unwrap();
+    assert!(
+        cc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    let ld = std::process::Command::new("ld")
+        .arg("-T")
+        .arg(src.join("irq-idt.ld"))
+        .arg("-o")
+        .arg(&elf)
+        .arg(&obj)
+        .output()
+        .unwrap();
+    assert!(
+        ld.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ld.stderr)
+    );
+    let out = run_guest(&["--kernel", elf.to_str().unwrap(), "--memory", "16"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout, "I", "the handler ran (N: no interrupt arrived)");
+}

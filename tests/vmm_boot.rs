@@ -335,3 +335,32 @@ fn a_cpl0_guest_takes_the_serial_interrupt_through_its_idt() {
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert_eq!(out.stdout, "I", "the handler ran (N: no interrupt arrived)");
 }
+
+#[test]
+fn standard_input_reaches_the_guest_console() {
+    use std::io::Write;
+    let mut cmd = cellvm();
+    cmd.args(["run", "--memory", "64", "--cmdline", "tests=console"])
+        .stdin(std::process::Stdio::piped());
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello, cell\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("TEST console PASS got=\"hello, cell\""),
+        "{stdout}"
+    );
+}

@@ -34,6 +34,51 @@ impl Serial {
     pub fn flush(&mut self) {
         let _ = self.0.writer_mut().flush();
     }
+
+    /// Queues guest input as much as the receive FIFO takes; returns how much it took.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        let room = self.0.fifo_capacity().min(bytes.len());
+        if room == 0 {
+            return 0;
+        }
+        self.0.enqueue_raw_bytes(&bytes[..room]).unwrap_or(0)
+    }
+}
+
+/// Feeds the VMM's standard input to the guest's COM1 from its own thread, which
+/// installs the `vmm/stdin` seccomp profile first. Ends at end of input.
+pub fn spawn_stdin_feeder(
+    serial: std::sync::Arc<std::sync::Mutex<Serial>>,
+    seccomp: crate::seccomp::Mode,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            if let Err(e) = crate::seccomp::install("vmm", "stdin", seccomp) {
+                log::warn!("serial input disabled: {e}");
+                return;
+            }
+            let mut buf = [0u8; 64];
+            loop {
+                let n = match std::io::Read::read(&mut std::io::stdin(), &mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let taken = serial
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .enqueue_input(rest);
+                    rest = &rest[taken..];
+                    if taken == 0 {
+                        // The guest has not drained the FIFO yet.
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+            }
+        })?;
+    Ok(())
 }
 
 impl BusDevice for Serial {

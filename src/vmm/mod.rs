@@ -280,6 +280,7 @@ pub fn run(cfg: VmConfig) -> Result<i32, Error> {
             .spawn(move || vcpu::run(id as u32, fd, ctx, seccomp))
             .map_err(Error::Thread)?;
     }
+    crate::devices::serial::spawn_stdin_feeder(serial.clone(), seccomp).map_err(Error::Thread)?;
     // The main thread's own, narrower profile: from here it only waits and exits.
     crate::seccomp::install("vmm", "main", seccomp).map_err(Error::Seccomp)?;
 

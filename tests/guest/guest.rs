@@ -22,6 +22,10 @@ use hw::{Serial, StartInfo};
 /// Every check the guest knows, in the order it runs them.
 const CHECKS: [&str; 9] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp", "pci", "irq"];
 
+/// Checks that need something from outside the VM, run only when named in `tests=`:
+/// `console` reads a line typed on the VMM's standard input.
+const OPT_IN: [&str; 1] = ["console"];
+
 /// The vector the irq check programs the serial's IOAPIC pin with.
 const IRQ_VECTOR: u8 = 0x41;
 
@@ -99,6 +103,9 @@ pub extern "C" fn guest_main() -> ! {
     let mut report = Report { serial, passed: 0, failed: 0 };
     let tables = info.and_then(|i| acpi::Tables::locate(i.rsdp_paddr));
     for check in CHECKS.iter().filter(|c| args.selected(c)) {
+        run_check(check, &args, info, tables.as_ref(), &mut report);
+    }
+    for check in OPT_IN.iter().filter(|c| args.tests.is_some_and(|l| l.split(',').any(|t| t == **c))) {
         run_check(check, &args, info, tables.as_ref(), &mut report);
     }
     let (passed, failed) = (report.passed, report.failed);
@@ -205,6 +212,15 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
             None => r.line(name, Err(()), format_args!("no MADT to find the APs")),
         },
         "pci" => check_pci(tables, r),
+        "console" => {
+            let mut line = hw::Buf::<80>::new();
+            let complete = r.serial.read_line(&mut line, 10);
+            r.line(
+                name,
+                complete.then_some(()).ok_or(()),
+                format_args!("got=\"{}\"{}", line.as_str(), if complete { "" } else { " (no newline within 10 s)" }),
+            )
+        }
         "irq" => {
             let outcome = hw::serial_irq_reaches_lapic(IRQ_VECTOR);
             match outcome {

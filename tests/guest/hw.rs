@@ -104,6 +104,26 @@ impl Serial {
         (inb(self.base + 7), inb(self.base + 5))
     }
 
+    /// Reads received bytes up to a newline (not stored), for at most `secs` seconds.
+    /// Returns whether the newline came.
+    pub fn read_line<const N: usize>(&mut self, line: &mut Buf<N>, secs: u64) -> bool {
+        let deadline = rdtsc().saturating_add(secs.saturating_mul(tsc_hz()));
+        while rdtsc() < deadline {
+            if inb(self.base + 5) & 1 == 0 {
+                core::hint::spin_loop();
+                continue;
+            }
+            match inb(self.base) {
+                b'\n' => return true,
+                b'\r' => {}
+                b => {
+                    let _ = fmt::Write::write_char(line, if b.is_ascii_graphic() || b == b' ' { b as char } else { '?' });
+                }
+            }
+        }
+        false
+    }
+
     fn put(&mut self, byte: u8) {
         // Wait (boundedly) for the transmit holding register to empty.
         for _ in 0..100_000 {

@@ -148,6 +148,31 @@ fn compare(scenario: &str, a: &Runner, b: &Runner, runs: usize, rows: &mut Vec<R
     let _ = a.name;
 }
 
+/// Starts `r`, samples its RSS and PSS (MiB, /proc/PID/smaps_rollup) after a second.
+fn resident(r: &Runner) -> (f64, f64) {
+    let mut child = Command::new(&r.cmd[0])
+        .args(&r.cmd[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", r.cmd[0]));
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let rollup =
+        std::fs::read_to_string(format!("/proc/{}/smaps_rollup", child.id())).unwrap_or_default();
+    let field = |name: &str| -> f64 {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    let sample = (field("Rss:"), field("Pss:"));
+    let _ = child.wait();
+    sample
+}
+
 /// Starts `n` copies of `r` at once and returns VMs per second (first start to last exit).
 fn launch_rate(r: &Runner, n: usize) -> f64 {
     let start = Instant::now();
@@ -389,6 +414,43 @@ fn main() {
         &mut rows,
     );
     let supervisor_rss = supervisor_rss_kib(&jailer, &policy, &work);
+
+    // Scenario 3 (so far without devices: virtio disk, net and rng come with their
+    // issue): RSS and PSS of a running 128 MiB VM, sampled while the guest holds.
+    let (mut vr, mut vp, mut qr, mut qp) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs.min(5) {
+        let c = resident(&Runner {
+            cmd: cellvm(&bin, None, Some("tests=none hold=2"))
+                .cmd
+                .iter()
+                .map(|a| if a == "64" { "128".into() } else { a.clone() })
+                .collect(),
+            ..cellvm(&bin, None, None)
+        });
+        let q = resident(&Runner {
+            cmd: qemu(&guest, Some("tests=none hold=2"))
+                .cmd
+                .iter()
+                .map(|a| if a == "64" { "128".into() } else { a.clone() })
+                .collect(),
+            ..qemu(&guest, None)
+        });
+        vr.push(c.0);
+        vp.push(c.1);
+        qr.push(q.0);
+        qp.push(q.1);
+    }
+    for (metric, a, b) in [("RSS MiB", vr, qr), ("PSS MiB", vp, qp)] {
+        let (a, b) = (stats(a), stats(b));
+        rows.push(Row {
+            scenario: "3. memory, 128 MiB VM, no devices".into(),
+            metric: metric.into(),
+            ratio: a.median / b.median,
+            cellvm: a,
+            peer_name: "qemu microvm".into(),
+            peer: b,
+        });
+    }
 
     // Scenario 5: launch rate: N VMs started at once, VMs per second per core.
     let n = if args.quick { 4 } else { 32 };

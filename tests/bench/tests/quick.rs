@@ -24,9 +24,10 @@ fn quick_mode_runs_every_scenario_against_its_peer() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(
         rows.len(),
-        13,
-        "4 comparisons x 3 metrics, and the launch rate"
+        15,
+        "4 comparisons x 3 metrics, the launch rate, RSS and PSS"
     );
+    assert!(rows.iter().any(|r| r["metric"] == "PSS MiB"));
     assert!(rows.iter().any(|r| r["metric"] == "VMs/s/core"));
     for r in &rows {
         assert!(r["cellvm"]["median"].as_f64().unwrap() > 0.0, "{r}");

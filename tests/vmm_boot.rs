@@ -364,3 +364,31 @@ fn standard_input_reaches_the_guest_console() {
         "{stdout}"
     );
 }
+
+#[test]
+fn a_vm_with_as_many_vcpus_as_kvm_allows_boots_and_lists_them_all() {
+    // The refusal names the limit; then the limit itself must work.
+    let refused = run_guest(&["--cpus", "100000"]);
+    let max: u32 = refused
+        .stderr
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no limit in {:?}", refused.stderr));
+    assert!(max >= 255, "KVM allows only {max} vCPUs here");
+    let max = max.to_string();
+    let out = run_guest(&[
+        "--cpus",
+        &max,
+        "--memory",
+        "512",
+        "--cmdline",
+        "tests=madt,acpi",
+    ]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out
+        .passed("madt")
+        .contains(&format!("cpus={max} ioapics=1")));
+    out.passed("acpi");
+}

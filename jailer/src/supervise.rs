@@ -68,9 +68,13 @@ pub fn wait(pid: u32, signals: &Signals) -> i32 {
         // SAFETY: sigtimedwait with a valid set and timeout; no siginfo wanted.
         let sig = unsafe { libc::sigtimedwait(&signals.set, std::ptr::null_mut(), &timeout) };
         if matches!(sig, libc::SIGTERM | libc::SIGINT | libc::SIGHUP) && kill_at.is_none() {
+            kill_at = Some(Instant::now() + GRACE);
+        }
+        if kill_at.is_some() {
+            // Passed on again at every turn of this loop: a VMM that is PID 1 of its
+            // namespace drops a SIGTERM that arrives before it has installed its handler.
             // SAFETY: kill our own child.
             unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            kill_at = Some(Instant::now() + GRACE);
         }
         if kill_at.is_some_and(|t| Instant::now() > t) {
             // SAFETY: kill our own child.

@@ -162,3 +162,15 @@ fn serial_file_in_a_missing_directory_leaves_nothing_behind() {
         "serial output /nonexistent/dir/serial.log",
     );
 }
+
+#[test]
+fn command_line_with_non_ascii_or_control_bytes() {
+    refuse(
+        &["--cmdline", "console=ttyS0 caf\u{e9}"],
+        "byte 0xc3 at offset 17 is not printable ASCII",
+    );
+    refuse(
+        &["--cmdline", "a\tb"],
+        "byte 0x09 at offset 1 is not printable ASCII",
+    );
+}

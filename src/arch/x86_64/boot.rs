@@ -70,6 +70,8 @@ pub enum Error {
     CmdlineTooLong { len: usize, max: usize },
     #[error("command line: {0}")]
     Cmdline(linux_loader::cmdline::Error),
+    #[error("command line: byte {byte:#04x} at offset {offset} is not printable ASCII")]
+    CmdlineNotAscii { byte: u8, offset: usize },
     #[error("cannot write boot information into guest memory: {0}")]
     BootInfo(String),
 }
@@ -268,6 +270,16 @@ pub fn load_cmdline(
             len: text.len(),
             max: max - 1,
         });
+    }
+    // Printable ASCII only, as the kernel parses it: anything else (control bytes,
+    // other encodings) is refused rather than passed on or normalised away.
+    if let Some((offset, &byte)) = text
+        .as_bytes()
+        .iter()
+        .enumerate()
+        .find(|(_, b)| !(b' '..=b'~').contains(*b))
+    {
+        return Err(Error::CmdlineNotAscii { byte, offset });
     }
     let cmdline = Cmdline::try_from(text, max).map_err(Error::Cmdline)?;
     // What is written (linux-loader normalises, e.g. trailing blanks) is what the boot

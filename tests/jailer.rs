@@ -49,7 +49,25 @@ fn spec(dir: &Path, body: &str) -> PathBuf {
 }
 
 fn launch(id: &str, vm: &Path, extra: &[&str]) -> common::Outcome {
-    let policy = repo("policy/tenants/example.toml");
+    launch_with(&repo("policy/tenants/example.toml"), id, vm, extra)
+}
+
+/// The example tenant policy plus `allow_test_switches`, for the probes.
+fn test_policy() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cellvm-jailer-policy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("tenant.toml");
+    let example = std::fs::read_to_string(repo("policy/tenants/example.toml")).unwrap();
+    let text = example.replace(
+        "seccomp_off_allowed = false",
+        "seccomp_off_allowed = false\nallow_test_switches = true",
+    );
+    assert_ne!(text, example);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn launch_with(policy: &Path, id: &str, vm: &Path, extra: &[&str]) -> common::Outcome {
     let mut c = jailer(&[
         "launch",
         "--id",
@@ -431,9 +449,31 @@ fn probe(name: &str, without: &[&str]) -> common::Outcome {
     for w in without {
         extra.extend(["--without", w]);
     }
-    let out = launch(&id, &repo("policy/vms/example.toml"), &extra);
+    let out = launch_with(
+        &test_policy(),
+        &id,
+        &repo("policy/vms/example.toml"),
+        &extra,
+    );
     assert_nothing_left(&id);
     out
+}
+
+#[test]
+fn test_switches_are_refused_unless_the_tenant_policy_allows_them() {
+    for extra in [&["--probe", "mount"][..], &["--without", "seccomp"][..]] {
+        let id = unique("switch");
+        let out = launch(&id, &repo("policy/vms/example.toml"), extra);
+        assert_eq!(out.code, Some(2), "{extra:?}: {}", out.stderr);
+        assert!(
+            out.stderr
+                .contains("test switches; the tenant policy does not allow them"),
+            "{}",
+            out.stderr
+        );
+        assert!(out.stdout.is_empty());
+        assert_nothing_left(&id);
+    }
 }
 
 /// Every probe, in the full cell: the VMM's seccomp profile kills the process (SIGSYS)

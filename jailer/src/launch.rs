@@ -86,6 +86,12 @@ pub fn plan(opts: &Options) -> Result<Plan, Failure> {
             "--without {w}: only seccomp and landlock can be left out (test only)"
         )));
     }
+    if (opts.probe.is_some() || !opts.without.is_empty()) && !policy.allow_test_switches {
+        return Err(refused(format!(
+            "tenant {}: --probe and --without are test switches; the tenant policy does not allow them (allow_test_switches = false)",
+            policy.name
+        )));
+    }
     let id = opts
         .id
         .clone()

@@ -39,6 +39,10 @@ pub struct TenantPolicy {
     /// Whether `--seccomp off` may be used for this tenant's VMs (diagnosis only).
     #[serde(default)]
     pub seccomp_off_allowed: bool,
+    /// Whether the test-only launch switches (`--probe`, `--without`) may be used for
+    /// this tenant: never on a production host.
+    #[serde(default)]
+    pub allow_test_switches: bool,
     #[serde(default)]
     pub hugepages: bool,
     #[serde(default)]

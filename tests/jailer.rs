@@ -67,8 +67,9 @@ fn test_policy() -> PathBuf {
     p
 }
 
-fn launch_with(policy: &Path, id: &str, vm: &Path, extra: &[&str]) -> common::Outcome {
-    let mut c = jailer(&[
+/// `cellvm-jailer launch --id ID --policy P --vm V`.
+fn launch_command(policy: &Path, id: &str, vm: &Path) -> Command {
+    jailer(&[
         "launch",
         "--id",
         id,
@@ -76,7 +77,11 @@ fn launch_with(policy: &Path, id: &str, vm: &Path, extra: &[&str]) -> common::Ou
         policy.to_str().unwrap(),
         "--vm",
         vm.to_str().unwrap(),
-    ]);
+    ])
+}
+
+fn launch_with(policy: &Path, id: &str, vm: &Path, extra: &[&str]) -> common::Outcome {
+    let mut c = launch_command(policy, id, vm);
     c.args(extra);
     run(c, LIMIT)
 }
@@ -233,20 +238,11 @@ fn start_holding(id: &str, secs: u32) -> (std::process::Child, u32) {
             "name = \"hold\"\nvcpus = 2\nmemory_mib = 64\ncmdline = \"tests=none hold={secs}\"\n"
         ),
     );
-    let policy = repo("policy/tenants/example.toml");
-    let child = jailer(&[
-        "launch",
-        "--id",
-        id,
-        "--policy",
-        policy.to_str().unwrap(),
-        "--vm",
-        vm.to_str().unwrap(),
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
+    let child = launch_command(&repo("policy/tenants/example.toml"), id, &vm)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let procs = format!("/sys/fs/cgroup/pids/cellvm/{id}/cgroup.procs");
     let start = Instant::now();
     loop {

@@ -124,6 +124,23 @@ fn extract_vmlinux(bzimage: &Path, out: &Path) {
     std::fs::write(out, &result.stdout).unwrap();
 }
 
+/// `cellvm run` with the memory, vCPUs, boot protocol and command line of a kernel test.
+fn run_command(memory: &str, cpus: &str, protocol: &str, cmdline: &str) -> Command {
+    let mut cmd = cellvm();
+    cmd.args([
+        "run",
+        "--memory",
+        memory,
+        "--cpus",
+        cpus,
+        "--boot-protocol",
+        protocol,
+        "--cmdline",
+        cmdline,
+    ]);
+    cmd
+}
+
 fn boot(kernel: &Path, protocol: &str, marker: &str) -> (String, String) {
     boot_with(kernel, protocol, marker, CPUS, MEMORY_MIB)
 }
@@ -136,20 +153,8 @@ fn boot_with(
     memory: &str,
 ) -> (String, String) {
     let cmdline = format!("console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 {marker}");
-    let mut cmd = cellvm();
-    cmd.args([
-        "run",
-        "--memory",
-        memory,
-        "--cpus",
-        cpus,
-        "--boot-protocol",
-        protocol,
-        "--cmdline",
-        &cmdline,
-    ])
-    .arg("--kernel")
-    .arg(kernel);
+    let mut cmd = run_command(memory, cpus, protocol, &cmdline);
+    cmd.arg("--kernel").arg(kernel);
     let out = run(cmd, LIMIT);
     let log = out.stdout.replace('\r', "");
     let ending = out.stderr.trim().to_string();
@@ -243,18 +248,7 @@ fn debian_vmlinux_boots_through_its_pvh_note() {
 fn boot_until(kernel: &Path, cpus: &str, memory: &str, until: &str) -> String {
     use std::io::BufRead;
     let cmdline = "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1";
-    let mut child = cellvm()
-        .args([
-            "run",
-            "--memory",
-            memory,
-            "--cpus",
-            cpus,
-            "--boot-protocol",
-            "linux",
-            "--cmdline",
-            cmdline,
-        ])
+    let mut child = run_command(memory, cpus, "linux", cmdline)
         .arg("--kernel")
         .arg(kernel)
         .stdout(std::process::Stdio::piped())

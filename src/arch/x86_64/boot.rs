@@ -156,7 +156,14 @@ where
         | Err(loader::Error::Elf(loader::elf::Error::ReadElfHeader)) => {
             return load_bzimage(mem, path, image, ram_top);
         }
-        Err(source) => return Err(load_error(path, source, ram_top)),
+        // A segment that cannot be read (truncated file, or beyond guest RAM) comes back
+        // as linux-loader's own error, named as it is.
+        Err(source) => {
+            return Err(Error::Load {
+                path: path.into(),
+                source,
+            })
+        }
     };
     let end = elf.kernel_end;
     check_end(path, end, ram_top)?;
@@ -178,21 +185,6 @@ where
         end,
         header: None,
     })
-}
-
-fn load_error(path: &str, source: loader::Error, ram_top: u64) -> Error {
-    match source {
-        // linux-loader reports segments that do not fit guest memory this way.
-        loader::Error::Elf(loader::elf::Error::ReadKernelImage) => Error::TooLarge {
-            path: path.into(),
-            end: u64::MAX,
-            ram: ram_top,
-        },
-        source => Error::Load {
-            path: path.into(),
-            source,
-        },
-    }
 }
 
 fn check_end(path: &str, end: u64, ram_top: u64) -> Result<(), Error> {

@@ -26,6 +26,9 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Run a device backend (vhost-user) for one VM.
+    #[command(subcommand)]
+    Device(DeviceCommand),
     /// Test only: try one thing a cell must forbid, after installing the VMM's
     /// main-thread seccomp profile, and report how it was stopped.
     #[command(hide = true)]
@@ -33,6 +36,54 @@ enum Command {
         name: String,
         #[arg(long, value_enum, default_value = "kill")]
         seccomp: cellvm::seccomp::Mode,
+    },
+}
+
+#[derive(Args)]
+struct BackendArgs {
+    /// Listen at this path for the VMM's connection.
+    #[arg(
+        long,
+        conflicts_with = "listen_fd",
+        required_unless_present = "listen_fd"
+    )]
+    socket: Option<PathBuf>,
+    /// An inherited listening socket (as the jailer and `cellvm run` pass it).
+    #[arg(long)]
+    listen_fd: Option<i32>,
+    /// What a seccomp violation does.
+    #[arg(long, value_enum, default_value = "kill")]
+    seccomp: cellvm::seccomp::Mode,
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// virtio-blk on a raw image.
+    Blk {
+        #[command(flatten)]
+        common: BackendArgs,
+        /// The image file.
+        #[arg(
+            long,
+            conflicts_with = "image_fd",
+            required_unless_present = "image_fd"
+        )]
+        image: Option<PathBuf>,
+        /// An inherited descriptor of the image, opened by the jailer.
+        #[arg(long)]
+        image_fd: Option<i32>,
+        #[arg(long)]
+        readonly: bool,
+        #[arg(long, default_value_t = 1)]
+        queues: u16,
+        /// The serial the guest reads with GET_ID (up to 20 bytes).
+        #[arg(long, default_value = "cellvm")]
+        id: String,
+    },
+    /// virtio-rng from getrandom(2).
+    Rng {
+        #[command(flatten)]
+        common: BackendArgs,
     },
 }
 
@@ -59,6 +110,13 @@ struct RunArgs {
     /// What a seccomp violation does: kill (default), log, or off (diagnosis only).
     #[arg(long, value_enum)]
     seccomp: Option<cellvm::seccomp::Mode>,
+    /// A virtio-blk disk: path=IMG[,readonly=on][,queues=N], socket=PATH or fd=N
+    /// (repeat for more disks).
+    #[arg(long = "disk")]
+    disks: Vec<cellvm::vmm::config::DiskSpec>,
+    /// A virtio-rng device: on (cellvm starts its backend), socket=PATH or fd=N.
+    #[arg(long, num_args = 0..=1, default_missing_value = "on")]
+    rng: Option<cellvm::vmm::config::RngSpec>,
     /// The same fields from a TOML file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -78,6 +136,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Probe { name, seccomp } => Ok(cellvm::probe::run(&name, seccomp)),
         Command::Run(args) => run(args),
+        Command::Device(cmd) => device(cmd),
         Command::Testguest { output } => std::fs::write(&output, cellvm::testguest::IMAGE)
             .map(|_| 0)
             .map_err(|e| (format!("{}: {e}", output.display()), 2)),
@@ -105,9 +164,63 @@ fn run(args: RunArgs) -> Result<i32, (String, i32)> {
         serial: args.serial,
         boot_protocol: args.boot_protocol,
         seccomp: args.seccomp,
+        disks: (!args.disks.is_empty()).then_some(args.disks),
+        rng: args.rng,
     };
     let code =
         cellvm::vmm::run(from_file.merge(flags)).map_err(|e| (e.to_string(), e.exit_code()))?;
     // Exit at once: vCPU threads still inside KVM_RUN are not joined.
     std::process::exit(code);
+}
+
+fn device(cmd: DeviceCommand) -> Result<i32, (String, i32)> {
+    use cellvm::backend::{self, Socket};
+    use std::os::fd::FromRawFd;
+    let socket = |c: &BackendArgs| match (&c.socket, c.listen_fd) {
+        (Some(p), _) => Socket::Path(p.clone()),
+        (None, Some(fd)) => Socket::ListenFd(fd),
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let result = match cmd {
+        DeviceCommand::Blk {
+            common,
+            image,
+            image_fd,
+            readonly,
+            queues,
+            id,
+        } => {
+            if !(1..=cellvm::vmm::config::MAX_DISK_QUEUES).contains(&queues) {
+                return Err((
+                    format!(
+                        "--queues {queues}: expected 1 to {}",
+                        cellvm::vmm::config::MAX_DISK_QUEUES
+                    ),
+                    2,
+                ));
+            }
+            let file = match (image, image_fd) {
+                (Some(p), _) => std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(!readonly)
+                    .open(&p)
+                    .map_err(|e| (format!("{}: {e}", p.display()), 2))?,
+                // SAFETY: the descriptor was handed to this process to own.
+                (None, Some(fd)) => unsafe { std::fs::File::from_raw_fd(fd) },
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let disk = backend::blk::Disk::new(file, readonly, &id)
+                .map_err(|e| (format!("image: {e}"), 2))?;
+            let b = backend::blk::BlkBackend::new(disk, queues as usize, 256);
+            backend::serve("cellvm-blk", b, socket(&common), "blk", common.seccomp)
+        }
+        DeviceCommand::Rng { common } => backend::serve(
+            "cellvm-rng",
+            backend::rng::RngBackend::new(),
+            socket(&common),
+            "rng",
+            common.seccomp,
+        ),
+    };
+    result.map(|_| 0).map_err(|e| (e.to_string(), 1))
 }

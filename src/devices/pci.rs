@@ -64,6 +64,18 @@ impl PciRoot {
         }
     }
 
+    /// Puts a function at device number `slot` of bus 0.
+    pub fn add(&mut self, slot: u8, function: Box<dyn PciFunction>) -> Result<(), String> {
+        match self.devices.get_mut(slot as usize) {
+            Some(s @ None) => {
+                *s = Some(function);
+                Ok(())
+            }
+            Some(Some(_)) => Err(format!("PCI slot {slot} is taken")),
+            None => Err(format!("PCI slot {slot} does not exist (0-31)")),
+        }
+    }
+
     fn function(&mut self, bus: u8, device: u8, function: u8) -> Option<&mut Box<dyn PciFunction>> {
         if bus != 0 || function != 0 {
             return None;

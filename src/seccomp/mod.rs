@@ -58,6 +58,32 @@ pub fn install(role: &str, thread: &str, mode: Mode) -> Result<(), Error> {
     seccompiler::apply_filter(&prog).map_err(|e| Error::Install(role.into(), thread.into(), e))
 }
 
+/// Installs `role`'s process-wide profile (thread kind `all`) on every thread of the
+/// process, with a second filter that answers clone3 ENOSYS: clone3's flags live in
+/// memory where BPF cannot read them, so thread creation is pushed to clone, whose
+/// flags the profile checks. (Stacked filters: the strictest answer wins.)
+pub fn install_process(role: &str, mode: Mode) -> Result<(), Error> {
+    let variant = match mode {
+        Mode::Off => return Ok(()),
+        Mode::Kill => "kill",
+        Mode::Log => "log",
+    };
+    let prog =
+        program(role, "all", variant).ok_or_else(|| Error::Missing(role.into(), "all".into()))?;
+    let err = |e| Error::Install(role.into(), "all".into(), e);
+    let no_clone3: seccompiler::BpfProgram = seccompiler::SeccompFilter::new(
+        [(libc::SYS_clone3, vec![])].into_iter().collect(),
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::ENOSYS as u32),
+        seccompiler::TargetArch::x86_64,
+    )
+    .and_then(|f| f.try_into())
+    .map_err(|e| err(seccompiler::Error::Backend(e)))?;
+    // The clone3 filter first: the profile itself does not allow seccomp().
+    seccompiler::apply_filter_all_threads(&no_clone3).map_err(err)?;
+    seccompiler::apply_filter_all_threads(&prog).map_err(err)
+}
+
 /// Every (role, thread kind) with a compiled profile.
 pub fn profiles() -> Vec<(&'static str, &'static str)> {
     let mut v: Vec<_> = PROFILES

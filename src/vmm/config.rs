@@ -40,6 +40,138 @@ impl<'de> Deserialize<'de> for SerialOut {
     }
 }
 
+/// Where a device's vhost-user backend comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// cellvm starts its own backend process (developer mode, unjailed).
+    Spawn,
+    /// Connect to a backend someone else started, listening at this path.
+    Socket(PathBuf),
+    /// An inherited descriptor already connected to a backend (how the jailer passes
+    /// the backends it started in their own cells).
+    Fd(i32),
+}
+
+/// A virtio-blk disk: `path=IMG[,readonly=on][,queues=N]`, `socket=PATH[,queues=N]` or
+/// `fd=N[,queues=N]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub image: Option<PathBuf>,
+    pub readonly: bool,
+    pub queues: u16,
+    pub backend: Backend,
+}
+
+/// The largest number of queues a disk may have.
+pub const MAX_DISK_QUEUES: u16 = 16;
+
+fn parse_backend(key: &str, value: &str, what: &str) -> Result<Option<Backend>, String> {
+    Ok(match key {
+        "socket" if !value.is_empty() => Some(Backend::Socket(value.into())),
+        "fd" => Some(Backend::Fd(
+            value
+                .parse()
+                .ok()
+                .filter(|fd: &i32| *fd >= 3)
+                .ok_or_else(|| format!("{what}: fd={value}: expected a descriptor number >= 3"))?,
+        )),
+        _ => None,
+    })
+}
+
+impl std::str::FromStr for DiskSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let what = format!("disk {s:?}");
+        let mut spec = DiskSpec {
+            image: None,
+            readonly: false,
+            queues: 1,
+            backend: Backend::Spawn,
+        };
+        let mut source = 0;
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{what}: {part:?} is not KEY=VALUE"))?;
+            if let Some(b) = parse_backend(key, value, &what)? {
+                spec.backend = b;
+                source += 1;
+                continue;
+            }
+            match key {
+                "path" if !value.is_empty() => {
+                    spec.image = Some(value.into());
+                    source += 1;
+                }
+                "readonly" => {
+                    spec.readonly = match value {
+                        "on" | "true" => true,
+                        "off" | "false" => false,
+                        _ => return Err(format!("{what}: readonly={value}: expected on or off")),
+                    }
+                }
+                "queues" => {
+                    spec.queues = value
+                        .parse()
+                        .ok()
+                        .filter(|q| (1..=MAX_DISK_QUEUES).contains(q))
+                        .ok_or_else(|| {
+                            format!("{what}: queues={value}: expected 1 to {MAX_DISK_QUEUES}")
+                        })?
+                }
+                _ => return Err(format!("{what}: unknown or empty key {key:?}")),
+            }
+        }
+        if source != 1 {
+            return Err(format!("{what}: give exactly one of path=, socket= or fd="));
+        }
+        if spec.readonly && spec.backend != Backend::Spawn {
+            return Err(format!(
+                "{what}: readonly= belongs to the backend that owns the image"
+            ));
+        }
+        Ok(spec)
+    }
+}
+
+/// The entropy device: `on`, `socket=PATH` or `fd=N`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RngSpec {
+    pub backend: Backend,
+}
+
+impl std::str::FromStr for RngSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "on" {
+            return Ok(RngSpec {
+                backend: Backend::Spawn,
+            });
+        }
+        let what = format!("rng {s:?}");
+        let (key, value) = s.split_once('=').unwrap_or((s, ""));
+        match parse_backend(key, value, &what)? {
+            Some(backend) => Ok(RngSpec { backend }),
+            None => Err(format!("{what}: expected on, socket=PATH or fd=N")),
+        }
+    }
+}
+
+macro_rules! deserialize_from_str {
+    ($t:ty) => {
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                String::deserialize(d)?
+                    .parse()
+                    .map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+deserialize_from_str!(DiskSpec);
+deserialize_from_str!(RngSpec);
+
 /// A VM's configuration. Every field is optional in the file; flags override the file.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +186,10 @@ pub struct VmConfig {
     pub boot_protocol: Option<BootProtocol>,
     /// What a seccomp violation does (default: kill).
     pub seccomp: Option<crate::seccomp::Mode>,
+    /// virtio-blk disks, in PCI slot order.
+    pub disks: Option<Vec<DiskSpec>>,
+    /// A virtio-rng device.
+    pub rng: Option<RngSpec>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +230,8 @@ impl VmConfig {
             serial: over.serial.or(self.serial),
             boot_protocol: over.boot_protocol.or(self.boot_protocol),
             seccomp: over.seccomp.or(self.seccomp),
+            disks: over.disks.or(self.disks),
+            rng: over.rng.or(self.rng),
         }
     }
 
@@ -146,6 +284,45 @@ mod tests {
         });
         assert_eq!((merged.cpus(), merged.memory_mib()), (4, 256));
         assert_eq!(merged.cmdline.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn device_specs_parse_and_refuse_what_they_cannot_mean() {
+        let d: DiskSpec = "path=/img,readonly=on,queues=4".parse().unwrap();
+        assert_eq!(
+            d,
+            DiskSpec {
+                image: Some("/img".into()),
+                readonly: true,
+                queues: 4,
+                backend: Backend::Spawn
+            }
+        );
+        let d: DiskSpec = "socket=/run/x.sock".parse().unwrap();
+        assert_eq!(d.backend, Backend::Socket("/run/x.sock".into()));
+        assert_eq!("fd=5".parse::<DiskSpec>().unwrap().backend, Backend::Fd(5));
+        for bad in [
+            "",
+            "path=",
+            "path=/a,socket=/b",
+            "fd=1",
+            "fd=x",
+            "path=/a,queues=0",
+            "path=/a,queues=17",
+            "socket=/s,readonly=on",
+            "path=/a,size=3",
+            "readonly=on",
+        ] {
+            assert!(bad.parse::<DiskSpec>().is_err(), "{bad:?} accepted");
+        }
+        assert_eq!("on".parse::<RngSpec>().unwrap().backend, Backend::Spawn);
+        assert_eq!("fd=7".parse::<RngSpec>().unwrap().backend, Backend::Fd(7));
+        assert!("off".parse::<RngSpec>().is_err());
+        let c = VmConfig::parse_toml("disks = [\"path=/i\"]\nrng = \"on\"").unwrap();
+        assert_eq!(c.disks.unwrap().len(), 1);
+        assert!(VmConfig::parse_toml("disks = [\"path=/i,bogus=1\"]")
+            .unwrap_err()
+            .contains("bogus"));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod memory;
 pub mod vcpu;
+pub mod virtio;
 
 use std::fs::File;
 use std::io::Write;
@@ -20,6 +21,7 @@ use crate::devices::ioapic::{self, IoApic};
 use crate::devices::pci::{self, PciConfigIo, PciEcam, PciRoot};
 use crate::devices::serial::{IrqLine, Serial};
 use crate::devices::VmEvent;
+use crate::virtio::irq::MsiRouter;
 use config::{SerialOut, VmConfig};
 
 /// Where KVM's real-mode TSS pages go (Intel only; harmless elsewhere): just below the
@@ -51,6 +53,8 @@ pub enum Error {
     Thread(std::io::Error),
     #[error(transparent)]
     Seccomp(crate::seccomp::Error),
+    #[error("device {0}")]
+    Device(String),
 }
 
 impl Error {
@@ -238,6 +242,12 @@ pub fn run(cfg: VmConfig) -> Result<i32, Error> {
         Arc::new(Mutex::new(PciConfigIo(pci.clone()))),
     )
     .map_err(bus_err)?;
+    // Virtio devices, each backed by a vhost-user backend process.
+    let router = Arc::new(MsiRouter::new(vm.clone()));
+    let _backends = {
+        let mut root = pci.lock().unwrap_or_else(|p| p.into_inner());
+        virtio::attach(&cfg, &vm, &ram.mem, &router, &mut root, &mut mmio)?
+    };
     mmio.insert(
         layout::PCI_ECAM_BASE,
         pci::ECAM_SIZE,

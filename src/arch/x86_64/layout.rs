@@ -30,6 +30,9 @@ pub const HIGH_RAM_START: u64 = 0x10_0000;
 /// The 32-bit PCI hole: device MMIO (IOAPIC, LAPIC, later PCI BARs), never RAM.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Virtio-pci BARs: slot N's BAR 0 at PCI_BAR_BASE + N * PCI_BAR_STRIDE.
+pub const PCI_BAR_BASE: u64 = 0xc000_0000;
+pub const PCI_BAR_STRIDE: u64 = 0x1_0000;
 /// PCI ECAM (bus 0), described to the guest by the MCFG table.
 pub const PCI_ECAM_BASE: u64 = 0xe000_0000;
 pub const PCI_ECAM_SIZE: u64 = 1 << 20;

@@ -1,0 +1,438 @@
+//! `cellvm device blk`: a virtio-blk device model on a raw image.
+//!
+//! Requests go straight between the image and guest RAM with preadv/pwritev on the
+//! descriptors' own buffers (no copies). FLUSH is fdatasync, so a write the guest saw
+//! flushed survives the backend being killed. DISCARD punches holes, WRITE_ZEROES
+//! zeroes ranges (unmapping them when the driver allows it); both fall back to writing
+//! zeroes where the file system cannot.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use super::{process_vring, segments, Memory, Segment, MAX_QUEUE_SIZE};
+use crate::virtio::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1};
+
+pub const SECTOR: u64 = 512;
+const PROTOCOL_FEATURES: u64 = 1 << 30;
+
+/// virtio-blk feature bits (virtio 1.2, 5.2.3).
+pub const F_SIZE_MAX: u64 = 1 << 1;
+pub const F_SEG_MAX: u64 = 1 << 2;
+pub const F_RO: u64 = 1 << 5;
+pub const F_BLK_SIZE: u64 = 1 << 6;
+pub const F_FLUSH: u64 = 1 << 9;
+pub const F_MQ: u64 = 1 << 12;
+pub const F_DISCARD: u64 = 1 << 13;
+pub const F_WRITE_ZEROES: u64 = 1 << 14;
+
+/// Request types and status values.
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
+pub const T_FLUSH: u32 = 4;
+pub const T_GET_ID: u32 = 8;
+pub const T_DISCARD: u32 = 11;
+pub const T_WRITE_ZEROES: u32 = 13;
+pub const S_OK: u8 = 0;
+pub const S_IOERR: u8 = 1;
+pub const S_UNSUPP: u8 = 2;
+const ID_BYTES: usize = 20;
+const WRITE_ZEROES_UNMAP: u32 = 1;
+/// Largest single discard / write-zeroes range the device advertises (sectors).
+const MAX_RANGE_SECTORS: u32 = 1 << 22;
+
+/// The image and what the device knows about it. Shared by every queue's thread;
+/// pread/pwrite need no lock.
+pub struct Disk {
+    pub file: File,
+    pub sectors: u64,
+    pub readonly: bool,
+    pub id: [u8; ID_BYTES],
+}
+
+impl Disk {
+    pub fn new(file: File, readonly: bool, id: &str) -> std::io::Result<Disk> {
+        let bytes = file.metadata()?.len();
+        let mut raw = [0u8; ID_BYTES];
+        let n = id.len().min(ID_BYTES);
+        raw[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Ok(Disk {
+            file,
+            sectors: bytes / SECTOR,
+            readonly,
+            id: raw,
+        })
+    }
+
+    /// Serves one request chain; returns the bytes written into guest buffers
+    /// (data and status) for the used ring.
+    pub fn serve_chain<M: GuestMemoryBackend>(&self, mem: &M, chain: DescriptorChain<&M>) -> u32 {
+        let segs = match segments(mem, chain, MAX_QUEUE_SIZE) {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("blk: request dropped: {e:?}");
+                return 0;
+            }
+        };
+        // Header (readable, 16 bytes) first, status (writable, >= 1 byte) last.
+        let (Some(head), Some(last)) = (segs.first(), segs.last()) else {
+            return 0;
+        };
+        if segs.len() < 2 || !last.writable || last.len == 0 {
+            log::warn!("blk: request without a status byte dropped");
+            return 0;
+        }
+        let status_at = GuestAddress(last.addr.0 + last.len as u64 - 1);
+        let data = &segs[1..segs.len() - 1];
+        // A status segment longer than one byte may carry data (some drivers merge).
+        let mut data = data.to_vec();
+        if last.len > 1 {
+            data.push(Segment {
+                len: last.len - 1,
+                ..*last
+            });
+        }
+        let (status, written) = if head.writable || head.len < 16 {
+            (S_IOERR, 0)
+        } else {
+            let mut hdr = [0u8; 16];
+            match mem.read_slice(&mut hdr, head.addr) {
+                Ok(()) => {
+                    let kind = u32::from_le_bytes(hdr[0..4].try_into().expect("4 bytes"));
+                    let sector = u64::from_le_bytes(hdr[8..16].try_into().expect("8 bytes"));
+                    self.request(mem, kind, sector, &data)
+                }
+                Err(_) => (S_IOERR, 0),
+            }
+        };
+        match mem.write_obj(status, status_at) {
+            Ok(()) => written + 1,
+            Err(_) => 0,
+        }
+    }
+
+    fn request<M: GuestMemoryBackend>(
+        &self,
+        mem: &M,
+        kind: u32,
+        sector: u64,
+        data: &[Segment],
+    ) -> (u8, u32) {
+        match kind {
+            T_IN | T_OUT => {
+                let write = kind == T_OUT;
+                if write && self.readonly {
+                    return (S_IOERR, 0);
+                }
+                // Every data buffer must point the way the request moves data.
+                if data.iter().any(|s| s.writable == write) {
+                    return (S_IOERR, 0);
+                }
+                let len: u64 = data.iter().map(|s| s.len as u64).sum();
+                if len % SECTOR != 0 || !self.in_range(sector, len / SECTOR) {
+                    return (S_IOERR, 0);
+                }
+                match self.transfer(mem, sector * SECTOR, data, write) {
+                    Ok(()) => (S_OK, if write { 0 } else { len as u32 }),
+                    Err(e) => {
+                        log::warn!(
+                            "blk: {} at sector {sector}: {e}",
+                            if write { "write" } else { "read" }
+                        );
+                        (S_IOERR, 0)
+                    }
+                }
+            }
+            T_FLUSH => {
+                if self.readonly {
+                    return (S_OK, 0);
+                }
+                // SAFETY: fdatasync on a descriptor we own.
+                if unsafe { libc::fdatasync(self.file.as_raw_fd()) } == 0 {
+                    (S_OK, 0)
+                } else {
+                    (S_IOERR, 0)
+                }
+            }
+            T_GET_ID => {
+                let Some(buf) = data.first().filter(|s| s.writable) else {
+                    return (S_IOERR, 0);
+                };
+                let n = (buf.len as usize).min(ID_BYTES);
+                match mem.write_slice(&self.id[..n], buf.addr) {
+                    Ok(()) => (S_OK, n as u32),
+                    Err(_) => (S_IOERR, 0),
+                }
+            }
+            T_DISCARD | T_WRITE_ZEROES => {
+                if self.readonly {
+                    return (S_IOERR, 0);
+                }
+                (self.ranges(mem, kind, data), 0)
+            }
+            _ => (S_UNSUPP, 0),
+        }
+    }
+
+    fn in_range(&self, sector: u64, count: u64) -> bool {
+        sector
+            .checked_add(count)
+            .is_some_and(|end| end <= self.sectors)
+    }
+
+    /// One preadv/pwritev over the guest's buffers, repeated until done.
+    fn transfer<M: GuestMemoryBackend>(
+        &self,
+        mem: &M,
+        mut offset: u64,
+        data: &[Segment],
+        write: bool,
+    ) -> std::io::Result<()> {
+        let mut iov = Vec::with_capacity(data.len());
+        let mut guards = Vec::with_capacity(data.len());
+        for s in data.iter().filter(|s| s.len > 0) {
+            let slice = mem
+                .get_slice(s.addr, s.len as usize)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let guard = slice.ptr_guard_mut();
+            iov.push(libc::iovec {
+                iov_base: guard.as_ptr() as *mut libc::c_void,
+                iov_len: s.len as usize,
+            });
+            guards.push(guard);
+        }
+        let mut first = 0;
+        while first < iov.len() {
+            let n = iov.len() - first;
+            let iovcnt = n.min(libc::UIO_MAXIOV as usize) as libc::c_int;
+            // SAFETY: every iovec points into a guest RAM mapping checked by get_slice
+            // and kept alive by `guards`; the kernel reads or writes only those bytes.
+            let done = unsafe {
+                if write {
+                    libc::pwritev(
+                        self.file.as_raw_fd(),
+                        iov[first..].as_ptr(),
+                        iovcnt,
+                        offset as i64,
+                    )
+                } else {
+                    libc::preadv(
+                        self.file.as_raw_fd(),
+                        iov[first..].as_ptr(),
+                        iovcnt,
+                        offset as i64,
+                    )
+                }
+            };
+            if done < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if done == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+            }
+            offset += done as u64;
+            let mut left = done as usize;
+            while left > 0 && first < iov.len() {
+                let v = &mut iov[first];
+                if left >= v.iov_len {
+                    left -= v.iov_len;
+                    first += 1;
+                } else {
+                    // SAFETY: advancing within the same buffer by fewer than its length.
+                    v.iov_base = unsafe { (v.iov_base as *mut u8).add(left) } as *mut libc::c_void;
+                    v.iov_len -= left;
+                    left = 0;
+                }
+            }
+        }
+        drop(guards);
+        Ok(())
+    }
+
+    /// DISCARD and WRITE_ZEROES: a list of 16-byte {sector, num_sectors, flags}.
+    fn ranges<M: GuestMemoryBackend>(&self, mem: &M, kind: u32, data: &[Segment]) -> u8 {
+        if data.iter().any(|s| s.writable) {
+            return S_IOERR;
+        }
+        let mut raw = Vec::new();
+        for s in data {
+            let mut buf = vec![0u8; s.len as usize];
+            if s.len as usize > 16 * 256 || mem.read_slice(&mut buf, s.addr).is_err() {
+                return S_IOERR;
+            }
+            raw.extend_from_slice(&buf);
+        }
+        if raw.is_empty() || raw.len() % 16 != 0 {
+            return S_IOERR;
+        }
+        for r in raw.chunks_exact(16) {
+            let sector = u64::from_le_bytes(r[0..8].try_into().expect("8 bytes"));
+            let count = u32::from_le_bytes(r[8..12].try_into().expect("4 bytes"));
+            let flags = u32::from_le_bytes(r[12..16].try_into().expect("4 bytes"));
+            let known = if kind == T_WRITE_ZEROES {
+                WRITE_ZEROES_UNMAP
+            } else {
+                0
+            };
+            if flags & !known != 0 {
+                return S_UNSUPP;
+            }
+            if count > MAX_RANGE_SECTORS || !self.in_range(sector, count as u64) {
+                return S_IOERR;
+            }
+            let (offset, len) = ((sector * SECTOR) as i64, (count as u64 * SECTOR) as i64);
+            let mode = if kind == T_DISCARD || flags & WRITE_ZEROES_UNMAP != 0 {
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            } else {
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            };
+            // SAFETY: fallocate on a descriptor we own; range checked above.
+            let ok = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset, len) } == 0;
+            if !ok && self.write_zeroes(offset as u64, len as u64).is_err() {
+                return S_IOERR;
+            }
+        }
+        S_OK
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let zeroes = vec![0u8; 1 << 16];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// virtio_blk_config, as far as `num_queues`.. the write-zeroes fields.
+    pub fn config(&self, queues: u16, queue_size: u16) -> [u8; 60] {
+        let mut c = [0u8; 60];
+        c[0..8].copy_from_slice(&self.sectors.to_le_bytes());
+        c[12..16].copy_from_slice(&(queue_size as u32 - 2).to_le_bytes()); // seg_max
+        c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes()); // blk_size
+        c[34..36].copy_from_slice(&queues.to_le_bytes());
+        c[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes()); // max_discard_sectors
+        c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
+        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+        c[48..52].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+        c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+}
+
+pub struct BlkBackend {
+    disk: Disk,
+    queues: usize,
+    queue_size: usize,
+    event_idx: AtomicBool,
+    mem: RwLock<Option<Memory>>,
+}
+
+impl BlkBackend {
+    pub fn new(disk: Disk, queues: usize, queue_size: usize) -> Arc<Self> {
+        Arc::new(BlkBackend {
+            disk,
+            queues,
+            queue_size,
+            event_idx: AtomicBool::new(false),
+            mem: RwLock::new(None),
+        })
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = F_VERSION_1
+            | F_RING_EVENT_IDX
+            | F_RING_INDIRECT_DESC
+            | PROTOCOL_FEATURES
+            | F_SEG_MAX
+            | F_BLK_SIZE
+            | F_FLUSH
+            | F_DISCARD
+            | F_WRITE_ZEROES;
+        if self.queues > 1 {
+            f |= F_MQ;
+        }
+        if self.disk.readonly {
+            f |= F_RO;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let c = self.disk.config(self.queues as u16, self.queue_size as u16);
+        let (start, end) = (offset as usize, offset as usize + size as usize);
+        c.get(start..end).map(|s| s.to_vec()).unwrap_or_default()
+    }
+
+    fn update_memory(&self, mem: Memory) -> std::io::Result<()> {
+        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    /// One worker thread per queue, so queues are served in parallel.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread: usize,
+    ) -> std::io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(std::io::Error::other(format!(
+                "unexpected events {evset:?}"
+            )));
+        }
+        let Some(vring) = vrings.get(device_event as usize) else {
+            return Ok(());
+        };
+        let Some(mem) = self.mem.read().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return Ok(());
+        };
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        process_vring(vring, &mem, event_idx, |m: &GuestMemoryMmap, chain| {
+            self.disk.serve_chain(m, chain)
+        })
+    }
+}

@@ -1,0 +1,171 @@
+//! Device backends: `cellvm device blk|net|rng`, each a vhost-user backend process
+//! serving one device of one VM. A backend opens no path once it runs: its socket
+//! (a listening descriptor), its image or tap arrive as inherited descriptors when the
+//! jailer starts it; its only view of the guest is the RAM the VMM shares with it.
+//!
+//! Every request is checked against guest RAM before a byte moves: a descriptor chain
+//! that loops, leaves RAM, points the wrong way or is too short fails that request with
+//! an I/O error (or, when not even a status byte can be written, is returned unused);
+//! the backend never crashes on what a guest writes into its rings.
+
+pub mod blk;
+pub mod net;
+pub mod rng;
+
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
+
+pub type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Largest queue a backend accepts.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("vhost-user: {0}")]
+    Daemon(String),
+    #[error("seccomp: {0}")]
+    Seccomp(crate::seccomp::Error),
+}
+
+/// Where the backend's vhost-user connection comes from.
+pub enum Socket {
+    /// Bind and listen at this path (developer use).
+    Path(std::path::PathBuf),
+    /// An inherited, already listening socket (how the jailer and `cellvm run` start
+    /// backends: the VMM's connection is already queued on it).
+    ListenFd(RawFd),
+}
+
+/// One descriptor of a chain, checked: `addr..addr+len` lies inside one RAM region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: GuestAddress,
+    pub len: u32,
+    pub writable: bool,
+}
+
+/// Why a chain cannot be served at all.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChainError {
+    /// A descriptor outside guest RAM (or across a hole).
+    OutsideRam(u64, u32),
+    /// More descriptors than the queue holds, or a loop.
+    TooLong,
+}
+
+/// Collects and checks a chain's descriptors. virtio-queue already refuses loops (its
+/// chain iterator stops after `queue size` descriptors) and bad indirect tables.
+pub fn segments<M: GuestMemoryBackend>(
+    mem: &M,
+    chain: impl Iterator<Item = Descriptor>,
+    max: usize,
+) -> Result<Vec<Segment>, ChainError> {
+    let mut out = Vec::new();
+    for d in chain {
+        if out.len() >= max {
+            return Err(ChainError::TooLong);
+        }
+        let addr = GuestAddress(d.addr().0);
+        if d.len() > 0 && mem.get_slice(addr, d.len() as usize).is_err() {
+            return Err(ChainError::OutsideRam(addr.0, d.len()));
+        }
+        out.push(Segment {
+            addr,
+            len: d.len(),
+            writable: d.is_write_only(),
+        });
+    }
+    Ok(out)
+}
+
+/// Serves every available chain of `vring` with `serve`, which returns the number of
+/// bytes it wrote into the chain; signals the guest when the ring says to. With
+/// EVENT_IDX, re-checks after re-enabling notifications so no kick is lost.
+pub fn process_vring<F>(
+    vring: &VringRwLock,
+    mem: &Memory,
+    event_idx: bool,
+    mut serve: F,
+) -> std::io::Result<()>
+where
+    F: FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> u32,
+{
+    let guard = mem.memory();
+    let m: &GuestMemoryMmap = &guard;
+    loop {
+        if event_idx {
+            let _ = vring.disable_notification();
+        }
+        let mut used_any = false;
+        loop {
+            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(m);
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let len = serve(m, chain);
+            if let Err(e) = vring.add_used(head, len) {
+                log::warn!("queue: add_used: {e}");
+                break;
+            }
+            used_any = true;
+        }
+        if used_any && vring.needs_notification().unwrap_or(true) {
+            vring.signal_used_queue()?;
+        }
+        if !event_idx || !vring.enable_notification().unwrap_or(false) {
+            return Ok(());
+        }
+    }
+}
+
+/// Serves one vhost-user connection with `backend` until the VMM hangs up.
+pub fn serve<T>(
+    name: &str,
+    backend: T,
+    socket: Socket,
+    role: &str,
+    seccomp: crate::seccomp::Mode,
+) -> Result<(), Error>
+where
+    T: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static,
+{
+    let mut listener = match socket {
+        Socket::Path(p) => {
+            Listener::new(&p, true).map_err(|e| Error::Daemon(format!("{}: {e}", p.display())))?
+        }
+        // SAFETY: the fd was handed to this process to own (--listen-fd); it is a
+        // listening UNIX socket or accept() fails with a clear error.
+        Socket::ListenFd(fd) => Listener::from(unsafe { UnixListener::from_raw_fd(fd) }),
+    };
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
+        .map_err(|e| Error::Daemon(e.to_string()))?;
+    // The filter covers every thread of the process (TSYNC), including the daemon's
+    // worker threads started below, before the first message is read.
+    crate::seccomp::install_process(role, seccomp).map_err(Error::Seccomp)?;
+    daemon
+        .start(&mut listener)
+        .map_err(|e| Error::Daemon(e.to_string()))?;
+    match daemon.wait() {
+        Ok(()) => Ok(()),
+        Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected))
+        | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::PartialMessage)) => {
+            Ok(())
+        }
+        Err(e) => Err(Error::Daemon(e.to_string())),
+    }
+}
+
+/// Reference-counted handles share one backend between the daemon's threads.
+pub type Shared<T> = Arc<T>;

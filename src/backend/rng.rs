@@ -1,0 +1,122 @@
+//! `cellvm device rng`: virtio-rng (entropy device) filled from getrandom(2).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use super::{process_vring, segments, Memory, MAX_QUEUE_SIZE};
+use crate::virtio::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1};
+
+const PROTOCOL_FEATURES: u64 = 1 << 30;
+/// At most this many bytes per request, so one guest cannot drain the host's pool in
+/// one go.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// Fills a chain's writable buffers with random bytes; returns the bytes written.
+pub fn serve_chain<M: GuestMemoryBackend>(mem: &M, chain: DescriptorChain<&M>) -> u32 {
+    let segs = match segments(mem, chain, MAX_QUEUE_SIZE) {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("rng: request dropped: {e:?}");
+            return 0;
+        }
+    };
+    let mut written = 0usize;
+    let mut buf = vec![0u8; 4096];
+    for s in segs.iter().filter(|s| s.writable) {
+        let mut at = 0usize;
+        while at < s.len as usize && written < MAX_REQUEST {
+            let n = (s.len as usize - at)
+                .min(buf.len())
+                .min(MAX_REQUEST - written);
+            // SAFETY: getrandom writes at most n bytes into buf, which holds 4096.
+            let got = unsafe { libc::getrandom(buf.as_mut_ptr() as *mut libc::c_void, n, 0) };
+            if got <= 0 {
+                return written as u32;
+            }
+            let got = got as usize;
+            if mem
+                .write_slice(&buf[..got], vm_memory::GuestAddress(s.addr.0 + at as u64))
+                .is_err()
+            {
+                return written as u32;
+            }
+            at += got;
+            written += got;
+        }
+    }
+    written as u32
+}
+
+pub struct RngBackend {
+    event_idx: AtomicBool,
+    mem: RwLock<Option<Memory>>,
+}
+
+impl RngBackend {
+    pub fn new() -> Arc<Self> {
+        Arc::new(RngBackend {
+            event_idx: AtomicBool::new(false),
+            mem: RwLock::new(None),
+        })
+    }
+}
+
+impl VhostUserBackend for RngBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        1
+    }
+
+    fn max_queue_size(&self) -> usize {
+        256
+    }
+
+    fn features(&self) -> u64 {
+        F_VERSION_1 | F_RING_EVENT_IDX | F_RING_INDIRECT_DESC | PROTOCOL_FEATURES
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn update_memory(&self, mem: Memory) -> std::io::Result<()> {
+        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread: usize,
+    ) -> std::io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(std::io::Error::other(format!(
+                "unexpected events {evset:?}"
+            )));
+        }
+        let (Some(vring), Some(mem)) = (
+            vrings.get(device_event as usize),
+            self.mem.read().unwrap_or_else(|p| p.into_inner()).clone(),
+        ) else {
+            return Ok(());
+        };
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        process_vring(vring, &mem, event_idx, |m: &GuestMemoryMmap, chain| {
+            serve_chain(m, chain)
+        })
+    }
+}

@@ -1,0 +1,291 @@
+//! The vhost-user frontend: the VMM's side of a device whose model runs in a backend
+//! process. At connection it learns the backend's features, protocol features, queue
+//! count and configuration space; when the driver sets DRIVER_OK it hands the backend
+//! the guest RAM (the memfd, by descriptor) and each queue's rings, kick and call
+//! eventfds, and steps aside.
+//!
+//! Everything the backend says is checked: a backend that lacks VERSION_1, offers
+//! fewer queues than asked, replies out of turn or hangs (replies time out) makes the
+//! device fail with a logged reason; the VM goes on.
+
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::*;
+
+/// How long the frontend waits for any one reply before giving up on the backend.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Size of the configuration space the VMM fetches for each device type (the virtio
+/// 1.2 structures up to the fields cellvm uses).
+fn config_size(device_type: u32) -> u32 {
+    match device_type {
+        TYPE_BLOCK => 60,
+        TYPE_NET => 12,
+        _ => 0,
+    }
+}
+
+/// Features the VMM passes through to the driver, per device type. Anything else the
+/// backend offers stays hidden: the VMM must understand what it lets a guest enable.
+fn passthrough(device_type: u32) -> u64 {
+    let common = F_VERSION_1 | F_RING_EVENT_IDX | F_RING_INDIRECT_DESC;
+    let device = match device_type {
+        // SIZE_MAX, SEG_MAX, BLK_SIZE, FLUSH, TOPOLOGY, CONFIG_WCE, MQ, DISCARD,
+        // WRITE_ZEROES, RO.
+        TYPE_BLOCK => {
+            (1 << 1)
+                | (1 << 2)
+                | (1 << 6)
+                | (1 << 9)
+                | (1 << 10)
+                | (1 << 11)
+                | (1 << 12)
+                | (1 << 13)
+                | (1 << 14)
+                | (1 << 5)
+        }
+        // CSUM, GUEST_CSUM, MAC, GUEST_TSO4/6, GUEST_UFO, HOST_TSO4/6, HOST_UFO,
+        // MRG_RXBUF, STATUS.
+        TYPE_NET => {
+            (1 << 0)
+                | (1 << 1)
+                | (1 << 5)
+                | (1 << 7)
+                | (1 << 8)
+                | (1 << 10)
+                | (1 << 11)
+                | (1 << 12)
+                | (1 << 14)
+                | (1 << 15)
+                | (1 << 16)
+        }
+        _ => 0,
+    };
+    common | device
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}: {1}")]
+    Vhost(&'static str, vhost::Error),
+    #[error("backend does not offer VIRTIO_F_VERSION_1 (features {0:#x})")]
+    NoVersion1(u64),
+    #[error("backend offers {0} queues, {1} needed")]
+    TooFewQueues(u64, usize),
+    #[error("queue {0}: {1} not inside guest RAM")]
+    RingOutsideRam(usize, &'static str),
+    #[error("socket: {0}")]
+    Socket(std::io::Error),
+}
+
+pub struct VhostUserDevice {
+    frontend: Frontend,
+    device_type: u32,
+    queue_sizes: Vec<u16>,
+    backend_features: u64,
+    protocol: VhostUserProtocolFeatures,
+    config: Vec<u8>,
+    mem: GuestMemoryMmap,
+    started: Vec<usize>,
+}
+
+impl VhostUserDevice {
+    /// Negotiates with the backend at the other end of `stream`.
+    pub fn connect(
+        stream: UnixStream,
+        device_type: u32,
+        queues: usize,
+        queue_size: u16,
+        mem: GuestMemoryMmap,
+    ) -> Result<Self, Error> {
+        stream
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .and_then(|_| stream.set_write_timeout(Some(REPLY_TIMEOUT)))
+            .map_err(Error::Socket)?;
+        let mut frontend = Frontend::from_stream(stream, queues as u64);
+        frontend
+            .set_owner()
+            .map_err(|e| Error::Vhost("SET_OWNER", e))?;
+        let backend_features = frontend
+            .get_features()
+            .map_err(|e| Error::Vhost("GET_FEATURES", e))?;
+        if backend_features & F_VERSION_1 == 0 {
+            return Err(Error::NoVersion1(backend_features));
+        }
+        let mut protocol = VhostUserProtocolFeatures::empty();
+        if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            let offered = frontend
+                .get_protocol_features()
+                .map_err(|e| Error::Vhost("GET_PROTOCOL_FEATURES", e))?;
+            protocol = offered
+                & (VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::REPLY_ACK);
+            frontend
+                .set_protocol_features(protocol)
+                .map_err(|e| Error::Vhost("SET_PROTOCOL_FEATURES", e))?;
+        }
+        if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            let n = frontend
+                .get_queue_num()
+                .map_err(|e| Error::Vhost("GET_QUEUE_NUM", e))?;
+            if n < queues as u64 {
+                return Err(Error::TooFewQueues(n, queues));
+            }
+        } else if queues > 1 {
+            return Err(Error::TooFewQueues(1, queues));
+        }
+        let size = config_size(device_type);
+        let mut config = vec![0u8; size as usize];
+        if size > 0 && protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            let (_, payload) = frontend
+                .get_config(0, size, VhostUserConfigFlags::WRITABLE, &config)
+                .map_err(|e| Error::Vhost("GET_CONFIG", e))?;
+            config.copy_from_slice(&payload);
+        }
+        Ok(VhostUserDevice {
+            frontend,
+            device_type,
+            queue_sizes: vec![queue_size; queues],
+            backend_features,
+            protocol,
+            config,
+            mem,
+            started: Vec::new(),
+        })
+    }
+
+    fn host_address(
+        &self,
+        q: usize,
+        what: &'static str,
+        gpa: u64,
+        len: usize,
+    ) -> Result<u64, Error> {
+        let addr = GuestAddress(gpa);
+        if !GuestMemoryBackend::check_range(&self.mem, addr, len) {
+            return Err(Error::RingOutsideRam(q, what));
+        }
+        self.mem
+            .get_host_address(addr)
+            .map(|p| p as u64)
+            .map_err(|_| Error::RingOutsideRam(q, what))
+    }
+
+    fn start(&mut self, acked: u64, queues: &[QueueSetup]) -> Result<(), Error> {
+        let protocol_bit =
+            self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        self.frontend
+            .set_features(acked | protocol_bit)
+            .map_err(|e| Error::Vhost("SET_FEATURES", e))?;
+        let regions: Vec<VhostUserMemoryRegionInfo> = self
+            .mem
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::Vhost("guest RAM", e))?;
+        self.frontend
+            .set_mem_table(&regions)
+            .map_err(|e| Error::Vhost("SET_MEM_TABLE", e))?;
+        for q in queues {
+            let n = q.size as usize;
+            let config = VringConfigData {
+                queue_max_size: self.queue_sizes[q.index],
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: self.host_address(q.index, "descriptor table", q.desc, 16 * n)?,
+                used_ring_addr: self.host_address(q.index, "used ring", q.used, 6 + 8 * n)?,
+                avail_ring_addr: self.host_address(
+                    q.index,
+                    "available ring",
+                    q.avail,
+                    6 + 2 * n,
+                )?,
+                log_addr: None,
+            };
+            let i = q.index;
+            let f = &mut self.frontend;
+            f.set_vring_num(i, q.size)
+                .map_err(|e| Error::Vhost("SET_VRING_NUM", e))?;
+            f.set_vring_addr(i, &config)
+                .map_err(|e| Error::Vhost("SET_VRING_ADDR", e))?;
+            f.set_vring_base(i, 0)
+                .map_err(|e| Error::Vhost("SET_VRING_BASE", e))?;
+            f.set_vring_call(i, &q.call)
+                .map_err(|e| Error::Vhost("SET_VRING_CALL", e))?;
+            f.set_vring_kick(i, &q.kick)
+                .map_err(|e| Error::Vhost("SET_VRING_KICK", e))?;
+            if protocol_bit != 0 {
+                f.set_vring_enable(i, true)
+                    .map_err(|e| Error::Vhost("SET_VRING_ENABLE", e))?;
+            }
+            self.started.push(i);
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for VhostUserDevice {
+    fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        self.queue_sizes.clone()
+    }
+
+    fn features(&self) -> u64 {
+        self.backend_features & passthrough(self.device_type)
+    }
+
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        let at = offset as usize;
+        match self.config.get(at..at + data.len()) {
+            Some(src) => data.copy_from_slice(src),
+            None => data.fill(0),
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let at = offset as usize;
+        let Some(dst) = self.config.get_mut(at..at + data.len()) else {
+            return;
+        };
+        dst.copy_from_slice(data);
+        if self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            if let Err(e) =
+                self.frontend
+                    .set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data)
+            {
+                log::warn!("vhost-user: SET_CONFIG: {e}");
+            }
+        }
+    }
+
+    fn activate(&mut self, acked: u64, queues: &[QueueSetup]) -> Result<(), String> {
+        self.start(acked, queues)
+            .map_err(|e| format!("vhost-user backend: {e}"))
+    }
+
+    fn reset(&mut self) {
+        let protocol_bit =
+            self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        for i in std::mem::take(&mut self.started) {
+            if protocol_bit != 0 {
+                let _ = self.frontend.set_vring_enable(i, false);
+            }
+            // GET_VRING_BASE stops the ring in the backend.
+            if let Err(e) = self.frontend.get_vring_base(i) {
+                log::warn!("vhost-user: queue {i}: GET_VRING_BASE: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! Attaching virtio devices: reach each device's vhost-user backend (start one, connect
+//! to a socket, or take an inherited descriptor), negotiate with it, and put its
+//! virtio-pci function on the PCI bus with its BAR on the MMIO bus and its notify
+//! registers as KVM ioeventfds.
+
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+use super::config::{Backend, VmConfig};
+use super::Error;
+use crate::arch::x86_64::layout;
+use crate::devices::bus::Bus;
+use crate::devices::pci::{PciFunction, PciRoot};
+use crate::virtio::irq::MsiRouter;
+use crate::virtio::pci::{VirtioPci, BAR_SIZE};
+use crate::virtio::vhost_user::VhostUserDevice;
+use crate::virtio::{TYPE_BLOCK, TYPE_RNG};
+
+/// Queue size offered for every queue.
+const QUEUE_SIZE: u16 = 256;
+
+/// One function shared by the PCI config path and its BAR on the MMIO bus.
+struct Shared(Arc<Mutex<VirtioPci>>);
+
+impl PciFunction for Shared {
+    fn read_config(&self, offset: u16) -> u32 {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .read_config(offset)
+    }
+    fn write_config(&mut self, offset: u16, value: u32, mask: u32) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_config(offset, value, mask)
+    }
+}
+
+/// Starts `cellvm device ARGS` on a fresh listening socket whose only connection is
+/// already queued: the returned stream. The socket's path exists for an instant in a
+/// private directory and is gone before the backend runs.
+fn spawn_backend(args: &[String]) -> Result<(UnixStream, Child), Error> {
+    let fail =
+        |what: &str, e: std::io::Error| Error::Device(format!("starting backend ({what}): {e}"));
+    let base = std::env::temp_dir().join(format!("cellvm-{}-", std::process::id()));
+    let mut template = base.into_os_string().into_encoded_bytes();
+    template.extend_from_slice(b"XXXXXX\0");
+    // SAFETY: mkdtemp fills in the NUL-terminated template in place.
+    let dir = unsafe { libc::mkdtemp(template.as_mut_ptr() as *mut libc::c_char) };
+    if dir.is_null() {
+        return Err(fail("mkdtemp", std::io::Error::last_os_error()));
+    }
+    template.pop();
+    // SAFETY: mkdtemp returned our template back, still valid UTF-8-agnostic bytes.
+    let dir = std::path::PathBuf::from(unsafe {
+        std::ffi::OsString::from_encoded_bytes_unchecked(template)
+    });
+    let sock = dir.join("s");
+    let listener = UnixListener::bind(&sock);
+    let stream = listener.as_ref().ok().map(|_| UnixStream::connect(&sock));
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_dir(&dir);
+    let listener = listener.map_err(|e| fail("bind", e))?;
+    let stream = stream.expect("bound").map_err(|e| fail("connect", e))?;
+    let exe = std::env::current_exe().map_err(|e| fail("current_exe", e))?;
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.arg("device").args(args).args(["--listen-fd", "3"]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| fail("exec", e))?;
+    Ok((stream, child))
+}
+
+fn connect(
+    backend: &Backend,
+    spawn: impl FnOnce() -> Vec<String>,
+    children: &mut Vec<Child>,
+) -> Result<UnixStream, Error> {
+    match backend {
+        Backend::Spawn => {
+            let (stream, child) = spawn_backend(&spawn())?;
+            children.push(child);
+            Ok(stream)
+        }
+        Backend::Socket(p) => UnixStream::connect(p)
+            .map_err(|e| Error::Invalid(format!("backend socket {}: {e}", p.display()))),
+        Backend::Fd(fd) => {
+            // SAFETY: fcntl(F_GETFD) only checks the descriptor exists.
+            if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
+                return Err(Error::Invalid(format!(
+                    "backend fd={fd}: not an open descriptor"
+                )));
+            }
+            // SAFETY: the descriptor was handed to this process to own (fd=N).
+            Ok(unsafe { UnixStream::from_raw_fd(*fd) })
+        }
+    }
+}
+
+/// Attaches every configured device; returns the backend processes it started.
+pub fn attach(
+    cfg: &VmConfig,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    router: &Arc<MsiRouter>,
+    pci: &mut PciRoot,
+    mmio: &mut Bus,
+) -> Result<Vec<Child>, Error> {
+    let mut children = Vec::new();
+    let mut wanted = Vec::new();
+    for (i, disk) in cfg.disks.iter().flatten().enumerate() {
+        let stream = connect(
+            &disk.backend,
+            || {
+                let image = disk.image.as_deref().unwrap_or(Path::new(""));
+                let mut a = vec![
+                    "blk".to_string(),
+                    "--image".into(),
+                    image.display().to_string(),
+                ];
+                a.extend([
+                    "--queues".into(),
+                    disk.queues.to_string(),
+                    "--id".into(),
+                    format!("cellvm-disk{i}"),
+                ]);
+                if disk.readonly {
+                    a.push("--readonly".into());
+                }
+                a
+            },
+            &mut children,
+        )?;
+        wanted.push((format!("disk{i}"), stream, TYPE_BLOCK, disk.queues as usize));
+    }
+    if let Some(rng) = &cfg.rng {
+        let stream = connect(&rng.backend, || vec!["rng".to_string()], &mut children)?;
+        wanted.push(("rng".to_string(), stream, TYPE_RNG, 1));
+    }
+    for (n, (name, stream, ty, queues)) in wanted.into_iter().enumerate() {
+        let slot = n as u8 + 1;
+        let device = VhostUserDevice::connect(stream, ty, queues, QUEUE_SIZE, mem.clone())
+            .map_err(|e| Error::Device(format!("{name}: {e}")))?;
+        let bar = layout::PCI_BAR_BASE + slot as u64 * layout::PCI_BAR_STRIDE;
+        let function = VirtioPci::new(name.clone(), Box::new(device), bar as u32, router.clone())
+            .map_err(Error::Device)?;
+        for (addr, fd) in function.notifiers() {
+            vm.register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+                .map_err(|e| Error::Kvm("KVM_IOEVENTFD", e))?;
+        }
+        let function = Arc::new(Mutex::new(function));
+        pci.add(slot, Box::new(Shared(function.clone())))
+            .map_err(|e| Error::Device(format!("{name}: {e}")))?;
+        mmio.insert(bar, BAR_SIZE, function)
+            .map_err(|e| Error::Device(format!("{name}: BAR: {e}")))?;
+        log::info!("{name}: PCI 00:{slot:02x}.0, BAR0 {bar:#x}");
+    }
+    Ok(children)
+}

@@ -78,7 +78,15 @@ fn build_test_guest() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let guest = manifest.join("tests/guest");
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("cellvm-testguest.elf");
-    for file in ["guest.rs", "hw.rs", "acpi.rs", "boot.S", "guest.ld"] {
+    for file in [
+        "guest.rs",
+        "hw.rs",
+        "acpi.rs",
+        "virtio.rs",
+        "devices.rs",
+        "boot.S",
+        "guest.ld",
+    ] {
         println!("cargo:rerun-if-changed={}", guest.join(file).display());
     }
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());

@@ -288,7 +288,7 @@ impl VirtioPci {
             let ok = self.driver_features & !self.offered == 0
                 && self.driver_features & F_VERSION_1 != 0;
             if !ok {
-                log::warn!(
+                log::debug!(
                     "{}: driver features {:#x} not acceptable (offered {:#x})",
                     self.name,
                     self.driver_features,

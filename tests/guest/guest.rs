@@ -14,7 +14,9 @@
 core::arch::global_asm!(include_str!("boot.S"), options(att_syntax));
 
 mod acpi;
+mod devices;
 mod hw;
+mod virtio;
 
 use core::fmt::Write;
 use hw::{Serial, StartInfo};
@@ -23,8 +25,9 @@ use hw::{Serial, StartInfo};
 const CHECKS: [&str; 9] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp", "pci", "irq"];
 
 /// Checks that need something from outside the VM, run only when named in `tests=`:
-/// `console` reads a line typed on the VMM's standard input.
-const OPT_IN: [&str; 1] = ["console"];
+/// `console` reads a line typed on the VMM's standard input; `virtio`, `blk`, `msix`
+/// and `rng` need the devices (`blk` also an image laid out as tests/virtio.rs makes it).
+const OPT_IN: [&str; 5] = ["console", "virtio", "blk", "msix", "rng"];
 
 /// The vector the irq check programs the serial's IOAPIC pin with.
 const IRQ_VECTOR: u8 = 0x41;
@@ -68,16 +71,16 @@ impl<'a> Args<'a> {
 }
 
 /// Outcome of one check: pass or fail, with a detail line either way.
-type Outcome = Result<(), ()>;
+pub type Outcome = Result<(), ()>;
 
-struct Report {
+pub struct Report {
     serial: Serial,
     passed: u32,
     failed: u32,
 }
 
 impl Report {
-    fn line(&mut self, name: &str, outcome: Outcome, detail: core::fmt::Arguments) {
+    pub fn line(&mut self, name: &str, outcome: Outcome, detail: core::fmt::Arguments) {
         let verdict = if outcome.is_ok() { "PASS" } else { "FAIL" };
         match outcome {
             Ok(()) => self.passed += 1,
@@ -212,6 +215,10 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
             None => r.line(name, Err(()), format_args!("no MADT to find the APs")),
         },
         "pci" => check_pci(tables, r),
+        "virtio" => devices::check_virtio(r),
+        "blk" => devices::check_blk(r),
+        "msix" => devices::check_msix(r),
+        "rng" => devices::check_rng(r),
         "console" => {
             let mut line = hw::Buf::<80>::new();
             let complete = r.serial.read_line(&mut line, 10);

@@ -6,7 +6,7 @@ use core::fmt;
 
 /// Highest physical address the boot page tables map.
 pub const MAPPED_LIMIT: u64 = 0x1_0000_0000;
-const LAPIC_BASE: u64 = 0xfee0_0000;
+pub const LAPIC_BASE: u64 = 0xfee0_0000;
 /// Where the AP trampoline is copied; the SIPI vector is this address >> 12.
 const TRAMPOLINE: u64 = 0x8000;
 
@@ -54,7 +54,7 @@ pub fn read_phys<T: Copy>(addr: u64) -> Option<T> {
     Some(unsafe { core::ptr::read_volatile(addr as *const T) })
 }
 
-fn write_phys<T: Copy>(addr: u64, value: T) {
+pub fn write_phys<T: Copy>(addr: u64, value: T) {
     if addr == 0 || addr + core::mem::size_of::<T>() as u64 > MAPPED_LIMIT {
         return;
     }

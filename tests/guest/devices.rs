@@ -1,0 +1,249 @@
+//! Checks of the virtio devices, driven by the polling driver in virtio.rs.
+//!
+//! `blk` expects the image tests/virtio.rs lays out: at least 64 sectors, where byte
+//! `o` of the first 64 sectors is `pattern(o)`. It reads, writes, flushes, discards and
+//! zeroes fixed sectors that the host test then checks in the file.
+
+use core::fmt::Write;
+
+use crate::hw::{self, Buf};
+use crate::virtio::{self as v, Device, Queue, Ring, NO_VECTOR, TYPE_BLOCK, TYPE_RNG};
+use crate::Report;
+
+static mut RING0: Ring = Ring::new();
+static mut RING1: Ring = Ring::new();
+
+#[repr(C, align(4096))]
+struct Pages([u8; 16384]);
+static mut DATA: Pages = Pages([0; 16384]);
+static mut HDR: [u64; 2] = [0; 2];
+static mut STATUS: [u8; 64] = [0; 64];
+
+const BLK_F_SEG_MAX: u64 = 1 << 2;
+const BLK_F_BLK_SIZE: u64 = 1 << 6;
+const BLK_F_FLUSH: u64 = 1 << 9;
+const BLK_F_MQ: u64 = 1 << 12;
+const BLK_F_DISCARD: u64 = 1 << 13;
+const BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+const F_RING_PACKED: u64 = 1 << 34;
+
+pub fn pattern(o: u64) -> u8 {
+    ((o / 512) as u8).wrapping_mul(31) ^ (o as u8)
+}
+
+fn data() -> u64 {
+    core::ptr::addr_of!(DATA) as u64
+}
+
+fn bytes(off: u64, len: usize) -> &'static mut [u8] {
+    // SAFETY: DATA is only used by the one check running at a time.
+    unsafe { core::slice::from_raw_parts_mut((data() + off) as *mut u8, len) }
+}
+
+fn ring(i: usize) -> *mut Ring {
+    if i == 0 {
+        core::ptr::addr_of_mut!(RING0)
+    } else {
+        core::ptr::addr_of_mut!(RING1)
+    }
+}
+
+/// One block request: header, optional data buffer, status byte. Returns (used length,
+/// status byte); the status is preset to 0xee so an untouched one shows.
+fn blk(q: &mut Queue, kind: u32, sector: u64, buf: Option<v::Buf>) -> (Option<u32>, u8) {
+    // SAFETY: HDR and STATUS are only used by the one check running at a time.
+    let (hdr, status) = unsafe {
+        HDR = [kind as u64, sector];
+        STATUS[0] = 0xee;
+        (core::ptr::addr_of!(HDR) as u64, core::ptr::addr_of!(STATUS) as u64)
+    };
+    let mut chain = [(hdr, 16, false), (0, 0, false), (status, 1, true)];
+    let used = match buf {
+        Some(b) => {
+            chain[1] = b;
+            q.request(&chain)
+        }
+        None => q.request(&[chain[0], chain[2]]),
+    };
+    (used, unsafe { core::ptr::read_volatile(core::ptr::addr_of!(STATUS[0])) })
+}
+
+fn start(ty: u16, features: u64, queues: u16, vectors: [u16; 2]) -> Result<(Device, u64, [Option<Queue>; 2]), &'static str> {
+    let d = v::find(ty, 0).ok_or("no such virtio function on bus 0")?;
+    let f = d.negotiate(v::F_VERSION_1 | features, 0).map_err(|_| "device refused FEATURES_OK")?;
+    let mut qs = [None, None];
+    for i in 0..queues.min(d.num_queues()).min(2) {
+        qs[i as usize] = Some(d.setup_queue(i, ring(i as usize), vectors[i as usize]).ok_or("queue smaller than the driver's")?);
+    }
+    d.driver_ok();
+    if d.status() & 0x40 != 0 {
+        return Err("device set NEEDS_RESET at DRIVER_OK");
+    }
+    Ok((d, f, qs))
+}
+
+pub fn check_virtio(r: &mut Report) {
+    let mut list = Buf::<320>::new();
+    let (mut found, mut ok) = (0, true);
+    for ty in [TYPE_BLOCK, TYPE_RNG, v::TYPE_NET] {
+        let mut nth = 0;
+        while let Some(d) = v::find(ty, nth) {
+            nth += 1;
+            found += 1;
+            let offered = d.offered_features();
+            // A feature the device did not offer, and a driver without VERSION_1, must
+            // both be refused; the honest offer accepted.
+            let forced = d.negotiate(v::F_VERSION_1, F_RING_PACKED).is_err();
+            let legacy = d.negotiate(0, 0).is_err();
+            let accepted = d.negotiate(v::F_VERSION_1, 0).is_ok();
+            let shape = d.vectors == d.num_queues() + 1 && d.notify_mult == 4 && d.device != 0;
+            d.set_status(0);
+            ok &= forced && legacy && accepted && shape && offered & v::F_VERSION_1 != 0;
+            let _ = write!(
+                list,
+                "{:02x}.0 type={} queues={} vectors={} features={:#x} refuses_unoffered={} refuses_legacy={} accepts={} ",
+                d.slot, ty, d.num_queues(), d.vectors, offered, forced, legacy, accepted
+            );
+        }
+    }
+    ok &= found > 0;
+    r.line("virtio", ok.then_some(()).ok_or(()), format_args!("functions={found}: {}", list.as_str()));
+}
+
+pub fn check_blk(r: &mut Report) {
+    let wanted = BLK_F_FLUSH | BLK_F_DISCARD | BLK_F_WRITE_ZEROES | BLK_F_BLK_SIZE | BLK_F_SEG_MAX;
+    let (d, features, mut qs) = match start(TYPE_BLOCK, wanted, 1, [NO_VECTOR; 2]) {
+        Ok(x) => x,
+        Err(why) => return r.line("blk", Err(()), format_args!("{why}")),
+    };
+    let q = qs[0].as_mut().expect("queue 0");
+    let capacity = d.config64(0);
+    let mut out = Buf::<256>::new();
+    let mut ok = capacity >= 64;
+    // GET_ID
+    let (_, s) = blk(q, 8, 0, Some((data(), 20, true)));
+    let id = core::str::from_utf8(bytes(0, 20)).unwrap_or("?").trim_end_matches('\0');
+    let _ = write!(out, "capacity={capacity} features={features:#x} id={id:?}");
+    ok &= s == 0;
+    // Read the host's pattern.
+    let (used, s) = blk(q, 0, 0, Some((data(), 4096, true)));
+    let read_ok = s == 0 && used == Some(4097) && bytes(0, 4096).iter().enumerate().all(|(i, b)| *b == pattern(i as u64));
+    let _ = write!(out, " read={read_ok}");
+    ok &= read_ok;
+    // Write, read back.
+    for (i, b) in bytes(0, 4096).iter_mut().enumerate() {
+        *b = 0xa5 ^ i as u8;
+    }
+    let (_, s1) = blk(q, 1, 16, Some((data(), 4096, false)));
+    let (_, s2) = blk(q, 0, 16, Some((data() + 4096, 4096, true)));
+    let write_ok = s1 == 0 && s2 == 0 && bytes(0, 4096) == bytes(4096, 4096);
+    let (_, flush) = blk(q, 4, 0, None);
+    let _ = write!(out, " write={write_ok} flush={flush}");
+    ok &= write_ok && flush == 0;
+    // Discard 32..40, write zeroes 40..48, read 32..48 back.
+    let seg = |b: &mut [u8], sector: u64, n: u32| {
+        b[0..8].copy_from_slice(&sector.to_le_bytes());
+        b[8..12].copy_from_slice(&n.to_le_bytes());
+        b[12..16].copy_from_slice(&0u32.to_le_bytes());
+    };
+    seg(bytes(8192, 16), 32, 8);
+    let (_, discard) = blk(q, 11, 0, Some((data() + 8192, 16, false)));
+    seg(bytes(8192, 16), 40, 8);
+    let (_, zeroes) = blk(q, 13, 0, Some((data() + 8192, 16, false)));
+    let (_, s) = blk(q, 0, 32, Some((data(), 8192, true)));
+    let zero_ok = discard == 0 && zeroes == 0 && s == 0 && bytes(0, 8192).iter().all(|b| *b == 0);
+    let _ = write!(out, " discard={discard} write_zeroes={zeroes} zeroed={zero_ok}");
+    ok &= zero_ok;
+    // Errors: past the end, an unknown type, a buffer outside RAM (no status at all),
+    // then a good request to show the device still serves.
+    let (_, past) = blk(q, 0, capacity, Some((data(), 512, true)));
+    let (_, unknown) = blk(q, 99, 0, None);
+    let (used_bad, bad) = blk(q, 0, 0, Some((0xd000_0000, 512, true)));
+    let (_, after) = blk(q, 0, 0, Some((data(), 512, true)));
+    let errors_ok = past == 1 && unknown == 2 && used_bad == Some(0) && bad == 0xee && after == 0 && bytes(0, 512).iter().enumerate().all(|(i, b)| *b == pattern(i as u64));
+    let _ = write!(out, " past_end={past} unknown_type={unknown} outside_ram=used:{:?},status:{bad:#x} then={after}", used_bad);
+    ok &= errors_ok;
+    d.set_status(0);
+    r.line("blk", ok.then_some(()).ok_or(()), format_args!("{}", out.as_str()));
+}
+
+/// MSI-X: queue 0's vector targets this CPU, queue 1's (a second queue, if the disk
+/// has one) another CPU; each completion must raise exactly the programmed vector on
+/// the programmed CPU. Then a masked vector must stay pending until unmasked.
+pub fn check_msix(r: &mut Report) {
+    if !hw::xapic_mmio_available() {
+        return r.line("msix", Err(()), format_args!("LAPIC in x2APIC mode: IRR not readable from CPL 3"));
+    }
+    hw::write_phys::<u32>(hw::LAPIC_BASE + 0xf0, 0x1ff);
+    let d = match v::find(TYPE_BLOCK, 0) {
+        Some(d) => d,
+        None => return r.line("msix", Err(()), format_args!("no virtio-blk function")),
+    };
+    let me = v::own_apic_id();
+    let other = me + 1;
+    let (va, vb, vm) = (0x51u8, 0x52u8, 0x53u8);
+    d.msix_entry(0, me, va, false);
+    d.msix_entry(1, other, vb, false);
+    d.msix_control(true, false);
+    let (d, _, mut qs) = match start(TYPE_BLOCK, BLK_F_MQ, 2, [0, 1]) {
+        Ok(x) => x,
+        Err(why) => return r.line("msix", Err(()), format_args!("{why}")),
+    };
+    let wait_irr = |vector: u8, ms: u64| {
+        let end = hw::rdtsc() + ms * (hw::tsc_hz() / 1000).max(1);
+        while hw::rdtsc() < end {
+            if v::irr(vector) {
+                return true;
+            }
+        }
+        false
+    };
+    let mut out = Buf::<256>::new();
+    let before = v::irr(va) || v::irr(vb) || v::irr(vm);
+    let [q0, q1] = &mut qs;
+    let q0 = q0.as_mut().expect("queue 0");
+    let (_, s0) = blk(q0, 0, 0, Some((data(), 512, true)));
+    let here = wait_irr(va, 1000);
+    let _ = write!(out, "apic={me} q0: vector {va:#x} -> self: status={s0} irr={here}");
+    let mut ok = !before && s0 == 0 && here && d.queue_vector(0) == 0;
+    if let Some(q1) = q1.as_mut() {
+        let (_, s1) = blk(q1, 0, 0, Some((data(), 512, true)));
+        let leaked = wait_irr(vb, 100);
+        let _ = write!(out, "; q1: vector {vb:#x} -> apic {other}: status={s1} seen_here={leaked}");
+        ok &= s1 == 0 && !leaked;
+    }
+    // Masked: the completion must not interrupt, the PBA shows it pending, unmasking
+    // delivers it.
+    d.msix_entry(0, me, vm, true);
+    let (_, s) = blk(q0, 0, 0, Some((data(), 512, true)));
+    let early = wait_irr(vm, 100);
+    let pending = d.msix_pending(0);
+    d.msix_entry(0, me, vm, false);
+    let late = wait_irr(vm, 1000);
+    let _ = write!(out, "; masked: status={s} irr_while_masked={early} pba={pending} irr_after_unmask={late}");
+    ok &= s == 0 && !early && pending && late;
+    d.set_status(0);
+    d.msix_control(false, false);
+    r.line("msix", ok.then_some(()).ok_or(()), format_args!("{}", out.as_str()));
+}
+
+pub fn check_rng(r: &mut Report) {
+    let (d, _, mut qs) = match start(TYPE_RNG, 0, 1, [NO_VECTOR; 2]) {
+        Ok(x) => x,
+        Err(why) => return r.line("rng", Err(()), format_args!("{why}")),
+    };
+    let q = qs[0].as_mut().expect("queue 0");
+    bytes(0, 128).fill(0);
+    let a = q.request(&[(data(), 64, true)]);
+    let b = q.request(&[(data() + 64, 64, true)]);
+    let first = bytes(0, 64);
+    let varied = first.iter().any(|x| *x != first[0]);
+    let differ = bytes(0, 64) != bytes(64, 64);
+    let mut fnv = 0xcbf2_9ce4_8422_2325u64;
+    for x in bytes(0, 64).iter() {
+        fnv = (fnv ^ *x as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    d.set_status(0);
+    let ok = a == Some(64) && b == Some(64) && varied && differ;
+    r.line("rng", ok.then_some(()).ok_or(()), format_args!("used={a:?},{b:?} varied={varied} differ={differ} fnv1a={fnv:#018x}"));
+}

@@ -125,6 +125,14 @@ pub fn attach(
     let mut children = Vec::new();
     let mut wanted = Vec::new();
     for (i, disk) in cfg.disks.iter().flatten().enumerate() {
+        if let (Backend::Spawn, Some(image)) = (&disk.backend, &disk.image) {
+            // Fail on a bad path here, with exit status 2, not in the backend.
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(!disk.readonly)
+                .open(image)
+                .map_err(|e| Error::Invalid(format!("disk {}: {e}", image.display())))?;
+        }
         let stream = connect(
             &disk.backend,
             || {

@@ -7,7 +7,8 @@
 //!
 //! Command line: `tests=a,b,...` (default: all; `none`: boot, print one line, end),
 //! `hold=SECONDS` (stay up that long before ending), `expect_mem=MiB` and
-//! `expect_cpus=N` (what the e820, madt and smp checks compare against).
+//! `expect_cpus=N` (what the e820, madt and smp checks compare against), `ecam=0xADDR`
+//! (the PCI ECAM, for VMMs that have no MCFG table).
 #![no_std]
 #![no_main]
 
@@ -27,7 +28,7 @@ const CHECKS: [&str; 9] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "mad
 /// Checks that need something from outside the VM, run only when named in `tests=`:
 /// `console` reads a line typed on the VMM's standard input; `virtio`, `blk`, `msix`
 /// and `rng` need the devices (`blk` also an image laid out as tests/virtio.rs makes it).
-const OPT_IN: [&str; 5] = ["console", "virtio", "blk", "msix", "rng"];
+const OPT_IN: [&str; 6] = ["console", "virtio", "blk", "blkbad", "msix", "rng"];
 
 /// The vector the irq check programs the serial's IOAPIC pin with.
 const IRQ_VECTOR: u8 = 0x41;
@@ -44,11 +45,12 @@ struct Args<'a> {
     hold_secs: u64,
     expect_mem_mib: Option<u64>,
     expect_cpus: Option<u64>,
+    ecam: Option<u64>,
 }
 
 impl<'a> Args<'a> {
     fn parse(cmdline: &'a str) -> Self {
-        let mut args = Args { cmdline, tests: None, hold_secs: 0, expect_mem_mib: None, expect_cpus: None };
+        let mut args = Args { cmdline, tests: None, hold_secs: 0, expect_mem_mib: None, expect_cpus: None, ecam: None };
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, value)) = word.split_once('=') else { continue };
             match key {
@@ -56,6 +58,7 @@ impl<'a> Args<'a> {
                 "hold" => args.hold_secs = value.parse().unwrap_or(0),
                 "expect_mem" => args.expect_mem_mib = value.parse().ok(),
                 "expect_cpus" => args.expect_cpus = value.parse().ok(),
+                "ecam" => args.ecam = value.strip_prefix("0x").and_then(|h| u64::from_str_radix(h, 16).ok()),
                 _ => {}
             }
         }
@@ -105,6 +108,8 @@ pub extern "C" fn guest_main() -> ! {
     let _ = writeln!(serial, "cellvm-testguest: running checks");
     let mut report = Report { serial, passed: 0, failed: 0 };
     let tables = info.and_then(|i| acpi::Tables::locate(i.rsdp_paddr));
+    // `ecam=ADDR` names the ECAM for VMMs that have one but no MCFG (QEMU's microvm).
+    virtio::use_ecam(tables.as_ref().and_then(|t| t.ecam_base()).or(args.ecam));
     for check in CHECKS.iter().filter(|c| args.selected(c)) {
         run_check(check, &args, info, tables.as_ref(), &mut report);
     }
@@ -217,6 +222,7 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
         "pci" => check_pci(tables, r),
         "virtio" => devices::check_virtio(r),
         "blk" => devices::check_blk(r),
+        "blkbad" => devices::check_blkbad(r),
         "msix" => devices::check_msix(r),
         "rng" => devices::check_rng(r),
         "console" => {

@@ -14,15 +14,40 @@ pub const NO_VECTOR: u16 = 0xffff;
 /// The queue size this driver uses (every cellvm device offers 256).
 pub const QSIZE: usize = 128;
 
+/// The ECAM of bus 0 from the MCFG, if there is one; else ports 0xCF8/0xCFC. (QEMU's
+/// microvm has only ECAM; cellvm has both.)
+static mut ECAM: u64 = 0;
+
+pub fn use_ecam(base: Option<u64>) {
+    // SAFETY: set once before any check runs; the guest is single-threaded.
+    unsafe { ECAM = base.unwrap_or(0) };
+}
+
+fn ecam() -> u64 {
+    // SAFETY: see use_ecam.
+    unsafe { ECAM }
+}
+
 pub fn cfg_read(dev: u32, off: u32) -> u32 {
+    if ecam() != 0 {
+        return r32(ecam() + ((dev as u64) << 15) + (off & 0xffc) as u64);
+    }
     outl(0xcf8, 0x8000_0000 | dev << 11 | (off & 0xfc));
     inl(0xcfc)
 }
 
 pub fn cfg_write(dev: u32, off: u32, value: u32) {
+    if ecam() != 0 {
+        return w32(ecam() + ((dev as u64) << 15) + (off & 0xffc) as u64, value);
+    }
     outl(0xcf8, 0x8000_0000 | dev << 11 | (off & 0xfc));
     outl(0xcfc, value);
 }
+
+/// Where this driver places BARs that no firmware placed (QEMU's microvm leaves them to
+/// the OS): slot N's BAR i at BAR_WINDOW + N MiB + i * 128 KiB, inside QEMU's 32-bit
+/// MMIO window.
+const BAR_WINDOW: u64 = 0xc000_0000;
 
 fn r8(a: u64) -> u8 {
     read_phys::<u8>(a).unwrap_or(0xff)
@@ -79,15 +104,32 @@ pub fn find(ty: u16, nth: usize) -> Option<Device> {
     None
 }
 
-fn probe(slot: u32) -> Option<Device> {
-    let bar0 = cfg_read(slot, 0x10);
-    if bar0 & 1 != 0 {
-        return None; // I/O BAR: not ours
+/// The address of memory BAR `index`, placing it first if nobody has.
+fn bar_address(slot: u32, index: u32) -> Option<u64> {
+    if index > 5 {
+        return None;
     }
-    let bar = (bar0 & !0xf) as u64;
-    // Memory decoding on.
-    cfg_write(slot, 0x04, cfg_read(slot, 0x04) | 0x6);
-    let mut d = Device { slot, bar, common: 0, isr: 0, device: 0, notify: 0, notify_mult: 0, msix_cap: 0, msix_table: 0, msix_pba: 0, vectors: 0 };
+    let reg = 0x10 + 4 * index;
+    let low = cfg_read(slot, reg);
+    if low & 1 != 0 {
+        return None; // an I/O BAR
+    }
+    let wide = low & 0x6 == 0x4;
+    let high = if wide { cfg_read(slot, reg + 4) as u64 } else { 0 };
+    let addr = high << 32 | (low & !0xf) as u64;
+    if addr != 0 {
+        return Some(addr);
+    }
+    let place = BAR_WINDOW + slot as u64 * 0x10_0000 + index as u64 * 0x2_0000;
+    cfg_write(slot, reg, place as u32);
+    if wide {
+        cfg_write(slot, reg + 4, 0);
+    }
+    Some((cfg_read(slot, reg) & !0xf) as u64)
+}
+
+fn probe(slot: u32) -> Option<Device> {
+    let mut d = Device { slot, bar: 0, common: 0, isr: 0, device: 0, notify: 0, notify_mult: 0, msix_cap: 0, msix_table: 0, msix_pba: 0, vectors: 0 };
     let mut cap = cfg_read(slot, 0x34) & 0xfc;
     let mut guard = 0;
     while cap != 0 && guard < 48 {
@@ -99,10 +141,12 @@ fn probe(slot: u32) -> Option<Device> {
             d.vectors = ((head >> 16) & 0x7ff) as u16 + 1;
             let t = cfg_read(slot, cap + 4);
             let p = cfg_read(slot, cap + 8);
-            d.msix_table = bar + (t & !7) as u64;
-            d.msix_pba = bar + (p & !7) as u64;
+            d.msix_table = bar_address(slot, t & 7)? + (t & !7) as u64;
+            d.msix_pba = bar_address(slot, p & 7)? + (p & !7) as u64;
         } else if id == 0x09 {
             let cfg_type = (head >> 24) & 0xff;
+            let bar = bar_address(slot, cfg_read(slot, cap + 4) & 0xff)?;
+            d.bar = bar;
             let offset = cfg_read(slot, cap + 8) as u64;
             match cfg_type {
                 1 => d.common = bar + offset,
@@ -117,6 +161,8 @@ fn probe(slot: u32) -> Option<Device> {
         }
         cap = next;
     }
+    // Memory decoding and bus mastering on.
+    cfg_write(slot, 0x04, cfg_read(slot, 0x04) | 0x6);
     (d.common != 0 && d.notify != 0 && d.isr != 0).then_some(d)
 }
 
@@ -254,6 +300,8 @@ impl Device {
     /// Programs MSI-X table entry `entry` to deliver `vector` to APIC id `apic`.
     pub fn msix_entry(&self, entry: u16, apic: u32, vector: u8, masked: bool) {
         let e = self.msix_table + entry as u64 * 16;
+        // Masked while it changes, as the PCI spec asks.
+        w32(e + 12, 1);
         w32(e, 0xfee0_0000 | apic << 12);
         w32(e + 4, 0);
         w32(e + 8, vector as u32);

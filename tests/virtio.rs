@@ -1,0 +1,311 @@
+//! Virtio devices end to end: the test guest's CPL 3 driver against cellvm's virtio-pci
+//! transport and vhost-user backends, and against real peers on either side:
+//! qemu-storage-daemon as the backend behind cellvm, and QEMU as the frontend in front
+//! of cellvm's backend. Every block test checks the image file afterwards.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{cellvm, run, scratch_dir};
+
+/// The image the guest's `blk` check expects: 1 MiB, byte `o` of the first 64 sectors
+/// is `pattern(o)` (the same function as tests/guest/devices.rs).
+fn pattern(o: usize) -> u8 {
+    ((o / 512) as u8).wrapping_mul(31) ^ (o as u8)
+}
+
+fn make_image(dir: &Path) -> PathBuf {
+    let path = dir.join("disk.img");
+    let mut b = vec![0u8; 1 << 20];
+    for (o, x) in b.iter_mut().enumerate().take(64 * 512) {
+        *x = pattern(o);
+    }
+    std::fs::write(&path, b).unwrap();
+    path
+}
+
+/// What the guest's `blk` check leaves in the image: sectors 16..24 written with
+/// 0xa5 ^ i, 32..48 discarded or zeroed, everything else untouched.
+fn assert_image_after_blk(path: &Path) {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(b.len(), 1 << 20, "the image kept its size");
+    for o in 0..64 * 512 {
+        let want = match o / 512 {
+            16..=23 => 0xa5 ^ (o - 16 * 512) as u8,
+            32..=47 => 0,
+            _ => pattern(o),
+        };
+        assert_eq!(b[o], want, "image byte {o} (sector {})", o / 512);
+    }
+}
+
+fn vm(args: &[&str]) -> common::Outcome {
+    let mut cmd = cellvm();
+    cmd.arg("run").args(args);
+    run(cmd, Duration::from_secs(60))
+}
+
+#[test]
+fn our_backends_pass_every_device_check_and_the_image_holds_what_the_guest_wrote() {
+    let dir = scratch_dir("virtio-ours");
+    let img = make_image(&dir);
+    let disk = format!("path={},queues=2", img.display());
+    let out = vm(&[
+        "--cpus",
+        "2",
+        "--disk",
+        &disk,
+        "--rng",
+        "--cmdline",
+        "tests=pci,virtio,blk,blkbad,msix,rng",
+    ]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert!(out
+        .passed("pci")
+        .contains("01.0 1af4:1042 class 018000 02.0 1af4:1044"));
+    let virtio = out.passed("virtio");
+    assert!(virtio.contains("functions=2"), "{virtio}");
+    assert!(virtio.contains("refuses_unoffered=true refuses_legacy=true accepts=true"));
+    let blk = out.passed("blk");
+    assert!(
+        blk.contains("capacity=2048") && blk.contains("id=\"cellvm-disk0\""),
+        "{blk}"
+    );
+    assert!(out
+        .passed("blkbad")
+        .contains("used=Some(0) status=0xee; next request: used=Some(513) status=0"));
+    let msix = out.passed("msix");
+    assert!(
+        msix.contains("irr=true")
+            && msix.contains("seen_here=false")
+            && msix.contains("pba=true irr_after_unmask=true"),
+        "{msix}"
+    );
+    out.passed("rng");
+    assert!(
+        out.stderr.contains("request dropped: OutsideRam"),
+        "the hostile request is logged: {}",
+        out.stderr
+    );
+    assert_image_after_blk(&img);
+}
+
+#[test]
+fn two_runs_of_the_rng_see_different_bytes() {
+    let fnv = || {
+        let out = vm(&["--rng", "--cmdline", "tests=rng"]);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        out.passed("rng")
+            .split("fnv1a=")
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(fnv(), fnv());
+}
+
+#[test]
+fn a_readonly_disk_refuses_writes_and_the_image_is_untouched() {
+    let dir = scratch_dir("virtio-ro");
+    let img = make_image(&dir);
+    let before = std::fs::read(&img).unwrap();
+    let disk = format!("path={},readonly=on", img.display());
+    let out = vm(&["--disk", &disk, "--cmdline", "tests=blk"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let line = out
+        .test_lines()
+        .into_iter()
+        .find(|l| l.starts_with("TEST blk "))
+        .unwrap()
+        .to_string();
+    assert!(
+        line.starts_with("TEST blk FAIL") && line.contains("read=true write=false"),
+        "{line}"
+    );
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+}
+
+#[test]
+fn bad_disk_and_rng_arguments_are_refused_before_anything_runs() {
+    for (args, expect) in [
+        (
+            vec!["--disk", "path=/nonexistent/disk.img"],
+            "disk /nonexistent/disk.img: No such file",
+        ),
+        (
+            vec!["--disk", "socket=/nonexistent/sock"],
+            "backend socket /nonexistent/sock",
+        ),
+        (
+            vec!["--disk", "path=/a,queues=99"],
+            "queues=99: expected 1 to 16",
+        ),
+        (
+            vec!["--disk", "fd=200"],
+            "backend fd=200: not an open descriptor",
+        ),
+        (vec!["--rng=maybe"], "expected on, socket=PATH or fd=N"),
+    ] {
+        let mut a = args.clone();
+        a.extend(["--cmdline", "tests=none"]);
+        let out = vm(&a);
+        assert_eq!(out.code, Some(2), "{args:?}: {}", out.stderr);
+        assert!(out.stderr.contains(expect), "{args:?}: {}", out.stderr);
+        assert!(out.stdout.is_empty(), "{args:?} ran the guest");
+    }
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(path: &Path) {
+    for _ in 0..500 {
+        if path.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{} never appeared", path.display());
+}
+
+fn storage_daemon(img: &Path, sock: &Path) -> Daemon {
+    let child = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!("driver=file,node-name=f0,filename={},discard=unmap", img.display()))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on,num-queues=2",
+            sock.display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-storage-daemon (tests/setup.sh installs it)");
+    wait_for(sock);
+    Daemon(child)
+}
+
+#[test]
+fn qemu_storage_daemon_behind_cellvm_passes_the_same_checks() {
+    let dir = scratch_dir("virtio-qsd");
+    let img = make_image(&dir);
+    let sock = dir.join("qsd.sock");
+    let _qsd = storage_daemon(&img, &sock);
+    let disk = format!("socket={},queues=2", sock.display());
+    let out = vm(&[
+        "--cpus",
+        "2",
+        "--disk",
+        &disk,
+        "--cmdline",
+        "tests=virtio,blk,msix",
+    ]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    out.passed("virtio");
+    assert!(
+        out.passed("blk").contains("id=\"vhost_user_blk\""),
+        "the peer's own id"
+    );
+    out.passed("msix");
+    assert_image_after_blk(&img);
+}
+
+/// qemu-storage-daemon answers a descriptor outside guest RAM by dropping the
+/// connection (libvhost-user's vu_panic). cellvm must stay up: it logs the broken
+/// backend, the guest's device fails (requests never complete, NEEDS_RESET at the next
+/// start) and the VM still ends normally.
+#[test]
+fn a_backend_that_dies_leaves_the_vmm_running_and_the_device_failed() {
+    let dir = scratch_dir("virtio-dead");
+    let img = make_image(&dir);
+    let sock = dir.join("qsd.sock");
+    let _qsd = storage_daemon(&img, &sock);
+    let disk = format!("socket={}", sock.display());
+    let out = vm(&["--disk", &disk, "--cmdline", "tests=serial,blkbad,msix"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let lines = out.test_lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("TEST blkbad FAIL outside_ram: used=None")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("TEST msix FAIL device set NEEDS_RESET")),
+        "{lines:?}"
+    );
+    out.passed("serial");
+    assert!(
+        out.stderr.contains("vhost-user backend: SET_FEATURES")
+            && out.stderr.contains("Broken pipe"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn qemu_as_the_frontend_drives_our_blk_backend() {
+    let dir = scratch_dir("virtio-qemu");
+    let img = make_image(&dir);
+    let elf = dir.join("guest.elf");
+    let mut cmd = cellvm();
+    cmd.args(["testguest", "--output"]).arg(&elf);
+    assert_eq!(run(cmd, Duration::from_secs(30)).code, Some(0));
+    let sock = dir.join("blk.sock");
+    let backend = Command::new(env!("CARGO_BIN_EXE_cellvm"))
+        .args(["device", "blk", "--queues", "2", "--socket"])
+        .arg(&sock)
+        .arg("--image")
+        .arg(&img)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _backend = Daemon(backend);
+    wait_for(&sock);
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args([
+        "-enable-kvm",
+        "-smp",
+        "2",
+        "-M",
+        "microvm,pcie=on,memory-backend=mem",
+    ])
+    .args(["-cpu", "host,-arch-capabilities", "-m", "128"])
+    .args(["-object", "memory-backend-memfd,id=mem,size=128M,share=on"])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+    ])
+    .args(["-device", "isa-debug-exit,iobase=0xf4"])
+    .arg("-chardev")
+    .arg(format!("socket,id=c0,path={}", sock.display()))
+    .args([
+        "-device",
+        "vhost-user-blk-pci,chardev=c0,num-queues=2,disable-legacy=on",
+    ])
+    .arg("-kernel")
+    .arg(&elf)
+    // microvm has an ECAM at 0xe0000000 but no MCFG table to say so.
+    .args(["-append", "tests=blk,blkbad,msix ecam=0xe0000000"]);
+    let out = run(qemu, Duration::from_secs(120));
+    // isa-debug-exit with value 0: QEMU exits with 1.
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    out.passed("blk");
+    out.passed("blkbad");
+    out.passed("msix");
+    assert_image_after_blk(&img);
+}

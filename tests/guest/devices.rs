@@ -282,3 +282,87 @@ pub fn check_rng(r: &mut Report) {
     let ok = a == Some(64) && b == Some(64) && varied && differ;
     r.line("rng", ok.then_some(()).ok_or(()), format_args!("used={a:?},{b:?} varied={varied} differ={differ} fnv1a={fnv:#018x}"));
 }
+
+/// Block throughput from CPL 3, for cellvm-bench: for `bench_ms` each, 4 KiB reads at
+/// random sectors with 32 in flight, then 1 MiB sequential reads with 4 in flight.
+/// Prints IOPS and MB/s measured with the TSC.
+pub fn check_blkbench(r: &mut Report, ms: u64) {
+    let (d, _, mut qs) = match start(TYPE_BLOCK, 0, 1, [NO_VECTOR; 2]) {
+        Ok(x) => x,
+        Err(why) => return r.line("blkbench", Err(()), format_args!("{why}")),
+    };
+    let q = qs[0].as_mut().expect("queue 0");
+    let capacity = d.config64(0);
+    let hz = hw::tsc_hz().max(1);
+    // SAFETY: BIG is only used here.
+    let big = unsafe { core::ptr::addr_of_mut!(BIG) as u64 };
+    let hdrs = unsafe { core::ptr::addr_of_mut!(HDRS) as u64 };
+    let status = unsafe { core::ptr::addr_of!(STATUS) as u64 };
+    let set_hdr = |k: usize, sector: u64| {
+        // SAFETY: slot k's header is not in flight while it is rewritten.
+        unsafe { HDRS[k] = [0, sector] };
+    };
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rand_sector = |span: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % (capacity / 8 - span)) * 8
+    };
+    let run = |q: &mut Queue, depth: usize, bytes: u32, next: &mut dyn FnMut() -> u64| -> (u64, u64, bool) {
+        let post = |q: &mut Queue, k: usize, sector: u64, kick: bool| {
+            set_hdr(k, sector);
+            let data = big + (k as u64) * bytes as u64;
+            q.post((3 * k) as u16, &[(hdrs + 16 * k as u64, 16, false), (data, bytes, true), (status + k as u64, 1, true)], kick);
+        };
+        for k in 0..depth {
+            post(q, k, next(), k + 1 == depth);
+        }
+        let (start, mut done, mut errors) = (hw::rdtsc(), 0u64, false);
+        let end = start + ms * hz / 1000;
+        let mut now = start;
+        while now < end {
+            let mut posted = false;
+            while let Some((head, _)) = q.poll() {
+                let k = head as usize / 3;
+                // SAFETY: the device finished with slot k.
+                errors |= unsafe { core::ptr::read_volatile(core::ptr::addr_of!(STATUS[k])) } != 0;
+                done += 1;
+                post(q, k, next(), false);
+                posted = true;
+            }
+            if posted {
+                q.kick();
+            }
+            now = hw::rdtsc();
+        }
+        // Drain what is in flight before the next phase reuses the slots.
+        let mut left = depth;
+        let drain_end = hw::rdtsc() + 5 * hz;
+        while left > 0 && hw::rdtsc() < drain_end {
+            if q.poll().is_some() {
+                left -= 1;
+            }
+        }
+        (done, (now - start) * 1000 / hz, errors || left > 0)
+    };
+    let (ios, rms, rerr) = run(q, 32, 4096, &mut || rand_sector(1));
+    let mut seq = 0u64;
+    let span = 2048u64;
+    let mut next_seq = || {
+        let s = seq;
+        seq = (seq + span) % ((capacity / span) * span).max(span);
+        s
+    };
+    let (mbs, sms, serr) = run(q, 4, 1 << 20, &mut next_seq);
+    d.set_status(0);
+    let iops = ios * 1000 / rms.max(1);
+    let mbps = mbs * 1000 / sms.max(1);
+    let ok = !rerr && !serr && ios > 0 && mbs > 0 && capacity >= 4096;
+    r.line("blkbench", ok.then_some(()).ok_or(()), format_args!("iops={iops} mbps={mbps} randread_ios={ios} in_ms={rms} seqread_mib={mbs} in_ms={sms} errors={}", rerr || serr));
+}
+
+#[repr(C, align(4096))]
+struct Big([u8; 4 << 20]);
+static mut BIG: Big = Big([0; 4 << 20]);
+static mut HDRS: [[u64; 2]; 42] = [[0; 2]; 42];

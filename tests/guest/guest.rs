@@ -28,7 +28,7 @@ const CHECKS: [&str; 9] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "mad
 /// Checks that need something from outside the VM, run only when named in `tests=`:
 /// `console` reads a line typed on the VMM's standard input; `virtio`, `blk`, `msix`
 /// and `rng` need the devices (`blk` also an image laid out as tests/virtio.rs makes it).
-const OPT_IN: [&str; 6] = ["console", "virtio", "blk", "blkbad", "msix", "rng"];
+const OPT_IN: [&str; 7] = ["console", "virtio", "blk", "blkbad", "msix", "rng", "blkbench"];
 
 /// The vector the irq check programs the serial's IOAPIC pin with.
 const IRQ_VECTOR: u8 = 0x41;
@@ -46,16 +46,18 @@ struct Args<'a> {
     expect_mem_mib: Option<u64>,
     expect_cpus: Option<u64>,
     ecam: Option<u64>,
+    bench_ms: u64,
 }
 
 impl<'a> Args<'a> {
     fn parse(cmdline: &'a str) -> Self {
-        let mut args = Args { cmdline, tests: None, hold_secs: 0, expect_mem_mib: None, expect_cpus: None, ecam: None };
+        let mut args = Args { cmdline, tests: None, hold_secs: 0, expect_mem_mib: None, expect_cpus: None, ecam: None, bench_ms: 2000 };
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, value)) = word.split_once('=') else { continue };
             match key {
                 "tests" => args.tests = Some(value),
                 "hold" => args.hold_secs = value.parse().unwrap_or(0),
+                "bench_ms" => args.bench_ms = value.parse().unwrap_or(2000),
                 "expect_mem" => args.expect_mem_mib = value.parse().ok(),
                 "expect_cpus" => args.expect_cpus = value.parse().ok(),
                 "ecam" => args.ecam = value.strip_prefix("0x").and_then(|h| u64::from_str_radix(h, 16).ok()),
@@ -223,6 +225,7 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
         "virtio" => devices::check_virtio(r),
         "blk" => devices::check_blk(r),
         "blkbad" => devices::check_blkbad(r),
+        "blkbench" => devices::check_blkbench(r, args.bench_ms),
         "msix" => devices::check_msix(r),
         "rng" => devices::check_rng(r),
         "console" => {

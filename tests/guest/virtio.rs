@@ -352,6 +352,44 @@ impl Queue {
         w16(self.notify_addr, self.index);
     }
 
+    /// Posts a chain at descriptors `head..head + bufs.len()` without waiting, so
+    /// several requests can be in flight; `kick` notifies the device.
+    pub fn post(&mut self, head: u16, bufs: &[Buf], kick: bool) {
+        // SAFETY: as in `submit`; the caller keeps in-flight chains on distinct slots.
+        let ring = unsafe { &mut *self.ring };
+        let n = bufs.len();
+        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
+            let next = (i + 1 < n) as u16;
+            ring.desc[head as usize + i] = Desc { addr, len, flags: next | (write as u16) << 1, next: head + i as u16 + 1 };
+        }
+        let idx = unsafe { core::ptr::read_volatile(&ring.avail_idx) };
+        unsafe { core::ptr::write_volatile(&mut ring.avail_ring[idx as usize % QSIZE], head) };
+        fence(Ordering::SeqCst);
+        unsafe { core::ptr::write_volatile(&mut ring.avail_idx, idx.wrapping_add(1)) };
+        fence(Ordering::SeqCst);
+        if kick {
+            w16(self.notify_addr, self.index);
+        }
+    }
+
+    pub fn kick(&self) {
+        w16(self.notify_addr, self.index);
+    }
+
+    /// The next used entry (head, length), if one is there.
+    pub fn poll(&mut self) -> Option<(u32, u32)> {
+        fence(Ordering::SeqCst);
+        let ring = self.ring;
+        // SAFETY: reading the used ring the device writes; volatile, after a fence.
+        let used = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ring).used_idx)) };
+        if used == self.last_used {
+            return None;
+        }
+        let e = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ring).used_ring[self.last_used as usize % QSIZE])) };
+        self.last_used = self.last_used.wrapping_add(1);
+        Some(e)
+    }
+
     /// Waits up to `ms` for the next used entry; returns its length.
     pub fn wait(&mut self, ms: u64) -> Option<u32> {
         let ring = self.ring;

@@ -173,6 +173,120 @@ fn resident(r: &Runner) -> (f64, f64) {
     sample
 }
 
+/// RSS and PSS (MiB) of `pid` and every process below it.
+fn tree_memory(pid: u32) -> Vec<(u32, f64, f64)> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let rollup = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).unwrap_or_default();
+        let field = |name: &str| -> f64 {
+            rollup
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / 1024.0
+        };
+        out.push((p, field("Rss:"), field("Pss:")));
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                let children =
+                    std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                todo.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Starts `r`, and after a second samples (total RSS, total PSS, RSS of the first
+/// process, RSS of the rest) over its process tree.
+fn resident_tree(r: &Runner) -> (f64, f64, f64, f64) {
+    let mut child = Command::new(&r.cmd[0])
+        .args(&r.cmd[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", r.cmd[0]));
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let tree = tree_memory(child.id());
+    let _ = child.wait();
+    let rss: f64 = tree.iter().map(|t| t.1).sum();
+    let pss: f64 = tree.iter().map(|t| t.2).sum();
+    (rss, pss, tree[0].1, rss - tree[0].1)
+}
+
+/// Runs the guest's `blkbench` check; returns (IOPS, MB/s).
+fn guest_blkbench(bin: &Path, disk: &str, ms: u64) -> (f64, f64) {
+    let out = Command::new(bin)
+        .args([
+            "run",
+            "--memory",
+            "128",
+            "--disk",
+            disk,
+            "--serial",
+            "stdio",
+            "--cmdline",
+        ])
+        .arg(format!("tests=blkbench bench_ms={ms}"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cellvm");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("TEST blkbench PASS"))
+        .unwrap_or_else(|| {
+            panic!(
+                "blkbench with {disk} failed:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let num = |key: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    (num("iops="), num("mbps="))
+}
+
+/// The host reading the same file directly for `ms` each: 4 KiB preads at random
+/// offsets, then 1 MiB sequential preads. Returns (IOPS, MB/s).
+fn host_reads(path: &Path, ms: u64) -> (f64, f64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let blocks = f.metadata().unwrap().len() / 4096;
+    let mut buf = vec![0u8; 1 << 20];
+    let limit = std::time::Duration::from_millis(ms);
+    let (start, mut n, mut seed) = (Instant::now(), 0u64, 0x2545_f491_4f6c_dd1du64);
+    while start.elapsed() < limit {
+        for _ in 0..64 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            f.read_exact_at(&mut buf[..4096], (seed % blocks) * 4096)
+                .unwrap();
+            n += 1;
+        }
+    }
+    let iops = n as f64 / start.elapsed().as_secs_f64();
+    let (start, mut mib, mut off) = (Instant::now(), 0u64, 0u64);
+    let size = blocks * 4096;
+    while start.elapsed() < limit {
+        f.read_exact_at(&mut buf, off).unwrap();
+        off = (off + (1 << 20)) % (size - (1 << 20) + 1);
+        mib += 1;
+    }
+    (iops, mib as f64 / start.elapsed().as_secs_f64())
+}
+
 /// Starts `n` copies of `r` at once and returns VMs per second (first start to last exit).
 fn launch_rate(r: &Runner, n: usize) -> f64 {
     let start = Instant::now();
@@ -415,8 +529,8 @@ fn main() {
     );
     let supervisor_rss = supervisor_rss_kib(&jailer, &policy, &work);
 
-    // Scenario 3 (so far without devices: virtio disk, net and rng come with their
-    // issue): RSS and PSS of a running 128 MiB VM, sampled while the guest holds.
+    // Scenario 3 without devices: RSS and PSS of a running 128 MiB VM, sampled while
+    // the guest holds.
     let (mut vr, mut vp, mut qr, mut qp) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs.min(5) {
         let c = resident(&Runner {
@@ -448,6 +562,169 @@ fn main() {
             ratio: a.median / b.median,
             cellvm: a,
             peer_name: "qemu microvm".into(),
+            peer: b,
+        });
+    }
+
+    // Scenario 3 with devices: the VMM and its backends (virtio-blk, virtio-rng), each
+    // a process of its own, against QEMU with the same two devices.
+    let disk_img = work.join("disk.img");
+    let size_mib = if args.quick { 64 } else { 256 };
+    let mut data = vec![0u8; size_mib << 20];
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for chunk in data.chunks_exact_mut(8) {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        chunk.copy_from_slice(&seed.to_le_bytes());
+    }
+    std::fs::write(&disk_img, &data).unwrap();
+    drop(data);
+    let disk_arg = format!("path={}", disk_img.display());
+    let mut cellvm_dev = cellvm(&bin, None, Some("tests=none hold=2"));
+    cellvm_dev.cmd = cellvm_dev
+        .cmd
+        .iter()
+        .map(|a| if a == "64" { "128".into() } else { a.clone() })
+        .collect();
+    cellvm_dev
+        .cmd
+        .extend(["--disk".into(), disk_arg.clone(), "--rng".into()]);
+    let mut qemu_dev = qemu(&guest, Some("tests=none hold=2"));
+    qemu_dev.cmd = qemu_dev
+        .cmd
+        .iter()
+        .map(|a| match a.as_str() {
+            "64" => "128".into(),
+            "microvm" => "microvm,pcie=on".into(),
+            _ => a.clone(),
+        })
+        .collect();
+    qemu_dev.cmd.extend([
+        "-drive".into(),
+        format!("file={},if=none,id=d0,format=raw", disk_img.display()),
+        "-device".into(),
+        "virtio-blk-pci,drive=d0,disable-legacy=on".into(),
+        "-device".into(),
+        "virtio-rng-pci,disable-legacy=on".into(),
+    ]);
+    let (mut vr, mut vp, mut qr, mut qp, mut vmm_rss, mut be_rss) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for _ in 0..runs.min(5) {
+        let c = resident_tree(&cellvm_dev);
+        let q = resident_tree(&qemu_dev);
+        vr.push(c.0);
+        vp.push(c.1);
+        vmm_rss.push(c.2);
+        be_rss.push(c.3 / 2.0);
+        qr.push(q.0);
+        qp.push(q.1);
+    }
+    for (metric, a, b) in [("RSS MiB", vr, qr), ("PSS MiB", vp, qp)] {
+        let (a, b) = (stats(a), stats(b));
+        rows.push(Row {
+            scenario: "3. memory, 128 MiB VM, disk + rng".into(),
+            metric: metric.into(),
+            ratio: a.median / b.median,
+            cellvm: a,
+            peer_name: "qemu microvm (same devices)".into(),
+            peer: b,
+        });
+    }
+    let (vmm_rss, be_rss) = (stats(vmm_rss), stats(be_rss));
+
+    // Scenario 4: block I/O from the guest's CPL 3 driver: our backend against
+    // qemu-storage-daemon behind the same VMM and guest, and against the host itself.
+    let bench_ms = if args.quick { 300 } else { 2000 };
+    let qsd_sock = work.join("qsd.sock");
+    let mut qsd = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f0,filename={}",
+            disk_img.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on",
+            qsd_sock.display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-storage-daemon");
+    let (mut oi, mut om, mut qi, mut qm, mut hi, mut hm) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for _ in 0..runs.min(5) {
+        let (i, m) = guest_blkbench(&bin, &disk_arg, bench_ms);
+        oi.push(i);
+        om.push(m);
+        // qemu-storage-daemon serves one connection at a time: wait for its socket.
+        for _ in 0..500 {
+            if qsd_sock.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let (i, m) = guest_blkbench(&bin, &format!("socket={}", qsd_sock.display()), bench_ms);
+        qi.push(i);
+        qm.push(m);
+        let (i, m) = host_reads(&disk_img, bench_ms);
+        hi.push(i);
+        hm.push(m);
+    }
+    let _ = qsd.kill();
+    let _ = qsd.wait();
+    let oi2 = oi.clone();
+    let om2 = om.clone();
+    for (scenario, metric, a, peer, b) in [
+        (
+            "4. block, 4 KiB random read",
+            "IOPS",
+            oi,
+            "qemu-storage-daemon",
+            qi,
+        ),
+        (
+            "4. block, 1 MiB sequential read",
+            "MB/s",
+            om,
+            "qemu-storage-daemon",
+            qm,
+        ),
+        (
+            "4. block, 4 KiB random read",
+            "IOPS",
+            oi2,
+            "host pread (QD1)",
+            hi,
+        ),
+        (
+            "4. block, 1 MiB sequential read",
+            "MB/s",
+            om2,
+            "host pread",
+            hm,
+        ),
+    ] {
+        let (a, b) = (stats(a), stats(b));
+        rows.push(Row {
+            scenario: scenario.into(),
+            metric: metric.into(),
+            ratio: a.median / b.median,
+            cellvm: a,
+            peer_name: peer.into(),
             peer: b,
         });
     }
@@ -493,6 +770,11 @@ fn main() {
     }
     println!("peers: scenarios 1 and 5: qemu microvm; scenario 2: the same cellvm run without the jailer");
     println!("jailer supervisor RSS while a VM runs: {supervisor_rss} KiB");
+    println!(
+        "scenario 3 with devices: VMM RSS {:.2} MiB, each backend RSS {:.2} MiB (medians)",
+        vmm_rss.median, be_rss.median
+    );
+    println!("scenario 4: cellvm with its blk backend vs the same VMM and guest with qemu-storage-daemon, and vs the host reading the file");
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&rows).unwrap())
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));

@@ -24,8 +24,8 @@ fn quick_mode_runs_every_scenario_against_its_peer() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(
         rows.len(),
-        15,
-        "4 comparisons x 3 metrics, the launch rate, RSS and PSS"
+        21,
+        "4 comparisons x 3 metrics, the launch rate, RSS and PSS with and without devices, 4 block rows"
     );
     assert!(rows.iter().any(|r| r["metric"] == "PSS MiB"));
     assert!(rows.iter().any(|r| r["metric"] == "VMs/s/core"));
@@ -34,6 +34,15 @@ fn quick_mode_runs_every_scenario_against_its_peer() {
         assert!(r["peer"]["median"].as_f64().unwrap() > 0.0, "{r}");
     }
     assert!(rows.iter().any(|r| r["peer_name"] == "qemu microvm"));
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r["peer_name"] == "qemu-storage-daemon")
+            .count(),
+        2
+    );
+    assert!(rows
+        .iter()
+        .any(|r| r["scenario"] == "3. memory, 128 MiB VM, disk + rng"));
     assert!(rows.iter().any(|r| r["scenario"]
         .as_str()
         .unwrap()

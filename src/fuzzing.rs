@@ -25,6 +25,10 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("vm_config", vm_config),
     ("platform_io", platform_io),
     ("ioapic", ioapic),
+    ("blk_chains", blk_chains),
+    ("rng_chains", rng_chains),
+    ("virtio_pci", virtio_pci),
+    ("vhost_user_frontend", vhost_user_frontend),
 ];
 
 const FUZZ_MEM: u64 = 16 << 20;
@@ -229,4 +233,184 @@ pub fn ioapic(data: &[u8]) {
             _ => io.end_of_interrupt(op[1]),
         }
     }
+}
+
+/// Guest RAM for the device fuzzers: two 64 KiB regions with a hole between them, so
+/// buffers that straddle the hole or run off the end are exercised.
+fn device_memory(data: &[u8]) -> GuestMemoryMmap {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000), (GuestAddress(0x2_0000), 0x1_0000)])
+        .expect("anonymous guest memory");
+    let (a, b) = data.split_at(data.len().min(0x1_0000));
+    let _ = mem.write_slice(a, GuestAddress(0));
+    let _ = mem.write_slice(&b[..b.len().min(0x1_0000)], GuestAddress(0x2_0000));
+    mem
+}
+
+/// A split queue of 16 at fixed places in the first region, its rings as the input
+/// wrote them; serves every chain `serve` will take and checks each used length.
+fn serve_queue(data: &[u8], serve: &mut dyn FnMut(&GuestMemoryMmap, virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32) {
+    use virtio_queue::{Queue, QueueT};
+    let mem = device_memory(data);
+    let mut q = Queue::new(16).expect("queue of 16");
+    q.set_size(16);
+    q.set_desc_table_address(Some(0), Some(0));
+    q.set_avail_ring_address(Some(0x1000), Some(0));
+    q.set_used_ring_address(Some(0x2000), Some(0));
+    q.set_ready(true);
+    for _ in 0..64 {
+        let Some(chain) = q.pop_descriptor_chain(&mem) else { break };
+        let head = chain.head_index();
+        // The most a device may report: every writable byte of the chain.
+        let writable: u64 = chain
+            .clone()
+            .filter(|d| d.is_write_only())
+            .map(|d| d.len() as u64)
+            .sum();
+        let len = serve(&mem, chain);
+        assert!(len as u64 <= writable, "used length {len} > writable bytes {writable}");
+        if q.add_used(&mem, head, len).is_err() {
+            break;
+        }
+    }
+}
+
+fn scratch_file(len: u64) -> std::fs::File {
+    let name = std::ffi::CString::new("cellvm-fuzz-disk").expect("static name");
+    // SAFETY: memfd_create with a valid name; the result is checked and owned below.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: a fresh descriptor nobody else owns.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(len).expect("size the scratch disk");
+    file
+}
+
+/// virtio-blk requests: descriptor chains and headers from arbitrary guest memory,
+/// served against a 64 KiB scratch disk (read-only when the first byte is odd).
+pub fn blk_chains(data: &[u8]) {
+    let readonly = data.first().is_some_and(|b| b & 1 == 1);
+    let disk = crate::backend::blk::Disk::new(scratch_file(0x1_0000), readonly, "fuzz").expect("disk");
+    serve_queue(data, &mut |m, chain| disk.serve_chain(m, chain));
+}
+
+/// virtio-rng requests from arbitrary guest memory.
+pub fn rng_chains(data: &[u8]) {
+    serve_queue(data, &mut |m, chain| crate::backend::rng::serve_chain(m, chain));
+}
+
+/// The virtio-pci transport: config space and BAR accesses (common configuration,
+/// ISR, device configuration, notify, MSI-X table and PBA) in any order, sizes and
+/// values, against a device model that accepts every activation.
+pub fn virtio_pci(data: &[u8]) {
+    use crate::devices::pci::PciFunction;
+    use crate::virtio::irq::{Error as IrqError, IrqChip, MsiRouter};
+    use crate::virtio::pci::{VirtioPci, BAR_SIZE};
+    use crate::virtio::{QueueSetup, VirtioDevice};
+    use vmm_sys_util::eventfd::EventFd;
+
+    struct Chip;
+    impl IrqChip for Chip {
+        fn set_msi_routes(&self, routes: &[(u32, u64, u32)]) -> Result<(), IrqError> {
+            assert!(routes.windows(2).all(|w| w[0].0 < w[1].0), "routes sorted and unique");
+            Ok(())
+        }
+        fn bind(&self, _: &EventFd, gsi: u32) -> Result<(), IrqError> {
+            assert!(gsi >= 24);
+            Ok(())
+        }
+        fn unbind(&self, _: &EventFd, _: u32) -> Result<(), IrqError> {
+            Ok(())
+        }
+    }
+    struct Model {
+        config: [u8; 16],
+    }
+    impl VirtioDevice for Model {
+        fn device_type(&self) -> u32 {
+            crate::virtio::TYPE_BLOCK
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![256, 64]
+        }
+        fn features(&self) -> u64 {
+            crate::virtio::F_VERSION_1 | crate::virtio::F_RING_EVENT_IDX | 1 << 9
+        }
+        fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+            for (i, d) in data.iter_mut().enumerate() {
+                *d = self.config.get(offset as usize + i).copied().unwrap_or(0);
+            }
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            for (i, d) in data.iter().enumerate() {
+                if let Some(c) = self.config.get_mut(offset as usize + i) {
+                    *c = *d;
+                }
+            }
+        }
+        fn activate(&mut self, acked: u64, queues: &[QueueSetup]) -> Result<(), String> {
+            assert!(acked & !self.features() == 0, "acked features beyond the offer");
+            for q in queues {
+                assert!(q.size.is_power_of_two() && q.size <= 256, "queue size {}", q.size);
+            }
+            Ok(())
+        }
+        fn reset(&mut self) {}
+    }
+    let router = Arc::new(MsiRouter::new(Arc::new(Chip)));
+    let mut dev = VirtioPci::new("fuzz".into(), Box::new(Model { config: [0; 16] }), 0xc001_0000, router)
+        .expect("transport");
+    // Each operation: kind, size, offset (u16), value (u32).
+    for op in data.chunks_exact(8) {
+        let size = [1usize, 2, 4, 8][(op[1] & 3) as usize];
+        let offset = u16::from_le_bytes([op[2], op[3]]) as u64;
+        let value = u64::from_le_bytes([op[4], op[5], op[6], op[7], op[4], op[5], op[6], op[7]]);
+        let mut buf = [0u8; 8];
+        match op[0] % 4 {
+            0 => {
+                let _ = dev.read_config(offset as u16 & 0xfff);
+            }
+            1 => {
+                let shift = (offset & 3) * 8;
+                let mask = (((1u64 << (size.min(4) * 8)) - 1) as u32).wrapping_shl(shift as u32);
+                dev.write_config(offset as u16 & 0xffc, (value as u32).wrapping_shl(shift as u32), mask);
+            }
+            2 => {
+                let off = offset % BAR_SIZE;
+                if off + size as u64 <= BAR_SIZE {
+                    crate::devices::bus::BusDevice::read(&mut dev, off, &mut buf[..size]);
+                }
+            }
+            _ => {
+                let off = offset % BAR_SIZE;
+                if off + size as u64 <= BAR_SIZE {
+                    buf.copy_from_slice(&value.to_le_bytes());
+                    crate::devices::bus::BusDevice::write(&mut dev, off, &buf[..size]);
+                }
+            }
+        }
+    }
+}
+
+/// Replies into the vhost-user frontend, as from a compromised backend: the frontend's
+/// whole negotiation and a device start read their answers from the input.
+pub fn vhost_user_frontend(data: &[u8]) {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let (ours, mut theirs) = UnixStream::pair().expect("socketpair");
+    // The input is the backend's side of the conversation; then it hangs up.
+    let _ = theirs.set_nonblocking(true);
+    let _ = theirs.write_all(&data[..data.len().min(64 * 1024)]);
+    let _ = theirs.shutdown(std::net::Shutdown::Write);
+    let mem = device_memory(&[]);
+    let kind = data.first().map(|b| [crate::virtio::TYPE_BLOCK, crate::virtio::TYPE_RNG][(b & 1) as usize]).unwrap_or(2);
+    if let Ok(mut dev) = crate::virtio::vhost_user::VhostUserDevice::connect(ours, kind, 1, 256, mem) {
+        use crate::virtio::VirtioDevice;
+        let eventfd = || vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
+        let q = crate::virtio::QueueSetup { index: 0, size: 16, desc: 0, avail: 0x1000, used: 0x2000, kick: eventfd(), call: eventfd() };
+        let _ = dev.activate(crate::virtio::F_VERSION_1, &[q]);
+        let mut cfg = [0u8; 8];
+        dev.read_config(0, &mut cfg);
+        dev.reset();
+    }
+    drop(theirs);
 }

@@ -12,6 +12,10 @@ const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("vm_config", cellvm::fuzzing::vm_config),
     ("platform_io", cellvm::fuzzing::platform_io),
     ("ioapic", cellvm::fuzzing::ioapic),
+    ("blk_chains", cellvm::fuzzing::blk_chains),
+    ("rng_chains", cellvm::fuzzing::rng_chains),
+    ("virtio_pci", cellvm::fuzzing::virtio_pci),
+    ("vhost_user_frontend", cellvm::fuzzing::vhost_user_frontend),
     ("tenant_policy", cellvm_jailer::fuzzing::tenant_policy),
     ("mcs_label", cellvm_jailer::fuzzing::mcs_label),
 ];

@@ -238,8 +238,11 @@ pub fn ioapic(data: &[u8]) {
 /// Guest RAM for the device fuzzers: two 64 KiB regions with a hole between them, so
 /// buffers that straddle the hole or run off the end are exercised.
 fn device_memory(data: &[u8]) -> GuestMemoryMmap {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000), (GuestAddress(0x2_0000), 0x1_0000)])
-        .expect("anonymous guest memory");
+    let mem = GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), 0x1_0000),
+        (GuestAddress(0x2_0000), 0x1_0000),
+    ])
+    .expect("anonymous guest memory");
     let (a, b) = data.split_at(data.len().min(0x1_0000));
     let _ = mem.write_slice(a, GuestAddress(0));
     let _ = mem.write_slice(&b[..b.len().min(0x1_0000)], GuestAddress(0x2_0000));
@@ -248,7 +251,10 @@ fn device_memory(data: &[u8]) -> GuestMemoryMmap {
 
 /// A split queue of 16 at fixed places in the first region, its rings as the input
 /// wrote them; serves every chain `serve` will take and checks each used length.
-fn serve_queue(data: &[u8], serve: &mut dyn FnMut(&GuestMemoryMmap, virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32) {
+fn serve_queue(
+    data: &[u8],
+    serve: &mut dyn FnMut(&GuestMemoryMmap, virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
+) {
     use virtio_queue::{Queue, QueueT};
     let mem = device_memory(data);
     let mut q = Queue::new(16).expect("queue of 16");
@@ -258,7 +264,9 @@ fn serve_queue(data: &[u8], serve: &mut dyn FnMut(&GuestMemoryMmap, virtio_queue
     q.set_used_ring_address(Some(0x2000), Some(0));
     q.set_ready(true);
     for _ in 0..64 {
-        let Some(chain) = q.pop_descriptor_chain(&mem) else { break };
+        let Some(chain) = q.pop_descriptor_chain(&mem) else {
+            break;
+        };
         let head = chain.head_index();
         // The most a device may report: every writable byte of the chain.
         let writable: u64 = chain
@@ -267,7 +275,10 @@ fn serve_queue(data: &[u8], serve: &mut dyn FnMut(&GuestMemoryMmap, virtio_queue
             .map(|d| d.len() as u64)
             .sum();
         let len = serve(&mem, chain);
-        assert!(len as u64 <= writable, "used length {len} > writable bytes {writable}");
+        assert!(
+            len as u64 <= writable,
+            "used length {len} > writable bytes {writable}"
+        );
         if q.add_used(&mem, head, len).is_err() {
             break;
         }
@@ -289,13 +300,16 @@ fn scratch_file(len: u64) -> std::fs::File {
 /// served against a 64 KiB scratch disk (read-only when the first byte is odd).
 pub fn blk_chains(data: &[u8]) {
     let readonly = data.first().is_some_and(|b| b & 1 == 1);
-    let disk = crate::backend::blk::Disk::new(scratch_file(0x1_0000), readonly, "fuzz").expect("disk");
+    let disk =
+        crate::backend::blk::Disk::new(scratch_file(0x1_0000), readonly, "fuzz").expect("disk");
     serve_queue(data, &mut |m, chain| disk.serve_chain(m, chain));
 }
 
 /// virtio-rng requests from arbitrary guest memory.
 pub fn rng_chains(data: &[u8]) {
-    serve_queue(data, &mut |m, chain| crate::backend::rng::serve_chain(m, chain));
+    serve_queue(data, &mut |m, chain| {
+        crate::backend::rng::serve_chain(m, chain)
+    });
 }
 
 /// The virtio-pci transport: config space and BAR accesses (common configuration,
@@ -311,7 +325,10 @@ pub fn virtio_pci(data: &[u8]) {
     struct Chip;
     impl IrqChip for Chip {
         fn set_msi_routes(&self, routes: &[(u32, u64, u32)]) -> Result<(), IrqError> {
-            assert!(routes.windows(2).all(|w| w[0].0 < w[1].0), "routes sorted and unique");
+            assert!(
+                routes.windows(2).all(|w| w[0].0 < w[1].0),
+                "routes sorted and unique"
+            );
             Ok(())
         }
         fn bind(&self, _: &EventFd, gsi: u32) -> Result<(), IrqError> {
@@ -348,17 +365,29 @@ pub fn virtio_pci(data: &[u8]) {
             }
         }
         fn activate(&mut self, acked: u64, queues: &[QueueSetup]) -> Result<(), String> {
-            assert!(acked & !self.features() == 0, "acked features beyond the offer");
+            assert!(
+                acked & !self.features() == 0,
+                "acked features beyond the offer"
+            );
             for q in queues {
-                assert!(q.size.is_power_of_two() && q.size <= 256, "queue size {}", q.size);
+                assert!(
+                    q.size.is_power_of_two() && q.size <= 256,
+                    "queue size {}",
+                    q.size
+                );
             }
             Ok(())
         }
         fn reset(&mut self) {}
     }
     let router = Arc::new(MsiRouter::new(Arc::new(Chip)));
-    let mut dev = VirtioPci::new("fuzz".into(), Box::new(Model { config: [0; 16] }), 0xc001_0000, router)
-        .expect("transport");
+    let mut dev = VirtioPci::new(
+        "fuzz".into(),
+        Box::new(Model { config: [0; 16] }),
+        0xc001_0000,
+        router,
+    )
+    .expect("transport");
     // Each operation: kind, size, offset (u16), value (u32).
     for op in data.chunks_exact(8) {
         let size = [1usize, 2, 4, 8][(op[1] & 3) as usize];
@@ -372,7 +401,11 @@ pub fn virtio_pci(data: &[u8]) {
             1 => {
                 let shift = (offset & 3) * 8;
                 let mask = (((1u64 << (size.min(4) * 8)) - 1) as u32).wrapping_shl(shift as u32);
-                dev.write_config(offset as u16 & 0xffc, (value as u32).wrapping_shl(shift as u32), mask);
+                dev.write_config(
+                    offset as u16 & 0xffc,
+                    (value as u32).wrapping_shl(shift as u32),
+                    mask,
+                );
             }
             2 => {
                 let off = offset % BAR_SIZE;
@@ -402,11 +435,24 @@ pub fn vhost_user_frontend(data: &[u8]) {
     let _ = theirs.write_all(&data[..data.len().min(64 * 1024)]);
     let _ = theirs.shutdown(std::net::Shutdown::Write);
     let mem = device_memory(&[]);
-    let kind = data.first().map(|b| [crate::virtio::TYPE_BLOCK, crate::virtio::TYPE_RNG][(b & 1) as usize]).unwrap_or(2);
-    if let Ok(mut dev) = crate::virtio::vhost_user::VhostUserDevice::connect(ours, kind, 1, 256, mem) {
+    let kind = data
+        .first()
+        .map(|b| [crate::virtio::TYPE_BLOCK, crate::virtio::TYPE_RNG][(b & 1) as usize])
+        .unwrap_or(2);
+    if let Ok(mut dev) =
+        crate::virtio::vhost_user::VhostUserDevice::connect(ours, kind, 1, 256, mem)
+    {
         use crate::virtio::VirtioDevice;
         let eventfd = || vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
-        let q = crate::virtio::QueueSetup { index: 0, size: 16, desc: 0, avail: 0x1000, used: 0x2000, kick: eventfd(), call: eventfd() };
+        let q = crate::virtio::QueueSetup {
+            index: 0,
+            size: 16,
+            desc: 0,
+            avail: 0x1000,
+            used: 0x2000,
+            kick: eventfd(),
+            call: eventfd(),
+        };
         let _ = dev.activate(crate::virtio::F_VERSION_1, &[q]);
         let mut cfg = [0u8; 8];
         dev.read_config(0, &mut cfg);

@@ -43,6 +43,70 @@ const MSIX_ENABLE: u16 = 1 << 15;
 const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 const VECTOR_MASKED: u32 = 1;
 
+/// INTx for drivers that do not enable MSI-X: while MSI-X is off, the relay thread
+/// (IntxRelay) watches each queue's call eventfd; a signal sets ISR bit 0 and raises
+/// the function's IOAPIC pin (level-triggered) until the driver reads the ISR.
+pub struct Intx {
+    pub pin: u8,
+    pub set_level: Box<dyn Fn(bool) + Send>,
+    pub relay: Arc<IntxRelay>,
+    /// This function's index in the relay's device list.
+    pub index: u16,
+}
+
+/// One epoll set over the call eventfds of every queue in INTx mode.
+pub struct IntxRelay {
+    epoll: vmm_sys_util::epoll::Epoll,
+}
+
+impl IntxRelay {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(IntxRelay {
+            epoll: vmm_sys_util::epoll::Epoll::new()?,
+        })
+    }
+
+    fn set(&self, fd: &EventFd, key: u64, on: bool) {
+        use std::os::fd::AsRawFd;
+        use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
+        let op = if on {
+            ControlOperation::Add
+        } else {
+            ControlOperation::Delete
+        };
+        if let Err(e) = self
+            .epoll
+            .ctl(op, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, key))
+        {
+            log::warn!("intx: epoll_ctl: {e}");
+        }
+    }
+
+    /// The relay thread's loop: forwards call signals of INTx-mode queues.
+    pub fn run(&self, devices: &[Arc<std::sync::Mutex<VirtioPci>>]) {
+        use vmm_sys_util::epoll::EpollEvent;
+        let mut events = vec![EpollEvent::default(); 16];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("intx: epoll_wait: {e}");
+                    return;
+                }
+            };
+            for e in &events[..n] {
+                let key = e.data();
+                if let Some(d) = devices.get((key >> 16) as usize) {
+                    d.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .intx_signal((key & 0xffff) as usize);
+                }
+            }
+        }
+    }
+}
+
 struct Queue {
     max: u16,
     size: u16,
@@ -55,6 +119,8 @@ struct Queue {
     call: EventFd,
     /// The GSI the call eventfd is bound to as an irqfd, if any.
     bound: Option<u32>,
+    /// Whether the INTx relay watches the call eventfd.
+    relayed: bool,
 }
 
 pub struct VirtioPci {
@@ -75,6 +141,8 @@ pub struct VirtioPci {
     router: Arc<MsiRouter>,
     gsi_base: u32,
     name: String,
+    intx: Option<Intx>,
+    isr: u8,
 }
 
 fn put(config: &mut [u8], at: usize, bytes: &[u8]) {
@@ -126,6 +194,7 @@ impl VirtioPci {
                 kick: eventfd()?,
                 call: eventfd()?,
                 bound: None,
+                relayed: false,
             });
         }
         let ty = device.device_type();
@@ -181,7 +250,29 @@ impl VirtioPci {
             router,
             gsi_base,
             name,
+            intx: None,
+            isr: 0,
         })
+    }
+
+    /// Gives the function an INTx line (IOAPIC pin `intx.pin`, shown in config 0x3c).
+    pub fn set_intx(&mut self, intx: Intx) {
+        self.config[0x3c] = intx.pin;
+        self.intx = Some(intx);
+        self.update_irqfds();
+    }
+
+    /// The relay saw queue `index` signal while in INTx mode.
+    fn intx_signal(&mut self, index: usize) {
+        let Some(q) = self.queues.get(index) else {
+            return;
+        };
+        if q.call.read().is_ok() {
+            self.isr |= 1;
+            if let Some(i) = &self.intx {
+                (i.set_level)(true);
+            }
+        }
     }
 
     pub fn bar_address(&self) -> u64 {
@@ -217,8 +308,19 @@ impl VirtioPci {
     }
 
     /// Binds each queue's call eventfd to its vector's GSI exactly while that vector
-    /// can fire.
+    /// can fire; with MSI-X off (and INTx not disabled in the command register) the
+    /// INTx relay watches it instead.
     fn update_irqfds(&mut self) {
+        let intx_mode = self.msix_control() & MSIX_ENABLE == 0 && self.config[0x05] & 0x04 == 0;
+        if let Some(intx) = &self.intx {
+            for (i, q) in self.queues.iter_mut().enumerate() {
+                if q.relayed != intx_mode {
+                    intx.relay
+                        .set(&q.call, (intx.index as u64) << 16 | i as u64, intx_mode);
+                    q.relayed = intx_mode;
+                }
+            }
+        }
         for i in 0..self.queues.len() {
             let vector = self.queues[i].vector;
             let want = self
@@ -257,6 +359,10 @@ impl VirtioPci {
     fn reset(&mut self) {
         self.device.reset();
         self.status = 0;
+        self.isr = 0;
+        if let Some(i) = &self.intx {
+            (i.set_level)(false);
+        }
         self.driver_features = 0;
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
@@ -541,9 +647,11 @@ impl PciFunction for VirtioPci {
                 let old = self.read_config(0x04);
                 let new = merge(old) & 0x0000_0406 | old & 0xffff_0000;
                 put(&mut self.config, 0x04, &new.to_le_bytes());
+                self.update_irqfds();
             }
             0x10 if mask == 0xffff_ffff => self.bar_sizing = value == 0xffff_ffff,
-            0x3c => self.config[0x3c] = merge(self.read_config(0x3c)) as u8,
+            // Interrupt line: the VMM wires the pin; the register is informational.
+            0x3c if self.intx.is_none() => self.config[0x3c] = merge(self.read_config(0x3c)) as u8,
             x if x == CAP_MSIX => {
                 let old = self.read_config(x as u16);
                 let ctl = (merge(old) >> 16) as u16 & (MSIX_ENABLE | MSIX_FUNCTION_MASK);
@@ -561,8 +669,12 @@ impl BusDevice for VirtioPci {
         match offset {
             o if o < COMMON + COMMON_LEN => self.read_common(o - COMMON, data),
             ISR => {
-                // With MSI-X there is nothing to report; reading clears it.
+                // Reading returns and clears the pending bits and lowers the line.
                 data.fill(0);
+                data[0] = std::mem::take(&mut self.isr);
+                if let Some(i) = &self.intx {
+                    (i.set_level)(false);
+                }
             }
             o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => {
                 self.device.read_config(o - DEVICE_CFG, data)

@@ -244,9 +244,9 @@ pub fn run(cfg: VmConfig) -> Result<i32, Error> {
     .map_err(bus_err)?;
     // Virtio devices, each backed by a vhost-user backend process.
     let router = Arc::new(MsiRouter::new(vm.clone()));
-    let _backends = {
+    let attached = {
         let mut root = pci.lock().unwrap_or_else(|p| p.into_inner());
-        virtio::attach(&cfg, &vm, &ram.mem, &router, &mut root, &mut mmio)?
+        virtio::attach(&cfg, &vm, &ram.mem, &router, &ioapic, &mut root, &mut mmio)?
     };
     mmio.insert(
         layout::PCI_ECAM_BASE,
@@ -290,6 +290,7 @@ pub fn run(cfg: VmConfig) -> Result<i32, Error> {
             .spawn(move || vcpu::run(id as u32, fd, ctx, seccomp))
             .map_err(Error::Thread)?;
     }
+    virtio::spawn_intx_relay(&attached, seccomp)?;
     crate::devices::serial::spawn_stdin_feeder(serial.clone(), seccomp).map_err(Error::Thread)?;
     // The main thread's own, narrower profile: from here it only waits and exits.
     crate::seccomp::install("vmm", "main", seccomp).map_err(Error::Seccomp)?;

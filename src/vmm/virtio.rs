@@ -17,9 +17,10 @@ use super::config::{Backend, VmConfig};
 use super::Error;
 use crate::arch::x86_64::layout;
 use crate::devices::bus::Bus;
+use crate::devices::ioapic::IoApic;
 use crate::devices::pci::{PciFunction, PciRoot};
 use crate::virtio::irq::MsiRouter;
-use crate::virtio::pci::{VirtioPci, BAR_SIZE};
+use crate::virtio::pci::{Intx, IntxRelay, VirtioPci, BAR_SIZE};
 use crate::virtio::vhost_user::VhostUserDevice;
 use crate::virtio::{TYPE_BLOCK, TYPE_RNG};
 
@@ -113,15 +114,31 @@ fn connect(
     }
 }
 
-/// Attaches every configured device; returns the backend processes it started.
+/// What `attach` leaves running.
+pub struct Attached {
+    pub backends: Vec<Child>,
+    pub functions: Vec<Arc<Mutex<VirtioPci>>>,
+    pub relay: Arc<IntxRelay>,
+}
+
+/// IOAPIC pins for INTx: slot N drives pin 16 + (N - 1) % 8, level-triggered.
+fn intx_pin(slot: u8) -> u8 {
+    16 + (slot - 1) % 8
+}
+
+/// Attaches every configured device; returns the backend processes it started and the
+/// functions, for the INTx relay thread.
 pub fn attach(
     cfg: &VmConfig,
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     router: &Arc<MsiRouter>,
+    ioapic: &Arc<Mutex<IoApic<Arc<VmFd>>>>,
     pci: &mut PciRoot,
     mmio: &mut Bus,
-) -> Result<Vec<Child>, Error> {
+) -> Result<Attached, Error> {
+    let relay = Arc::new(IntxRelay::new().map_err(|e| Error::Device(format!("epoll: {e}")))?);
+    let mut functions = Vec::new();
     let mut children = Vec::new();
     let mut wanted = Vec::new();
     for (i, disk) in cfg.disks.iter().flatten().enumerate() {
@@ -166,8 +183,24 @@ pub fn attach(
         let device = VhostUserDevice::connect(stream, ty, queues, QUEUE_SIZE, mem.clone())
             .map_err(|e| Error::Device(format!("{name}: {e}")))?;
         let bar = layout::PCI_BAR_BASE + slot as u64 * layout::PCI_BAR_STRIDE;
-        let function = VirtioPci::new(name.clone(), Box::new(device), bar as u32, router.clone())
-            .map_err(Error::Device)?;
+        let mut function =
+            VirtioPci::new(name.clone(), Box::new(device), bar as u32, router.clone())
+                .map_err(Error::Device)?;
+        let pin = intx_pin(slot);
+        let line = ioapic.clone();
+        function.set_intx(Intx {
+            pin,
+            set_level: Box::new(move |high| {
+                let mut a = line.lock().unwrap_or_else(|p| p.into_inner());
+                if high {
+                    a.assert_irq(pin as usize)
+                } else {
+                    a.deassert_irq(pin as usize)
+                }
+            }),
+            relay: relay.clone(),
+            index: functions.len() as u16,
+        });
         for (addr, fd) in function.notifiers() {
             vm.register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
                 .map_err(|e| Error::Kvm("KVM_IOEVENTFD", e))?;
@@ -175,9 +208,33 @@ pub fn attach(
         let function = Arc::new(Mutex::new(function));
         pci.add(slot, Box::new(Shared(function.clone())))
             .map_err(|e| Error::Device(format!("{name}: {e}")))?;
-        mmio.insert(bar, BAR_SIZE, function)
+        mmio.insert(bar, BAR_SIZE, function.clone())
             .map_err(|e| Error::Device(format!("{name}: BAR: {e}")))?;
-        log::info!("{name}: PCI 00:{slot:02x}.0, BAR0 {bar:#x}");
+        functions.push(function);
+        log::info!("{name}: PCI 00:{slot:02x}.0, BAR0 {bar:#x}, INTx pin {pin}");
     }
-    Ok(children)
+    Ok(Attached {
+        backends: children,
+        functions,
+        relay,
+    })
+}
+
+/// Starts the INTx relay thread (only when there are devices).
+pub fn spawn_intx_relay(a: &Attached, seccomp: crate::seccomp::Mode) -> Result<(), Error> {
+    if a.functions.is_empty() {
+        return Ok(());
+    }
+    let (relay, functions) = (a.relay.clone(), a.functions.clone());
+    std::thread::Builder::new()
+        .name("intx".into())
+        .spawn(move || {
+            if let Err(e) = crate::seccomp::install("vmm", "intx", seccomp) {
+                log::error!("intx relay: {e}");
+                return;
+            }
+            relay.run(&functions)
+        })
+        .map(|_| ())
+        .map_err(Error::Thread)
 }

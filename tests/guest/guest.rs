@@ -28,7 +28,7 @@ const CHECKS: [&str; 9] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "mad
 /// Checks that need something from outside the VM, run only when named in `tests=`:
 /// `console` reads a line typed on the VMM's standard input; `virtio`, `blk`, `msix`
 /// and `rng` need the devices (`blk` also an image laid out as tests/virtio.rs makes it).
-const OPT_IN: [&str; 7] = ["console", "virtio", "blk", "blkbad", "msix", "rng", "blkbench"];
+const OPT_IN: [&str; 8] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "blkbench"];
 
 /// The vector the irq check programs the serial's IOAPIC pin with.
 const IRQ_VECTOR: u8 = 0x41;
@@ -227,6 +227,7 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
         "blkbad" => devices::check_blkbad(r),
         "blkbench" => devices::check_blkbench(r, args.bench_ms),
         "msix" => devices::check_msix(r),
+        "intx" => devices::check_intx(r),
         "rng" => devices::check_rng(r),
         "console" => {
             let mut line = hw::Buf::<80>::new();

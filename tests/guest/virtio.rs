@@ -319,6 +319,10 @@ impl Device {
         cfg_write(self.slot, self.msix_cap, (dword & 0x3fff_ffff) | ctl);
     }
 
+    pub fn isr_read(&self) -> u8 {
+        r8(self.isr)
+    }
+
     pub fn config8(&self, off: u64) -> u8 {
         r8(self.device + off)
     }

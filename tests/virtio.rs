@@ -60,7 +60,7 @@ fn our_backends_pass_every_device_check_and_the_image_holds_what_the_guest_wrote
         &disk,
         "--rng",
         "--cmdline",
-        "tests=pci,virtio,blk,blkbad,msix,rng",
+        "tests=pci,virtio,blk,blkbad,msix,intx,rng",
     ]);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     assert!(out
@@ -84,6 +84,9 @@ fn our_backends_pass_every_device_check_and_the_image_holds_what_the_guest_wrote
             && msix.contains("pba=true irr_after_unmask=true"),
         "{msix}"
     );
+    assert!(out
+        .passed("intx")
+        .contains("INTA -> IOAPIC pin 16 -> vector 0x61: status=0 irr=true isr=0x1 then 0x0"));
     out.passed("rng");
     assert!(
         out.stderr.contains("request dropped: OutsideRam"),
@@ -207,7 +210,7 @@ fn qemu_storage_daemon_behind_cellvm_passes_the_same_checks() {
         "--disk",
         &disk,
         "--cmdline",
-        "tests=virtio,blk,msix",
+        "tests=virtio,blk,msix,intx",
     ]);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     out.passed("virtio");
@@ -216,6 +219,7 @@ fn qemu_storage_daemon_behind_cellvm_passes_the_same_checks() {
         "the peer's own id"
     );
     out.passed("msix");
+    out.passed("intx");
     assert_image_after_blk(&img);
 }
 

@@ -385,13 +385,18 @@ pub fn check_intx(r: &mut Report) {
         hw::write_phys::<u32>(0xfec0_0000, index);
         hw::write_phys::<u32>(0xfec0_0010, value);
     };
-    ioapic(0x10 + 2 * line + 1, v::own_apic_id() << 24);
-    ioapic(0x10 + 2 * line, vector as u32 | 1 << 15); // level, unmasked
     let (d, _, mut qs) = match start(TYPE_BLOCK, 0, 1, [NO_VECTOR; 2]) {
         Ok(x) => x,
         Err(why) => return r.line("intx", Err(()), format_args!("{why}")),
     };
     let q = qs[0].as_mut().expect("queue 0");
+    // A backend may signal once as its queue starts (libvhost-user does): let that
+    // arrive and clear it through the ISR before the pin is unmasked.
+    let settle = hw::rdtsc() + hw::tsc_hz() / 20;
+    while hw::rdtsc() < settle {}
+    let _ = d.isr_read();
+    ioapic(0x10 + 2 * line + 1, v::own_apic_id() << 24);
+    ioapic(0x10 + 2 * line, vector as u32 | 1 << 15); // level, unmasked
     let before = v::irr(vector);
     let (_, s) = blk(q, 0, 0, Some((data(), 512, true)));
     let end = hw::rdtsc() + hw::tsc_hz();

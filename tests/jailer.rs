@@ -88,6 +88,8 @@ fn launch_with(policy: &Path, id: &str, vm: &Path, extra: &[&str]) -> common::Ou
 
 fn assert_nothing_left(id: &str) {
     for p in [
+        format!("/run/cellvm/vms/{id}-dev0"),
+        format!("/run/cellvm/vms/{id}-dev1"),
         format!("/srv/cellvm/{id}"),
         format!("/run/cellvm/vms/{id}"),
         format!("/sys/fs/cgroup/memory/cellvm/{id}"),
@@ -110,12 +112,14 @@ fn jailed_test_guest_passes_every_check_and_leaves_nothing_behind() {
     let out = launch(&id, &repo("policy/vms/example.toml"), &[]);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     for check in [
-        "serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp", "pci", "irq",
+        "serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp", "pci", "irq", "virtio",
+        "msix", "intx", "rng",
     ] {
         out.passed(check);
     }
     assert!(out.passed("madt").contains("cpus=2"));
-    assert!(out.stdout.contains("9 passed, 0 failed"), "{}", out.stdout);
+    assert!(out.passed("virtio").contains("functions=2"));
+    assert!(out.stdout.contains("13 passed, 0 failed"), "{}", out.stdout);
     assert!(
         out.stderr.contains("SELinux is not enabled on this host"),
         "the downgrade is logged: {}",
@@ -170,7 +174,11 @@ fn a_spec_outside_the_policy_is_refused_naming_the_field() {
         ("name = \"k\"\nmemory_mib = 64\nkernel = \"/etc/shadow\"\n", "tenant example: vm k: kernel = /etc/shadow violates image_dirs"),
         ("name = \"dots\"\nmemory_mib = 64\nkernel = \"/var/lib/cellvm/images/example/../../../../etc/shadow\"\n", "kernel = /var/lib/cellvm/images/example/../../../../etc/shadow violates"),
         (&format!("name = \"link\"\nmemory_mib = 64\nkernel = \"{}\"\n", link.display()), "escapes /var/lib/cellvm/images/example (through a symlink or `..`)"),
-        ("name = \"d\"\nmemory_mib = 64\ndisks = [{ path = \"x\" }]\n", "tenant example: vm d: disks = 1 entries violates"),
+        ("name = \"d\"\nmemory_mib = 64\ndisks = [{ path = \"x\" }]\n", "tenant example: vm d: disks[0].path = x violates image_dirs"),
+        ("name = \"d3\"\nmemory_mib = 64\ndisks = [{ path = \"/var/lib/cellvm/images/example/disk.img\" }, { path = \"/var/lib/cellvm/images/example/disk.img\" }, { path = \"/var/lib/cellvm/images/example/disk.img\" }]\n", "tenant example: vm d3: disks = 3 entries exceeds the tenant limit max_disks = 2"),
+        ("name = \"dq\"\nmemory_mib = 64\ndisks = [{ path = \"/var/lib/cellvm/images/example/disk.img\", queues = 0 }]\n", "disks[0].queues = 0 violates the range 1 to 16"),
+        (&format!("name = \"dl\"\nmemory_mib = 64\ndisks = [{{ path = \"{}\" }}]\n", link.display()), "disks[0]: /var/lib/cellvm/images/example/escape"),
+        ("name = \"n\"\nmemory_mib = 64\nnets = [{ tap = \"t0\" }]\n", "no virtio-net backend yet"),
         ("name = \"typo\"\nmemory = 64\n", "unknown field `memory`"),
     ] {
         let id = unique("refused");
@@ -371,6 +379,140 @@ fn every_thread_of_a_running_jailed_vmm_is_locked_down() {
         fds.len()
     );
     assert_eq!(wait_code(jailer_proc), Some(0));
+    assert_nothing_left(&id);
+}
+
+/// Each device backend runs in a cell of its own, seen from outside while the VM runs:
+/// its own uid (not the VMM's), no capabilities, no_new_privs, seccomp on every thread,
+/// new namespaces (its network and mount namespaces are not the VMM's either), an
+/// empty root, the VM's cgroup, a clean environment and only the descriptors it needs.
+#[test]
+fn every_device_backend_runs_in_a_cell_of_its_own() {
+    let id = unique("backends");
+    let dir = std::env::temp_dir().join(format!("cellvm-jailer-{id}"));
+    let vm = spec(
+        &dir,
+        "name = \"devs\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=none hold=3\"\nrng = true\ndisks = [{ path = \"/var/lib/cellvm/images/example/disk.img\", readonly = true }]\n",
+    );
+    let child = launch_command(&repo("policy/tenants/example.toml"), &id, &vm)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let procs = format!("/sys/fs/cgroup/pids/cellvm/{id}/cgroup.procs");
+    let start = Instant::now();
+    // Three processes, all exec'd: the VMM and two backends.
+    let pids: Vec<String> = loop {
+        let pids: Vec<String> = std::fs::read_to_string(&procs)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.trim().to_string())
+            .collect();
+        let cmdlines: Vec<String> = pids
+            .iter()
+            .map(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                    .unwrap_or_default()
+            })
+            .collect();
+        if pids.len() == 3
+            && cmdlines
+                .iter()
+                .filter(|c| c.starts_with("cellvm device "))
+                .count()
+                == 2
+            && cmdlines.iter().any(|c| c.starts_with("cellvm run "))
+        {
+            break pids;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "VMM and 2 backends never appeared: {pids:?} {cmdlines:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let cmdline = |p: &str| {
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{p}/cmdline")).unwrap())
+            .replace('\0', " ")
+    };
+    let vmm = pids
+        .iter()
+        .find(|p| cmdline(p).starts_with("cellvm run "))
+        .unwrap()
+        .clone();
+    let ns = |p: &str, n: &str| std::fs::read_link(format!("/proc/{p}/ns/{n}")).unwrap();
+    let uid = |p: &str| {
+        status_field(p, p, "Uid")
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let mut uids = vec![uid(&vmm)];
+    for p in pids.iter().filter(|p| **p != vmm) {
+        let line = cmdline(p);
+        // Wait until the daemon's threads are up and filtered.
+        let start = Instant::now();
+        let tasks: Vec<String> = loop {
+            let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{p}/task"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into())
+                .collect();
+            if tasks.len() >= 2 && tasks.iter().all(|t| status_field(p, t, "Seccomp") == "2") {
+                break tasks;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{line}: threads {tasks:?} not all filtered"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        for t in &tasks {
+            assert_eq!(status_field(p, t, "NoNewPrivs"), "1", "{line}");
+            for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+                assert_eq!(status_field(p, t, cap), "0000000000000000", "{line} {cap}");
+            }
+        }
+        let u = uid(p);
+        assert!(
+            (200000..=200999).contains(&u.parse::<u32>().unwrap()),
+            "{line}: uid {u}"
+        );
+        assert!(
+            !uids.contains(&u),
+            "{line}: uid {u} shared with another process of the VM"
+        );
+        uids.push(u);
+        for n in ["mnt", "pid", "net", "ipc", "uts"] {
+            assert_ne!(
+                ns(p, n),
+                ns("self", n),
+                "{line}: {n} namespace is the host's"
+            );
+            assert_ne!(ns(p, n), ns(&vmm, n), "{line}: {n} namespace is the VMM's");
+        }
+        let root: Vec<_> = std::fs::read_dir(format!("/proc/{p}/root"))
+            .unwrap()
+            .collect();
+        assert!(root.is_empty(), "{line}: its root is not empty: {root:?}");
+        assert!(
+            std::fs::read(format!("/proc/{p}/environ"))
+                .unwrap()
+                .is_empty(),
+            "{line}: environment"
+        );
+        let fds = std::fs::read_dir(format!("/proc/{p}/fd")).unwrap().count();
+        assert!(fds < 24, "{line}: {fds} descriptors open");
+        assert!(
+            std::fs::read_to_string(format!("/proc/{p}/cgroup"))
+                .unwrap()
+                .lines()
+                .any(|l| l.contains("pids") && l.ends_with(&format!("/cellvm/{id}"))),
+            "{line}: not in the VM's cgroup"
+        );
+    }
+    assert_eq!(wait_code(child), Some(0));
     assert_nothing_left(&id);
 }
 

@@ -17,3 +17,10 @@ if [ ! -c /dev/kvm ]; then
     echo "setup: /dev/kvm is missing: cellvm needs KVM" >&2
     exit 1
 fi
+# The example tenant's image directory and the disk its example VM spec names (a sparse
+# 64 MiB raw image), for the README's launch command and the jailer tests.
+images=/var/lib/cellvm/images/example
+if [ ! -f "$images/disk.img" ]; then
+    mkdir -p "$images"
+    truncate -s 64M "$images/disk.img"
+fi

@@ -14,8 +14,17 @@ pub fn remove_cell(id: &str) {
     }
     let dir = crate::launch::jail_dir(id);
     // The jail's mounts lived in the cell's mount namespace and died with it; only the
-    // empty directories are left on the host.
-    for d in [dir.join("root"), dir.clone()] {
+    // empty directories are left on the host: the VMM's root and one per backend.
+    let mut dirs: Vec<_> = std::fs::read_dir(&dir)
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.push(dir.clone());
+    for d in dirs {
         if let Err(e) = std::fs::remove_dir(&d) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 eprintln!("cellvm-jailer: {}: {e}", d.display());

@@ -36,11 +36,30 @@ pub fn restrict(
     rules: &[(&str, BitFlags<AccessFs>)],
     requirement: Requirement,
 ) -> Result<&'static str, String> {
+    restrict_handling(AccessFs::from_all(ABI_USED), rules, requirement)
+}
+
+/// For a device backend: every filesystem right denied except executing and reading
+/// files, which the jailer's execveat of the backend binary (by descriptor) needs. In
+/// its empty root there is nothing to read; once running, the backend denies itself
+/// those two as well (`cellvm device` installs its own Landlock ruleset handling every
+/// right, with no rule), and its seccomp profile has no execve or open at all.
+pub fn deny_all_but_exec(requirement: Requirement) -> Result<&'static str, String> {
+    restrict_handling(
+        AccessFs::from_all(ABI_USED) & !(AccessFs::Execute | AccessFs::ReadFile),
+        &[],
+        requirement,
+    )
+}
+
+fn restrict_handling(
+    handled: BitFlags<AccessFs>,
+    rules: &[(&str, BitFlags<AccessFs>)],
+    requirement: Requirement,
+) -> Result<&'static str, String> {
     let err = |e: &dyn std::fmt::Display| format!("landlock: {e}");
     let mut ruleset = Ruleset::default().set_compatibility(CompatLevel::BestEffort);
-    ruleset = ruleset
-        .handle_access(AccessFs::from_all(ABI_USED))
-        .map_err(|e| err(&e))?;
+    ruleset = ruleset.handle_access(handled).map_err(|e| err(&e))?;
     ruleset = ruleset
         .scope(Scope::from_all(ABI_USED))
         .map_err(|e| err(&e))?;

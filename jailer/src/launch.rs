@@ -59,6 +59,54 @@ pub struct Plan {
     pub kernel: Option<File>,
     pub initrd: Option<File>,
     pub vmm: File,
+    pub devices: Vec<Device>,
+}
+
+/// A device backend to start in its own cell.
+pub enum Device {
+    Blk {
+        image: File,
+        readonly: bool,
+        queues: u16,
+    },
+    Rng,
+}
+
+impl Device {
+    /// `cellvm device ...` arguments after the listening socket's.
+    fn argv(&self, n: usize, image_fd: Option<i32>, seccomp: &str) -> Vec<String> {
+        let mut a: Vec<String> = vec!["cellvm".into(), "device".into()];
+        match self {
+            Device::Blk {
+                readonly, queues, ..
+            } => {
+                a.extend([
+                    "blk".into(),
+                    "--image-fd".into(),
+                    image_fd.expect("blk has an image").to_string(),
+                ]);
+                a.extend([
+                    "--queues".into(),
+                    queues.to_string(),
+                    "--id".into(),
+                    format!("cellvm-disk{n}"),
+                ]);
+                if *readonly {
+                    a.push("--readonly".into());
+                }
+            }
+            Device::Rng => a.push("rng".into()),
+        }
+        a.extend(["--seccomp".into(), seccomp.into()]);
+        a
+    }
+
+    fn image(&self) -> Option<&File> {
+        match self {
+            Device::Blk { image, .. } => Some(image),
+            Device::Rng => None,
+        }
+    }
 }
 
 pub fn plan(opts: &Options) -> Result<Plan, Failure> {
@@ -123,6 +171,24 @@ pub fn plan(opts: &Options) -> Result<Plan, Failure> {
         ))
     })?;
     let vmm = open_static_binary(&opts.vmm).map_err(setup)?;
+    let mut devices = Vec::new();
+    for (i, d) in spec.disks.iter().enumerate() {
+        let image =
+            paths::open_beneath_mode(&policy.image_dirs, &d.path, !d.readonly).map_err(|e| {
+                refused(format!(
+                    "tenant {}: vm {}: disks[{i}]: {e}",
+                    policy.name, spec.name
+                ))
+            })?;
+        devices.push(Device::Blk {
+            image,
+            readonly: d.readonly,
+            queues: d.queues,
+        });
+    }
+    if spec.rng {
+        devices.push(Device::Rng);
+    }
     Ok(Plan {
         policy,
         spec,
@@ -130,6 +196,7 @@ pub fn plan(opts: &Options) -> Result<Plan, Failure> {
         kernel,
         initrd,
         vmm,
+        devices,
     })
 }
 
@@ -164,7 +231,7 @@ fn open_static_binary(path: &Path) -> Result<File, String> {
     File::open(path).map_err(|e| format!("VMM binary {}: {e}", path.display()))
 }
 
-fn vmm_argv(plan: &Plan, opts: &Options) -> Vec<String> {
+fn vmm_argv(plan: &Plan, opts: &Options, device_fds: &[i32]) -> Vec<String> {
     let seccomp = if opts.without.iter().any(|w| w == "seccomp") {
         "off".to_string()
     } else {
@@ -196,6 +263,15 @@ fn vmm_argv(plan: &Plan, opts: &Options) -> Vec<String> {
     if plan.initrd.is_some() {
         argv.extend(["--initrd".into(), "/initrd".into()]);
     }
+    // Each device: the VMM's end of a connection its backend cell already holds.
+    for (d, fd) in plan.devices.iter().zip(device_fds) {
+        match d {
+            Device::Blk { queues, .. } => {
+                argv.extend(["--disk".into(), format!("fd={fd},queues={queues}")])
+            }
+            Device::Rng => argv.push(format!("--rng=fd={fd}")),
+        }
+    }
     argv
 }
 
@@ -206,24 +282,216 @@ pub fn jail_dir(id: &str) -> PathBuf {
 /// Launches the VM and supervises it; returns the VMM's exit status.
 pub fn launch(opts: &Options) -> Result<i32, Failure> {
     let plan = plan(opts)?;
-    let argv = vmm_argv(&plan, opts);
 
-    // Reclaim what dead supervisors left, then take this VM's uid and MCS pair.
-    let entry = {
+    // Reclaim what dead supervisors left, then take this VM's uid and MCS pair, and a
+    // uid of its own for each device backend.
+    let (entry, device_entries) = {
         let reg = Registry::lock(&opts.run_dir).map_err(setup)?;
         crate::gc::collect(&reg);
-        reg.allocate(&plan.id, &plan.policy, std::process::id())
-            .map_err(refused)?
+        let entry = reg
+            .allocate(&plan.id, &plan.policy, std::process::id())
+            .map_err(refused)?;
+        let mut devs = Vec::new();
+        for n in 0..plan.devices.len() {
+            match reg.allocate(&device_id(&plan.id, n), &plan.policy, std::process::id()) {
+                Ok(e) => devs.push(e),
+                Err(e) => {
+                    for d in devs.iter().chain(std::iter::once(&entry)) {
+                        let _ = reg.remove(&d.id);
+                    }
+                    return Err(refused(e));
+                }
+            }
+        }
+        (entry, devs)
     };
-    let result = build_and_supervise(&plan, &entry, &argv, opts);
+    let result = build_and_supervise(&plan, &entry, &device_entries, opts);
     cleanup(opts, &entry);
+    if let Ok(reg) = Registry::lock(&opts.run_dir) {
+        for d in &device_entries {
+            let _ = reg.remove(&d.id);
+        }
+    }
     result
+}
+
+/// The registry id of a VM's n-th device backend (which holds its uid).
+fn device_id(vm: &str, n: usize) -> String {
+    format!("{vm}-dev{n}")
+}
+
+/// A listening socket whose one connection is already made: (listener, VMM's end).
+/// Its path lives for an instant in the jail directory (root's, mode 0700).
+fn connected_listener(dir: &Path, n: usize) -> Result<(OwnedFd, OwnedFd), String> {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let path = dir.join(format!("dev{n}.sock"));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let stream = UnixStream::connect(&path);
+    let _ = std::fs::remove_file(&path);
+    let stream = stream.map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((OwnedFd::from(listener), OwnedFd::from(stream)))
+}
+
+/// Starts device backend `n` in a cell of its own: new namespaces (an empty root, no
+/// network), the VM's cgroup, its own uid, no capabilities, Landlock denying every
+/// filesystem access, and the backend's own seccomp profile once it runs.
+#[allow(clippy::too_many_arguments)]
+fn start_backend(
+    plan: &Plan,
+    n: usize,
+    uid: u32,
+    listener: &OwnedFd,
+    cgroup: &Cgroup,
+    signals: &crate::supervise::Signals,
+    label: Option<&str>,
+    opts: &Options,
+) -> Result<u32, Failure> {
+    let device = &plan.devices[n];
+    let seccomp = if opts.without.iter().any(|w| w == "seccomp") {
+        "off"
+    } else {
+        opts.seccomp.as_str()
+    };
+    let argv = {
+        let mut a = device.argv(n, device.image().map(|f| f.as_raw_fd()), seccomp);
+        a.extend(["--listen-fd".into(), listener.as_raw_fd().to_string()]);
+        a
+    };
+    let (go_r, go_w) = pipe().map_err(setup)?;
+    let (err_r, err_w) = pipe().map_err(setup)?;
+    let child = namespaces::clone_into_namespaces().map_err(setup)?;
+    if child == 0 {
+        drop(go_w);
+        drop(err_r);
+        let landlock_on = !opts.without.iter().any(|w| w == "landlock");
+        let message = match build_backend_cell(
+            plan,
+            n,
+            uid,
+            listener,
+            &argv,
+            go_r,
+            &err_w,
+            signals,
+            landlock_on,
+            label,
+        ) {
+            Err(m) => m,
+            Ok(never) => match never {},
+        };
+        let mut w = File::from(err_w);
+        let _ = w.write_all(message.as_bytes());
+        // SAFETY: leaving the child without running the parent's destructors.
+        unsafe { libc::_exit(127) };
+    }
+    drop(go_r);
+    drop(err_w);
+    if let Err(e) = cgroup.add(child) {
+        // SAFETY: kill our own child.
+        unsafe { libc::kill(child as i32, libc::SIGKILL) };
+        crate::supervise::reap(child);
+        return Err(setup(e));
+    }
+    let _ = File::from(go_w).write_all(b"g");
+    // The error pipe closes at the backend's exec (or carries why it failed).
+    let mut message = String::new();
+    let _ = File::from(err_r).read_to_string(&mut message);
+    if !message.is_empty() {
+        crate::supervise::reap(child);
+        return Err(setup(format!("building the cell of device {n}: {message}")));
+    }
+    Ok(child)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_backend_cell(
+    plan: &Plan,
+    n: usize,
+    uid: u32,
+    listener: &OwnedFd,
+    argv: &[String],
+    go: OwnedFd,
+    err: &OwnedFd,
+    signals: &crate::supervise::Signals,
+    landlock_on: bool,
+    label: Option<&str>,
+) -> Result<std::convert::Infallible, String> {
+    let mut b = [0u8; 1];
+    File::from(go)
+        .read_exact(&mut b)
+        .map_err(|e| format!("waiting for the supervisor: {e}"))?;
+    let device = &plan.devices[n];
+    let mut keep = vec![err.as_raw_fd(), plan.vmm.as_raw_fd(), listener.as_raw_fd()];
+    keep.extend(device.image().map(|f| f.as_raw_fd()));
+    identity::close_inherited_fds(&keep)?;
+    signals.restore_in_child();
+    namespaces::set_hostname(&format!("cellvm-{}-dev{n}", plan.spec.name))?;
+    if let Some(l) = label {
+        selinux::set_exec_label(l).map_err(|e| e.to_string())?;
+    }
+    namespaces::enter_empty_jail(&jail_dir(&plan.id).join(format!("dev{n}")))?;
+    let image_len = device
+        .image()
+        .and_then(|f| f.metadata().ok())
+        .map(|m| m.len())
+        .unwrap_or(0);
+    identity::set_rlimits(&identity::Limits {
+        nofile: 64,
+        nproc: plan.policy.cgroup.pids_max as u64,
+        // A disk can be written in place, never grown.
+        fsize: image_len,
+    })?;
+    identity::drop_privileges(uid, uid)?;
+    if landlock_on {
+        let how = landlock::deny_all_but_exec(plan.policy.landlock)?;
+        if how != "fully enforced" {
+            eprintln!(
+                "cellvm-jailer: warning: tenant {}: device {n}: Landlock {how}",
+                plan.policy.name
+            );
+        }
+    }
+    // The descriptors the backend works with stay open across exec.
+    for fd in std::iter::once(listener.as_raw_fd()).chain(device.image().map(|f| f.as_raw_fd())) {
+        // SAFETY: fcntl on descriptors this process holds.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+            return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
+        }
+    }
+    exec_fd(&plan.vmm, argv)
+}
+
+/// execveat(fd, "", AT_EMPTY_PATH): runs the checked binary without a path.
+fn exec_fd(binary: &File, argv: &[String]) -> Result<std::convert::Infallible, String> {
+    let c_argv: Vec<CString> = argv
+        .iter()
+        .map(|a| CString::new(a.as_str()).expect("no NUL in argv"))
+        .collect();
+    let mut ptrs: Vec<*const libc::c_char> = c_argv.iter().map(|a| a.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    // SAFETY: a valid fd, an empty path with AT_EMPTY_PATH, NULL-terminated arrays.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execveat,
+            binary.as_raw_fd(),
+            c"".as_ptr(),
+            ptrs.as_ptr(),
+            envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    Err(format!(
+        "execveat the backend: {}",
+        std::io::Error::last_os_error()
+    ))
 }
 
 fn build_and_supervise(
     plan: &Plan,
     entry: &Entry,
-    argv: &[String],
+    device_entries: &[Entry],
     opts: &Options,
 ) -> Result<i32, Failure> {
     // SELinux first: a policy that requires it must refuse before anything is built.
@@ -260,9 +528,31 @@ fn build_and_supervise(
             .transpose()
             .map_err(setup)?,
     };
+    let signals = crate::supervise::block_signals();
+    // The device backends first, each in its own cell; the VMM gets the other end of
+    // each one's connection.
+    let jail = jail_dir(&plan.id);
+    let mut vmm_ends = Vec::new();
+    let mut backends = Backends(Vec::new());
+    for (n, dev_entry) in device_entries.iter().enumerate() {
+        let (listener, vmm_end) = connected_listener(&jail, n).map_err(setup)?;
+        let pid = start_backend(
+            plan,
+            n,
+            dev_entry.uid,
+            &listener,
+            &cgroup,
+            &signals,
+            label.as_deref(),
+            opts,
+        )?;
+        backends.0.push(pid);
+        vmm_ends.push(vmm_end);
+    }
+    let device_fds: Vec<i32> = vmm_ends.iter().map(|f| f.as_raw_fd()).collect();
+    let argv = vmm_argv(plan, opts, &device_fds);
     let (go_r, go_w) = pipe().map_err(setup)?;
     let (err_r, err_w) = pipe().map_err(setup)?;
-    let signals = crate::supervise::block_signals();
     let child = namespaces::clone_into_namespaces().map_err(setup)?;
     if child == 0 {
         drop(go_w);
@@ -272,7 +562,8 @@ fn build_and_supervise(
             plan,
             &trees,
             entry,
-            argv,
+            &argv,
+            &device_fds,
             go_r,
             &err_w,
             &signals,
@@ -297,13 +588,42 @@ fn build_and_supervise(
         return Err(setup(e));
     }
     let _ = File::from(go_w).write_all(b"g");
+    drop(vmm_ends);
     let mut message = String::new();
     let _ = File::from(err_r).read_to_string(&mut message);
     let status = crate::supervise::wait(child, &signals);
+    drop(backends);
     if !message.is_empty() {
         return Err(setup(format!("building the cell: {message}")));
     }
     Ok(status)
+}
+
+/// Backend processes of a VM: once the VMM is gone they see the connection close and
+/// exit; whatever is still running a moment later is killed. Always reaped.
+struct Backends(Vec<u32>);
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        for &pid in &self.0 {
+            loop {
+                let mut status = 0;
+                // SAFETY: waitpid on our own child, without blocking.
+                let rc = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+                if rc != 0 {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    // SAFETY: kill and reap our own child.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    crate::supervise::reap(pid);
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    }
 }
 
 /// In the cell's first process (PID 1 of its namespace): every layer in order, then exec.
@@ -313,11 +633,13 @@ struct Trees {
     initrd: Option<OwnedFd>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_cell(
     plan: &Plan,
     trees: &Trees,
     entry: &Entry,
     argv: &[String],
+    device_fds: &[i32],
     go: OwnedFd,
     err: &OwnedFd,
     signals: &crate::supervise::Signals,
@@ -338,7 +660,15 @@ fn build_cell(
             .chain(trees.initrd.iter())
             .map(|f| f.as_raw_fd()),
     );
+    keep.extend_from_slice(device_fds);
     identity::close_inherited_fds(&keep)?;
+    // The connections to the device backends stay open across exec.
+    for &fd in device_fds {
+        // SAFETY: fcntl on a descriptor this process holds.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+            return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
+        }
+    }
     signals.restore_in_child();
     namespaces::set_hostname(&format!("cellvm-{}", plan.spec.name))?;
     // The exec context goes on while /proc is still there (libselinux writes it through

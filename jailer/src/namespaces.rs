@@ -162,6 +162,27 @@ pub fn enter_jail(root: &Path, files: &JailFiles) -> Result<(), String> {
         attach(i, &root.join("initrd"), false)?;
     }
     make_kvm_node(&root.join("dev/kvm"), files.uid, files.gid)?;
+    pivot_into(r)
+}
+
+/// In a device backend's cell: an empty, read-only root and nothing else. The backend
+/// is exec'd from a descriptor and opens no path.
+pub fn enter_empty_jail(root: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let r = root.to_str().ok_or("jail root is not UTF-8")?;
+    mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None)?;
+    mount(
+        Some("cellvm-empty"),
+        r,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_NODEV,
+        Some("size=4k,nr_inodes=1,mode=0555"),
+    )?;
+    pivot_into(r)
+}
+
+/// pivot_root into `r`, detach the old root, and make the new one read-only.
+fn pivot_into(r: &str) -> Result<(), String> {
     // pivot_root(".", ".") stacks the old root under the new one; detaching it leaves
     // only the jail.
     let rc = unsafe { libc::chdir(cstr(r).as_ptr()) };

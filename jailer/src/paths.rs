@@ -35,6 +35,11 @@ pub fn allowed_dir<'a>(dirs: &'a [PathBuf], path: &Path) -> Option<&'a PathBuf> 
 /// from its allowed directory: a symlink may point elsewhere inside the directory, never
 /// out of it.
 pub fn open_beneath(dirs: &[PathBuf], path: &Path) -> Result<File, Error> {
+    open_beneath_mode(dirs, path, false)
+}
+
+/// As `open_beneath`, read-write when `writable` (a disk the guest may write).
+pub fn open_beneath_mode(dirs: &[PathBuf], path: &Path, writable: bool) -> Result<File, Error> {
     let dir = allowed_dir(dirs, path).ok_or_else(|| Error::NotAllowed {
         path: path.display().to_string(),
         dirs: dirs.to_vec(),
@@ -54,7 +59,12 @@ pub fn open_beneath(dirs: &[PathBuf], path: &Path) -> Result<File, Error> {
         .map_err(|_| io(std::io::ErrorKind::InvalidInput.into()))?;
     // SAFETY: open_how is plain data; all-zero is its "no flags" value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    let access = if writable {
+        libc::O_RDWR
+    } else {
+        libc::O_RDONLY
+    };
+    how.flags = (access | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
     how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
     // SAFETY: openat2 with a valid directory fd, a NUL-terminated path and an open_how
     // of the size passed; the returned fd is checked and then owned.

@@ -47,6 +47,12 @@ pub struct TenantPolicy {
     pub hugepages: bool,
     #[serde(default)]
     pub ksm: bool,
+    /// How many virtio-blk disks one VM may have (each is a backend process).
+    #[serde(default)]
+    pub max_disks: u32,
+    /// Whether the tenant's VMs may have a virtio-rng device.
+    #[serde(default)]
+    pub rng: bool,
     pub cgroup: CgroupLimits,
 }
 
@@ -82,7 +88,7 @@ pub struct VmSpec {
     #[serde(default)]
     pub cmdline: String,
     #[serde(default)]
-    pub disks: Vec<toml::Value>,
+    pub disks: Vec<DiskSpec>,
     #[serde(default)]
     pub nets: Vec<toml::Value>,
     #[serde(default)]
@@ -96,6 +102,25 @@ pub struct VmSpec {
 fn one() -> u32 {
     1
 }
+
+fn one_queue() -> u16 {
+    1
+}
+
+/// A virtio-blk disk of a VM spec; its backend runs in a cell of its own.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// A raw image beneath one of the tenant's image directories.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub readonly: bool,
+    #[serde(default = "one_queue")]
+    pub queues: u16,
+}
+
+/// The most queues a disk may have (as `cellvm run` accepts).
+pub const MAX_DISK_QUEUES: u16 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -112,7 +137,7 @@ pub enum Error {
     Violation {
         tenant: String,
         vm: String,
-        field: &'static str,
+        field: String,
         asked: String,
         verb: &'static str,
         allowed: String,
@@ -208,11 +233,11 @@ impl VmSpec {
 /// Checks the spec against the policy. Paths are only checked lexically here (absolute,
 /// inside an allowed directory); `paths::open_beneath` is what actually opens them.
 pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
-    let violation = |field: &'static str, asked: String, verb: &'static str, allowed: String| {
+    let violation = |field: &str, asked: String, verb: &'static str, allowed: String| {
         Err(Error::Violation {
             tenant: policy.name.clone(),
             vm: spec.name.clone(),
-            field,
+            field: field.to_string(),
             asked,
             verb,
             allowed,
@@ -273,30 +298,48 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
             "the tenant policy (ksm = false)".into(),
         );
     }
-    // Devices come with the virtio issue; until then a spec asking for one is refused
-    // rather than silently launched without it.
-    if !spec.disks.is_empty() {
+    if spec.disks.len() as u64 > policy.max_disks as u64 {
         return violation(
             "disks",
             format!("{} entries", spec.disks.len()),
-            "violates",
-            "what this cellvm supports (no virtio devices yet)".into(),
+            "exceeds",
+            format!("the tenant limit max_disks = {}", policy.max_disks),
         );
     }
+    for (i, d) in spec.disks.iter().enumerate() {
+        if crate::paths::allowed_dir(&policy.image_dirs, &d.path).is_none() {
+            return violation(
+                &format!("disks[{i}].path"),
+                d.path.display().to_string(),
+                "violates",
+                format!("image_dirs {:?}", policy.image_dirs),
+            );
+        }
+        if !(1..=MAX_DISK_QUEUES).contains(&d.queues) {
+            return violation(
+                &format!("disks[{i}].queues"),
+                d.queues.to_string(),
+                "violates",
+                format!("the range 1 to {MAX_DISK_QUEUES}"),
+            );
+        }
+    }
+    // A net backend is not part of this cellvm yet: a spec asking for one is refused
+    // rather than silently launched without it.
     if !spec.nets.is_empty() {
         return violation(
             "nets",
             format!("{} entries", spec.nets.len()),
             "violates",
-            "what this cellvm supports (no virtio devices yet)".into(),
+            "what this cellvm supports (no virtio-net backend yet)".into(),
         );
     }
-    if spec.rng {
+    if spec.rng && !policy.rng {
         return violation(
             "rng",
             "true".into(),
             "violates",
-            "what this cellvm supports (no virtio devices yet)".into(),
+            "the tenant policy (rng = false)".into(),
         );
     }
     Ok(())
@@ -361,7 +404,11 @@ mod tests {
             .contains("initrd = /srv/images/acme/../../etc/shadow violates"));
         assert!(refusal("hugepages = true").contains("hugepages = true violates"));
         assert!(refusal("disks = [{ path = \"/srv/images/acme/d.img\" }]")
-            .contains("disks = 1 entries violates"));
+            .contains("disks = 1 entries exceeds the tenant limit max_disks = 0"));
+        assert!(
+            refusal("rng = true").contains("rng = true violates the tenant policy (rng = false)")
+        );
+        assert!(refusal("nets = [{ tap = \"t0\" }]").contains("no virtio-net backend yet"));
     }
 
     #[test]

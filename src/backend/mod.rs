@@ -151,6 +151,9 @@ where
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
         .map_err(|e| Error::Daemon(e.to_string()))?;
+    // No filesystem access at all from here on (a jailed backend got its files as
+    // descriptors); where the kernel has no Landlock, say so.
+    deny_filesystem();
     // The filter covers every thread of the process (TSYNC), including the daemon's
     // worker threads started below, before the first message is read.
     crate::seccomp::install_process(role, seccomp).map_err(Error::Seccomp)?;
@@ -169,3 +172,20 @@ where
 
 /// Reference-counted handles share one backend between the daemon's threads.
 pub type Shared<T> = Arc<T>;
+
+/// A Landlock ruleset that handles every filesystem right and grants none.
+fn deny_filesystem() {
+    use landlock::{
+        Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetStatus, ABI,
+    };
+    let status = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(AccessFs::from_all(ABI::V6))
+        .and_then(|r| r.create())
+        .and_then(|r| r.restrict_self());
+    match status {
+        Ok(s) if s.ruleset == RulesetStatus::FullyEnforced => {}
+        Ok(s) => log::warn!("backend: Landlock {:?} on this kernel", s.ruleset),
+        Err(e) => log::warn!("backend: Landlock: {e}"),
+    }
+}

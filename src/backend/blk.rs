@@ -77,7 +77,7 @@ impl Disk {
         let segs = match segments(mem, chain, MAX_QUEUE_SIZE) {
             Ok(s) => s,
             Err(e) => {
-                log::warn!("blk: request dropped: {e:?}");
+                crate::warn_limited(format_args!("blk: request dropped: {e:?}"));
                 return 0;
             }
         };
@@ -86,7 +86,7 @@ impl Disk {
             return 0;
         };
         if segs.len() < 2 || !last.writable || last.len == 0 {
-            log::warn!("blk: request without a status byte dropped");
+            crate::warn_limited(format_args!("blk: request without a status byte dropped"));
             return 0;
         }
         let status_at = GuestAddress(last.addr.0 + last.len as u64 - 1);

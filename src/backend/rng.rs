@@ -22,7 +22,7 @@ pub fn serve_chain<M: GuestMemoryBackend>(mem: &M, chain: DescriptorChain<&M>) -
     let segs = match segments(mem, chain, MAX_QUEUE_SIZE) {
         Ok(s) => s,
         Err(e) => {
-            log::warn!("rng: request dropped: {e:?}");
+            crate::warn_limited(format_args!("rng: request dropped: {e:?}"));
             return 0;
         }
     };

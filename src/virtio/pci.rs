@@ -405,7 +405,7 @@ impl VirtioPci {
         }
         if newly & STATUS_DRIVER_OK != 0 && self.status & STATUS_FEATURES_OK != 0 {
             if let Err(e) = self.activate() {
-                log::warn!("{}: {e}", self.name);
+                crate::warn_limited(format_args!("{}: {e}", self.name));
                 value |= STATUS_NEEDS_RESET;
             }
         }

@@ -320,6 +320,41 @@ fn device_id(vm: &str, n: usize) -> String {
     format!("{vm}-dev{n}")
 }
 
+/// Clones a cell's first process into new namespaces, puts it in `cgroup`, then lets it
+/// run `build`, which ends in exec or returns why it could not. Returns the pid and the
+/// error pipe: it reads empty once the exec happened, else the reason.
+fn start_cell(
+    cgroup: &Cgroup,
+    build: impl FnOnce(OwnedFd, &OwnedFd) -> Result<std::convert::Infallible, String>,
+) -> Result<(u32, File), Failure> {
+    let (go_r, go_w) = pipe().map_err(setup)?;
+    let (err_r, err_w) = pipe().map_err(setup)?;
+    let child = namespaces::clone_into_namespaces().map_err(setup)?;
+    if child == 0 {
+        drop(go_w);
+        drop(err_r);
+        let message = match build(go_r, &err_w) {
+            Err(m) => m,
+            Ok(never) => match never {},
+        };
+        let mut w = File::from(err_w);
+        let _ = w.write_all(message.as_bytes());
+        // SAFETY: leaving the child without running the parent's destructors.
+        unsafe { libc::_exit(127) };
+    }
+    drop(go_r);
+    drop(err_w);
+    // Into its cgroup before it runs anything of its own.
+    if let Err(e) = cgroup.add(child) {
+        // SAFETY: kill our own child.
+        unsafe { libc::kill(child as i32, libc::SIGKILL) };
+        crate::supervise::reap(child);
+        return Err(setup(e));
+    }
+    let _ = File::from(go_w).write_all(b"g");
+    Ok((child, File::from(err_r)))
+}
+
 /// A listening socket whose one connection is already made: (listener, VMM's end).
 /// Its path lives for an instant in the jail directory (root's, mode 0700).
 fn connected_listener(dir: &Path, n: usize) -> Result<(OwnedFd, OwnedFd), String> {
@@ -358,45 +393,24 @@ fn start_backend(
         a.extend(["--listen-fd".into(), listener.as_raw_fd().to_string()]);
         a
     };
-    let (go_r, go_w) = pipe().map_err(setup)?;
-    let (err_r, err_w) = pipe().map_err(setup)?;
-    let child = namespaces::clone_into_namespaces().map_err(setup)?;
-    if child == 0 {
-        drop(go_w);
-        drop(err_r);
-        let landlock_on = !opts.without.iter().any(|w| w == "landlock");
-        let message = match build_backend_cell(
+    let landlock_on = !opts.without.iter().any(|w| w == "landlock");
+    let (child, mut errors) = start_cell(cgroup, |go, err| {
+        build_backend_cell(
             plan,
             n,
             uid,
             listener,
             &argv,
-            go_r,
-            &err_w,
+            go,
+            err,
             signals,
             landlock_on,
             label,
-        ) {
-            Err(m) => m,
-            Ok(never) => match never {},
-        };
-        let mut w = File::from(err_w);
-        let _ = w.write_all(message.as_bytes());
-        // SAFETY: leaving the child without running the parent's destructors.
-        unsafe { libc::_exit(127) };
-    }
-    drop(go_r);
-    drop(err_w);
-    if let Err(e) = cgroup.add(child) {
-        // SAFETY: kill our own child.
-        unsafe { libc::kill(child as i32, libc::SIGKILL) };
-        crate::supervise::reap(child);
-        return Err(setup(e));
-    }
-    let _ = File::from(go_w).write_all(b"g");
+        )
+    })?;
     // The error pipe closes at the backend's exec (or carries why it failed).
     let mut message = String::new();
-    let _ = File::from(err_r).read_to_string(&mut message);
+    let _ = errors.read_to_string(&mut message);
     if !message.is_empty() {
         crate::supervise::reap(child);
         return Err(setup(format!("building the cell of device {n}: {message}")));
@@ -551,46 +565,24 @@ fn build_and_supervise(
     }
     let device_fds: Vec<i32> = vmm_ends.iter().map(|f| f.as_raw_fd()).collect();
     let argv = vmm_argv(plan, opts, &device_fds);
-    let (go_r, go_w) = pipe().map_err(setup)?;
-    let (err_r, err_w) = pipe().map_err(setup)?;
-    let child = namespaces::clone_into_namespaces().map_err(setup)?;
-    if child == 0 {
-        drop(go_w);
-        drop(err_r);
-        let landlock_on = !opts.without.iter().any(|w| w == "landlock");
-        let message = match build_cell(
+    let landlock_on = !opts.without.iter().any(|w| w == "landlock");
+    let (child, mut errors) = start_cell(&cgroup, |go, err| {
+        build_cell(
             plan,
             &trees,
             entry,
             &argv,
             &device_fds,
-            go_r,
-            &err_w,
+            go,
+            err,
             &signals,
             landlock_on,
             label.as_deref(),
-        ) {
-            Err(m) => m,
-            Ok(never) => match never {},
-        };
-        let mut w = File::from(err_w);
-        let _ = w.write_all(message.as_bytes());
-        // SAFETY: leaving the child without running the parent's destructors.
-        unsafe { libc::_exit(127) };
-    }
-    drop(go_r);
-    drop(err_w);
-    // Put the cell's first process in its cgroup, then let it go on.
-    if let Err(e) = cgroup.add(child) {
-        // SAFETY: kill our own child.
-        unsafe { libc::kill(child as i32, libc::SIGKILL) };
-        crate::supervise::reap(child);
-        return Err(setup(e));
-    }
-    let _ = File::from(go_w).write_all(b"g");
+        )
+    })?;
     drop(vmm_ends);
     let mut message = String::new();
-    let _ = File::from(err_r).read_to_string(&mut message);
+    let _ = errors.read_to_string(&mut message);
     let status = crate::supervise::wait(child, &signals);
     drop(backends);
     if !message.is_empty() {

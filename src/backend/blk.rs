@@ -8,8 +8,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
@@ -17,7 +16,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use super::{process_vring, segments, Memory, Segment, MAX_QUEUE_SIZE};
+use super::{segments, Memory, QueueState, Segment, MAX_QUEUE_SIZE};
 use crate::virtio::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1};
 
 pub const SECTOR: u64 = 512;
@@ -339,8 +338,7 @@ pub struct BlkBackend {
     disk: Disk,
     queues: usize,
     queue_size: usize,
-    event_idx: AtomicBool,
-    mem: RwLock<Option<Memory>>,
+    state: QueueState,
 }
 
 impl BlkBackend {
@@ -349,8 +347,7 @@ impl BlkBackend {
             disk,
             queues,
             queue_size,
-            event_idx: AtomicBool::new(false),
-            mem: RwLock::new(None),
+            state: QueueState::default(),
         })
     }
 }
@@ -393,7 +390,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
+        self.state.set_event_idx(enabled)
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -403,8 +400,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: Memory) -> std::io::Result<()> {
-        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
-        Ok(())
+        self.state.update_memory(mem)
     }
 
     /// One worker thread per queue, so queues are served in parallel.
@@ -419,20 +415,9 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[VringRwLock],
         _thread: usize,
     ) -> std::io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(std::io::Error::other(format!(
-                "unexpected events {evset:?}"
-            )));
-        }
-        let Some(vring) = vrings.get(device_event as usize) else {
-            return Ok(());
-        };
-        let Some(mem) = self.mem.read().unwrap_or_else(|p| p.into_inner()).clone() else {
-            return Ok(());
-        };
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
-        process_vring(vring, &mem, event_idx, |m: &GuestMemoryMmap, chain| {
-            self.disk.serve_chain(m, chain)
-        })
+        self.state
+            .handle_kick(device_event, evset, vrings, |m: &GuestMemoryMmap, chain| {
+                self.disk.serve_chain(m, chain)
+            })
     }
 }

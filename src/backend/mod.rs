@@ -129,6 +129,52 @@ where
     }
 }
 
+/// What every backend keeps between vhost-user messages: whether EVENT_IDX was
+/// negotiated and the guest RAM last sent. Shared by all of a backend's threads.
+#[derive(Default)]
+pub struct QueueState {
+    event_idx: std::sync::atomic::AtomicBool,
+    mem: std::sync::RwLock<Option<Memory>>,
+}
+
+impl QueueState {
+    pub fn set_event_idx(&self, enabled: bool) {
+        self.event_idx
+            .store(enabled, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn update_memory(&self, mem: Memory) -> std::io::Result<()> {
+        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    /// A kick on queue `device_event`: serves its chains with `serve`.
+    pub fn handle_kick<F>(
+        &self,
+        device_event: u16,
+        evset: vmm_sys_util::epoll::EventSet,
+        vrings: &[VringRwLock],
+        serve: F,
+    ) -> std::io::Result<()>
+    where
+        F: FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> u32,
+    {
+        if evset != vmm_sys_util::epoll::EventSet::IN {
+            return Err(std::io::Error::other(format!(
+                "unexpected events {evset:?}"
+            )));
+        }
+        let (Some(vring), Some(mem)) = (
+            vrings.get(device_event as usize),
+            self.mem.read().unwrap_or_else(|p| p.into_inner()).clone(),
+        ) else {
+            return Ok(());
+        };
+        let event_idx = self.event_idx.load(std::sync::atomic::Ordering::Relaxed);
+        process_vring(vring, &mem, event_idx, serve)
+    }
+}
+
 /// Serves one vhost-user connection with `backend` until the VMM hangs up.
 pub fn serve<T>(
     name: &str,

@@ -1,7 +1,6 @@
 //! `cellvm device rng`: virtio-rng (entropy device) filled from getrandom(2).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
@@ -9,7 +8,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use super::{process_vring, segments, Memory, MAX_QUEUE_SIZE};
+use super::{segments, Memory, QueueState, MAX_QUEUE_SIZE};
 use crate::virtio::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1};
 
 const PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -54,15 +53,13 @@ pub fn serve_chain<M: GuestMemoryBackend>(mem: &M, chain: DescriptorChain<&M>) -
 }
 
 pub struct RngBackend {
-    event_idx: AtomicBool,
-    mem: RwLock<Option<Memory>>,
+    state: QueueState,
 }
 
 impl RngBackend {
     pub fn new() -> Arc<Self> {
         Arc::new(RngBackend {
-            event_idx: AtomicBool::new(false),
-            mem: RwLock::new(None),
+            state: QueueState::default(),
         })
     }
 }
@@ -88,12 +85,11 @@ impl VhostUserBackend for RngBackend {
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
+        self.state.set_event_idx(enabled)
     }
 
     fn update_memory(&self, mem: Memory) -> std::io::Result<()> {
-        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
-        Ok(())
+        self.state.update_memory(mem)
     }
 
     fn handle_event(
@@ -103,20 +99,9 @@ impl VhostUserBackend for RngBackend {
         vrings: &[VringRwLock],
         _thread: usize,
     ) -> std::io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(std::io::Error::other(format!(
-                "unexpected events {evset:?}"
-            )));
-        }
-        let (Some(vring), Some(mem)) = (
-            vrings.get(device_event as usize),
-            self.mem.read().unwrap_or_else(|p| p.into_inner()).clone(),
-        ) else {
-            return Ok(());
-        };
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
-        process_vring(vring, &mem, event_idx, |m: &GuestMemoryMmap, chain| {
-            serve_chain(m, chain)
-        })
+        self.state
+            .handle_kick(device_event, evset, vrings, |m: &GuestMemoryMmap, chain| {
+                serve_chain(m, chain)
+            })
     }
 }

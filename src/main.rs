@@ -36,6 +36,10 @@ enum Command {
         name: String,
         #[arg(long, value_enum, default_value = "kill")]
         seccomp: cellvm::seccomp::Mode,
+        /// Whose confinement to take on: the VMM's main thread (vmm) or a backend's
+        /// (blk, rng: its process-wide seccomp profile and Landlock, as it installs them).
+        #[arg(long, default_value = "vmm")]
+        role: String,
     },
 }
 
@@ -134,7 +138,11 @@ fn main() -> ExitCode {
     unsafe { libc::signal(libc::SIGTERM, on_sigterm as *const () as libc::sighandler_t) };
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Probe { name, seccomp } => Ok(cellvm::probe::run(&name, seccomp)),
+        Command::Probe {
+            name,
+            seccomp,
+            role,
+        } => Ok(cellvm::probe::run(&name, seccomp, &role)),
         Command::Run(args) => run(args),
         Command::Device(cmd) => device(cmd),
         Command::Testguest { output } => std::fs::write(&output, cellvm::testguest::IMAGE)

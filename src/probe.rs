@@ -1,5 +1,6 @@
 //! Test-only escape probes. `cellvm-jailer launch --probe NAME` runs `cellvm probe NAME`
-//! in exactly the VMM's cell; the probe installs the VMM's main-thread seccomp profile
+//! in exactly the VMM's cell (with `--probe-in blk|rng`: a device backend's cell); the
+//! probe installs that role's seccomp profile (the VMM's main thread, or the backend's)
 //! (unless told `--seccomp off`, for the layer-by-layer tests), tries one thing the cell
 //! must forbid, and prints `PROBE <name> allowed` or `PROBE <name> denied <ERRNO>`. A
 //! seccomp kill shows as the process dying of SIGSYS instead.
@@ -74,8 +75,19 @@ fn open(path: &str, flags: i32) -> i64 {
 }
 
 /// Runs probe `name`; returns the process exit status (0: the probe ran and reported).
-pub fn run(name: &str, seccomp: Mode) -> i32 {
-    if let Err(e) = crate::seccomp::install("vmm", "main", seccomp) {
+pub fn run(name: &str, seccomp: Mode, role: &str) -> i32 {
+    let confined = match role {
+        "vmm" => crate::seccomp::install("vmm", "main", seccomp),
+        "blk" | "rng" => {
+            crate::backend::deny_filesystem();
+            crate::seccomp::install_process(role, seccomp)
+        }
+        _ => {
+            println!("PROBE {name} error unknown role {role}");
+            return 1;
+        }
+    };
+    if let Err(e) = confined {
         println!("PROBE {name} error {e}");
         return 1;
     }

@@ -582,8 +582,13 @@ fn gc_reclaims_the_cell_of_a_supervisor_that_died() {
 }
 
 fn probe(name: &str, without: &[&str]) -> common::Outcome {
-    let id = unique(&format!("probe-{name}-{}", without.join("-")));
-    let mut extra = vec!["--probe", name];
+    probe_in("vmm", name, without)
+}
+
+/// Runs probe `name` in the cell of `role` (vmm, or the example VM's blk or rng backend).
+fn probe_in(role: &str, name: &str, without: &[&str]) -> common::Outcome {
+    let id = unique(&format!("probe-{role}-{name}-{}", without.join("-")));
+    let mut extra = vec!["--probe", name, "--probe-in", role];
     for w in without {
         extra.extend(["--without", w]);
     }
@@ -633,6 +638,63 @@ fn every_escape_probe_is_stopped_in_the_full_cell() {
             out.stderr
         );
         assert!(!out.stdout.contains("allowed"), "{name}: {}", out.stdout);
+    }
+}
+
+/// The same probes in each device backend's cell (`--probe-in blk|rng`: the probe takes
+/// the backend's place and its confinement: the backend's process-wide seccomp profile
+/// and Landlock). Every one is killed by seccomp, the memory hog by the cgroup.
+#[test]
+fn every_escape_probe_is_stopped_in_each_backend_cell() {
+    for role in ["blk", "rng"] {
+        for name in cellvm::probe::PROBES {
+            let out = probe_in(role, name, &[]);
+            let expect = if *name == "allocate-past-memory-max" {
+                128 + libc::SIGKILL
+            } else {
+                128 + libc::SIGSYS
+            };
+            assert_eq!(
+                out.code,
+                Some(expect),
+                "{role} {name}: {}{}",
+                out.stdout,
+                out.stderr
+            );
+            assert!(
+                !out.stdout.contains("allowed"),
+                "{role} {name}: {}",
+                out.stdout
+            );
+        }
+    }
+}
+
+/// Without seccomp, the backend cell's other layers: an empty read-only root (no files,
+/// no /proc, nowhere to mount), no network, no capabilities, alone in its pid namespace.
+#[test]
+fn without_seccomp_a_backend_cell_still_holds() {
+    for role in ["blk", "rng"] {
+        for (name, outcome) in [
+            ("open-host-file", "denied ENOENT"),
+            ("open-via-proc-root", "denied ENOENT"),
+            ("open-dev-mem", "denied ENOENT"),
+            ("write-jail-file", "denied EROFS"),
+            ("mount", "denied ENOENT"),
+            ("setuid-root", "denied EPERM"),
+            ("exec-kernel-image", "denied ENOENT"),
+            ("connect-inet", "denied ENETUNREACH"),
+            ("ptrace-init", "denied EPERM"),
+            ("signal-other-processes", "denied ESRCH"),
+        ] {
+            let out = probe_in(role, name, &["seccomp"]);
+            assert_eq!(out.code, Some(0), "{role} {name}: {}", out.stderr);
+            assert_eq!(
+                out.stdout.trim(),
+                format!("PROBE {name} {outcome}"),
+                "{role} {name}"
+            );
+        }
     }
 }
 

@@ -25,6 +25,9 @@ pub struct Options {
     pub run_dir: PathBuf,
     /// Test-only: run `cellvm probe NAME` in the VMM's exact cell instead of the VMM.
     pub probe: Option<String>,
+    /// Test-only: where the probe runs: `vmm`, or the cell of the first `blk` or `rng`
+    /// backend (then no VMM is started and the launch ends with the probe's status).
+    pub probe_in: String,
     /// What a seccomp violation does in the cell: "kill" (default), "log" or "off";
     /// anything but kill needs `seccomp_off_allowed` in the tenant policy.
     pub seccomp: String,
@@ -101,6 +104,13 @@ impl Device {
         a
     }
 
+    fn kind(&self) -> &'static str {
+        match self {
+            Device::Blk { .. } => "blk",
+            Device::Rng => "rng",
+        }
+    }
+
     fn image(&self) -> Option<&File> {
         match self {
             Device::Blk { image, .. } => Some(image),
@@ -132,6 +142,12 @@ pub fn plan(opts: &Options) -> Result<Plan, Failure> {
     {
         return Err(refused(format!(
             "--without {w}: only seccomp and landlock can be left out (test only)"
+        )));
+    }
+    if !matches!(opts.probe_in.as_str(), "vmm" | "blk" | "rng") {
+        return Err(refused(format!(
+            "--probe-in {}: expected vmm, blk or rng",
+            opts.probe_in
         )));
     }
     if (opts.probe.is_some() || !opts.without.is_empty()) && !policy.allow_test_switches {
@@ -355,6 +371,16 @@ fn start_cell(
     Ok((child, File::from(err_r)))
 }
 
+/// Test-only: the device whose cell runs the probe instead of its backend, if any.
+fn probe_target<'a>(plan: &Plan, opts: &'a Options) -> Option<(usize, &'a str)> {
+    let name = opts.probe.as_deref()?;
+    let n = plan
+        .devices
+        .iter()
+        .position(|d| d.kind() == opts.probe_in)?;
+    Some((n, name))
+}
+
 /// A listening socket whose one connection is already made: (listener, VMM's end).
 /// Its path lives for an instant in the jail directory (root's, mode 0700).
 fn connected_listener(dir: &Path, n: usize) -> Result<(OwnedFd, OwnedFd), String> {
@@ -388,10 +414,21 @@ fn start_backend(
     } else {
         opts.seccomp.as_str()
     };
-    let argv = {
-        let mut a = device.argv(n, device.image().map(|f| f.as_raw_fd()), seccomp);
-        a.extend(["--listen-fd".into(), listener.as_raw_fd().to_string()]);
-        a
+    let argv = match probe_target(plan, opts) {
+        Some((target, name)) if target == n => vec![
+            "cellvm".into(),
+            "probe".into(),
+            name.into(),
+            "--role".into(),
+            device.kind().into(),
+            "--seccomp".into(),
+            seccomp.into(),
+        ],
+        _ => {
+            let mut a = device.argv(n, device.image().map(|f| f.as_raw_fd()), seccomp);
+            a.extend(["--listen-fd".into(), listener.as_raw_fd().to_string()]);
+            a
+        }
     };
     let landlock_on = !opts.without.iter().any(|w| w == "landlock");
     let (child, mut errors) = start_cell(cgroup, |go, err| {
@@ -445,16 +482,13 @@ fn build_backend_cell(
         selinux::set_exec_label(l).map_err(|e| e.to_string())?;
     }
     namespaces::enter_empty_jail(&jail_dir(&plan.id).join(format!("dev{n}")))?;
-    let image_len = device
-        .image()
-        .and_then(|f| f.metadata().ok())
-        .map(|m| m.len())
-        .unwrap_or(0);
     identity::set_rlimits(&identity::Limits {
         nofile: 64,
         nproc: plan.policy.cgroup.pids_max as u64,
-        // A disk can be written in place, never grown.
-        fsize: image_len,
+        // No file-size limit: it would also cut the backend's log when stderr is a file.
+        // The image cannot grow anyway: every request is bounded by its capacity, and
+        // the seccomp profile has no ftruncate.
+        fsize: libc::RLIM_INFINITY,
     })?;
     identity::drop_privileges(uid, uid)?;
     if landlock_on {
@@ -562,6 +596,20 @@ fn build_and_supervise(
         )?;
         backends.0.push(pid);
         vmm_ends.push(vmm_end);
+    }
+    if opts.probe.is_some() && opts.probe_in != "vmm" {
+        // Test-only: the probe runs in a backend's cell; no VMM.
+        let Some((target, _)) = probe_target(plan, opts) else {
+            return Err(refused(format!(
+                "--probe-in {}: the VM spec has no such device",
+                opts.probe_in
+            )));
+        };
+        let pid = backends.0.remove(target);
+        drop(vmm_ends);
+        let status = crate::supervise::wait(pid, &signals);
+        drop(backends);
+        return Ok(status);
     }
     let device_fds: Vec<i32> = vmm_ends.iter().map(|f| f.as_raw_fd()).collect();
     let argv = vmm_argv(plan, opts, &device_fds);
@@ -681,7 +729,10 @@ fn build_cell(
     identity::set_rlimits(&identity::Limits {
         nofile: 256,
         nproc: plan.policy.cgroup.pids_max as u64,
-        fsize: (plan.spec.memory_mib << 20).max(1 << 20),
+        // Guest RAM is a memfd sized with ftruncate, which RLIMIT_FSIZE bounds; and the
+        // console goes to the supervisor's stdout, which may be a log file of any size.
+        // The jail has no writable file system, so no limit is lost.
+        fsize: libc::RLIM_INFINITY,
     })?;
     // No uid 0, no capabilities, no way back.
     identity::drop_privileges(entry.uid, entry.uid)?;

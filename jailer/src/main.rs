@@ -52,6 +52,10 @@ enum Command {
         /// Test only: run `cellvm probe NAME` in the VMM's exact cell.
         #[arg(long, hide = true)]
         probe: Option<String>,
+        /// Test only: run the probe in the cell of the VM's first `blk` or `rng` backend
+        /// instead (no VMM is started); default `vmm`.
+        #[arg(long, hide = true, default_value = "vmm")]
+        probe_in: String,
         /// Test only: leave a layer out (seccomp, landlock) to show the others hold.
         #[arg(long, hide = true)]
         without: Vec<String>,
@@ -71,6 +75,7 @@ enum Command {
 fn options(
     c: Common,
     probe: Option<String>,
+    probe_in: String,
     seccomp: String,
     without: Vec<String>,
 ) -> launch::Options {
@@ -87,6 +92,7 @@ fn options(
         vmm,
         run_dir: c.run_dir,
         probe,
+        probe_in,
         seccomp,
         without,
     }
@@ -98,15 +104,22 @@ fn main() -> ExitCode {
             common,
             seccomp,
             probe,
+            probe_in,
             without,
-        } => match launch::launch(&options(common, probe, seccomp, without)) {
+        } => match launch::launch(&options(common, probe, probe_in, seccomp, without)) {
             Ok(code) => code,
             Err(f) => {
                 eprintln!("cellvm-jailer: {}", f.message);
                 f.code
             }
         },
-        Command::Check { common } => check(&options(common, None, "kill".into(), Vec::new())),
+        Command::Check { common } => check(&options(
+            common,
+            None,
+            "vmm".into(),
+            "kill".into(),
+            Vec::new(),
+        )),
         Command::Gc { run_dir } => match registry::Registry::lock(&run_dir) {
             Ok(reg) => {
                 for id in gc::collect(&reg) {

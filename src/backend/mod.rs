@@ -14,7 +14,6 @@ pub mod rng;
 
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixListener;
-use std::sync::Arc;
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
@@ -206,7 +205,12 @@ where
     daemon
         .start(&mut listener)
         .map_err(|e| Error::Daemon(e.to_string()))?;
-    match daemon.wait() {
+    let result = daemon.wait();
+    // One connection per backend: once the VMM hangs up the process ends. Dropping the
+    // daemon would join its vring threads, which wait for an exit event; the exit that
+    // follows ends them instead.
+    std::mem::forget(daemon);
+    match result {
         Ok(()) => Ok(()),
         Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected))
         | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::PartialMessage)) => {
@@ -216,11 +220,8 @@ where
     }
 }
 
-/// Reference-counted handles share one backend between the daemon's threads.
-pub type Shared<T> = Arc<T>;
-
 /// A Landlock ruleset that handles every filesystem right and grants none.
-fn deny_filesystem() {
+pub fn deny_filesystem() {
     use landlock::{
         Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetStatus, ABI,
     };

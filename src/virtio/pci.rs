@@ -701,3 +701,177 @@ impl BusDevice for VirtioPci {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::irq::{Error as IrqError, IrqChip};
+    use std::sync::Mutex;
+
+    /// Records what the transport asks of KVM.
+    #[derive(Default)]
+    struct Chip {
+        routes: Mutex<Vec<(u32, u64, u32)>>,
+        bound: Mutex<Vec<u32>>,
+    }
+    impl IrqChip for Chip {
+        fn set_msi_routes(&self, routes: &[(u32, u64, u32)]) -> Result<(), IrqError> {
+            *self.routes.lock().unwrap() = routes.to_vec();
+            Ok(())
+        }
+        fn bind(&self, _: &EventFd, gsi: u32) -> Result<(), IrqError> {
+            self.bound.lock().unwrap().push(gsi);
+            Ok(())
+        }
+        fn unbind(&self, _: &EventFd, gsi: u32) -> Result<(), IrqError> {
+            self.bound.lock().unwrap().retain(|g| *g != gsi);
+            Ok(())
+        }
+    }
+
+    struct Model(Arc<Mutex<Option<(u64, usize)>>>);
+    impl VirtioDevice for Model {
+        fn device_type(&self) -> u32 {
+            TYPE_BLOCK
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![256]
+        }
+        fn features(&self) -> u64 {
+            F_VERSION_1 | 1 << 9
+        }
+        fn read_config(&mut self, _: u64, data: &mut [u8]) {
+            data.fill(0x5a)
+        }
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(&mut self, acked: u64, queues: &[QueueSetup]) -> Result<(), String> {
+            *self.0.lock().unwrap() = Some((acked, queues.len()));
+            Ok(())
+        }
+        fn reset(&mut self) {
+            *self.0.lock().unwrap() = None;
+        }
+    }
+
+    fn device() -> (VirtioPci, Arc<Chip>, Arc<Mutex<Option<(u64, usize)>>>) {
+        let chip = Arc::new(Chip::default());
+        let started = Arc::new(Mutex::new(None));
+        let router = Arc::new(MsiRouter::new(chip.clone()));
+        let d = VirtioPci::new(
+            "t".into(),
+            Box::new(Model(started.clone())),
+            0xc001_0000,
+            router,
+        )
+        .unwrap();
+        (d, chip, started)
+    }
+
+    fn w(d: &mut VirtioPci, off: u64, v: u64, len: usize) {
+        d.write(off, &v.to_le_bytes()[..len]);
+    }
+
+    fn r(d: &mut VirtioPci, off: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        d.read(off, &mut b[..len]);
+        u64::from_le_bytes(b)
+    }
+
+    fn negotiate(d: &mut VirtioPci, features: u64) -> u8 {
+        w(d, 0x14, 0, 1);
+        w(d, 0x14, 3, 1);
+        w(d, 0x08, 0, 4);
+        w(d, 0x0c, features & 0xffff_ffff, 4);
+        w(d, 0x08, 1, 4);
+        w(d, 0x0c, features >> 32, 4);
+        w(d, 0x14, 11, 1);
+        r(d, 0x14, 1) as u8
+    }
+
+    #[test]
+    fn features_beyond_the_offer_or_without_version_1_are_refused() {
+        let (mut d, _, _) = device();
+        assert_eq!(negotiate(&mut d, F_VERSION_1 | 1 << 9), 11);
+        assert_eq!(
+            negotiate(&mut d, F_VERSION_1 | F_RING_PACKED),
+            3,
+            "packed rings are never offered"
+        );
+        assert_eq!(negotiate(&mut d, 1 << 9), 3, "no VERSION_1");
+    }
+
+    #[test]
+    fn driver_ok_activates_the_enabled_queues_and_reset_stops_them() {
+        let (mut d, _, started) = device();
+        negotiate(&mut d, F_VERSION_1);
+        w(&mut d, 0x18, 100, 2); // not a power of two: ignored
+        assert_eq!(r(&mut d, 0x18, 2), 256);
+        w(&mut d, 0x18, 64, 2);
+        w(&mut d, 0x20, 0x1000, 8);
+        w(&mut d, 0x28, 0x2000, 4);
+        w(&mut d, 0x30, 0x3000, 4);
+        w(&mut d, 0x1c, 1, 2);
+        w(&mut d, 0x14, 15, 1);
+        assert_eq!(*started.lock().unwrap(), Some((F_VERSION_1, 1)));
+        assert_eq!(r(&mut d, 0x14, 1), 15);
+        // While running, queue registers are read-only.
+        w(&mut d, 0x18, 32, 2);
+        assert_eq!(r(&mut d, 0x18, 2), 64);
+        w(&mut d, 0x14, 0, 1);
+        assert_eq!(*started.lock().unwrap(), None);
+        assert_eq!(r(&mut d, 0x14, 1), 0);
+        assert_eq!(r(&mut d, 0x1c, 2), 0);
+    }
+
+    #[test]
+    fn a_queue_irqfd_is_bound_exactly_while_its_vector_can_fire() {
+        let (mut d, chip, _) = device();
+        let gsi = d.gsi_base;
+        w(&mut d, 0x16, 0, 2);
+        w(&mut d, 0x1a, 0, 2); // queue 0 -> vector 0
+        assert_eq!(r(&mut d, 0x1a, 2), 0);
+        w(&mut d, 0x1a, 9, 2); // no such vector: refused
+        assert_eq!(r(&mut d, 0x1a, 2), NO_VECTOR as u64);
+        w(&mut d, 0x1a, 0, 2);
+        // Entry 0: address, data, unmasked; MSI-X still off.
+        w(&mut d, MSIX_TABLE, 0xfee0_0000, 4);
+        w(&mut d, MSIX_TABLE + 8, 0x41, 4);
+        w(&mut d, MSIX_TABLE + 12, 0, 4);
+        assert!(chip
+            .routes
+            .lock()
+            .unwrap()
+            .contains(&(gsi, 0xfee0_0000, 0x41)));
+        assert!(chip.bound.lock().unwrap().is_empty(), "MSI-X is off");
+        d.write_config(CAP_MSIX as u16, (MSIX_ENABLE as u32) << 16, 0xffff_0000);
+        assert_eq!(*chip.bound.lock().unwrap(), vec![gsi]);
+        w(&mut d, MSIX_TABLE + 12, 1, 4); // mask the entry
+        assert!(chip.bound.lock().unwrap().is_empty());
+        w(&mut d, MSIX_TABLE + 12, 0, 4);
+        d.write_config(
+            CAP_MSIX as u16,
+            ((MSIX_ENABLE | MSIX_FUNCTION_MASK) as u32) << 16,
+            0xffff_0000,
+        );
+        assert!(chip.bound.lock().unwrap().is_empty(), "function mask");
+        d.write_config(CAP_MSIX as u16, (MSIX_ENABLE as u32) << 16, 0xffff_0000);
+        assert_eq!(*chip.bound.lock().unwrap(), vec![gsi]);
+        // The table size in message control is read-only.
+        assert_eq!(d.read_config(CAP_MSIX as u16) >> 16 & 0x7ff, 1);
+    }
+
+    #[test]
+    fn bar0_answers_the_sizing_probe_and_cannot_be_moved() {
+        let (mut d, _, _) = device();
+        assert_eq!(d.read_config(0x10), 0xc001_0000);
+        d.write_config(0x10, 0xffff_ffff, 0xffff_ffff);
+        assert_eq!(d.read_config(0x10), !(BAR_SIZE as u32 - 1));
+        d.write_config(0x10, 0xd000_0000, 0xffff_ffff);
+        assert_eq!(d.read_config(0x10), 0xc001_0000);
+        assert_eq!(d.read_config(0) & 0xffff, 0x1af4);
+        assert_eq!(d.read_config(0) >> 16, 0x1042);
+        // A kick that reaches the VMM goes to the queue's eventfd.
+        w(&mut d, NOTIFY, 0, 2);
+        assert_eq!(d.queues[0].kick.read().unwrap(), 1);
+    }
+}

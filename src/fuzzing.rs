@@ -29,6 +29,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("rng_chains", rng_chains),
     ("virtio_pci", virtio_pci),
     ("vhost_user_frontend", vhost_user_frontend),
+    ("vhost_user_backend", vhost_user_backend),
 ];
 
 const FUZZ_MEM: u64 = 16 << 20;
@@ -459,4 +460,48 @@ pub fn vhost_user_frontend(data: &[u8]) {
         dev.reset();
     }
     drop(theirs);
+}
+
+/// Messages into a backend, as from a compromised VMM: the input is everything the
+/// VMM's side of the connection sends (no descriptors travel, so RAM and eventfds sent
+/// by a message are missing, as a malformed one would have them), served by the real
+/// blk backend on a scratch disk. The backend must answer or hang up, never panic.
+pub fn vhost_user_backend(data: &[u8]) {
+    use std::io::Write;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use vhost_user_backend::VhostUserDaemon;
+    use vm_memory::GuestMemoryAtomic;
+
+    let dir = std::env::temp_dir().join(format!("cellvm-fuzz-vu-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join("s");
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).expect("bind a scratch socket");
+    let mut vmm = UnixStream::connect(&path).expect("connect");
+    let _ = std::fs::remove_file(&path);
+    let _ = vmm.write_all(&data[..data.len().min(64 * 1024)]);
+    let _ = vmm.shutdown(std::net::Shutdown::Write);
+    // One daemon for the whole run, reconnected for each input (as a backend serving a
+    // VMM that reconnects): its worker threads live as long as the process.
+    type Daemon = VhostUserDaemon<std::sync::Arc<crate::backend::blk::BlkBackend>>;
+    static DAEMON: std::sync::OnceLock<Mutex<Daemon>> = std::sync::OnceLock::new();
+    let daemon = DAEMON.get_or_init(|| {
+        let disk =
+            crate::backend::blk::Disk::new(scratch_file(0x1_0000), false, "fuzz").expect("disk");
+        let backend = crate::backend::blk::BlkBackend::new(disk, 2, 64);
+        Mutex::new(
+            VhostUserDaemon::new(
+                "fuzz".into(),
+                backend,
+                GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            )
+            .expect("daemon"),
+        )
+    });
+    let mut daemon = daemon.lock().unwrap_or_else(|p| p.into_inner());
+    let mut listener = vhost::vhost_user::Listener::from(listener);
+    if daemon.start(&mut listener).is_ok() {
+        let _ = daemon.wait();
+    }
+    drop(vmm);
 }

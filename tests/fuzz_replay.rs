@@ -16,6 +16,7 @@ const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("rng_chains", cellvm::fuzzing::rng_chains),
     ("virtio_pci", cellvm::fuzzing::virtio_pci),
     ("vhost_user_frontend", cellvm::fuzzing::vhost_user_frontend),
+    ("vhost_user_backend", cellvm::fuzzing::vhost_user_backend),
     ("tenant_policy", cellvm_jailer::fuzzing::tenant_policy),
     ("mcs_label", cellvm_jailer::fuzzing::mcs_label),
 ];

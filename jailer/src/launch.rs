@@ -341,7 +341,7 @@ fn device_id(vm: &str, n: usize) -> String {
 /// error pipe: it reads empty once the exec happened, else the reason.
 fn start_cell(
     cgroup: &Cgroup,
-    build: impl FnOnce(OwnedFd, &OwnedFd) -> Result<std::convert::Infallible, String>,
+    build: impl FnOnce(&OwnedFd) -> Result<std::convert::Infallible, String>,
 ) -> Result<(u32, File), Failure> {
     let (go_r, go_w) = pipe().map_err(setup)?;
     let (err_r, err_w) = pipe().map_err(setup)?;
@@ -349,7 +349,13 @@ fn start_cell(
     if child == 0 {
         drop(go_w);
         drop(err_r);
-        let message = match build(go_r, &err_w) {
+        // Wait until the supervisor has put us in the cgroup.
+        let mut b = [0u8; 1];
+        let message = match File::from(go_r)
+            .read_exact(&mut b)
+            .map_err(|e| format!("waiting for the supervisor: {e}"))
+            .and_then(|_| build(&err_w))
+        {
             Err(m) => m,
             Ok(never) => match never {},
         };
@@ -431,14 +437,13 @@ fn start_backend(
         }
     };
     let landlock_on = !opts.without.iter().any(|w| w == "landlock");
-    let (child, mut errors) = start_cell(cgroup, |go, err| {
+    let (child, mut errors) = start_cell(cgroup, |err| {
         build_backend_cell(
             plan,
             n,
             uid,
             listener,
             &argv,
-            go,
             err,
             signals,
             landlock_on,
@@ -462,16 +467,11 @@ fn build_backend_cell(
     uid: u32,
     listener: &OwnedFd,
     argv: &[String],
-    go: OwnedFd,
     err: &OwnedFd,
     signals: &crate::supervise::Signals,
     landlock_on: bool,
     label: Option<&str>,
 ) -> Result<std::convert::Infallible, String> {
-    let mut b = [0u8; 1];
-    File::from(go)
-        .read_exact(&mut b)
-        .map_err(|e| format!("waiting for the supervisor: {e}"))?;
     let device = &plan.devices[n];
     let mut keep = vec![err.as_raw_fd(), plan.vmm.as_raw_fd(), listener.as_raw_fd()];
     keep.extend(device.image().map(|f| f.as_raw_fd()));
@@ -614,14 +614,13 @@ fn build_and_supervise(
     let device_fds: Vec<i32> = vmm_ends.iter().map(|f| f.as_raw_fd()).collect();
     let argv = vmm_argv(plan, opts, &device_fds);
     let landlock_on = !opts.without.iter().any(|w| w == "landlock");
-    let (child, mut errors) = start_cell(&cgroup, |go, err| {
+    let (child, mut errors) = start_cell(&cgroup, |err| {
         build_cell(
             plan,
             &trees,
             entry,
             &argv,
             &device_fds,
-            go,
             err,
             &signals,
             landlock_on,
@@ -680,17 +679,11 @@ fn build_cell(
     entry: &Entry,
     argv: &[String],
     device_fds: &[i32],
-    go: OwnedFd,
     err: &OwnedFd,
     signals: &crate::supervise::Signals,
     landlock_on: bool,
     label: Option<&str>,
 ) -> Result<std::convert::Infallible, String> {
-    // Wait until the supervisor has put us in the cgroup.
-    let mut b = [0u8; 1];
-    File::from(go)
-        .read_exact(&mut b)
-        .map_err(|e| format!("waiting for the supervisor: {e}"))?;
     // Nothing inherited: only the files the jail needs and the error pipe stay open.
     let mut keep = vec![err.as_raw_fd(), trees.vmm.as_raw_fd()];
     keep.extend(

@@ -287,6 +287,22 @@ fn host_reads(path: &Path, ms: u64) -> (f64, f64) {
     (iops, mib as f64 / start.elapsed().as_secs_f64())
 }
 
+/// The RSS and PSS rows of a memory scenario from [cellvm RSS, cellvm PSS, peer RSS,
+/// peer PSS] samples.
+fn memory_rows(scenario: &str, peer: &str, [vr, vp, qr, qp]: [Vec<f64>; 4], rows: &mut Vec<Row>) {
+    for (metric, a, b) in [("RSS MiB", vr, qr), ("PSS MiB", vp, qp)] {
+        let (a, b) = (stats(a), stats(b));
+        rows.push(Row {
+            scenario: scenario.into(),
+            metric: metric.into(),
+            ratio: a.median / b.median,
+            cellvm: a,
+            peer_name: peer.into(),
+            peer: b,
+        });
+    }
+}
+
 /// Starts `n` copies of `r` at once and returns VMs per second (first start to last exit).
 fn launch_rate(r: &Runner, n: usize) -> f64 {
     let start = Instant::now();
@@ -554,17 +570,12 @@ fn main() {
         qr.push(q.0);
         qp.push(q.1);
     }
-    for (metric, a, b) in [("RSS MiB", vr, qr), ("PSS MiB", vp, qp)] {
-        let (a, b) = (stats(a), stats(b));
-        rows.push(Row {
-            scenario: "3. memory, 128 MiB VM, no devices".into(),
-            metric: metric.into(),
-            ratio: a.median / b.median,
-            cellvm: a,
-            peer_name: "qemu microvm".into(),
-            peer: b,
-        });
-    }
+    memory_rows(
+        "3. memory, 128 MiB VM, no devices",
+        "qemu microvm",
+        [vr, vp, qr, qp],
+        &mut rows,
+    );
 
     // Scenario 3 with devices: the VMM and its backends (virtio-blk, virtio-rng), each
     // a process of its own, against QEMU with the same two devices.
@@ -626,17 +637,12 @@ fn main() {
         qr.push(q.0);
         qp.push(q.1);
     }
-    for (metric, a, b) in [("RSS MiB", vr, qr), ("PSS MiB", vp, qp)] {
-        let (a, b) = (stats(a), stats(b));
-        rows.push(Row {
-            scenario: "3. memory, 128 MiB VM, disk + rng".into(),
-            metric: metric.into(),
-            ratio: a.median / b.median,
-            cellvm: a,
-            peer_name: "qemu microvm (same devices)".into(),
-            peer: b,
-        });
-    }
+    memory_rows(
+        "3. memory, 128 MiB VM, disk + rng",
+        "qemu microvm (same devices)",
+        [vr, vp, qr, qp],
+        &mut rows,
+    );
     let (vmm_rss, be_rss) = (stats(vmm_rss), stats(be_rss));
 
     // Scenario 4: block I/O from the guest's CPL 3 driver: our backend against

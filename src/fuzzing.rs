@@ -481,6 +481,13 @@ pub fn vhost_user_backend(data: &[u8]) {
     let _ = std::fs::remove_file(&path);
     let _ = vmm.write_all(&data[..data.len().min(64 * 1024)]);
     let _ = vmm.shutdown(std::net::Shutdown::Write);
+    // The VMM side reads every reply, or the backend would block once the socket's
+    // buffer is full of them (it serves one VMM: a VMM that stops reading stalls only
+    // its own device).
+    let mut replies = vmm.try_clone().expect("clone the VMM's end");
+    let drain = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut replies, &mut std::io::sink());
+    });
     // One daemon for the whole run, reconnected for each input (as a backend serving a
     // VMM that reconnects): its worker threads live as long as the process.
     type Daemon = VhostUserDaemon<std::sync::Arc<crate::backend::blk::BlkBackend>>;
@@ -503,5 +510,8 @@ pub fn vhost_user_backend(data: &[u8]) {
     if daemon.start(&mut listener).is_ok() {
         let _ = daemon.wait();
     }
+    drop(daemon);
+    let _ = vmm.shutdown(std::net::Shutdown::Both);
+    let _ = drain.join();
     drop(vmm);
 }

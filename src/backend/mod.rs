@@ -206,6 +206,10 @@ where
         .start(&mut listener)
         .map_err(|e| Error::Daemon(e.to_string()))?;
     let result = daemon.wait();
+    // The listener would unlink its path when dropped, which neither seccomp nor
+    // Landlock allows any more: a socket file given with --socket stays until the next
+    // backend listening there replaces it.
+    std::mem::forget(listener);
     // One connection per backend: once the VMM hangs up the process ends. Dropping the
     // daemon would join its vring threads, which wait for an exit event; the exit that
     // follows ends them instead.

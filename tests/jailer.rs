@@ -285,6 +285,26 @@ fn wait_code(mut child: std::process::Child) -> Option<i32> {
     }
 }
 
+/// The threads of `pid` once there are at least `min` and every one has its seccomp
+/// filter (each installs its own before it touches guest input).
+fn filtered_threads(pid: &str, min: usize) -> Vec<String> {
+    let start = Instant::now();
+    loop {
+        let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into())
+            .collect();
+        if tasks.len() >= min && tasks.iter().all(|t| status_field(pid, t, "Seccomp") == "2") {
+            return tasks;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{pid}: wanted {min}+ threads, all filtered; got {tasks:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn status_field(pid: &str, task: &str, field: &str) -> String {
     let s = std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status")).unwrap();
     s.lines()
@@ -300,25 +320,7 @@ fn every_thread_of_a_running_jailed_vmm_is_locked_down() {
     let (jailer_proc, pid) = start_holding(&id, 3);
     // Wait until the VMM has its vCPU threads (each installs its filter before running).
     let pid = pid.to_string();
-    let start = Instant::now();
-    let tasks: Vec<String> = loop {
-        let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into())
-            .collect();
-        if tasks.len() >= 3
-            && tasks
-                .iter()
-                .all(|t| status_field(&pid, t, "Seccomp") == "2")
-        {
-            break tasks;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "main + 2 vCPU threads, all filtered; got {tasks:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let tasks = filtered_threads(&pid, 3);
     for t in &tasks {
         assert_eq!(status_field(&pid, t, "Seccomp"), "2", "thread {t}");
         assert_eq!(status_field(&pid, t, "NoNewPrivs"), "1", "thread {t}");
@@ -453,21 +455,7 @@ fn every_device_backend_runs_in_a_cell_of_its_own() {
     for p in pids.iter().filter(|p| **p != vmm) {
         let line = cmdline(p);
         // Wait until the daemon's threads are up and filtered.
-        let start = Instant::now();
-        let tasks: Vec<String> = loop {
-            let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{p}/task"))
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into())
-                .collect();
-            if tasks.len() >= 2 && tasks.iter().all(|t| status_field(p, t, "Seccomp") == "2") {
-                break tasks;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "{line}: threads {tasks:?} not all filtered"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let tasks = filtered_threads(p, 2);
         for t in &tasks {
             assert_eq!(status_field(p, t, "NoNewPrivs"), "1", "{line}");
             for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {

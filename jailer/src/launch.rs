@@ -501,17 +501,20 @@ fn build_backend_cell(
         }
     }
     // The descriptors the backend works with stay open across exec.
-    for fd in std::iter::once(listener.as_raw_fd()).chain(device.image().map(|f| f.as_raw_fd())) {
-        // SAFETY: fcntl on descriptors this process holds.
-        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
-            return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
-        }
-    }
-    exec_fd(&plan.vmm, argv)
+    keep_across_exec(
+        std::iter::once(listener.as_raw_fd()).chain(device.image().map(|f| f.as_raw_fd())),
+    )?;
+    exec_cell(plan.vmm.as_raw_fd(), c"", libc::AT_EMPTY_PATH, argv)
 }
 
-/// execveat(fd, "", AT_EMPTY_PATH): runs the checked binary without a path.
-fn exec_fd(binary: &File, argv: &[String]) -> Result<std::convert::Infallible, String> {
+/// execveat with an empty environment: `path` relative to `dir` (AT_FDCWD for an
+/// absolute path), or the descriptor itself with AT_EMPTY_PATH.
+fn exec_cell(
+    dir: i32,
+    path: &std::ffi::CStr,
+    flags: i32,
+    argv: &[String],
+) -> Result<std::convert::Infallible, String> {
     let c_argv: Vec<CString> = argv
         .iter()
         .map(|a| CString::new(a.as_str()).expect("no NUL in argv"))
@@ -519,21 +522,33 @@ fn exec_fd(binary: &File, argv: &[String]) -> Result<std::convert::Infallible, S
     let mut ptrs: Vec<*const libc::c_char> = c_argv.iter().map(|a| a.as_ptr()).collect();
     ptrs.push(std::ptr::null());
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];
-    // SAFETY: a valid fd, an empty path with AT_EMPTY_PATH, NULL-terminated arrays.
+    // SAFETY: a valid directory fd or AT_FDCWD, a NUL-terminated path, and
+    // NULL-terminated argv and envp arrays of valid C strings.
     unsafe {
         libc::syscall(
             libc::SYS_execveat,
-            binary.as_raw_fd(),
-            c"".as_ptr(),
+            dir,
+            path.as_ptr(),
             ptrs.as_ptr(),
             envp.as_ptr(),
-            libc::AT_EMPTY_PATH,
+            flags,
         )
     };
     Err(format!(
-        "execveat the backend: {}",
+        "exec {argv:?}: {}",
         std::io::Error::last_os_error()
     ))
+}
+
+/// Clears close-on-exec on the descriptors a cell's program works with.
+fn keep_across_exec(fds: impl IntoIterator<Item = i32>) -> Result<(), String> {
+    for fd in fds {
+        // SAFETY: fcntl on a descriptor this process holds.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+            return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
 }
 
 fn build_and_supervise(
@@ -696,12 +711,7 @@ fn build_cell(
     keep.extend_from_slice(device_fds);
     identity::close_inherited_fds(&keep)?;
     // The connections to the device backends stay open across exec.
-    for &fd in device_fds {
-        // SAFETY: fcntl on a descriptor this process holds.
-        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
-            return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
-        }
-    }
+    keep_across_exec(device_fds.iter().copied())?;
     signals.restore_in_child();
     namespaces::set_hostname(&format!("cellvm-{}", plan.spec.name))?;
     // The exec context goes on while /proc is still there (libselinux writes it through
@@ -742,16 +752,7 @@ fn build_cell(
             );
         }
     }
-    let c_argv: Vec<CString> = argv
-        .iter()
-        .map(|a| CString::new(a.as_str()).expect("no NUL in argv"))
-        .collect();
-    let mut ptrs: Vec<*const libc::c_char> = c_argv.iter().map(|a| a.as_ptr()).collect();
-    ptrs.push(std::ptr::null());
-    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
-    // SAFETY: argv and envp are NULL-terminated arrays of valid C strings.
-    unsafe { libc::execve(c"/cellvm".as_ptr(), ptrs.as_ptr(), envp.as_ptr()) };
-    Err(format!("exec /cellvm: {}", std::io::Error::last_os_error()))
+    exec_cell(libc::AT_FDCWD, c"/cellvm", 0, argv)
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), String> {

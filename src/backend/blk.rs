@@ -266,8 +266,12 @@ impl Disk {
         }
         let mut raw = Vec::new();
         for s in data {
+            // Bounded before anything is allocated: the length is the guest's.
+            if s.len as usize > 16 * 256 || raw.len() + s.len as usize > 16 * 256 {
+                return S_IOERR;
+            }
             let mut buf = vec![0u8; s.len as usize];
-            if s.len as usize > 16 * 256 || mem.read_slice(&mut buf, s.addr).is_err() {
+            if mem.read_slice(&mut buf, s.addr).is_err() {
                 return S_IOERR;
             }
             raw.extend_from_slice(&buf);

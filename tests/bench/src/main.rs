@@ -148,31 +148,6 @@ fn compare(scenario: &str, a: &Runner, b: &Runner, runs: usize, rows: &mut Vec<R
     let _ = a.name;
 }
 
-/// Starts `r`, samples its RSS and PSS (MiB, /proc/PID/smaps_rollup) after a second.
-fn resident(r: &Runner) -> (f64, f64) {
-    let mut child = Command::new(&r.cmd[0])
-        .args(&r.cmd[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", r.cmd[0]));
-    std::thread::sleep(std::time::Duration::from_millis(1000));
-    let rollup =
-        std::fs::read_to_string(format!("/proc/{}/smaps_rollup", child.id())).unwrap_or_default();
-    let field = |name: &str| -> f64 {
-        rollup
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    };
-    let sample = (field("Rss:"), field("Pss:"));
-    let _ = child.wait();
-    sample
-}
-
 /// RSS and PSS (MiB) of `pid` and every process below it.
 fn tree_memory(pid: u32) -> Vec<(u32, f64, f64)> {
     let mut out = Vec::new();
@@ -549,7 +524,7 @@ fn main() {
     // the guest holds.
     let (mut vr, mut vp, mut qr, mut qp) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs.min(5) {
-        let c = resident(&Runner {
+        let c = resident_tree(&Runner {
             cmd: cellvm(&bin, None, Some("tests=none hold=2"))
                 .cmd
                 .iter()
@@ -557,7 +532,7 @@ fn main() {
                 .collect(),
             ..cellvm(&bin, None, None)
         });
-        let q = resident(&Runner {
+        let q = resident_tree(&Runner {
             cmd: qemu(&guest, Some("tests=none hold=2"))
                 .cmd
                 .iter()

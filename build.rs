@@ -84,6 +84,7 @@ fn build_test_guest() {
         "acpi.rs",
         "virtio.rs",
         "devices.rs",
+        "net.rs",
         "boot.S",
         "guest.ld",
     ] {

@@ -37,7 +37,8 @@ enum Command {
         #[arg(long, value_enum, default_value = "kill")]
         seccomp: cellvm::seccomp::Mode,
         /// Whose confinement to take on: the VMM's main thread (vmm) or a backend's
-        /// (blk, rng: its process-wide seccomp profile and Landlock, as it installs them).
+        /// (blk, net, rng: its process-wide seccomp profile and Landlock, as it installs
+        /// them).
         #[arg(long, default_value = "vmm")]
         role: String,
     },
@@ -84,6 +85,20 @@ enum DeviceCommand {
         #[arg(long, default_value = "cellvm")]
         id: String,
     },
+    /// virtio-net on a tap, with the virtio-net header and offloads.
+    Net {
+        #[command(flatten)]
+        common: BackendArgs,
+        /// Open (or create) this tap in the current network namespace.
+        #[arg(long, conflicts_with = "tap_fd", required_unless_present = "tap_fd")]
+        tap: Option<String>,
+        /// An inherited tap descriptor, attached by the jailer with IFF_VNET_HDR.
+        #[arg(long)]
+        tap_fd: Option<i32>,
+        /// The guest's MAC address (default: a random locally administered one).
+        #[arg(long)]
+        mac: Option<String>,
+    },
     /// virtio-rng from getrandom(2).
     Rng {
         #[command(flatten)]
@@ -121,6 +136,10 @@ struct RunArgs {
     /// A virtio-rng device: on (cellvm starts its backend), socket=PATH or fd=N.
     #[arg(long, num_args = 0..=1, default_missing_value = "on")]
     rng: Option<cellvm::vmm::config::RngSpec>,
+    /// A virtio-net device: tap=NAME[,mac=MAC] (cellvm starts its backend on that tap),
+    /// socket=PATH or fd=N (repeat for more).
+    #[arg(long = "net")]
+    nets: Vec<cellvm::vmm::config::NetSpec>,
     /// The same fields from a TOML file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -174,6 +193,7 @@ fn run(args: RunArgs) -> Result<i32, (String, i32)> {
         seccomp: args.seccomp,
         disks: (!args.disks.is_empty()).then_some(args.disks),
         rng: args.rng,
+        nets: (!args.nets.is_empty()).then_some(args.nets),
     };
     let code =
         cellvm::vmm::run(from_file.merge(flags)).map_err(|e| (e.to_string(), e.exit_code()))?;
@@ -220,7 +240,37 @@ fn device(cmd: DeviceCommand) -> Result<i32, (String, i32)> {
             let disk = backend::blk::Disk::new(file, readonly, &id)
                 .map_err(|e| (format!("image: {e}"), 2))?;
             let b = backend::blk::BlkBackend::new(disk, queues as usize, 256);
-            backend::serve("cellvm-blk", b, socket(&common), "blk", common.seccomp)
+            backend::serve("cellvm-blk", b, socket(&common), "blk", common.seccomp, &[])
+        }
+        DeviceCommand::Net {
+            common,
+            tap,
+            tap_fd,
+            mac,
+        } => {
+            let mac = match mac {
+                Some(m) => backend::net::parse_mac(&m).map_err(|e| (e, 2))?,
+                None => backend::net::random_mac(),
+            };
+            let tap = match (tap, tap_fd) {
+                (Some(name), _) => backend::net::Tap::open(&name),
+                // SAFETY: the descriptor was handed to this process to own.
+                (None, Some(fd)) => backend::net::Tap::from_fd(unsafe {
+                    std::os::fd::OwnedFd::from_raw_fd(fd)
+                }),
+                (None, None) => unreachable!("clap requires one"),
+            }
+            .map_err(|e| (format!("tap: {e}"), 2))?;
+            let b = backend::net::NetBackend::new(tap, mac);
+            let tap_listener = b.tap_listener();
+            backend::serve(
+                "cellvm-net",
+                b,
+                socket(&common),
+                "net",
+                common.seccomp,
+                &[tap_listener],
+            )
         }
         DeviceCommand::Rng { common } => backend::serve(
             "cellvm-rng",
@@ -228,6 +278,7 @@ fn device(cmd: DeviceCommand) -> Result<i32, (String, i32)> {
             socket(&common),
             "rng",
             common.seccomp,
+            &[],
         ),
     };
     result.map(|_| 0).map_err(|e| (e.to_string(), 1))

@@ -78,7 +78,7 @@ fn open(path: &str, flags: i32) -> i64 {
 pub fn run(name: &str, seccomp: Mode, role: &str) -> i32 {
     let confined = match role {
         "vmm" => crate::seccomp::install("vmm", "main", seccomp),
-        "blk" | "rng" => {
+        "blk" | "net" | "rng" => {
             crate::backend::deny_filesystem();
             crate::seccomp::install_process(role, seccomp)
         }

@@ -16,7 +16,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use super::{segments, Memory, QueueState, Segment, MAX_QUEUE_SIZE};
+use super::{io_vectors, segments, Memory, QueueState, Segment, MAX_QUEUE_SIZE};
 use crate::virtio::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1};
 
 pub const SECTOR: u64 = 512;
@@ -194,19 +194,7 @@ impl Disk {
         data: &[Segment],
         write: bool,
     ) -> std::io::Result<()> {
-        let mut iov = Vec::with_capacity(data.len());
-        let mut guards = Vec::with_capacity(data.len());
-        for s in data.iter().filter(|s| s.len > 0) {
-            let slice = mem
-                .get_slice(s.addr, s.len as usize)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            let guard = slice.ptr_guard_mut();
-            iov.push(libc::iovec {
-                iov_base: guard.as_ptr() as *mut libc::c_void,
-                iov_len: s.len as usize,
-            });
-            guards.push(guard);
-        }
+        let (mut iov, guards) = io_vectors(mem, data)?;
         let mut first = 0;
         while first < iov.len() {
             let n = iov.len() - first;

@@ -20,7 +20,7 @@ use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT}
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
 
 pub type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -89,6 +89,55 @@ pub fn segments<M: GuestMemoryBackend>(
     Ok(out)
 }
 
+/// The host iovecs of checked segments, with the guards that keep them mapped.
+pub fn io_vectors<'a, M: GuestMemoryBackend>(
+    mem: &'a M,
+    segs: &[Segment],
+) -> std::io::Result<(Vec<libc::iovec>, Vec<vm_memory::volatile_memory::PtrGuardMut>)> {
+    let mut iov = Vec::with_capacity(segs.len());
+    let mut guards = Vec::with_capacity(segs.len());
+    for s in segs.iter().filter(|s| s.len > 0) {
+        let slice = mem
+            .get_slice(s.addr, s.len as usize)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let guard = slice.ptr_guard_mut();
+        iov.push(libc::iovec {
+            iov_base: guard.as_ptr() as *mut libc::c_void,
+            iov_len: s.len as usize,
+        });
+        guards.push(guard);
+    }
+    Ok((iov, guards))
+}
+
+/// Writes `bytes` at byte `offset` of the buffer the segments make up together.
+pub fn write_at<M: GuestMemoryBackend>(
+    mem: &M,
+    segs: &[Segment],
+    mut offset: u64,
+    mut bytes: &[u8],
+) -> Result<(), ()> {
+    for s in segs {
+        if bytes.is_empty() {
+            break;
+        }
+        if offset >= s.len as u64 {
+            offset -= s.len as u64;
+            continue;
+        }
+        let n = bytes.len().min((s.len as u64 - offset) as usize);
+        mem.write_slice(&bytes[..n], GuestAddress(s.addr.0 + offset))
+            .map_err(|_| ())?;
+        bytes = &bytes[n..];
+        offset = 0;
+    }
+    if bytes.is_empty() {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
 /// Serves every available chain of `vring` with `serve`, which returns the number of
 /// bytes it wrote into the chain; signals the guest when the ring says to. With
 /// EVENT_IDX, re-checks after re-enabling notifications so no kick is lost.
@@ -142,6 +191,15 @@ impl QueueState {
             .store(enabled, std::sync::atomic::Ordering::Relaxed);
     }
 
+    pub fn event_idx(&self) -> bool {
+        self.event_idx.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The guest RAM last sent, if any.
+    pub fn memory(&self) -> Option<Memory> {
+        self.mem.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn update_memory(&self, mem: Memory) -> std::io::Result<()> {
         *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
         Ok(())
@@ -163,24 +221,23 @@ impl QueueState {
                 "unexpected events {evset:?}"
             )));
         }
-        let (Some(vring), Some(mem)) = (
-            vrings.get(device_event as usize),
-            self.mem.read().unwrap_or_else(|p| p.into_inner()).clone(),
-        ) else {
+        let (Some(vring), Some(mem)) = (vrings.get(device_event as usize), self.memory()) else {
             return Ok(());
         };
-        let event_idx = self.event_idx.load(std::sync::atomic::Ordering::Relaxed);
-        process_vring(vring, &mem, event_idx, serve)
+        process_vring(vring, &mem, self.event_idx(), serve)
     }
 }
 
-/// Serves one vhost-user connection with `backend` until the VMM hangs up.
+/// Serves one vhost-user connection with `backend` until the VMM hangs up. `listeners`
+/// are further descriptors the backend's (first) worker thread watches, with the
+/// events and token its `handle_event` expects.
 pub fn serve<T>(
     name: &str,
     backend: T,
     socket: Socket,
     role: &str,
     seccomp: crate::seccomp::Mode,
+    listeners: &[(RawFd, vmm_sys_util::epoll::EventSet, u64)],
 ) -> Result<(), Error>
 where
     T: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static,
@@ -196,6 +253,13 @@ where
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
         .map_err(|e| Error::Daemon(e.to_string()))?;
+    if let Some(handler) = daemon.get_epoll_handlers().first() {
+        for &(fd, events, token) in listeners {
+            handler
+                .register_listener(fd, events, token)
+                .map_err(|e| Error::Daemon(format!("watching fd {fd}: {e}")))?;
+        }
+    }
     // No filesystem access at all from here on (a jailed backend got its files as
     // descriptors); where the kernel has no Landlock, say so.
     deny_filesystem();

@@ -158,6 +158,56 @@ impl std::str::FromStr for RngSpec {
     }
 }
 
+/// A virtio-net device: `tap=NAME[,mac=MAC]`, `socket=PATH` or `fd=N`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetSpec {
+    pub tap: Option<String>,
+    pub mac: Option<String>,
+    pub backend: Backend,
+}
+
+impl std::str::FromStr for NetSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let what = format!("net {s:?}");
+        let mut spec = NetSpec {
+            tap: None,
+            mac: None,
+            backend: Backend::Spawn,
+        };
+        let mut source = 0;
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{what}: {part:?} is not KEY=VALUE"))?;
+            if let Some(b) = parse_backend(key, value, &what)? {
+                spec.backend = b;
+                source += 1;
+                continue;
+            }
+            match key {
+                "tap" if !value.is_empty() && value.len() <= 15 && !value.contains('/') => {
+                    spec.tap = Some(value.into());
+                    source += 1;
+                }
+                "tap" => return Err(format!("{what}: tap={value:?}: 1 to 15 bytes, no '/'")),
+                "mac" => {
+                    crate::backend::net::parse_mac(value).map_err(|e| format!("{what}: {e}"))?;
+                    spec.mac = Some(value.into());
+                }
+                _ => return Err(format!("{what}: unknown or empty key {key:?}")),
+            }
+        }
+        if source != 1 {
+            return Err(format!("{what}: give exactly one of tap=, socket= or fd="));
+        }
+        if spec.mac.is_some() && spec.backend != Backend::Spawn {
+            return Err(format!("{what}: mac= belongs to the backend that owns the tap"));
+        }
+        Ok(spec)
+    }
+}
+
 macro_rules! deserialize_from_str {
     ($t:ty) => {
         impl<'de> Deserialize<'de> for $t {
@@ -171,6 +221,7 @@ macro_rules! deserialize_from_str {
 }
 deserialize_from_str!(DiskSpec);
 deserialize_from_str!(RngSpec);
+deserialize_from_str!(NetSpec);
 
 /// A VM's configuration. Every field is optional in the file; flags override the file.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -190,6 +241,8 @@ pub struct VmConfig {
     pub disks: Option<Vec<DiskSpec>>,
     /// A virtio-rng device.
     pub rng: Option<RngSpec>,
+    /// virtio-net devices, after the disks and the rng in PCI slot order.
+    pub nets: Option<Vec<NetSpec>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -232,6 +285,7 @@ impl VmConfig {
             seccomp: over.seccomp.or(self.seccomp),
             disks: over.disks.or(self.disks),
             rng: over.rng.or(self.rng),
+            nets: over.nets.or(self.nets),
         }
     }
 
@@ -318,6 +372,24 @@ mod tests {
         assert_eq!("on".parse::<RngSpec>().unwrap().backend, Backend::Spawn);
         assert_eq!("fd=7".parse::<RngSpec>().unwrap().backend, Backend::Fd(7));
         assert!("off".parse::<RngSpec>().is_err());
+        let n: NetSpec = "tap=cv0,mac=02:00:00:00:00:07".parse().unwrap();
+        assert_eq!(
+            (n.tap.as_deref(), n.mac.as_deref(), n.backend),
+            (Some("cv0"), Some("02:00:00:00:00:07"), Backend::Spawn)
+        );
+        assert_eq!("fd=9".parse::<NetSpec>().unwrap().backend, Backend::Fd(9));
+        for bad in [
+            "",
+            "tap=",
+            "tap=0123456789abcdef",
+            "tap=a/b",
+            "tap=a,socket=/s",
+            "socket=/s,mac=02:00:00:00:00:01",
+            "tap=a,mac=01:00:00:00:00:01",
+            "tap=a,queues=2",
+        ] {
+            assert!(bad.parse::<NetSpec>().is_err(), "{bad:?} accepted");
+        }
         let c = VmConfig::parse_toml("disks = [\"path=/i\"]\nrng = \"on\"").unwrap();
         assert_eq!(c.disks.unwrap().len(), 1);
         assert!(VmConfig::parse_toml("disks = [\"path=/i,bogus=1\"]")

@@ -22,7 +22,7 @@ use crate::devices::pci::{PciFunction, PciRoot};
 use crate::virtio::irq::MsiRouter;
 use crate::virtio::pci::{Intx, IntxRelay, VirtioPci, BAR_SIZE};
 use crate::virtio::vhost_user::VhostUserDevice;
-use crate::virtio::{TYPE_BLOCK, TYPE_RNG};
+use crate::virtio::{TYPE_BLOCK, TYPE_NET, TYPE_RNG};
 
 /// Queue size offered for every queue.
 const QUEUE_SIZE: u16 = 256;
@@ -177,6 +177,21 @@ pub fn attach(
     if let Some(rng) = &cfg.rng {
         let stream = connect(&rng.backend, || vec!["rng".to_string()], &mut children)?;
         wanted.push(("rng".to_string(), stream, TYPE_RNG, 1));
+    }
+    for (i, net) in cfg.nets.iter().flatten().enumerate() {
+        let stream = connect(
+            &net.backend,
+            || {
+                let mut a = vec!["net".to_string(), "--tap".into()];
+                a.push(net.tap.clone().unwrap_or_default());
+                if let Some(mac) = &net.mac {
+                    a.extend(["--mac".into(), mac.clone()]);
+                }
+                a
+            },
+            &mut children,
+        )?;
+        wanted.push((format!("net{i}"), stream, TYPE_NET, 2));
     }
     for (n, (name, stream, ty, queues)) in wanted.into_iter().enumerate() {
         let slot = n as u8 + 1;

@@ -40,7 +40,7 @@ fn bytes(off: u64, len: usize) -> &'static mut [u8] {
     unsafe { core::slice::from_raw_parts_mut((data() + off) as *mut u8, len) }
 }
 
-fn ring(i: usize) -> *mut Ring {
+pub(crate) fn ring(i: usize) -> *mut Ring {
     if i == 0 {
         core::ptr::addr_of_mut!(RING0)
     } else {

@@ -17,6 +17,7 @@ core::arch::global_asm!(include_str!("boot.S"), options(att_syntax));
 mod acpi;
 mod devices;
 mod hw;
+mod net;
 mod virtio;
 
 use core::fmt::Write;
@@ -26,9 +27,10 @@ use hw::{Serial, StartInfo};
 const CHECKS: [&str; 9] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp", "pci", "irq"];
 
 /// Checks that need something from outside the VM, run only when named in `tests=`:
-/// `console` reads a line typed on the VMM's standard input; `virtio`, `blk`, `msix`
-/// and `rng` need the devices (`blk` also an image laid out as tests/virtio.rs makes it).
-const OPT_IN: [&str; 8] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "blkbench"];
+/// `console` reads a line typed on the VMM's standard input; `virtio`, `blk`, `msix`,
+/// `rng` and `net` need the devices (`blk` also an image laid out as tests/virtio.rs
+/// makes it, `net` a tap whose host end is 10.77.0.1/24).
+const OPT_IN: [&str; 9] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench"];
 
 /// The vector the irq check programs the serial's IOAPIC pin with.
 const IRQ_VECTOR: u8 = 0x41;
@@ -229,6 +231,7 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
         "msix" => devices::check_msix(r),
         "intx" => devices::check_intx(r),
         "rng" => devices::check_rng(r),
+        "net" => net::check_net(r),
         "console" => {
             let mut line = hw::Buf::<80>::new();
             let complete = r.serial.read_line(&mut line, 10);

@@ -1,0 +1,254 @@
+//! The virtio-net check: the guest (10.77.0.2) talks to the host end of its tap
+//! (10.77.0.1) through the device: ARP for the host's MAC, an ICMP echo it must get
+//! back, and a UDP datagram to port 7777 whose checksum the device is asked to finish
+//! (CSUM offload). A responder echoing it shows the receive side's offload flags; with
+//! none, the host's ICMP port-unreachable still proves the checksum was right (Linux
+//! drops UDP with a bad checksum before it looks for a socket).
+
+use crate::hw::{rdtsc, tsc_hz};
+use crate::virtio::{self as v, Queue, NO_VECTOR, TYPE_NET};
+use crate::Report;
+
+const F_CSUM: u64 = 1 << 0;
+const F_GUEST_CSUM: u64 = 1 << 1;
+const F_MAC: u64 = 1 << 5;
+const F_STATUS: u64 = 1 << 16;
+const HDR: usize = 12;
+const BUF: usize = 2048;
+const RX_BUFS: usize = 16;
+const GUEST_IP: [u8; 4] = [10, 77, 0, 2];
+const HOST_IP: [u8; 4] = [10, 77, 0, 1];
+const UDP_PORT: u16 = 7777;
+const PING_ID: u16 = 0x4356;
+
+#[repr(C, align(4096))]
+struct Bufs([u8; RX_BUFS * BUF]);
+static mut RX: Bufs = Bufs([0; RX_BUFS * BUF]);
+#[repr(C, align(4096))]
+struct Frame([u8; BUF]);
+static mut TX: Frame = Frame([0; BUF]);
+
+fn rx_buf(i: usize) -> &'static mut [u8] {
+    let i = i % RX_BUFS;
+    // SAFETY: RX is used only by this check; buffer i is the guest's while not posted.
+    unsafe { core::slice::from_raw_parts_mut((core::ptr::addr_of_mut!(RX) as *mut u8).add(i * BUF), BUF) }
+}
+
+fn tx_buf() -> &'static mut [u8] {
+    // SAFETY: TX is used only by this check, one frame at a time.
+    unsafe { core::slice::from_raw_parts_mut(core::ptr::addr_of_mut!(TX) as *mut u8, BUF) }
+}
+
+fn post_rx(q: &mut Queue, i: usize, kick: bool) {
+    q.post(i as u16, &[(rx_buf(i).as_ptr() as u64, BUF as u32, true)], kick);
+}
+
+fn sum16(data: &[u8], mut acc: u32) -> u32 {
+    for pair in data.chunks(2) {
+        acc += (pair[0] as u32) << 8 | *pair.get(1).unwrap_or(&0) as u32;
+    }
+    acc
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+fn put16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+fn get16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+/// Ethernet + IPv4 header for `proto` with `payload` bytes after it; returns the
+/// offset of the payload in the frame (after the virtio-net header).
+fn ipv4(f: &mut [u8], mac: &[u8; 6], dst: &[u8; 6], proto: u8, payload: usize) -> usize {
+    f[HDR..HDR + 6].copy_from_slice(dst);
+    f[HDR + 6..HDR + 12].copy_from_slice(mac);
+    put16(f, HDR + 12, 0x0800);
+    let ip = HDR + 14;
+    f[ip] = 0x45;
+    f[ip + 1] = 0;
+    put16(f, ip + 2, (20 + payload) as u16);
+    put16(f, ip + 4, 1);
+    put16(f, ip + 6, 0x4000);
+    f[ip + 8] = 64;
+    f[ip + 9] = proto;
+    put16(f, ip + 10, 0);
+    f[ip + 12..ip + 16].copy_from_slice(&GUEST_IP);
+    f[ip + 16..ip + 20].copy_from_slice(&HOST_IP);
+    let c = !fold(sum16(&f[ip..ip + 20], 0));
+    put16(f, ip + 10, c);
+    ip + 20
+}
+
+/// Sends the `len`-byte frame in TX (header included); true once the device used it.
+fn send(q: &mut Queue, len: usize) -> bool {
+    q.request(&[(tx_buf().as_ptr() as u64, len as u32, false)]).is_some()
+}
+
+/// Waits up to `ms` for a received frame `want` accepts; re-posts every buffer.
+fn receive<T>(q: &mut Queue, ms: u64, mut want: impl FnMut(&[u8]) -> Option<T>) -> Option<T> {
+    let end = rdtsc() + ms * (tsc_hz() / 1000).max(1);
+    while rdtsc() < end {
+        let Some((head, len)) = q.poll() else {
+            core::hint::spin_loop();
+            continue;
+        };
+        let i = head as usize % RX_BUFS;
+        let n = (len as usize).min(BUF);
+        let got = if n >= HDR + 14 { want(&rx_buf(i)[..n]) } else { None };
+        post_rx(q, i, true);
+        if got.is_some() {
+            return got;
+        }
+    }
+    None
+}
+
+pub fn check_net(r: &mut Report) {
+    let wanted = F_CSUM | F_GUEST_CSUM | F_MAC | F_STATUS;
+    let d = match v::find(TYPE_NET, 0) {
+        Some(d) => d,
+        None => return r.line("net", Err(()), format_args!("no virtio-net function on bus 0")),
+    };
+    let features = match d.negotiate(v::F_VERSION_1 | wanted, 0) {
+        Ok(f) => f,
+        Err(_) => return r.line("net", Err(()), format_args!("device refused FEATURES_OK")),
+    };
+    let (Some(mut rxq), Some(mut txq)) = (d.setup_queue(0, super::devices::ring(0), NO_VECTOR), d.setup_queue(1, super::devices::ring(1), NO_VECTOR)) else {
+        return r.line("net", Err(()), format_args!("queues smaller than the driver's"));
+    };
+    d.driver_ok();
+    let mut mac = [0u8; 6];
+    for (i, b) in mac.iter_mut().enumerate() {
+        *b = d.config8(i as u64);
+    }
+    let link = d.config8(6) & 1;
+    for i in 0..RX_BUFS {
+        post_rx(&mut rxq, i, i + 1 == RX_BUFS);
+    }
+
+    // ARP: who has 10.77.0.1?
+    let f = tx_buf();
+    f[..HDR].fill(0);
+    f[HDR..HDR + 6].fill(0xff);
+    f[HDR + 6..HDR + 12].copy_from_slice(&mac);
+    put16(f, HDR + 12, 0x0806);
+    let a = HDR + 14;
+    f[a..a + 8].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f[a + 8..a + 14].copy_from_slice(&mac);
+    f[a + 14..a + 18].copy_from_slice(&GUEST_IP);
+    f[a + 18..a + 24].fill(0);
+    f[a + 24..a + 28].copy_from_slice(&HOST_IP);
+    let sent = send(&mut txq, a + 28);
+    let host_mac = receive(&mut rxq, 3000, |fr| {
+        let a = HDR + 14;
+        (fr.len() >= a + 28 && get16(fr, HDR + 12) == 0x0806 && get16(fr, a + 6) == 2 && fr[a + 14..a + 18] == HOST_IP && fr[a + 18..a + 24] == mac).then(|| {
+            let mut m = [0u8; 6];
+            m.copy_from_slice(&fr[a + 8..a + 14]);
+            m
+        })
+    });
+    let Some(host_mac) = host_mac else {
+        d.set_status(0);
+        return r.line("net", Err(()), format_args!("mac={} link={link} features={features:#x} arp_sent={sent} no ARP reply from 10.77.0.1", Mac(&mac)));
+    };
+
+    // ICMP echo with a 56-byte payload; the reply must carry it back.
+    let f = tx_buf();
+    f[..HDR].fill(0);
+    let icmp = ipv4(f, &mac, &host_mac, 1, 8 + 56);
+    f[icmp..icmp + 8].copy_from_slice(&[8, 0, 0, 0, 0, 0, 0, 1]);
+    put16(f, icmp + 4, PING_ID);
+    for (i, b) in f[icmp + 8..icmp + 64].iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(7) ^ 0x5a;
+    }
+    let c = !fold(sum16(&f[icmp..icmp + 64], 0));
+    put16(f, icmp + 2, c);
+    let t0 = rdtsc();
+    send(&mut txq, icmp + 64);
+    let echoed = receive(&mut rxq, 3000, |fr| {
+        let ip = HDR + 14;
+        let ic = ip + 20;
+        let ok = fr.len() >= ic + 64 && get16(fr, HDR + 12) == 0x0800 && fr[ip + 9] == 1 && fr[ic] == 0 && get16(fr, ic + 4) == PING_ID && fr[ic + 8..ic + 64].iter().enumerate().all(|(i, b)| *b == (i as u8).wrapping_mul(7) ^ 0x5a);
+        ok.then_some(())
+    });
+    let rtt_us = (rdtsc() - t0) / (tsc_hz() / 1_000_000).max(1);
+
+    // UDP to 10.77.0.1:7777; with CSUM the checksum is left to the device: the field
+    // holds the pseudo-header sum and the header says where to finish it.
+    let payload = b"cellvm-net offload check";
+    let f = tx_buf();
+    f[..HDR].fill(0);
+    let udp = ipv4(f, &mac, &host_mac, 17, 8 + payload.len());
+    let ulen = (8 + payload.len()) as u16;
+    put16(f, udp, UDP_PORT);
+    put16(f, udp + 2, UDP_PORT);
+    put16(f, udp + 4, ulen);
+    put16(f, udp + 6, 0);
+    f[udp + 8..udp + 8 + payload.len()].copy_from_slice(payload);
+    let mut pseudo = [0u8; 12];
+    pseudo[..4].copy_from_slice(&GUEST_IP);
+    pseudo[4..8].copy_from_slice(&HOST_IP);
+    pseudo[9] = 17;
+    pseudo[10..12].copy_from_slice(&ulen.to_be_bytes());
+    let offload = features & F_CSUM != 0;
+    if offload {
+        f[0] = 1; // VIRTIO_NET_HDR_F_NEEDS_CSUM
+        let start = (udp - HDR) as u16;
+        f[6..8].copy_from_slice(&start.to_le_bytes());
+        f[8..10].copy_from_slice(&6u16.to_le_bytes());
+        put16(f, udp + 6, fold(sum16(&pseudo, 0)));
+    } else {
+        let c = !fold(sum16(&f[udp..udp + ulen as usize], sum16(&pseudo, 0)));
+        put16(f, udp + 6, if c == 0 { 0xffff } else { c });
+    }
+    send(&mut txq, udp + ulen as usize);
+    // Either the responder's echo (reporting the receive header's flags) or the
+    // host's port-unreachable quoting our datagram.
+    let answer = receive(&mut rxq, 3000, |fr| {
+        let ip = HDR + 14;
+        let body = ip + 20;
+        if fr.len() < body + 8 || get16(fr, HDR + 12) != 0x0800 {
+            return None;
+        }
+        match fr[ip + 9] {
+            17 if get16(fr, body) == UDP_PORT && fr.get(body + 8..body + 8 + payload.len()) == Some(&payload[..]) => Some((1u8, fr[0])),
+            1 if fr[body] == 3 && fr[body + 1] == 3 && fr.len() >= body + 8 + 28 && fr[body + 8 + 9] == 17 => Some((2, fr[0])),
+            _ => None,
+        }
+    });
+    d.set_status(0);
+    let udp_result = match answer {
+        Some((1, _)) => "echoed",
+        Some(_) => "port-unreachable",
+        None => "lost",
+    };
+    let rx_flags = answer.map(|a| a.1).unwrap_or(0);
+    let ok = sent && link == 1 && echoed.is_some() && answer.is_some() && features & F_MAC != 0;
+    r.line(
+        "net",
+        ok.then_some(()).ok_or(()),
+        format_args!(
+            "mac={} link={link} features={features:#x} host_mac={} ping={} rtt_us={rtt_us} udp_csum_offload={offload} udp={udp_result} rx_hdr_flags={rx_flags}",
+            Mac(&mac),
+            Mac(&host_mac),
+            if echoed.is_some() { "echoed" } else { "lost" }
+        ),
+    );
+}
+
+struct Mac<'a>(&'a [u8; 6]);
+
+impl core::fmt::Display for Mac<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+        let m = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    }
+}

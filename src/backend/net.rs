@@ -136,6 +136,11 @@ impl Tap {
         Ok(tap)
     }
 
+    /// The descriptor, to hand to another process.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     /// The interface's name.
     pub fn name(&self) -> String {
         let mut req = IfReq {

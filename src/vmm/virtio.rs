@@ -3,7 +3,7 @@
 //! virtio-pci function on the PCI bus with its BAR on the MMIO bus and its notify
 //! registers as KVM ioeventfds.
 
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -48,7 +48,8 @@ impl PciFunction for Shared {
 /// Starts `cellvm device ARGS` on a fresh listening socket whose only connection is
 /// already queued: the returned stream. The socket's path exists for an instant in a
 /// private directory and is gone before the backend runs.
-fn spawn_backend(args: &[String]) -> Result<(UnixStream, Child), Error> {
+/// `pass`, if given, becomes the backend's descriptor 4 (a tap the VMM opened).
+fn spawn_backend(args: &[String], pass: Option<&OwnedFd>) -> Result<(UnixStream, Child), Error> {
     let fail =
         |what: &str, e: std::io::Error| Error::Device(format!("starting backend ({what}): {e}"));
     let base = std::env::temp_dir().join(format!("cellvm-{}-", std::process::id()));
@@ -73,12 +74,16 @@ fn spawn_backend(args: &[String]) -> Result<(UnixStream, Child), Error> {
     let stream = stream.expect("bound").map_err(|e| fail("connect", e))?;
     let exe = std::env::current_exe().map_err(|e| fail("current_exe", e))?;
     let fd = listener.as_raw_fd();
+    let extra = pass.map(|p| p.as_raw_fd());
     let mut cmd = Command::new(exe);
     cmd.arg("device").args(args).args(["--listen-fd", "3"]);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+            if libc::dup2(fd, 3) < 0
+                || extra.is_some_and(|e| libc::dup2(e, 4) < 0)
+                || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -91,11 +96,12 @@ fn spawn_backend(args: &[String]) -> Result<(UnixStream, Child), Error> {
 fn connect(
     backend: &Backend,
     spawn: impl FnOnce() -> Vec<String>,
+    pass: Option<&OwnedFd>,
     children: &mut Vec<Child>,
 ) -> Result<UnixStream, Error> {
     match backend {
         Backend::Spawn => {
-            let (stream, child) = spawn_backend(&spawn())?;
+            let (stream, child) = spawn_backend(&spawn(), pass)?;
             children.push(child);
             Ok(stream)
         }
@@ -170,25 +176,36 @@ pub fn attach(
                 }
                 a
             },
+            None,
             &mut children,
         )?;
         wanted.push((format!("disk{i}"), stream, TYPE_BLOCK, disk.queues as usize));
     }
     if let Some(rng) = &cfg.rng {
-        let stream = connect(&rng.backend, || vec!["rng".to_string()], &mut children)?;
+        let stream = connect(&rng.backend, || vec!["rng".to_string()], None, &mut children)?;
         wanted.push(("rng".to_string(), stream, TYPE_RNG, 1));
     }
     for (i, net) in cfg.nets.iter().flatten().enumerate() {
+        // The VMM opens the tap (in its own network namespace) and hands the backend
+        // the descriptor, as the jailer does: a bad name fails here, with status 2.
+        let tap = match (&net.backend, &net.tap) {
+            (Backend::Spawn, Some(name)) => Some(
+                crate::backend::net::Tap::open(name)
+                    .map_err(|e| Error::Invalid(format!("net {name}: {e}")))?
+                    .into_fd(),
+            ),
+            _ => None,
+        };
         let stream = connect(
             &net.backend,
             || {
-                let mut a = vec!["net".to_string(), "--tap".into()];
-                a.push(net.tap.clone().unwrap_or_default());
+                let mut a = vec!["net".to_string(), "--tap-fd".into(), "4".into()];
                 if let Some(mac) = &net.mac {
                     a.extend(["--mac".into(), mac.clone()]);
                 }
                 a
             },
+            tap.as_ref(),
             &mut children,
         )?;
         wanted.push((format!("net{i}"), stream, TYPE_NET, 2));

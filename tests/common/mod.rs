@@ -167,3 +167,87 @@ pub fn print_code(text: &[u8]) -> Vec<u8> {
     }
     c
 }
+
+/// A network namespace the test creates, holding one persistent tap `cvt0` whose host
+/// end is 10.77.0.1/24 (the address the guest's `net` check talks to). Deleted, tap
+/// and all, when dropped.
+pub struct NetNs {
+    pub name: String,
+}
+
+/// The tap every NetNs holds.
+pub const TAP: &str = "cvt0";
+
+impl NetNs {
+    pub fn new(tag: &str) -> NetNs {
+        let name = format!("cv-{tag}-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("run ip (iproute2)");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        let ns = NetNs { name };
+        let n = ns.name.as_str();
+        ip(&["-n", n, "link", "set", "lo", "up"]);
+        ip(&["-n", n, "tuntap", "add", "dev", TAP, "mode", "tap"]);
+        ip(&["-n", n, "addr", "add", "10.77.0.1/24", "dev", TAP]);
+        ip(&["-n", n, "link", "set", TAP, "up"]);
+        ns
+    }
+
+    /// Makes `cmd` start inside the namespace.
+    pub fn wrap(&self, cmd: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        let path = std::ffi::CString::new(format!("/run/netns/{}", self.name)).unwrap();
+        // SAFETY: open, setns and close are async-signal-safe; `path` moves into the
+        // closure and lives until exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+                Ok(())
+            });
+        }
+    }
+
+    /// A UDP echo responder on 10.77.0.1:7777 inside the namespace, answering up to
+    /// `count` datagrams; returns what it received.
+    pub fn udp_echo(&self, count: usize) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+        let ready = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let r = ready.clone();
+        let name = self.name.clone();
+        let h = std::thread::spawn(move || {
+            let ns = std::fs::File::open(format!("/run/netns/{name}")).expect("netns file");
+            // SAFETY: setns of this thread only, on a namespace descriptor we opened.
+            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            let s = std::net::UdpSocket::bind("10.77.0.1:7777").expect("bind the responder");
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            r.wait();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 2048];
+            while got.len() < count {
+                let Ok((n, from)) = s.recv_from(&mut buf) else { break };
+                let _ = s.send_to(&buf[..n], from);
+                got.push(buf[..n].to_vec());
+            }
+            got
+        });
+        ready.wait();
+        h
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}

@@ -3,7 +3,7 @@
 # Rust toolchain present). Idempotent: installs only what is missing.
 set -eu
 need=""
-for pkg in qemu-system-x86 qemu-utils xz-utils zstd lz4 binutils gcc make \
+for pkg in qemu-system-x86 qemu-utils iproute2 xz-utils zstd lz4 binutils gcc make \
     selinux-policy-dev selinux-policy-default checkpolicy semodule-utils setools; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
 done
@@ -24,3 +24,13 @@ if [ ! -f "$images/disk.img" ]; then
     mkdir -p "$images"
     truncate -s 64M "$images/disk.img"
 fi
+# The example tenant's network: a namespace of its own holding the tap its VM spec
+# names; the host end (10.77.0.1/24) answers the guest's ARP and ping. The jailer only
+# attaches to taps an administrator made, in the namespace the tenant policy names.
+[ -e /run/netns/cellvm-example ] || ip netns add cellvm-example
+ip -n cellvm-example link set lo up
+if ! ip -n cellvm-example link show cvex0 >/dev/null 2>&1; then
+    ip -n cellvm-example tuntap add dev cvex0 mode tap
+    ip -n cellvm-example addr add 10.77.0.1/24 dev cvex0
+fi
+ip -n cellvm-example link set cvex0 up

@@ -72,22 +72,25 @@ pub enum Device {
         readonly: bool,
         queues: u16,
     },
+    Net {
+        tap: String,
+        mac: Option<String>,
+        /// Attached by `attach_taps` when the VM is launched (never by `check`).
+        fd: Option<OwnedFd>,
+    },
     Rng,
 }
 
 impl Device {
     /// `cellvm device ...` arguments after the listening socket's.
-    fn argv(&self, n: usize, image_fd: Option<i32>, seccomp: &str) -> Vec<String> {
+    fn argv(&self, n: usize, seccomp: &str) -> Vec<String> {
         let mut a: Vec<String> = vec!["cellvm".into(), "device".into()];
+        let fd = self.passed_fd().unwrap_or(-1).to_string();
         match self {
             Device::Blk {
                 readonly, queues, ..
             } => {
-                a.extend([
-                    "blk".into(),
-                    "--image-fd".into(),
-                    image_fd.expect("blk has an image").to_string(),
-                ]);
+                a.extend(["blk".into(), "--image-fd".into(), fd]);
                 a.extend([
                     "--queues".into(),
                     queues.to_string(),
@@ -96,6 +99,12 @@ impl Device {
                 ]);
                 if *readonly {
                     a.push("--readonly".into());
+                }
+            }
+            Device::Net { mac, .. } => {
+                a.extend(["net".into(), "--tap-fd".into(), fd]);
+                if let Some(mac) = mac {
+                    a.extend(["--mac".into(), mac.clone()]);
                 }
             }
             Device::Rng => a.push("rng".into()),
@@ -107,13 +116,16 @@ impl Device {
     fn kind(&self) -> &'static str {
         match self {
             Device::Blk { .. } => "blk",
+            Device::Net { .. } => "net",
             Device::Rng => "rng",
         }
     }
 
-    fn image(&self) -> Option<&File> {
+    /// The one descriptor the backend works on: its image or its tap.
+    fn passed_fd(&self) -> Option<i32> {
         match self {
-            Device::Blk { image, .. } => Some(image),
+            Device::Blk { image, .. } => Some(image.as_raw_fd()),
+            Device::Net { fd, .. } => fd.as_ref().map(|f| f.as_raw_fd()),
             Device::Rng => None,
         }
     }
@@ -144,9 +156,9 @@ pub fn plan(opts: &Options) -> Result<Plan, Failure> {
             "--without {w}: only seccomp and landlock can be left out (test only)"
         )));
     }
-    if !matches!(opts.probe_in.as_str(), "vmm" | "blk" | "rng") {
+    if !matches!(opts.probe_in.as_str(), "vmm" | "blk" | "net" | "rng") {
         return Err(refused(format!(
-            "--probe-in {}: expected vmm, blk or rng",
+            "--probe-in {}: expected vmm, blk, net or rng",
             opts.probe_in
         )));
     }
@@ -205,6 +217,13 @@ pub fn plan(opts: &Options) -> Result<Plan, Failure> {
     if spec.rng {
         devices.push(Device::Rng);
     }
+    for n in &spec.nets {
+        devices.push(Device::Net {
+            tap: n.tap.clone(),
+            mac: n.mac.clone(),
+            fd: None,
+        });
+    }
     Ok(Plan {
         policy,
         spec,
@@ -214,6 +233,28 @@ pub fn plan(opts: &Options) -> Result<Plan, Failure> {
         vmm,
         devices,
     })
+}
+
+/// Attaches every tap of the plan (in the tenant's network namespace): a tap that is
+/// missing, not a tap, or in use by another VM refuses the launch.
+pub fn attach_taps(plan: &mut Plan) -> Result<(), Failure> {
+    let netns = plan.policy.tap_netns.clone();
+    for (i, d) in plan
+        .devices
+        .iter_mut()
+        .filter(|d| matches!(d, Device::Net { .. }))
+        .enumerate()
+    {
+        if let Device::Net { tap, fd, .. } = d {
+            *fd = Some(crate::tap::open(tap, netns.as_deref()).map_err(|e| {
+                refused(format!(
+                    "tenant {}: vm {}: nets[{i}]: {e}",
+                    plan.policy.name, plan.spec.name
+                ))
+            })?);
+        }
+    }
+    Ok(())
 }
 
 /// The VMM must be statically linked: the cell holds no loader and no libraries.
@@ -286,6 +327,7 @@ fn vmm_argv(plan: &Plan, opts: &Options, device_fds: &[i32]) -> Vec<String> {
                 argv.extend(["--disk".into(), format!("fd={fd},queues={queues}")])
             }
             Device::Rng => argv.push(format!("--rng=fd={fd}")),
+            Device::Net { .. } => argv.extend(["--net".into(), format!("fd={fd}")]),
         }
     }
     argv
@@ -297,7 +339,8 @@ pub fn jail_dir(id: &str) -> PathBuf {
 
 /// Launches the VM and supervises it; returns the VMM's exit status.
 pub fn launch(opts: &Options) -> Result<i32, Failure> {
-    let plan = plan(opts)?;
+    let mut plan = plan(opts)?;
+    attach_taps(&mut plan)?;
 
     // Reclaim what dead supervisors left, then take this VM's uid and MCS pair, and a
     // uid of its own for each device backend.
@@ -431,7 +474,7 @@ fn start_backend(
             seccomp.into(),
         ],
         _ => {
-            let mut a = device.argv(n, device.image().map(|f| f.as_raw_fd()), seccomp);
+            let mut a = device.argv(n, seccomp);
             a.extend(["--listen-fd".into(), listener.as_raw_fd().to_string()]);
             a
         }
@@ -474,7 +517,7 @@ fn build_backend_cell(
 ) -> Result<std::convert::Infallible, String> {
     let device = &plan.devices[n];
     let mut keep = vec![err.as_raw_fd(), plan.vmm.as_raw_fd(), listener.as_raw_fd()];
-    keep.extend(device.image().map(|f| f.as_raw_fd()));
+    keep.extend(device.passed_fd());
     identity::close_inherited_fds(&keep)?;
     signals.restore_in_child();
     namespaces::set_hostname(&format!("cellvm-{}-dev{n}", plan.spec.name))?;
@@ -502,7 +545,7 @@ fn build_backend_cell(
     }
     // The descriptors the backend works with stay open across exec.
     keep_across_exec(
-        std::iter::once(listener.as_raw_fd()).chain(device.image().map(|f| f.as_raw_fd())),
+        std::iter::once(listener.as_raw_fd()).chain(device.passed_fd()),
     )?;
     exec_cell(plan.vmm.as_raw_fd(), c"", libc::AT_EMPTY_PATH, argv)
 }

@@ -13,6 +13,7 @@ pub mod policy;
 pub mod registry;
 pub mod selinux;
 pub mod supervise;
+pub mod tap;
 
 /// Entry points for the fuzz targets (fuzz/fuzz_targets/tenant_policy.rs, mcs_label.rs),
 /// replayed by `cargo test` like the VMM's.

@@ -4,7 +4,7 @@
 //! administrator's policy, build the cell (launch.rs, in order), exec the VMM,
 //! supervise it, clean up.
 
-use cellvm_jailer::{cgroup, gc, landlock, launch, mcs, registry, selinux};
+use cellvm_jailer::{cgroup, gc, landlock, launch, mcs, registry, selinux, tap};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,7 +52,7 @@ enum Command {
         /// Test only: run `cellvm probe NAME` in the VMM's exact cell.
         #[arg(long, hide = true)]
         probe: Option<String>,
-        /// Test only: run the probe in the cell of the VM's first `blk` or `rng` backend
+        /// Test only: run the probe in the cell of the VM's first `blk`, `net` or `rng` backend
         /// instead (no VMM is started); default `vmm`.
         #[arg(long, hide = true, default_value = "vmm")]
         probe_in: String,
@@ -168,10 +168,26 @@ fn check(opts: &launch::Options) -> i32 {
         first.map(|m| m.process_label()).unwrap_or_default(),
         first.map(|m| m.image_label()).unwrap_or_default()
     );
-    println!(
-        "  network     taps allowed {:?}; this VM: none (empty net namespace)",
-        p.taps
-    );
+    let netns = p.tap_netns.as_deref();
+    let where_ = netns.map_or("the jailer's network namespace".to_string(), |n| {
+        format!("network namespace {n}")
+    });
+    if s.nets.is_empty() {
+        println!(
+            "  network     taps allowed {:?}; this VM: none (empty net namespace)",
+            p.taps
+        );
+    }
+    for n in &s.nets {
+        let state = match tap::exists(&n.tap, netns) {
+            Ok(()) => "present".to_string(),
+            Err(e) => format!("NOT USABLE: {e}"),
+        };
+        println!(
+            "  network     tap {} in {where_} ({state}); the net backend gets only its descriptor",
+            n.tap
+        );
+    }
     println!(
         "  seccomp     kill on violation{}",
         if p.seccomp_off_allowed {

@@ -25,9 +25,14 @@ pub struct TenantPolicy {
     /// Directories the tenant's kernels, initrds and images may come from.
     #[serde(default)]
     pub image_dirs: Vec<PathBuf>,
-    /// Tap devices the tenant's VMs may use.
+    /// Tap devices the tenant's VMs may use: exact names, or a prefix ending in `*`.
+    /// The administrator creates them; the jailer only attaches.
     #[serde(default)]
     pub taps: Vec<String>,
+    /// The network namespace (a name under /run/netns) the taps live in; none: the
+    /// jailer's own.
+    #[serde(default)]
+    pub tap_netns: Option<String>,
     /// Inclusive range of uids (and gids) the tenant's cells run as.
     pub uid_range: [u32; 2],
     /// Inclusive range of MCS categories the tenant's VMs draw their pair from.
@@ -90,7 +95,7 @@ pub struct VmSpec {
     #[serde(default)]
     pub disks: Vec<DiskSpec>,
     #[serde(default)]
-    pub nets: Vec<toml::Value>,
+    pub nets: Vec<NetSpec>,
     #[serde(default)]
     pub rng: bool,
     #[serde(default)]
@@ -117,6 +122,43 @@ pub struct DiskSpec {
     pub readonly: bool,
     #[serde(default = "one_queue")]
     pub queues: u16,
+}
+
+/// A virtio-net device of a VM spec: a tap the tenant policy grants; its backend runs in
+/// a cell of its own and holds only the tap's descriptor.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetSpec {
+    pub tap: String,
+    /// The guest's MAC address; none: a random locally administered one.
+    pub mac: Option<String>,
+}
+
+/// A tap name the kernel accepts: 1-15 bytes of [A-Za-z0-9_.-].
+pub fn valid_ifname(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+/// Whether `mac` is six colon-separated hex bytes of a unicast address.
+pub fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+        && u8::from_str_radix(parts[0], 16).is_ok_and(|b| b & 1 == 0)
+        && parts.iter().any(|p| *p != "00")
+}
+
+/// Whether the policy's `taps` grant `tap`.
+fn tap_granted(taps: &[String], tap: &str) -> bool {
+    taps.iter().any(|t| match t.strip_suffix('*') {
+        Some(prefix) => tap.starts_with(prefix),
+        None => t == tap,
+    })
 }
 
 /// The most queues a disk may have (as `cellvm run` accepts).
@@ -202,6 +244,20 @@ impl TenantPolicy {
         }
         if self.cgroup.pids_max == 0 || self.cgroup.cpu_percent == 0 {
             return bad("cgroup pids_max and cpu_percent must be positive".into());
+        }
+        if let Some(t) = self
+            .taps
+            .iter()
+            .find(|t| !valid_ifname(t.strip_suffix('*').unwrap_or(t)))
+        {
+            return bad(format!(
+                "taps entry {t:?} must be an interface name (or a prefix ending in *)"
+            ));
+        }
+        if let Some(ns) = self.tap_netns.as_deref().filter(|n| !valid_ifname(n)) {
+            return bad(format!(
+                "tap_netns {ns:?} must be a name under /run/netns ([A-Za-z0-9_.-], at most 15)"
+            ));
         }
         if let Some(w) = self.cgroup.io_weight.filter(|w| !(10..=1000).contains(w)) {
             return bad(format!("cgroup io_weight {w} must be within 10..=1000"));
@@ -324,15 +380,31 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
             );
         }
     }
-    // A net backend is not part of this cellvm yet: a spec asking for one is refused
-    // rather than silently launched without it.
-    if !spec.nets.is_empty() {
-        return violation(
-            "nets",
-            format!("{} entries", spec.nets.len()),
-            "violates",
-            "what this cellvm supports (no virtio-net backend yet)".into(),
-        );
+    for (i, n) in spec.nets.iter().enumerate() {
+        if !valid_ifname(&n.tap) || !tap_granted(&policy.taps, &n.tap) {
+            return violation(
+                &format!("nets[{i}].tap"),
+                format!("{:?}", n.tap),
+                "violates",
+                format!("the tenant's taps {:?}", policy.taps),
+            );
+        }
+        if spec.nets[..i].iter().any(|o| o.tap == n.tap) {
+            return violation(
+                &format!("nets[{i}].tap"),
+                format!("{:?}", n.tap),
+                "violates",
+                "one device per tap".into(),
+            );
+        }
+        if let Some(mac) = n.mac.as_deref().filter(|m| !valid_mac(m)) {
+            return violation(
+                &format!("nets[{i}].mac"),
+                format!("{mac:?}"),
+                "violates",
+                "a unicast address like 02:00:00:00:00:01".into(),
+            );
+        }
     }
     if spec.rng && !policy.rng {
         return violation(
@@ -408,7 +480,25 @@ mod tests {
         assert!(
             refusal("rng = true").contains("rng = true violates the tenant policy (rng = false)")
         );
-        assert!(refusal("nets = [{ tap = \"t0\" }]").contains("no virtio-net backend yet"));
+        assert!(refusal("nets = [{ tap = \"t0\" }]")
+            .contains("nets[0].tap = \"t0\" violates the tenant's taps []"));
+        let with_taps = TenantPolicy::parse(&POLICY.replace(
+            "uid_range",
+            "taps = [\"acme0\", \"ac-*\"]\nuid_range",
+        ))
+        .unwrap();
+        let net_refusal = |extra: &str| check(&with_taps, &spec(extra)).err().map(|e| e.to_string());
+        assert_eq!(net_refusal("nets = [{ tap = \"acme0\" }, { tap = \"ac-7\", mac = \"02:00:00:00:00:01\" }]"), None);
+        for (bad, why) in [
+            ("nets = [{ tap = \"acme1\" }]", "nets[0].tap = \"acme1\" violates"),
+            ("nets = [{ tap = \"ac-/x\" }]", "nets[0].tap"),
+            ("nets = [{ tap = \"ac-1\" }, { tap = \"ac-1\" }]", "one device per tap"),
+            ("nets = [{ tap = \"acme0\", mac = \"01:00:00:00:00:01\" }]", "nets[0].mac"),
+            ("nets = [{ tap = \"acme0\", mac = \"02:00:00:00:00\" }]", "nets[0].mac"),
+        ] {
+            let r = net_refusal(bad).unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(r.contains(why), "{bad}: {r}");
+        }
     }
 
     #[test]
@@ -424,6 +514,13 @@ mod tests {
             .to_string()
             .contains("mcs_categories"));
         assert!(TenantPolicy::parse(&format!("{POLICY}\nmax_disks = 3")).is_err());
+        for bad in ["taps = [\"a/b\"]", "taps = [\"\"]", "tap_netns = \"../x\""] {
+            assert!(
+                TenantPolicy::parse(&POLICY.replace("uid_range", &format!("{bad}\nuid_range")))
+                    .is_err(),
+                "{bad} accepted"
+            );
+        }
         assert!(VmSpec::parse("name = \"a\"\nmemory_mib = 1\ncpus = 2")
             .unwrap_err()
             .to_string()

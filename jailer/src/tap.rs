@@ -1,0 +1,103 @@
+//! Attaching a VM's tap: the jailer (root) opens /dev/net/tun and attaches to a tap the
+//! administrator created, in the tenant's network namespace, with the virtio-net header.
+//! The net backend's cell receives only this descriptor: no /dev/net/tun, no network,
+//! no way to reach any other interface.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+// <linux/if_tun.h>
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TAP: i16 = 0x0002;
+const IFF_NO_PI: i16 = 0x1000;
+const IFF_VNET_HDR: i16 = 0x4000;
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: i16,
+    _pad: [u8; 22],
+}
+
+/// Opens tap `name` inside `/run/netns/NETNS` (or the jailer's own namespace). The tap
+/// must exist: a missing one is an error, not a fresh interface nobody configured.
+pub fn open(name: &str, netns: Option<&str>) -> Result<OwnedFd, String> {
+    in_netns(netns, || attach(name))
+}
+
+/// Whether tap `name` exists where `open` would look for it (for `cellvm-jailer check`,
+/// which attaches nothing).
+pub fn exists(name: &str, netns: Option<&str>) -> Result<(), String> {
+    in_netns(netns, || interface_exists(name))
+}
+
+fn in_netns<T: Send>(
+    netns: Option<&str>,
+    f: impl FnOnce() -> Result<T, String> + Send,
+) -> Result<T, String> {
+    let Some(ns) = netns else { return f() };
+    let ns_path = format!("/run/netns/{ns}");
+    let ns_file = std::fs::File::open(&ns_path).map_err(|e| format!("{ns_path}: {e}"))?;
+    // setns changes only the calling thread's namespace: a short-lived thread enters
+    // it, does `f`, and takes the namespace with it when it ends.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a namespace descriptor we opened.
+            if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+                return Err(format!(
+                    "{ns_path}: setns: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            f().map_err(|e| format!("{e} (network namespace {ns})"))
+        })
+        .join()
+        .unwrap_or_else(|_| Err("tap thread panicked".into()))
+    })
+}
+
+fn interface_exists(name: &str) -> Result<(), String> {
+    if !crate::policy::valid_ifname(name) {
+        return Err(format!("tap {name:?}: not an interface name"));
+    }
+    let cname = std::ffi::CString::new(name).map_err(|_| format!("tap {name:?}: NUL"))?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string.
+    if unsafe { libc::if_nametoindex(cname.as_ptr()) } == 0 {
+        return Err(format!(
+            "tap {name}: no such interface (the administrator creates taps; the jailer only attaches)"
+        ));
+    }
+    Ok(())
+}
+
+fn attach(name: &str) -> Result<OwnedFd, String> {
+    interface_exists(name)?;
+    // SAFETY: open of a constant, NUL-terminated path.
+    let raw = unsafe {
+        libc::open(
+            c"/dev/net/tun".as_ptr(),
+            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
+    if raw < 0 {
+        return Err(format!("/dev/net/tun: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a descriptor we just opened and own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads the ifreq we own.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &req) } < 0 {
+        let e = std::io::Error::last_os_error();
+        let why = match e.raw_os_error() {
+            Some(libc::EINVAL) => "not a tap (or a multiqueue one)".to_string(),
+            Some(libc::EBUSY) => "already attached to another VM".to_string(),
+            _ => e.to_string(),
+        };
+        return Err(format!("tap {name}: {why}"));
+    }
+    Ok(fd)
+}

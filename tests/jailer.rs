@@ -52,17 +52,23 @@ fn launch(id: &str, vm: &Path, extra: &[&str]) -> common::Outcome {
     launch_with(&repo("policy/tenants/example.toml"), id, vm, extra)
 }
 
-/// The example tenant policy plus `allow_test_switches`, for the probes.
-fn test_policy() -> PathBuf {
+/// The example tenant policy plus `allow_test_switches` (for the probes), with its taps
+/// in the network namespace `netns` (one the test made) instead of the example's.
+fn test_policy(netns: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cellvm-jailer-policy-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("tenant.toml");
+    let p = dir.join(format!("tenant-{netns}.toml"));
     let example = std::fs::read_to_string(repo("policy/tenants/example.toml")).unwrap();
-    let text = example.replace(
-        "seccomp_off_allowed = false",
-        "seccomp_off_allowed = false\nallow_test_switches = true",
-    );
-    assert_ne!(text, example);
+    let text = example
+        .replace(
+            "seccomp_off_allowed = false",
+            "seccomp_off_allowed = false\nallow_test_switches = true",
+        )
+        .replace(
+            "tap_netns = \"cellvm-example\"",
+            &format!("tap_netns = \"{netns}\""),
+        );
+    assert!(text.contains("allow_test_switches") && text.contains(netns));
     std::fs::write(&p, text).unwrap();
     p
 }
@@ -90,6 +96,7 @@ fn assert_nothing_left(id: &str) {
     for p in [
         format!("/run/cellvm/vms/{id}-dev0"),
         format!("/run/cellvm/vms/{id}-dev1"),
+        format!("/run/cellvm/vms/{id}-dev2"),
         format!("/srv/cellvm/{id}"),
         format!("/run/cellvm/vms/{id}"),
         format!("/sys/fs/cgroup/memory/cellvm/{id}"),
@@ -113,13 +120,17 @@ fn jailed_test_guest_passes_every_check_and_leaves_nothing_behind() {
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     for check in [
         "serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp", "pci", "irq", "virtio",
-        "msix", "intx", "rng",
+        "msix", "intx", "rng", "net",
     ] {
         out.passed(check);
     }
     assert!(out.passed("madt").contains("cpus=2"));
-    assert!(out.passed("virtio").contains("functions=2"));
-    assert!(out.stdout.contains("13 passed, 0 failed"), "{}", out.stdout);
+    assert!(out.passed("virtio").contains("functions=3"));
+    assert!(out
+        .passed("net")
+        .contains("mac=02:00:0a:4d:00:02 link=1"));
+    assert!(out.passed("net").contains("ping=echoed"));
+    assert!(out.stdout.contains("14 passed, 0 failed"), "{}", out.stdout);
     assert!(
         out.stderr.contains("SELinux is not enabled on this host"),
         "the downgrade is logged: {}",
@@ -178,7 +189,9 @@ fn a_spec_outside_the_policy_is_refused_naming_the_field() {
         ("name = \"d3\"\nmemory_mib = 64\ndisks = [{ path = \"/var/lib/cellvm/images/example/disk.img\" }, { path = \"/var/lib/cellvm/images/example/disk.img\" }, { path = \"/var/lib/cellvm/images/example/disk.img\" }]\n", "tenant example: vm d3: disks = 3 entries exceeds the tenant limit max_disks = 2"),
         ("name = \"dq\"\nmemory_mib = 64\ndisks = [{ path = \"/var/lib/cellvm/images/example/disk.img\", queues = 0 }]\n", "disks[0].queues = 0 violates the range 1 to 16"),
         (&format!("name = \"dl\"\nmemory_mib = 64\ndisks = [{{ path = \"{}\" }}]\n", link.display()), "disks[0]: /var/lib/cellvm/images/example/escape"),
-        ("name = \"n\"\nmemory_mib = 64\nnets = [{ tap = \"t0\" }]\n", "no virtio-net backend yet"),
+        ("name = \"n\"\nmemory_mib = 64\nnets = [{ tap = \"t0\" }]\n", "tenant example: vm n: nets[0].tap = \"t0\" violates the tenant's taps [\"cvex*\"]"),
+        ("name = \"n\"\nmemory_mib = 64\nnets = [{ tap = \"cvex9\" }]\n", "tenant example: vm n: nets[0]: tap cvex9: no such interface (the administrator creates taps; the jailer only attaches) (network namespace cellvm-example)"),
+        ("name = \"n\"\nmemory_mib = 64\nnets = [{ tap = \"cvex0\", mac = \"ff:ff:ff:ff:ff:ff\" }]\n", "nets[0].mac = \"ff:ff:ff:ff:ff:ff\" violates"),
         ("name = \"typo\"\nmemory = 64\n", "unknown field `memory`"),
     ] {
         let id = unique("refused");
@@ -394,16 +407,17 @@ fn every_device_backend_runs_in_a_cell_of_its_own() {
     let dir = std::env::temp_dir().join(format!("cellvm-jailer-{id}"));
     let vm = spec(
         &dir,
-        "name = \"devs\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=none hold=3\"\nrng = true\ndisks = [{ path = \"/var/lib/cellvm/images/example/disk.img\", readonly = true }]\n",
+        "name = \"devs\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=none hold=3\"\nrng = true\ndisks = [{ path = \"/var/lib/cellvm/images/example/disk.img\", readonly = true }]\nnets = [{ tap = \"cvex0\" }]\n",
     );
-    let child = launch_command(&repo("policy/tenants/example.toml"), &id, &vm)
+    let netns = common::NetNs::new("backends");
+    let child = launch_command(&test_policy(&netns.name), &id, &vm)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let procs = format!("/sys/fs/cgroup/pids/cellvm/{id}/cgroup.procs");
     let start = Instant::now();
-    // Three processes, all exec'd: the VMM and two backends.
+    // Four processes, all exec'd: the VMM and three backends.
     let pids: Vec<String> = loop {
         let pids: Vec<String> = std::fs::read_to_string(&procs)
             .unwrap_or_default()
@@ -418,19 +432,19 @@ fn every_device_backend_runs_in_a_cell_of_its_own() {
                     .unwrap_or_default()
             })
             .collect();
-        if pids.len() == 3
+        if pids.len() == 4
             && cmdlines
                 .iter()
                 .filter(|c| c.starts_with("cellvm device "))
                 .count()
-                == 2
+                == 3
             && cmdlines.iter().any(|c| c.starts_with("cellvm run "))
         {
             break pids;
         }
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "VMM and 2 backends never appeared: {pids:?} {cmdlines:?}"
+            "VMM and 3 backends never appeared: {pids:?} {cmdlines:?}"
         );
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -490,8 +504,16 @@ fn every_device_backend_runs_in_a_cell_of_its_own() {
                 .is_empty(),
             "{line}: environment"
         );
-        let fds = std::fs::read_dir(format!("/proc/{p}/fd")).unwrap().count();
-        assert!(fds < 24, "{line}: {fds} descriptors open");
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{p}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+            .map(|t| t.display().to_string())
+            .collect();
+        assert!(fds.len() < 24, "{line}: {} descriptors open", fds.len());
+        // The tap is the net backend's alone; the image the blk backend's alone.
+        let has = |what: &str| fds.iter().any(|f| f.contains(what));
+        assert_eq!(has("/dev/net/tun"), line.starts_with("cellvm device net "), "{line}: {fds:?}");
+        assert_eq!(has("disk.img"), line.starts_with("cellvm device blk "), "{line}: {fds:?}");
         assert!(
             std::fs::read_to_string(format!("/proc/{p}/cgroup"))
                 .unwrap()
@@ -573,15 +595,18 @@ fn probe(name: &str, without: &[&str]) -> common::Outcome {
     probe_in("vmm", name, without)
 }
 
-/// Runs probe `name` in the cell of `role` (vmm, or the example VM's blk or rng backend).
+/// Runs probe `name` in the cell of `role` (vmm, or the example VM's blk, net or rng
+/// backend).
 fn probe_in(role: &str, name: &str, without: &[&str]) -> common::Outcome {
     let id = unique(&format!("probe-{role}-{name}-{}", without.join("-")));
     let mut extra = vec!["--probe", name, "--probe-in", role];
     for w in without {
         extra.extend(["--without", w]);
     }
+    // The example VM has a tap: each launch gets a namespace and tap of its own.
+    let ns = common::NetNs::new("probe");
     let out = launch_with(
-        &test_policy(),
+        &test_policy(&ns.name),
         &id,
         &repo("policy/vms/example.toml"),
         &extra,
@@ -629,12 +654,12 @@ fn every_escape_probe_is_stopped_in_the_full_cell() {
     }
 }
 
-/// The same probes in each device backend's cell (`--probe-in blk|rng`: the probe takes
+/// The same probes in each device backend's cell (`--probe-in blk|net|rng`: the probe takes
 /// the backend's place and its confinement: the backend's process-wide seccomp profile
 /// and Landlock). Every one is killed by seccomp, the memory hog by the cgroup.
 #[test]
 fn every_escape_probe_is_stopped_in_each_backend_cell() {
-    for role in ["blk", "rng"] {
+    for role in ["blk", "net", "rng"] {
         for name in cellvm::probe::PROBES {
             let out = probe_in(role, name, &[]);
             let expect = if *name == "allocate-past-memory-max" {
@@ -662,7 +687,7 @@ fn every_escape_probe_is_stopped_in_each_backend_cell() {
 /// no /proc, nowhere to mount), no network, no capabilities, alone in its pid namespace.
 #[test]
 fn without_seccomp_a_backend_cell_still_holds() {
-    for role in ["blk", "rng"] {
+    for role in ["blk", "net", "rng"] {
         for (name, outcome) in [
             ("open-host-file", "denied ENOENT"),
             ("open-via-proc-root", "denied ENOENT"),
@@ -749,4 +774,44 @@ fn without_seccomp_and_landlock_the_jail_still_holds() {
             out.stderr
         );
     }
+}
+
+/// A tap already attached (here by an unjailed VM) cannot be taken by a second VM: the
+/// launch is refused naming the tap, and nothing is left behind.
+#[test]
+fn a_tap_in_use_by_another_vm_is_refused() {
+    let netns = common::NetNs::new("busy");
+    let mut holder = common::cellvm();
+    holder
+        .args(["run", "--net", "tap=cvex0", "--cmdline", "tests=none hold=20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    netns.wrap(&mut holder);
+    let mut holder = holder.spawn().unwrap();
+    // The guest says it is up once the VMM (which attached the tap first) runs it.
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.contains("cellvm-testguest: up"), "{line}");
+    let id = unique("tapbusy");
+    let dir = std::env::temp_dir().join(format!("cellvm-jailer-{id}"));
+    let vm = spec(
+        &dir,
+        "name = \"busy\"\nmemory_mib = 64\ncmdline = \"tests=none\"\nnets = [{ tap = \"cvex0\" }]\n",
+    );
+    let out = launch_with(&test_policy(&netns.name), &id, &vm, &[]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("vm busy: nets[0]: tap cvex0: already attached to another VM"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stdout.is_empty());
+    assert_nothing_left(&id);
 }

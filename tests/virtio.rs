@@ -169,7 +169,7 @@ fn net_frames_cross_a_tap_in_a_namespace_the_test_creates() {
     cmd.args([
         "run",
         "--net",
-        "tap=cvt0,mac=02:00:0a:4d:00:02",
+        &format!("tap={},mac=02:00:0a:4d:00:02", common::TAP),
         "--cmdline",
         "tests=virtio,net",
     ]);

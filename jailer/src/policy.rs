@@ -142,6 +142,16 @@ pub fn valid_ifname(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
+/// A name under /run/netns: 1-64 bytes of [A-Za-z0-9_.-], not `.` or `..`.
+fn valid_netns(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
 /// Whether `mac` is six colon-separated hex bytes of a unicast address.
 pub fn valid_mac(mac: &str) -> bool {
     let parts: Vec<&str> = mac.split(':').collect();
@@ -254,9 +264,9 @@ impl TenantPolicy {
                 "taps entry {t:?} must be an interface name (or a prefix ending in *)"
             ));
         }
-        if let Some(ns) = self.tap_netns.as_deref().filter(|n| !valid_ifname(n)) {
+        if let Some(ns) = self.tap_netns.as_deref().filter(|n| !valid_netns(n)) {
             return bad(format!(
-                "tap_netns {ns:?} must be a name under /run/netns ([A-Za-z0-9_.-], at most 15)"
+                "tap_netns {ns:?} must be a name under /run/netns (1-64 of [A-Za-z0-9_.-])"
             ));
         }
         if let Some(w) = self.cgroup.io_weight.filter(|w| !(10..=1000).contains(w)) {

@@ -168,19 +168,21 @@ pub fn print_code(text: &[u8]) -> Vec<u8> {
     c
 }
 
-/// A network namespace the test creates, holding one persistent tap `cvt0` whose host
-/// end is 10.77.0.1/24 (the address the guest's `net` check talks to). Deleted, tap
+/// A network namespace the test creates, holding one persistent tap `cvex0` (the name
+/// the example VM spec uses) whose host end is 10.77.0.1/24 (the address the guest's `net` check talks to). Deleted, tap
 /// and all, when dropped.
 pub struct NetNs {
     pub name: String,
 }
 
 /// The tap every NetNs holds.
-pub const TAP: &str = "cvt0";
+pub const TAP: &str = "cvex0";
 
 impl NetNs {
     pub fn new(tag: &str) -> NetNs {
-        let name = format!("cv-{tag}-{}", std::process::id());
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("cv-{tag}-{}-{n}", std::process::id());
         let ip = |args: &[&str]| {
             let out = Command::new("ip").args(args).output().expect("run ip (iproute2)");
             assert!(

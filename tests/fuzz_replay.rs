@@ -14,6 +14,8 @@ const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("ioapic", cellvm::fuzzing::ioapic),
     ("blk_chains", cellvm::fuzzing::blk_chains),
     ("rng_chains", cellvm::fuzzing::rng_chains),
+    ("net_tx_chains", cellvm::fuzzing::net_tx_chains),
+    ("net_rx_chains", cellvm::fuzzing::net_rx_chains),
     ("virtio_pci", cellvm::fuzzing::virtio_pci),
     ("vhost_user_frontend", cellvm::fuzzing::vhost_user_frontend),
     ("vhost_user_backend", cellvm::fuzzing::vhost_user_backend),

@@ -353,9 +353,11 @@ pub fn process_rx(
             vring.signal_used_queue()?;
         }
         // Out of buffers with frames waiting: ask for a kick when the guest adds more
-        // (and look again, in case it already has).
+        // (and look again, in case it already has). A pass that took no chain although
+        // the ring says there are some means a broken available index: stop, or a
+        // guest could keep this thread spinning.
         let more = event_idx && vring.enable_notification().unwrap_or(false);
-        if drained || !more {
+        if drained || !more || !used_any {
             return Ok(());
         }
     }

@@ -149,7 +149,9 @@ fn compare(scenario: &str, a: &Runner, b: &Runner, runs: usize, rows: &mut Vec<R
 }
 
 /// RSS and PSS (MiB) of `pid` and every process below it.
-fn tree_memory(pid: u32) -> Vec<(u32, f64, f64)> {
+/// (pid, RSS MiB, PSS MiB, role) of every process in `pid`'s tree; the role is the
+/// backend kind for `cellvm device KIND` processes, else the program's name.
+fn tree_memory(pid: u32) -> Vec<(u32, f64, f64, String)> {
     let mut out = Vec::new();
     let mut todo = vec![pid];
     while let Some(p) = todo.pop() {
@@ -162,7 +164,16 @@ fn tree_memory(pid: u32) -> Vec<(u32, f64, f64)> {
                 .unwrap_or(0.0)
                 / 1024.0
         };
-        out.push((p, field("Rss:"), field("Pss:")));
+        let argv: Vec<String> = std::fs::read(format!("/proc/{p}/cmdline"))
+            .unwrap_or_default()
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let role = match argv.get(1).map(String::as_str) {
+            Some("device") => argv.get(2).cloned().unwrap_or_default(),
+            _ => argv.first().cloned().unwrap_or_default(),
+        };
+        out.push((p, field("Rss:"), field("Pss:"), role));
         if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
             for t in tasks.flatten() {
                 let children =
@@ -179,8 +190,8 @@ fn tree_memory(pid: u32) -> Vec<(u32, f64, f64)> {
 }
 
 /// Starts `r`, and after a second samples (total RSS, total PSS, RSS of the first
-/// process, RSS of the rest) over its process tree.
-fn resident_tree(r: &Runner) -> (f64, f64, f64, f64) {
+/// process, (role, RSS) of each of the others) over its process tree.
+fn resident_tree(r: &Runner) -> (f64, f64, f64, Vec<(String, f64)>) {
     let mut child = Command::new(&r.cmd[0])
         .args(&r.cmd[1..])
         .stdin(Stdio::null())
@@ -193,7 +204,47 @@ fn resident_tree(r: &Runner) -> (f64, f64, f64, f64) {
     let _ = child.wait();
     let rss: f64 = tree.iter().map(|t| t.1).sum();
     let pss: f64 = tree.iter().map(|t| t.2).sum();
-    (rss, pss, tree[0].1, rss - tree[0].1)
+    let rest = tree[1..].iter().map(|t| (t.3.clone(), t.1)).collect();
+    (rss, pss, tree[0].1, rest)
+}
+
+/// A network namespace holding tap `cvb0` (10.77.0.1/24), for the VMs' net devices;
+/// removed when dropped. Runners enter it through `ip netns exec`, which execs in place
+/// (the measured pid is still the VMM's).
+struct BenchNet(String);
+
+impl BenchNet {
+    fn new() -> BenchNet {
+        let name = format!("cellvm-bench-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let ok = Command::new("ip")
+                .args(args)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "ip {args:?} failed (the benchmark needs root and iproute2)");
+        };
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        let net = BenchNet(name);
+        let n = net.0.as_str();
+        ip(&["-n", n, "tuntap", "add", "dev", "cvb0", "mode", "tap"]);
+        ip(&["-n", n, "addr", "add", "10.77.0.1/24", "dev", "cvb0"]);
+        ip(&["-n", n, "link", "set", "cvb0", "up"]);
+        net
+    }
+
+    fn wrap(&self, r: &mut Runner) {
+        let mut cmd = vec!["ip".into(), "netns".into(), "exec".into(), self.0.clone()];
+        cmd.append(&mut r.cmd);
+        r.cmd = cmd;
+    }
+}
+
+impl Drop for BenchNet {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
 }
 
 /// Runs the guest's `blkbench` check; returns (IOPS, MB/s).
@@ -552,8 +603,8 @@ fn main() {
         &mut rows,
     );
 
-    // Scenario 3 with devices: the VMM and its backends (virtio-blk, virtio-rng), each
-    // a process of its own, against QEMU with the same two devices.
+    // Scenario 3 with devices: the VMM and its backends (virtio-blk, virtio-net on a
+    // tap, virtio-rng), each a process of its own, against QEMU with the same devices.
     let disk_img = work.join("disk.img");
     let size_mib = if args.quick { 64 } else { 256 };
     let mut data = vec![0u8; size_mib << 20];
@@ -573,9 +624,15 @@ fn main() {
         .iter()
         .map(|a| if a == "64" { "128".into() } else { a.clone() })
         .collect();
-    cellvm_dev
-        .cmd
-        .extend(["--disk".into(), disk_arg.clone(), "--rng".into()]);
+    cellvm_dev.cmd.extend([
+        "--disk".into(),
+        disk_arg.clone(),
+        "--rng".into(),
+        "--net".into(),
+        "tap=cvb0".into(),
+    ]);
+    let net = BenchNet::new();
+    net.wrap(&mut cellvm_dev);
     let mut qemu_dev = qemu(&guest, Some("tests=none hold=2"));
     qemu_dev.cmd = qemu_dev
         .cmd
@@ -593,32 +650,43 @@ fn main() {
         "virtio-blk-pci,drive=d0,disable-legacy=on".into(),
         "-device".into(),
         "virtio-rng-pci,disable-legacy=on".into(),
+        "-netdev".into(),
+        "tap,id=n0,ifname=cvb0,script=no,downscript=no".into(),
+        "-device".into(),
+        "virtio-net-pci,netdev=n0,disable-legacy=on".into(),
     ]);
-    let (mut vr, mut vp, mut qr, mut qp, mut vmm_rss, mut be_rss) = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-    );
+    net.wrap(&mut qemu_dev);
+    let (mut vr, mut vp, mut qr, mut qp, mut vmm_rss) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut be_rss: Vec<(String, Vec<f64>)> = Vec::new();
     for _ in 0..runs.min(5) {
         let c = resident_tree(&cellvm_dev);
         let q = resident_tree(&qemu_dev);
         vr.push(c.0);
         vp.push(c.1);
         vmm_rss.push(c.2);
-        be_rss.push(c.3 / 2.0);
+        assert_eq!(c.3.len(), 3, "three backends: {:?}", c.3);
+        for (role, rss) in c.3 {
+            match be_rss.iter_mut().find(|b| b.0 == role) {
+                Some(b) => b.1.push(rss),
+                None => be_rss.push((role, vec![rss])),
+            }
+        }
         qr.push(q.0);
         qp.push(q.1);
     }
+    drop(net);
     memory_rows(
-        "3. memory, 128 MiB VM, disk + rng",
+        "3. memory, 128 MiB VM, disk+net+rng",
         "qemu microvm (same devices)",
         [vr, vp, qr, qp],
         &mut rows,
     );
-    let (vmm_rss, be_rss) = (stats(vmm_rss), stats(be_rss));
+    let vmm_rss = stats(vmm_rss);
+    let be_rss: Vec<String> = be_rss
+        .into_iter()
+        .map(|(role, v)| format!("{role} {:.2}", stats(v).median))
+        .collect();
 
     // Scenario 4: block I/O from the guest's CPL 3 driver: our backend against
     // qemu-storage-daemon behind the same VMM and guest, and against the host itself.
@@ -752,8 +820,9 @@ fn main() {
     println!("peers: scenarios 1 and 5: qemu microvm; scenario 2: the same cellvm run without the jailer");
     println!("jailer supervisor RSS while a VM runs: {supervisor_rss} KiB");
     println!(
-        "scenario 3 with devices: VMM RSS {:.2} MiB, each backend RSS {:.2} MiB (medians)",
-        vmm_rss.median, be_rss.median
+        "scenario 3 with devices: VMM RSS {:.2} MiB; backend RSS (MiB, medians): {}",
+        vmm_rss.median,
+        be_rss.join(", ")
     );
     println!("scenario 4: cellvm with its blk backend vs the same VMM and guest with qemu-storage-daemon, and vs the host reading the file");
     if let Some(path) = args.json {

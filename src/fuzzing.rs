@@ -416,8 +416,23 @@ pub fn net_rx_chains(data: &[u8]) {
     let event_idx = flags & 1 == 1;
     vring.set_queue_event_idx(event_idx);
     let _ = process_rx(&vring, &mem, event_idx, tap.as_raw_fd());
-    // Whatever the chains were, no used length exceeds the longest frame.
+    // Whatever the chains were, no used length exceeds the longest frame. (Unless the
+    // guest pointed a receive buffer at its own used ring, or used indirect tables that
+    // might: then the ring holds frame bytes, which is the guest's own business.)
     let m = mem.memory();
+    let used_ring = 0x2000u64..0x2000 + 4 + 8 * 16 + 2;
+    let overwritten = (0..16u64).any(|i| {
+        let addr: u64 = m.read_obj(GuestAddress(i * 16)).unwrap_or(0);
+        let len: u32 = m.read_obj(GuestAddress(i * 16 + 8)).unwrap_or(0);
+        let flags: u16 = m.read_obj(GuestAddress(i * 16 + 12)).unwrap_or(0);
+        flags & 4 != 0
+            || (flags & 2 != 0
+                && addr < used_ring.end
+                && addr.saturating_add(len as u64) > used_ring.start)
+    });
+    if overwritten {
+        return;
+    }
     let used_idx: u16 = m.read_obj(GuestAddress(0x2002)).unwrap_or(0);
     for i in 0..used_idx.min(16) {
         let len: u32 = m

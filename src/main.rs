@@ -140,6 +140,10 @@ struct RunArgs {
     /// socket=PATH or fd=N (repeat for more).
     #[arg(long = "net")]
     nets: Vec<cellvm::vmm::config::NetSpec>,
+    /// Guest RAM the kernel may merge with identical pages of other VMs (KSM); private
+    /// memory, so no device backends can share it.
+    #[arg(long)]
+    ksm: bool,
     /// The same fields from a TOML file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -194,6 +198,7 @@ fn run(args: RunArgs) -> Result<i32, (String, i32)> {
         disks: (!args.disks.is_empty()).then_some(args.disks),
         rng: args.rng,
         nets: (!args.nets.is_empty()).then_some(args.nets),
+        ksm: args.ksm.then_some(true),
     };
     let code =
         cellvm::vmm::run(from_file.merge(flags)).map_err(|e| (e.to_string(), e.exit_code()))?;

@@ -815,3 +815,38 @@ fn a_tap_in_use_by_another_vm_is_refused() {
     assert!(out.stdout.is_empty());
     assert_nothing_left(&id);
 }
+
+/// `ksm = true` reaches the VMM: a VM with it runs (its RAM private and mergeable), and
+/// one that also asks for a device is refused by the VMM, which names the conflict.
+#[test]
+fn ksm_in_the_spec_reaches_the_vmm() {
+    let netns = common::NetNs::new("ksm");
+    let policy = test_policy(&netns.name);
+    let text = std::fs::read_to_string(&policy)
+        .unwrap()
+        .replace("ksm = false", "ksm = true");
+    let policy = policy.with_file_name(format!("ksm-{}.toml", netns.name));
+    std::fs::write(&policy, text).unwrap();
+    let dir = std::env::temp_dir().join(format!("cellvm-jailer-ksm-{}", std::process::id()));
+    let id = unique("ksm");
+    let ok = spec(
+        &dir,
+        "name = \"merge\"\nmemory_mib = 64\ncmdline = \"tests=e820\"\nksm = true\n",
+    );
+    let out = launch_with(&policy, &id, &ok, &[]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    out.passed("e820");
+    assert_nothing_left(&id);
+    let bad = spec(
+        &dir.join("bad"),
+        "name = \"merge\"\nmemory_mib = 64\ncmdline = \"tests=none\"\nksm = true\nrng = true\n",
+    );
+    let out = launch_with(&policy, &id, &bad, &[]);
+    assert_eq!(out.code, Some(2), "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("ksm: mergeable guest RAM is private to the VMM"),
+        "{}",
+        out.stderr
+    );
+    assert_nothing_left(&id);
+}

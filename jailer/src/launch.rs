@@ -320,6 +320,9 @@ fn vmm_argv(plan: &Plan, opts: &Options, device_fds: &[i32]) -> Vec<String> {
     if plan.initrd.is_some() {
         argv.extend(["--initrd".into(), "/initrd".into()]);
     }
+    if plan.spec.ksm {
+        argv.push("--ksm".into());
+    }
     // Each device: the VMM's end of a connection its backend cell already holds.
     for (d, fd) in plan.devices.iter().zip(device_fds) {
         match d {

@@ -356,6 +356,15 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
             "the tenant policy (hugepages = false)".into(),
         );
     }
+    // Hugepage-backed RAM is not part of this cellvm yet: refused rather than ignored.
+    if spec.hugepages {
+        return violation(
+            "hugepages",
+            "true".into(),
+            "violates",
+            "what this cellvm supports (no hugepage-backed guest RAM yet)".into(),
+        );
+    }
     if spec.ksm && !policy.ksm {
         return violation(
             "ksm",

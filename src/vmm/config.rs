@@ -243,6 +243,9 @@ pub struct VmConfig {
     pub rng: Option<RngSpec>,
     /// virtio-net devices, after the disks and the rng in PCI slot order.
     pub nets: Option<Vec<NetSpec>>,
+    /// Guest RAM as private memory the kernel may merge with identical pages of other
+    /// VMs (KSM). Device backends cannot share such RAM: no devices with it.
+    pub ksm: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -286,6 +289,7 @@ impl VmConfig {
             disks: over.disks.or(self.disks),
             rng: over.rng.or(self.rng),
             nets: over.nets.or(self.nets),
+            ksm: over.ksm.or(self.ksm),
         }
     }
 

@@ -21,13 +21,16 @@ pub enum Error {
     Seal(std::io::Error),
     #[error("mapping guest RAM: {0}")]
     Map(vm_memory::mmap::FromRangesError),
+    #[error("madvise(MADV_MERGEABLE) on guest RAM: {0}")]
+    Mergeable(std::io::Error),
     #[error("KVM_SET_USER_MEMORY_REGION: {0}")]
     Slot(kvm_ioctls::Error),
 }
 
 pub struct GuestRam {
     pub mem: GuestMemoryMmap,
-    pub file: File,
+    /// The memfd (none for mergeable RAM).
+    pub file: Option<File>,
 }
 
 pub fn create(size: u64) -> Result<GuestRam, Error> {
@@ -55,7 +58,35 @@ pub fn create(size: u64) -> Result<GuestRam, Error> {
         offset += len;
     }
     let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(Error::Map)?;
-    Ok(GuestRam { mem, file })
+    Ok(GuestRam {
+        mem,
+        file: Some(file),
+    })
+}
+
+/// Guest RAM as private anonymous memory marked MADV_MERGEABLE, so KSM may share its
+/// pages with identical ones of other VMs (copy-on-write). KSM does not scan shared
+/// memory, so this RAM has no memfd and cannot be handed to device backends.
+pub fn create_mergeable(size: u64) -> Result<GuestRam, Error> {
+    let ranges: Vec<_> = layout::ram_regions(size)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(Error::Map)?;
+    for region in mem.iter() {
+        // SAFETY: madvise on a mapping `mem` owns, over exactly its length.
+        let rc = unsafe {
+            libc::madvise(
+                region.as_ptr() as *mut libc::c_void,
+                region.len() as usize,
+                libc::MADV_MERGEABLE,
+            )
+        };
+        if rc < 0 {
+            return Err(Error::Mergeable(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(GuestRam { mem, file: None })
 }
 
 /// Registers every RAM region as a KVM memory slot.

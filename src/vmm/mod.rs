@@ -86,6 +86,16 @@ fn validate(cfg: &VmConfig, kvm: &Kvm) -> Result<(), Error> {
             layout::MIN_MEMORY_MIB
         )));
     }
+    let devices = cfg.disks.as_ref().is_some_and(|d| !d.is_empty())
+        || cfg.nets.as_ref().is_some_and(|n| !n.is_empty())
+        || cfg.rng.is_some();
+    if cfg.ksm == Some(true) && devices {
+        return Err(Error::Invalid(
+            "ksm: mergeable guest RAM is private to the VMM, and vhost-user device backends \
+             need RAM they can share: use KSM or devices, not both"
+                .into(),
+        ));
+    }
     let host = memory::host_memory_bytes().unwrap_or(u64::MAX);
     if mib.checked_mul(1 << 20).is_none_or(|b| b > host) {
         return Err(Error::Invalid(format!(
@@ -172,7 +182,11 @@ pub fn run(cfg: VmConfig) -> Result<i32, Error> {
             .map_err(|e| Error::Kvm("KVM_ENABLE_CAP(X2APIC_API)", e))?;
     }
 
-    let ram = memory::create(mem_size)?;
+    let ram = if cfg.ksm == Some(true) {
+        memory::create_mergeable(mem_size)?
+    } else {
+        memory::create(mem_size)?
+    };
     memory::register(&vm, &ram.mem)?;
 
     let kernel = match kernel_file.as_mut() {

@@ -7,7 +7,8 @@
  * whose I/O permission bitmap allows every port. On nested PVM hosts the guest's IOPL
  * is not honoured at CPL 3 (RFLAGS.IOPL reads back 0), so the bitmap is what works
  * there. There is no IDT: the program never returns to CPL 0, and a fault in it
- * triple-faults the VM, which the VMM reports with the vCPU's RIP.
+ * triple-faults the VM, which the VMM reports with the vCPU's RIP. (With `idle` as the
+ * command line's first word the BSP never leaves CPL 0: it halts, below.)
  *
  * Entry is the PVH one (32-bit protected mode, paging off, %ebx = hvm_start_info).
  */
@@ -59,6 +60,31 @@ pvh_entry:
 long_mode:
     movw $0x30, %ax
     ltr %ax
+    /* `idle` as the command line's first word: say so on COM1 and halt here, at CPL 0
+     * with IF=0, for good. A halted vCPU sleeps in KVM and costs no CPU: the idle VMs
+     * of the density benchmark. */
+    movl start_info_paddr, %esi
+    movq 0x18(%rsi), %rsi       /* hvm_start_info.cmdline_paddr */
+    testq %rsi, %rsi
+    jz 2f
+    cmpl $0x656c6469, (%rsi)    /* "idle" */
+    jne 2f
+    testb $0xdf, 4(%rsi)        /* followed by NUL or a space */
+    jnz 2f
+    movw $0x3f8, %dx
+    movb $'i', %al
+    outb %al, %dx
+    movb $'d', %al
+    outb %al, %dx
+    movb $'l', %al
+    outb %al, %dx
+    movb $'e', %al
+    outb %al, %dx
+    movb $'\n', %al
+    outb %al, %dx
+1:  hlt
+    jmp 1b
+2:
     pushq $0x23                 /* user SS */
     pushq $user_stack_top - 8   /* user RSP, aligned as after a call */
     pushq $0x3002               /* RFLAGS: IOPL 3, IF 0 */

@@ -329,6 +329,123 @@ fn memory_rows(scenario: &str, peer: &str, [vr, vp, qr, qp]: [Vec<f64>; 4], rows
     }
 }
 
+fn mem_available_mib() -> f64 {
+    meminfo_kib("MemAvailable:") / 1024.0
+}
+
+fn meminfo_kib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn ksm_knob(name: &str) -> String {
+    std::fs::read_to_string(format!("/sys/kernel/mm/ksm/{name}"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn set_ksm_knob(name: &str, value: &str) {
+    std::fs::write(format!("/sys/kernel/mm/ksm/{name}"), value)
+        .unwrap_or_else(|e| panic!("/sys/kernel/mm/ksm/{name}: {e}"));
+}
+
+/// KSM switched on with a fast scan for as long as this lives; the host's settings are
+/// put back (and merged pages unmerged) when it drops.
+struct KsmOn(Vec<(&'static str, String)>);
+
+impl KsmOn {
+    fn new() -> KsmOn {
+        let saved = ["run", "pages_to_scan", "sleep_millisecs"]
+            .into_iter()
+            .map(|k| (k, ksm_knob(k)))
+            .collect();
+        set_ksm_knob("pages_to_scan", "20000");
+        set_ksm_knob("sleep_millisecs", "10");
+        set_ksm_knob("run", "1");
+        KsmOn(saved)
+    }
+
+    /// Waits (up to `limit`) until ksmd has finished two more full scans.
+    fn settle(&self, limit: std::time::Duration) {
+        let start = Instant::now();
+        let first: u64 = ksm_knob("full_scans").parse().unwrap_or(0);
+        while ksm_knob("full_scans").parse::<u64>().unwrap_or(0) < first + 2
+            && start.elapsed() < limit
+        {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for KsmOn {
+    fn drop(&mut self) {
+        // run=2 unmerges every page, then the saved state (normally 0) applies.
+        let _ = std::fs::write("/sys/kernel/mm/ksm/run", "2");
+        for (k, v) in &self.0 {
+            let _ = std::fs::write(format!("/sys/kernel/mm/ksm/{k}"), v);
+        }
+    }
+}
+
+/// Scenario 6: starts idle VMs (their guests halted, using no CPU) one after another,
+/// each printing `idle` once it runs, until `max` run, one fails to start, or the host's
+/// available memory falls under 10% of its total. Returns how many ran and the host
+/// memory each cost (the fall in MemAvailable over the count, after KSM settled when
+/// `ksm` is given). Every VM is stopped (SIGTERM) before it returns.
+fn density(r: &Runner, max: usize, ksm: Option<&KsmOn>) -> (usize, f64) {
+    use std::io::BufRead;
+    let total = meminfo_kib("MemTotal:") / 1024.0;
+    let before = mem_available_mib();
+    let mut vms = Vec::new();
+    for i in 0..max {
+        if mem_available_mib() < total * 0.1 {
+            break;
+        }
+        let mut cmd = r.cmd.clone();
+        if let Some(at) = cmd.iter().position(|a| a == "{id}") {
+            cmd[at] = format!("dens-{}-{i}", std::process::id());
+        }
+        let mut child = Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", cmd[0]));
+        let mut line = String::new();
+        let up = std::io::BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .is_ok()
+            && line.trim() == "idle";
+        if !up {
+            eprintln!("density: {} VM {i} did not come up: {line:?}", r.name);
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        vms.push(child);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    if let Some(k) = ksm {
+        k.settle(std::time::Duration::from_secs(120));
+    }
+    let after = mem_available_mib();
+    let n = vms.len();
+    for vm in &vms {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(vm.id() as i32, libc::SIGTERM) };
+    }
+    for mut vm in vms {
+        let _ = vm.wait();
+    }
+    (n, (before - after) / n.max(1) as f64)
+}
+
 /// Starts `n` copies of `r` at once and returns VMs per second (first start to last exit).
 fn launch_rate(r: &Runner, n: usize) -> f64 {
     let start = Instant::now();
@@ -798,6 +915,82 @@ fn main() {
         peer: qa,
     });
 
+    // Scenario 6: density. Idle jailed test-guest VMs of 128 MiB each (their guests
+    // halted at CPL 0) against idle QEMU microvms booting the same guest, with KSM off
+    // and on. QEMU's count is smaller (it would not fit a thousand times); what compares
+    // is the host memory each VM costs, and from it how many fit.
+    let (n_cellvm, n_qemu) = if args.quick { (4, 2) } else { (1000, 50) };
+    let spec_idle = work.join("vm-idle.toml");
+    let spec_idle_ksm = work.join("vm-idle-ksm.toml");
+    let idle = "vcpus = 1\nmemory_mib = 128\ncmdline = \"idle\"\n";
+    std::fs::write(&spec_idle, format!("name = \"idle\"\n{idle}")).unwrap();
+    std::fs::write(&spec_idle_ksm, format!("name = \"idle\"\n{idle}ksm = true\n")).unwrap();
+    // A tenant with room for a thousand VMs: uids, and KSM allowed.
+    let dense_policy = work.join("tenant-dense.toml");
+    std::fs::write(
+        &dense_policy,
+        std::fs::read_to_string(&policy)
+            .unwrap()
+            .replace("uid_range = [200000, 200999]", "uid_range = [300000, 309999]")
+            .replace("ksm = false", "ksm = true"),
+    )
+    .unwrap();
+    let dense = |spec: &Path| Runner {
+        name: "cellvm-jailer launch",
+        cmd: vec![
+            jailer.display().to_string(),
+            "launch".into(),
+            "--id".into(),
+            "{id}".into(),
+            "--policy".into(),
+            dense_policy.display().to_string(),
+            "--vm".into(),
+            spec.display().to_string(),
+        ],
+        ok_status: &[0],
+    };
+    let mut qemu_idle = qemu(&guest, Some("idle"));
+    qemu_idle.cmd = qemu_idle
+        .cmd
+        .iter()
+        .map(|a| if a == "64" { "128".into() } else { a.clone() })
+        .collect();
+    let total_mib = meminfo_kib("MemTotal:") / 1024.0;
+    let mut density_lines = Vec::new();
+    for ksm_on in [false, true] {
+        let ksm = ksm_on.then(KsmOn::new);
+        let spec = if ksm_on { &spec_idle_ksm } else { &spec_idle };
+        let (cn, cmib) = density(&dense(spec), n_cellvm, ksm.as_ref());
+        let (qn, qmib) = density(&qemu_idle, n_qemu, ksm.as_ref());
+        let label = if ksm_on { "KSM on" } else { "KSM off" };
+        density_lines.push(format!(
+            "scenario 6, {label}: cellvm ran {cn} (of {n_cellvm} asked), {cmib:.2} MiB each; qemu ran {qn} (of {n_qemu}), {qmib:.2} MiB each; host {total_mib:.0} MiB"
+        ));
+        let one = |v: f64| Stats {
+            median: v,
+            min: v,
+            max: v,
+        };
+        // How many would fit in 90% of the host's memory at that cost.
+        let fit = |mib: f64| (total_mib * 0.9 / mib.max(0.01)).floor();
+        for (metric, a, b) in [
+            ("host MiB/VM", cmib, qmib),
+            ("VMs that fit", fit(cmib), fit(qmib)),
+        ] {
+            rows.push(Row {
+                scenario: format!("6. density, idle 128 MiB, {label}"),
+                metric: metric.into(),
+                ratio: a / b,
+                cellvm: one(a),
+                peer_name: "qemu microvm".into(),
+                peer: one(b),
+            });
+        }
+        if args.quick {
+            assert_eq!(cn, n_cellvm, "every cellvm VM of the quick density run came up");
+        }
+    }
+
     println!(
         "cellvm-bench: {} run(s) per side, alternating; medians, min-max",
         runs
@@ -825,6 +1018,9 @@ fn main() {
         be_rss.join(", ")
     );
     println!("scenario 4: cellvm with its blk backend vs the same VMM and guest with qemu-storage-daemon, and vs the host reading the file");
+    for l in &density_lines {
+        println!("{l}");
+    }
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&rows).unwrap())
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));

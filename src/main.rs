@@ -79,6 +79,9 @@ enum DeviceCommand {
         image_fd: Option<i32>,
         #[arg(long)]
         readonly: bool,
+        /// Read and write the image with O_DIRECT (no host page cache).
+        #[arg(long)]
+        direct: bool,
         #[arg(long, default_value_t = 1)]
         queues: u16,
         /// The serial the guest reads with GET_ID (up to 20 bytes).
@@ -129,7 +132,7 @@ struct RunArgs {
     /// What a seccomp violation does: kill (default), log, or off (diagnosis only).
     #[arg(long, value_enum)]
     seccomp: Option<cellvm::seccomp::Mode>,
-    /// A virtio-blk disk: path=IMG[,readonly=on][,queues=N], socket=PATH or fd=N
+    /// A virtio-blk disk: path=IMG[,readonly=on][,direct=on][,queues=N], socket=PATH or fd=N
     /// (repeat for more disks).
     #[arg(long = "disk")]
     disks: Vec<cellvm::vmm::config::DiskSpec>,
@@ -220,6 +223,7 @@ fn device(cmd: DeviceCommand) -> Result<i32, (String, i32)> {
             image,
             image_fd,
             readonly,
+            direct,
             queues,
             id,
         } => {
@@ -242,8 +246,12 @@ fn device(cmd: DeviceCommand) -> Result<i32, (String, i32)> {
                 (None, Some(fd)) => unsafe { std::fs::File::from_raw_fd(fd) },
                 (None, None) => unreachable!("clap requires one"),
             };
-            let disk = backend::blk::Disk::new(file, readonly, &id)
+            let mut disk = backend::blk::Disk::new(file, readonly, &id)
                 .map_err(|e| (format!("image: {e}"), 2))?;
+            if direct {
+                disk.set_direct()
+                    .map_err(|e| (format!("image: O_DIRECT: {e}"), 2))?;
+            }
             let b = backend::blk::BlkBackend::new(disk, queues as usize, 256);
             backend::serve("cellvm-blk", b, socket(&common), "blk", common.seccomp, &[])
         }

@@ -70,6 +70,7 @@ pub enum Device {
     Blk {
         image: File,
         readonly: bool,
+        direct: bool,
         queues: u16,
     },
     Net {
@@ -88,7 +89,10 @@ impl Device {
         let fd = self.passed_fd().unwrap_or(-1).to_string();
         match self {
             Device::Blk {
-                readonly, queues, ..
+                readonly,
+                direct,
+                queues,
+                ..
             } => {
                 a.extend(["blk".into(), "--image-fd".into(), fd]);
                 a.extend([
@@ -99,6 +103,9 @@ impl Device {
                 ]);
                 if *readonly {
                     a.push("--readonly".into());
+                }
+                if *direct {
+                    a.push("--direct".into());
                 }
             }
             Device::Net { mac, .. } => {
@@ -211,6 +218,7 @@ pub fn plan(opts: &Options) -> Result<Plan, Failure> {
         devices.push(Device::Blk {
             image,
             readonly: d.readonly,
+            direct: d.direct,
             queues: d.queues,
         });
     }

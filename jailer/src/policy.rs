@@ -120,6 +120,9 @@ pub struct DiskSpec {
     pub path: PathBuf,
     #[serde(default)]
     pub readonly: bool,
+    /// O_DIRECT: the backend bypasses the host page cache.
+    #[serde(default)]
+    pub direct: bool,
     #[serde(default = "one_queue")]
     pub queues: u16,
 }

@@ -58,6 +58,8 @@ pub enum Backend {
 pub struct DiskSpec {
     pub image: Option<PathBuf>,
     pub readonly: bool,
+    /// O_DIRECT in the backend (no host page cache).
+    pub direct: bool,
     pub queues: u16,
     pub backend: Backend,
 }
@@ -86,6 +88,7 @@ impl std::str::FromStr for DiskSpec {
         let mut spec = DiskSpec {
             image: None,
             readonly: false,
+            direct: false,
             queues: 1,
             backend: Backend::Spawn,
         };
@@ -111,6 +114,13 @@ impl std::str::FromStr for DiskSpec {
                         _ => return Err(format!("{what}: readonly={value}: expected on or off")),
                     }
                 }
+                "direct" => {
+                    spec.direct = match value {
+                        "on" | "true" => true,
+                        "off" | "false" => false,
+                        _ => return Err(format!("{what}: direct={value}: expected on or off")),
+                    }
+                }
                 "queues" => {
                     spec.queues = value
                         .parse()
@@ -126,9 +136,9 @@ impl std::str::FromStr for DiskSpec {
         if source != 1 {
             return Err(format!("{what}: give exactly one of path=, socket= or fd="));
         }
-        if spec.readonly && spec.backend != Backend::Spawn {
+        if (spec.readonly || spec.direct) && spec.backend != Backend::Spawn {
             return Err(format!(
-                "{what}: readonly= belongs to the backend that owns the image"
+                "{what}: readonly= and direct= belong to the backend that owns the image"
             ));
         }
         Ok(spec)
@@ -346,12 +356,13 @@ mod tests {
 
     #[test]
     fn device_specs_parse_and_refuse_what_they_cannot_mean() {
-        let d: DiskSpec = "path=/img,readonly=on,queues=4".parse().unwrap();
+        let d: DiskSpec = "path=/img,readonly=on,direct=on,queues=4".parse().unwrap();
         assert_eq!(
             d,
             DiskSpec {
                 image: Some("/img".into()),
                 readonly: true,
+                direct: true,
                 queues: 4,
                 backend: Backend::Spawn
             }
@@ -359,6 +370,8 @@ mod tests {
         let d: DiskSpec = "socket=/run/x.sock".parse().unwrap();
         assert_eq!(d.backend, Backend::Socket("/run/x.sock".into()));
         assert_eq!("fd=5".parse::<DiskSpec>().unwrap().backend, Backend::Fd(5));
+        assert!("fd=5,direct=on".parse::<DiskSpec>().is_err());
+        assert!("path=/i,direct=maybe".parse::<DiskSpec>().is_err());
         for bad in [
             "",
             "path=",

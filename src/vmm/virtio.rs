@@ -174,6 +174,9 @@ pub fn attach(
                 if disk.readonly {
                     a.push("--readonly".into());
                 }
+                if disk.direct {
+                    a.push("--direct".into());
+                }
                 a
             },
             None,

@@ -131,6 +131,16 @@ fn a_readonly_disk_refuses_writes_and_the_image_is_untouched() {
     assert_eq!(std::fs::read(&img).unwrap(), before);
 }
 
+/// `cellvm run ARGS` exits 2 with `expect` in its error, before the guest runs.
+fn assert_refused_before_running(args: &[&str], expect: &str) {
+    let mut a = args.to_vec();
+    a.extend(["--cmdline", "tests=none"]);
+    let out = vm(&a);
+    assert_eq!(out.code, Some(2), "{args:?}: {}", out.stderr);
+    assert!(out.stderr.contains(expect), "{args:?}: {}", out.stderr);
+    assert!(out.stdout.is_empty(), "{args:?} ran the guest");
+}
+
 #[test]
 fn bad_disk_and_rng_arguments_are_refused_before_anything_runs() {
     for (args, expect) in [
@@ -152,12 +162,7 @@ fn bad_disk_and_rng_arguments_are_refused_before_anything_runs() {
         ),
         (vec!["--rng=maybe"], "expected on, socket=PATH or fd=N"),
     ] {
-        let mut a = args.clone();
-        a.extend(["--cmdline", "tests=none"]);
-        let out = vm(&a);
-        assert_eq!(out.code, Some(2), "{args:?}: {}", out.stderr);
-        assert!(out.stderr.contains(expect), "{args:?}: {}", out.stderr);
-        assert!(out.stdout.is_empty(), "{args:?} ran the guest");
+        assert_refused_before_running(&args, expect);
     }
 }
 
@@ -258,12 +263,7 @@ fn bad_net_arguments_are_refused_before_anything_runs() {
         // An existing interface that is not a tap.
         (vec!["--net", "tap=lo"], "net lo: tap lo: Invalid argument"),
     ] {
-        let mut a = args.clone();
-        a.extend(["--cmdline", "tests=none"]);
-        let out = vm(&a);
-        assert_eq!(out.code, Some(2), "{args:?}: {}", out.stderr);
-        assert!(out.stderr.contains(expect), "{args:?}: {}", out.stderr);
-        assert!(out.stdout.is_empty(), "{args:?} ran the guest");
+        assert_refused_before_running(&args, expect);
     }
     // The backend alone refuses a descriptor that is not a tap.
     let out = run(

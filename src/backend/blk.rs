@@ -22,10 +22,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{io_vectors, segments, Memory, QueueState, Segment, MAX_QUEUE_SIZE};
-use crate::virtio::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1};
 
 pub const SECTOR: u64 = 512;
-const PROTOCOL_FEATURES: u64 = 1 << 30;
 
 /// virtio-blk feature bits (virtio 1.2, 5.2.3).
 pub const F_SIZE_MAX: u64 = 1 << 1;
@@ -486,10 +484,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
-        let mut f = F_VERSION_1
-            | F_RING_EVENT_IDX
-            | F_RING_INDIRECT_DESC
-            | PROTOCOL_FEATURES
+        let mut f = super::COMMON_FEATURES
             | F_SEG_MAX
             | F_BLK_SIZE
             | F_FLUSH

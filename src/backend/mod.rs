@@ -25,6 +25,13 @@ use vm_memory::{
 
 pub type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
+/// Features every backend offers: virtio 1.x, event index, indirect descriptors, and
+/// vhost-user protocol features.
+pub const COMMON_FEATURES: u64 = crate::virtio::F_VERSION_1
+    | crate::virtio::F_RING_EVENT_IDX
+    | crate::virtio::F_RING_INDIRECT_DESC
+    | (1 << 30);
+
 /// Largest queue a backend accepts.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 

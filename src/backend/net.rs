@@ -20,9 +20,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{io_vectors, segments, Memory, QueueState, MAX_QUEUE_SIZE};
-use crate::virtio::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1};
 
-const PROTOCOL_FEATURES: u64 = 1 << 30;
 
 /// virtio-net feature bits (virtio 1.2, 5.1.3).
 pub const F_CSUM: u64 = 1 << 0;
@@ -413,10 +411,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn features(&self) -> u64 {
-        F_VERSION_1
-            | F_RING_EVENT_IDX
-            | F_RING_INDIRECT_DESC
-            | PROTOCOL_FEATURES
+        super::COMMON_FEATURES
             | F_CSUM
             | F_GUEST_CSUM
             | F_GUEST_TSO4

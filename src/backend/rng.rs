@@ -9,9 +9,7 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{segments, Memory, QueueState, MAX_QUEUE_SIZE};
-use crate::virtio::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1};
 
-const PROTOCOL_FEATURES: u64 = 1 << 30;
 /// At most this many bytes per request, so one guest cannot drain the host's pool in
 /// one go.
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -77,7 +75,7 @@ impl VhostUserBackend for RngBackend {
     }
 
     fn features(&self) -> u64 {
-        F_VERSION_1 | F_RING_EVENT_IDX | F_RING_INDIRECT_DESC | PROTOCOL_FEATURES
+        super::COMMON_FEATURES
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

@@ -67,6 +67,33 @@ pub struct DiskSpec {
 /// The largest number of queues a disk may have.
 pub const MAX_DISK_QUEUES: u16 = 16;
 
+/// Walks the `KEY=VALUE,...` of a device spec: backend keys (`socket=`, `fd=`) here, the
+/// rest through `field`, which says whether its key named the device's source. Exactly
+/// one source is allowed (`sources` names them for the error).
+fn device_fields(
+    s: &str,
+    what: &str,
+    sources: &str,
+    mut field: impl FnMut(&str, &str) -> Result<bool, String>,
+) -> Result<Backend, String> {
+    let (mut backend, mut count) = (Backend::Spawn, 0);
+    for part in s.split(',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{what}: {part:?} is not KEY=VALUE"))?;
+        if let Some(b) = parse_backend(key, value, what)? {
+            backend = b;
+            count += 1;
+        } else if field(key, value)? {
+            count += 1;
+        }
+    }
+    if count != 1 {
+        return Err(format!("{what}: give exactly one of {sources}"));
+    }
+    Ok(backend)
+}
+
 fn parse_backend(key: &str, value: &str, what: &str) -> Result<Option<Backend>, String> {
     Ok(match key {
         "socket" if !value.is_empty() => Some(Backend::Socket(value.into())),
@@ -85,44 +112,22 @@ impl std::str::FromStr for DiskSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let what = format!("disk {s:?}");
-        let mut spec = DiskSpec {
-            image: None,
-            readonly: false,
-            direct: false,
-            queues: 1,
-            backend: Backend::Spawn,
+        let (mut image, mut readonly, mut direct, mut queues) = (None, false, false, 1);
+        let on_off = |key: &str, value: &str| match value {
+            "on" | "true" => Ok(true),
+            "off" | "false" => Ok(false),
+            _ => Err(format!("{what}: {key}={value}: expected on or off")),
         };
-        let mut source = 0;
-        for part in s.split(',') {
-            let (key, value) = part
-                .split_once('=')
-                .ok_or_else(|| format!("{what}: {part:?} is not KEY=VALUE"))?;
-            if let Some(b) = parse_backend(key, value, &what)? {
-                spec.backend = b;
-                source += 1;
-                continue;
-            }
+        let backend = device_fields(s, &what, "path=, socket= or fd=", |key, value| {
             match key {
                 "path" if !value.is_empty() => {
-                    spec.image = Some(value.into());
-                    source += 1;
+                    image = Some(PathBuf::from(value));
+                    return Ok(true);
                 }
-                "readonly" => {
-                    spec.readonly = match value {
-                        "on" | "true" => true,
-                        "off" | "false" => false,
-                        _ => return Err(format!("{what}: readonly={value}: expected on or off")),
-                    }
-                }
-                "direct" => {
-                    spec.direct = match value {
-                        "on" | "true" => true,
-                        "off" | "false" => false,
-                        _ => return Err(format!("{what}: direct={value}: expected on or off")),
-                    }
-                }
+                "readonly" => readonly = on_off(key, value)?,
+                "direct" => direct = on_off(key, value)?,
                 "queues" => {
-                    spec.queues = value
+                    queues = value
                         .parse()
                         .ok()
                         .filter(|q| (1..=MAX_DISK_QUEUES).contains(q))
@@ -132,16 +137,20 @@ impl std::str::FromStr for DiskSpec {
                 }
                 _ => return Err(format!("{what}: unknown or empty key {key:?}")),
             }
-        }
-        if source != 1 {
-            return Err(format!("{what}: give exactly one of path=, socket= or fd="));
-        }
-        if (spec.readonly || spec.direct) && spec.backend != Backend::Spawn {
+            Ok(false)
+        })?;
+        if (readonly || direct) && backend != Backend::Spawn {
             return Err(format!(
                 "{what}: readonly= and direct= belong to the backend that owns the image"
             ));
         }
-        Ok(spec)
+        Ok(DiskSpec {
+            image,
+            readonly,
+            direct,
+            queues,
+            backend,
+        })
     }
 }
 
@@ -180,41 +189,26 @@ impl std::str::FromStr for NetSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let what = format!("net {s:?}");
-        let mut spec = NetSpec {
-            tap: None,
-            mac: None,
-            backend: Backend::Spawn,
-        };
-        let mut source = 0;
-        for part in s.split(',') {
-            let (key, value) = part
-                .split_once('=')
-                .ok_or_else(|| format!("{what}: {part:?} is not KEY=VALUE"))?;
-            if let Some(b) = parse_backend(key, value, &what)? {
-                spec.backend = b;
-                source += 1;
-                continue;
-            }
+        let (mut tap, mut mac) = (None, None);
+        let backend = device_fields(s, &what, "tap=, socket= or fd=", |key, value| {
             match key {
                 "tap" if !value.is_empty() && value.len() <= 15 && !value.contains('/') => {
-                    spec.tap = Some(value.into());
-                    source += 1;
+                    tap = Some(value.to_string());
+                    return Ok(true);
                 }
                 "tap" => return Err(format!("{what}: tap={value:?}: 1 to 15 bytes, no '/'")),
                 "mac" => {
                     crate::backend::net::parse_mac(value).map_err(|e| format!("{what}: {e}"))?;
-                    spec.mac = Some(value.into());
+                    mac = Some(value.to_string());
                 }
                 _ => return Err(format!("{what}: unknown or empty key {key:?}")),
             }
-        }
-        if source != 1 {
-            return Err(format!("{what}: give exactly one of tap=, socket= or fd="));
-        }
-        if spec.mac.is_some() && spec.backend != Backend::Spawn {
+            Ok(false)
+        })?;
+        if mac.is_some() && backend != Backend::Spawn {
             return Err(format!("{what}: mac= belongs to the backend that owns the tap"));
         }
-        Ok(spec)
+        Ok(NetSpec { tap, mac, backend })
     }
 }
 

@@ -399,6 +399,17 @@ impl Drop for KsmOn {
 /// `ksm` is given). Every VM is stopped (SIGTERM) before it returns.
 fn density(r: &Runner, max: usize, ksm: Option<&KsmOn>) -> (usize, f64) {
     use std::io::BufRead;
+    // One pipe per running VM stays open here: room for them.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max.min(1 << 16);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
     let total = meminfo_kib("MemTotal:") / 1024.0;
     let before = mem_available_mib();
     let mut vms = Vec::new();

@@ -52,7 +52,7 @@ fn quick_mode_runs_every_scenario_against_its_peer() {
     );
     assert!(rows
         .iter()
-        .any(|r| r["scenario"] == "3. memory, 128 MiB VM, disk + rng"));
+        .any(|r| r["scenario"] == "3. memory, 128 MiB VM, disk+net+rng"));
     assert!(rows.iter().any(|r| r["scenario"]
         .as_str()
         .unwrap()

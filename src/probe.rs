@@ -14,6 +14,8 @@ pub const PROBES: &[&str] = &[
     "open-host-file",
     "open-via-proc-root",
     "open-dev-mem",
+    "write-other-vm-image",
+    "open-other-vm-memfd",
     "write-jail-file",
     "mount",
     "unshare-user-ns",
@@ -98,6 +100,25 @@ pub fn run(name: &str, seccomp: Mode, role: &str) -> i32 {
             "open-host-file" => outcome(open("/etc/shadow", libc::O_RDONLY)),
             "open-via-proc-root" => outcome(open("/proc/1/root/etc/shadow", libc::O_RDONLY)),
             "open-dev-mem" => outcome(open("/dev/mem", libc::O_RDONLY)),
+            // The example tenant's disk, which another VM's backend may be serving.
+            "write-other-vm-image" => outcome(open(
+                "/var/lib/cellvm/images/example/disk.img",
+                libc::O_RDWR,
+            )),
+            // Another VM's guest RAM is a memfd its VMM holds: reachable from outside
+            // only as /proc/PID/fd/N. Every small pid and descriptor is tried.
+            "open-other-vm-memfd" => {
+                let mut rc = -1;
+                'all: for pid in 1..=64 {
+                    for fd in 3..=12 {
+                        rc = open(&format!("/proc/{pid}/fd/{fd}"), libc::O_RDWR);
+                        if rc >= 0 {
+                            break 'all;
+                        }
+                    }
+                }
+                outcome(rc)
+            }
             "write-jail-file" => outcome(open("/dropped", libc::O_WRONLY | libc::O_CREAT)),
             "mount" => outcome(libc::mount(
                 c("none").as_ptr(),

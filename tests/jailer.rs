@@ -692,6 +692,8 @@ fn without_seccomp_a_backend_cell_still_holds() {
             ("open-host-file", "denied ENOENT"),
             ("open-via-proc-root", "denied ENOENT"),
             ("open-dev-mem", "denied ENOENT"),
+            ("write-other-vm-image", "denied ENOENT"),
+            ("open-other-vm-memfd", "denied ENOENT"),
             ("write-jail-file", "denied EROFS"),
             ("mount", "denied ENOENT"),
             ("setuid-root", "denied EPERM"),
@@ -718,6 +720,8 @@ fn without_seccomp_the_other_layers_still_stop_the_probes() {
         ("open-host-file", "denied ENOENT"),        // the jail: no /etc
         ("open-via-proc-root", "denied ENOENT"),    // the jail: no /proc
         ("open-dev-mem", "denied ENOENT"),          // the jail: only /dev/kvm
+        ("write-other-vm-image", "denied ENOENT"),  // the jail: no image directories
+        ("open-other-vm-memfd", "denied ENOENT"),   // the jail: no /proc
         ("write-jail-file", "denied EROFS"),        // the jail's root is read-only
         ("mount", "denied EPERM"),                  // no capabilities
         ("setuid-root", "denied EPERM"),            // no capabilities
@@ -765,6 +769,8 @@ fn without_seccomp_and_landlock_the_jail_still_holds() {
         ("exec-kernel-image", "denied EACCES"),
         ("write-jail-file", "denied EROFS"),
         ("open-host-file", "denied ENOENT"),
+        ("write-other-vm-image", "denied ENOENT"),
+        ("open-other-vm-memfd", "denied ENOENT"),
     ] {
         let out = probe(name, &["seccomp", "landlock"]);
         assert_eq!(

@@ -248,6 +248,43 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// A TCP sink on 10.77.0.1:`port` inside the namespace: accepts one connection and
+    /// returns everything read from it until EOF (empty if none came in 30 s).
+    pub fn tcp_sink(&self, port: u16) -> std::thread::JoinHandle<Vec<u8>> {
+        let ready = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let r = ready.clone();
+        let name = self.name.clone();
+        let h = std::thread::spawn(move || {
+            use std::io::Read;
+            let ns = std::fs::File::open(format!("/run/netns/{name}")).expect("netns file");
+            // SAFETY: setns of this thread only, on a namespace descriptor we opened.
+            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            let l = std::net::TcpListener::bind(("10.77.0.1", port)).expect("bind the sink");
+            l.set_nonblocking(true).unwrap();
+            r.wait();
+            let start = Instant::now();
+            let mut conn = loop {
+                match l.accept() {
+                    Ok((c, _)) => break c,
+                    Err(_) if start.elapsed() < Duration::from_secs(30) => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(_) => return Vec::new(),
+                }
+            };
+            conn.set_nonblocking(false).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut got = Vec::new();
+            let _ = conn.read_to_end(&mut got);
+            got
+        });
+        ready.wait();
+        h
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();

@@ -3,7 +3,9 @@
 //! back, and a UDP datagram to port 7777 whose checksum the device is asked to finish
 //! (CSUM offload). A responder echoing it shows the receive side's offload flags; with
 //! none, the host's ICMP port-unreachable still proves the checksum was right (Linux
-//! drops UDP with a bad checksum before it looks for a socket).
+//! drops UDP with a bad checksum before it looks for a socket). With HOST_TSO4 it then
+//! opens a TCP connection to port 7778 and sends 3,000 bytes as one segment the device
+//! must have the host cut into MSS-sized ones; a sink there shows they arrived whole.
 
 use crate::hw::{rdtsc, tsc_hz};
 use crate::virtio::{self as v, Queue, NO_VECTOR, TYPE_NET};
@@ -12,6 +14,7 @@ use crate::Report;
 const F_CSUM: u64 = 1 << 0;
 const F_GUEST_CSUM: u64 = 1 << 1;
 const F_MAC: u64 = 1 << 5;
+const F_HOST_TSO4: u64 = 1 << 11;
 const F_STATUS: u64 = 1 << 16;
 const HDR: usize = 12;
 const BUF: usize = 2048;
@@ -20,13 +23,23 @@ const GUEST_IP: [u8; 4] = [10, 77, 0, 2];
 const HOST_IP: [u8; 4] = [10, 77, 0, 1];
 const UDP_PORT: u16 = 7777;
 const PING_ID: u16 = 0x4356;
+const TCP_PORT: u16 = 7778;
+const GUEST_TCP_PORT: u16 = 40000;
+/// The segment the guest hands the device whole (TSO): more than two MSS.
+const TSO_BYTES: usize = 3000;
+const TSO_MSS: u16 = 1448;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
+const TCP_FIN: u8 = 0x01;
 
 #[repr(C, align(4096))]
 struct Bufs([u8; RX_BUFS * BUF]);
 static mut RX: Bufs = Bufs([0; RX_BUFS * BUF]);
 #[repr(C, align(4096))]
-struct Frame([u8; BUF]);
-static mut TX: Frame = Frame([0; BUF]);
+struct Frame([u8; BUF + TSO_BYTES]);
+static mut TX: Frame = Frame([0; BUF + TSO_BYTES]);
 
 fn rx_buf(i: usize) -> &'static mut [u8] {
     let i = i % RX_BUFS;
@@ -36,7 +49,7 @@ fn rx_buf(i: usize) -> &'static mut [u8] {
 
 fn tx_buf() -> &'static mut [u8] {
     // SAFETY: TX is used only by this check, one frame at a time.
-    unsafe { core::slice::from_raw_parts_mut(core::ptr::addr_of_mut!(TX) as *mut u8, BUF) }
+    unsafe { core::slice::from_raw_parts_mut(core::ptr::addr_of_mut!(TX) as *mut u8, BUF + TSO_BYTES) }
 }
 
 fn post_rx(q: &mut Queue, i: usize, kick: bool) {
@@ -111,8 +124,86 @@ fn receive<T>(q: &mut Queue, ms: u64, mut want: impl FnMut(&[u8]) -> Option<T>) 
     None
 }
 
+/// The byte at `i` of the TSO payload.
+fn tso_byte(i: usize) -> u8 {
+    (i % 251) as u8 ^ 0x3c
+}
+
+/// A TCP segment from GUEST_TCP_PORT to TCP_PORT with `len` payload bytes (already in
+/// place after the header), its checksum done here, or with `tso`, left to the device
+/// as one large segment it must cut into MSS-sized ones. Returns the frame length.
+fn tcp(f: &mut [u8], mac: &[u8; 6], host_mac: &[u8; 6], seq: u32, ack: u32, flags: u8, len: usize, tso: bool) -> usize {
+    f[..HDR].fill(0);
+    let t = ipv4(f, mac, host_mac, 6, 20 + len);
+    put16(f, t, GUEST_TCP_PORT);
+    put16(f, t + 2, TCP_PORT);
+    f[t + 4..t + 8].copy_from_slice(&seq.to_be_bytes());
+    f[t + 8..t + 12].copy_from_slice(&ack.to_be_bytes());
+    f[t + 12] = 5 << 4;
+    f[t + 13] = flags;
+    put16(f, t + 14, 65535);
+    put16(f, t + 16, 0);
+    put16(f, t + 18, 0);
+    let mut pseudo = [0u8; 12];
+    pseudo[..4].copy_from_slice(&GUEST_IP);
+    pseudo[4..8].copy_from_slice(&HOST_IP);
+    pseudo[9] = 6;
+    pseudo[10..12].copy_from_slice(&((20 + len) as u16).to_be_bytes());
+    if tso {
+        f[0] = 1; // NEEDS_CSUM
+        f[1] = 1; // GSO_TCPV4
+        f[2..4].copy_from_slice(&((t + 20 - HDR) as u16).to_le_bytes()); // hdr_len
+        f[4..6].copy_from_slice(&TSO_MSS.to_le_bytes()); // gso_size
+        f[6..8].copy_from_slice(&((t - HDR) as u16).to_le_bytes()); // csum_start
+        f[8..10].copy_from_slice(&16u16.to_le_bytes()); // csum_offset
+        put16(f, t + 16, fold(sum16(&pseudo, 0)));
+    } else {
+        let c = !fold(sum16(&f[t..t + 20 + len], sum16(&pseudo, 0)));
+        put16(f, t + 16, c);
+    }
+    t + 20 + len
+}
+
+/// With HOST_TSO4: a TCP connection to 10.77.0.1:7778 that sends TSO_BYTES in one
+/// segment the device has the host cut up, then FIN. "sent" once the bytes went out on
+/// an accepted connection; "refused" when nothing listens (RST).
+fn tso_check(rxq: &mut Queue, txq: &mut Queue, mac: &[u8; 6], host_mac: &[u8; 6]) -> &'static str {
+    let isn: u32 = 0x1000_0000;
+    let n = tcp(tx_buf(), mac, host_mac, isn, 0, TCP_SYN, 0, false);
+    send(txq, n);
+    let answer = receive(rxq, 3000, |fr| {
+        let ip = HDR + 14;
+        let t = ip + 20;
+        if fr.len() < t + 20 || get16(fr, HDR + 12) != 0x0800 || fr[ip + 9] != 6 || get16(fr, t) != TCP_PORT || get16(fr, t + 2) != GUEST_TCP_PORT {
+            return None;
+        }
+        let seq = u32::from_be_bytes([fr[t + 4], fr[t + 5], fr[t + 6], fr[t + 7]]);
+        Some((fr[t + 13], seq))
+    });
+    let server_seq = match answer {
+        Some((flags, seq)) if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK => seq,
+        Some((flags, _)) if flags & TCP_RST != 0 => return "refused",
+        _ => return "lost",
+    };
+    let ack = server_seq.wrapping_add(1);
+    let n = tcp(tx_buf(), mac, host_mac, isn + 1, ack, TCP_ACK, 0, false);
+    send(txq, n);
+    let f = tx_buf();
+    let payload_at = HDR + 14 + 20 + 20;
+    for i in 0..TSO_BYTES {
+        f[payload_at + i] = tso_byte(i);
+    }
+    let n = tcp(f, mac, host_mac, isn + 1, ack, TCP_PSH | TCP_ACK, TSO_BYTES, true);
+    if !send(txq, n) {
+        return "lost";
+    }
+    let n = tcp(tx_buf(), mac, host_mac, isn + 1 + TSO_BYTES as u32, ack, TCP_FIN | TCP_ACK, 0, false);
+    send(txq, n);
+    "sent"
+}
+
 pub fn check_net(r: &mut Report) {
-    let wanted = F_CSUM | F_GUEST_CSUM | F_MAC | F_STATUS;
+    let wanted = F_CSUM | F_GUEST_CSUM | F_MAC | F_STATUS | F_HOST_TSO4;
     let d = match v::find(TYPE_NET, 0) {
         Some(d) => d,
         None => return r.line("net", Err(()), format_args!("no virtio-net function on bus 0")),
@@ -224,6 +315,7 @@ pub fn check_net(r: &mut Report) {
             _ => None,
         }
     });
+    let tso = if features & F_HOST_TSO4 != 0 { tso_check(&mut rxq, &mut txq, &mac, &host_mac) } else { "not-offered" };
     d.set_status(0);
     let udp_result = match answer {
         Some((1, _)) => "echoed",
@@ -231,12 +323,12 @@ pub fn check_net(r: &mut Report) {
         None => "lost",
     };
     let rx_flags = answer.map(|a| a.1).unwrap_or(0);
-    let ok = sent && link == 1 && echoed.is_some() && answer.is_some() && features & F_MAC != 0;
+    let ok = sent && link == 1 && echoed.is_some() && answer.is_some() && features & F_MAC != 0 && tso != "lost";
     r.line(
         "net",
         ok.then_some(()).ok_or(()),
         format_args!(
-            "mac={} link={link} features={features:#x} host_mac={} ping={} rtt_us={rtt_us} udp_csum_offload={offload} udp={udp_result} rx_hdr_flags={rx_flags}",
+            "mac={} link={link} features={features:#x} host_mac={} ping={} rtt_us={rtt_us} udp_csum_offload={offload} udp={udp_result} rx_hdr_flags={rx_flags} tso={tso}",
             Mac(&mac),
             Mac(&host_mac),
             if echoed.is_some() { "echoed" } else { "lost" }

@@ -500,9 +500,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
+        super::protocol_features_with_config()
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -510,9 +508,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let c = self.disk.config(self.queues as u16, self.queue_size as u16);
-        let (start, end) = (offset as usize, offset as usize + size as usize);
-        c.get(start..end).map(|s| s.to_vec()).unwrap_or_default()
+        super::config_bytes(&self.disk.config(self.queues as u16, self.queue_size as u16), offset, size)
     }
 
     fn update_memory(&self, mem: Memory) -> std::io::Result<()> {

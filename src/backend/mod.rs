@@ -32,6 +32,22 @@ pub const COMMON_FEATURES: u64 = crate::virtio::F_VERSION_1
     | crate::virtio::F_RING_INDIRECT_DESC
     | (1 << 30);
 
+/// The vhost-user protocol features of the backends with a configuration space.
+pub fn protocol_features_with_config() -> vhost::vhost_user::message::VhostUserProtocolFeatures {
+    use vhost::vhost_user::message::VhostUserProtocolFeatures as P;
+    P::CONFIG | P::MQ | P::REPLY_ACK
+}
+
+/// Bytes `offset..offset + size` of a configuration space; what lies past its end reads
+/// as zero.
+pub fn config_bytes(config: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    let mut out = vec![0u8; size as usize];
+    let start = (offset as usize).min(config.len());
+    let end = (offset as usize).saturating_add(size as usize).min(config.len());
+    out[..end - start].copy_from_slice(&config[start..end]);
+    out
+}
+
 /// Largest queue a backend accepts.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 
@@ -321,6 +337,15 @@ pub fn deny_filesystem() {
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    #[test]
+    fn config_reads_past_the_end_are_zero() {
+        let c = [1u8, 2, 3, 4];
+        assert_eq!(config_bytes(&c, 1, 2), vec![2, 3]);
+        assert_eq!(config_bytes(&c, 2, 4), vec![3, 4, 0, 0]);
+        assert_eq!(config_bytes(&c, 9, 3), vec![0, 0, 0]);
+        assert_eq!(config_bytes(&c, u32::MAX, 2), vec![0, 0]);
+    }
 
     /// A guest that sets the available index more than a queue ahead of the device must
     /// not keep a backend thread spinning: the pass ends, with or without EVENT_IDX.

@@ -430,9 +430,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
+        super::protocol_features_with_config()
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -440,16 +438,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let c = self.config();
-        let (start, end) = (offset as usize, offset as usize + size as usize);
-        // The VMM asks for the 12 bytes up to `mtu`, which is not offered: zero.
-        let mut out = vec![0u8; size as usize];
-        for (i, b) in out.iter_mut().enumerate() {
-            if let Some(v) = c.get(start + i).filter(|_| start + i < end) {
-                *b = *v;
-            }
-        }
-        out
+        super::config_bytes(&self.config(), offset, size)
     }
 
     fn update_memory(&self, mem: Memory) -> std::io::Result<()> {

@@ -220,9 +220,12 @@ impl NetNs {
         }
     }
 
-    /// A UDP echo responder on 10.77.0.1:7777 inside the namespace, answering up to
-    /// `count` datagrams; returns what it received.
-    pub fn udp_echo(&self, count: usize) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+    /// Runs `body` on a thread inside the namespace; returns once `body` has waited on
+    /// the barrier it is given (after binding its socket), so the caller may go on.
+    fn spawn_inside<T: Send + 'static>(
+        &self,
+        body: impl FnOnce(&std::sync::Barrier) -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let ready = std::sync::Arc::new(std::sync::Barrier::new(2));
         let r = ready.clone();
         let name = self.name.clone();
@@ -231,9 +234,19 @@ impl NetNs {
             // SAFETY: setns of this thread only, on a namespace descriptor we opened.
             let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            body(&r)
+        });
+        ready.wait();
+        h
+    }
+
+    /// A UDP echo responder on 10.77.0.1:7777 inside the namespace, answering up to
+    /// `count` datagrams; returns what it received.
+    pub fn udp_echo(&self, count: usize) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+        self.spawn_inside(move |ready| {
             let s = std::net::UdpSocket::bind("10.77.0.1:7777").expect("bind the responder");
             s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-            r.wait();
+            ready.wait();
             let mut got = Vec::new();
             let mut buf = [0u8; 2048];
             while got.len() < count {
@@ -242,28 +255,17 @@ impl NetNs {
                 got.push(buf[..n].to_vec());
             }
             got
-        });
-        ready.wait();
-        h
+        })
     }
-}
 
-impl NetNs {
     /// A TCP sink on 10.77.0.1:`port` inside the namespace: accepts one connection and
     /// returns everything read from it until EOF (empty if none came in 30 s).
     pub fn tcp_sink(&self, port: u16) -> std::thread::JoinHandle<Vec<u8>> {
-        let ready = std::sync::Arc::new(std::sync::Barrier::new(2));
-        let r = ready.clone();
-        let name = self.name.clone();
-        let h = std::thread::spawn(move || {
+        self.spawn_inside(move |ready| {
             use std::io::Read;
-            let ns = std::fs::File::open(format!("/run/netns/{name}")).expect("netns file");
-            // SAFETY: setns of this thread only, on a namespace descriptor we opened.
-            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
             let l = std::net::TcpListener::bind(("10.77.0.1", port)).expect("bind the sink");
             l.set_nonblocking(true).unwrap();
-            r.wait();
+            ready.wait();
             let start = Instant::now();
             let mut conn = loop {
                 match l.accept() {
@@ -279,9 +281,7 @@ impl NetNs {
             let mut got = Vec::new();
             let _ = conn.read_to_end(&mut got);
             got
-        });
-        ready.wait();
-        h
+        })
     }
 }
 

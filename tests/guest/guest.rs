@@ -30,7 +30,7 @@ const CHECKS: [&str; 9] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "mad
 /// `console` reads a line typed on the VMM's standard input; `virtio`, `blk`, `msix`,
 /// `rng` and `net` need the devices (`blk` also an image laid out as tests/virtio.rs
 /// makes it, `net` a tap whose host end is 10.77.0.1/24).
-const OPT_IN: [&str; 9] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench"];
+const OPT_IN: [&str; 10] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench", "netbench"];
 
 /// The vector the irq check programs the serial's IOAPIC pin with.
 const IRQ_VECTOR: u8 = 0x41;
@@ -232,6 +232,7 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
         "intx" => devices::check_intx(r),
         "rng" => devices::check_rng(r),
         "net" => net::check_net(r),
+        "netbench" => net::check_netbench(r, args.bench_ms),
         "console" => {
             let mut line = hw::Buf::<80>::new();
             let complete = r.serial.read_line(&mut line, 10);

@@ -249,38 +249,36 @@ impl Drop for BenchNet {
 
 /// Runs the guest's `blkbench` check; returns (IOPS, MB/s).
 fn guest_blkbench(bin: &Path, disk: &str, ms: u64) -> (f64, f64) {
-    let out = Command::new(bin)
-        .args([
-            "run",
-            "--memory",
-            "128",
-            "--disk",
-            disk,
-            "--serial",
-            "stdio",
-            "--cmdline",
-        ])
-        .arg(format!("tests=blkbench bench_ms={ms}"))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run cellvm");
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "run", "--memory", "128", "--disk", disk, "--serial", "stdio", "--cmdline",
+    ])
+    .arg(format!("tests=blkbench bench_ms={ms}"));
+    let line = guest_check(cmd, "blkbench");
+    (number(&line, "iops="), number(&line, "mbps="))
+}
+
+/// Runs `cmd` (a VM whose guest runs one bench check) and returns the check's PASS line.
+fn guest_check(mut cmd: Command, check: &str) -> String {
+    let out = cmd.stdin(Stdio::null()).output().expect("run the VM");
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("TEST blkbench PASS"))
+    text.lines()
+        .find(|l| l.starts_with(&format!("TEST {check} PASS")))
+        .map(str::to_string)
         .unwrap_or_else(|| {
             panic!(
-                "blkbench with {disk} failed:\n{text}\n{}",
+                "{check} failed:\n{text}\n{}",
                 String::from_utf8_lossy(&out.stderr)
             )
-        });
-    let num = |key: &str| -> f64 {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
-    (num("iops="), num("mbps="))
+        })
+}
+
+/// The number after `key` in a check's line.
+fn number(line: &str, key: &str) -> f64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// The host reading the same file directly for `ms` each: 4 KiB preads at random
@@ -568,6 +566,12 @@ fn qemu(kernel: &Path, append: Option<&str>) -> Runner {
         cmd,
         ok_status: &[1],
     }
+}
+
+fn runner_command(r: &Runner) -> Command {
+    let mut c = Command::new(&r.cmd[0]);
+    c.args(&r.cmd[1..]);
+    c
 }
 
 fn cellvm(bin: &Path, kernel: Option<&Path>, cmdline: Option<&str>) -> Runner {
@@ -902,6 +906,55 @@ fn main() {
             ratio: a.median / b.median,
             cellvm: a,
             peer_name: peer.into(),
+            peer: b,
+        });
+    }
+
+    // Scenario 4, net: transmit rate from the guest's CPL 3 driver through a tap, our
+    // net backend against QEMU's own virtio-net on the same tap (no vhost-net here),
+    // the same guest in both.
+    let net = BenchNet::new();
+    let (mut of, mut om, mut qf, mut qm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let net_ms = if args.quick { 300 } else { 2000 };
+    for _ in 0..runs.min(5) {
+        let mut ours = cellvm(&bin, None, Some(&format!("tests=netbench bench_ms={net_ms}")));
+        ours.cmd.extend(["--net".into(), "tap=cvb0".into()]);
+        net.wrap(&mut ours);
+        let line = guest_check(runner_command(&ours), "netbench");
+        of.push(number(&line, "fps="));
+        om.push(number(&line, "mbps="));
+        let mut peer = qemu(
+            &guest,
+            Some(&format!("tests=netbench bench_ms={net_ms} ecam=0xe0000000")),
+        );
+        peer.cmd = peer
+            .cmd
+            .iter()
+            .map(|a| match a.as_str() {
+                "microvm" => "microvm,pcie=on".into(),
+                _ => a.clone(),
+            })
+            .collect();
+        peer.cmd.extend([
+            "-netdev".into(),
+            "tap,id=n0,ifname=cvb0,script=no,downscript=no".into(),
+            "-device".into(),
+            "virtio-net-pci,netdev=n0,disable-legacy=on".into(),
+        ]);
+        net.wrap(&mut peer);
+        let line = guest_check(runner_command(&peer), "netbench");
+        qf.push(number(&line, "fps="));
+        qm.push(number(&line, "mbps="));
+    }
+    drop(net);
+    for (metric, a, b) in [("frames/s", of, qf), ("MB/s", om, qm)] {
+        let (a, b) = (stats(a), stats(b));
+        rows.push(Row {
+            scenario: "4. net, 1,454-byte frames out".into(),
+            metric: metric.into(),
+            ratio: a.median / b.median,
+            cellvm: a,
+            peer_name: "qemu virtio-net (tap)".into(),
             peer: b,
         });
     }

@@ -26,9 +26,6 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
-    /// Run a device backend (vhost-user) for one VM.
-    #[command(subcommand)]
-    Device(DeviceCommand),
     /// Test only: try one thing a cell must forbid, after installing the VMM's
     /// main-thread seccomp profile, and report how it was stopped.
     #[command(hide = true)]
@@ -38,74 +35,9 @@ enum Command {
         seccomp: cellvm::seccomp::Mode,
         /// Whose confinement to take on: the VMM's main thread (vmm) or a backend's
         /// (blk, net, rng: its process-wide seccomp profile and Landlock, as it installs
-        /// them).
+        /// them; backend cells run `cellvm-device probe` instead).
         #[arg(long, default_value = "vmm")]
         role: String,
-    },
-}
-
-#[derive(Args)]
-struct BackendArgs {
-    /// Listen at this path for the VMM's connection.
-    #[arg(
-        long,
-        conflicts_with = "listen_fd",
-        required_unless_present = "listen_fd"
-    )]
-    socket: Option<PathBuf>,
-    /// An inherited listening socket (as the jailer and `cellvm run` pass it).
-    #[arg(long)]
-    listen_fd: Option<i32>,
-    /// What a seccomp violation does.
-    #[arg(long, value_enum, default_value = "kill")]
-    seccomp: cellvm::seccomp::Mode,
-}
-
-#[derive(Subcommand)]
-enum DeviceCommand {
-    /// virtio-blk on a raw image.
-    Blk {
-        #[command(flatten)]
-        common: BackendArgs,
-        /// The image file.
-        #[arg(
-            long,
-            conflicts_with = "image_fd",
-            required_unless_present = "image_fd"
-        )]
-        image: Option<PathBuf>,
-        /// An inherited descriptor of the image, opened by the jailer.
-        #[arg(long)]
-        image_fd: Option<i32>,
-        #[arg(long)]
-        readonly: bool,
-        /// Read and write the image with O_DIRECT (no host page cache).
-        #[arg(long)]
-        direct: bool,
-        #[arg(long, default_value_t = 1)]
-        queues: u16,
-        /// The serial the guest reads with GET_ID (up to 20 bytes).
-        #[arg(long, default_value = "cellvm")]
-        id: String,
-    },
-    /// virtio-net on a tap, with the virtio-net header and offloads.
-    Net {
-        #[command(flatten)]
-        common: BackendArgs,
-        /// Open (or create) this tap in the current network namespace.
-        #[arg(long, conflicts_with = "tap_fd", required_unless_present = "tap_fd")]
-        tap: Option<String>,
-        /// An inherited tap descriptor, attached by the jailer with IFF_VNET_HDR.
-        #[arg(long)]
-        tap_fd: Option<i32>,
-        /// The guest's MAC address (default: a random locally administered one).
-        #[arg(long)]
-        mac: Option<String>,
-    },
-    /// virtio-rng from getrandom(2).
-    Rng {
-        #[command(flatten)]
-        common: BackendArgs,
     },
 }
 
@@ -170,7 +102,6 @@ fn main() -> ExitCode {
             role,
         } => Ok(cellvm::probe::run(&name, seccomp, &role)),
         Command::Run(args) => run(args),
-        Command::Device(cmd) => device(cmd),
         Command::Testguest { output } => std::fs::write(&output, cellvm::testguest::IMAGE)
             .map(|_| 0)
             .map_err(|e| (format!("{}: {e}", output.display()), 2)),
@@ -207,92 +138,4 @@ fn run(args: RunArgs) -> Result<i32, (String, i32)> {
         cellvm::vmm::run(from_file.merge(flags)).map_err(|e| (e.to_string(), e.exit_code()))?;
     // Exit at once: vCPU threads still inside KVM_RUN are not joined.
     std::process::exit(code);
-}
-
-fn device(cmd: DeviceCommand) -> Result<i32, (String, i32)> {
-    use cellvm::backend::{self, Socket};
-    use std::os::fd::FromRawFd;
-    let socket = |c: &BackendArgs| match (&c.socket, c.listen_fd) {
-        (Some(p), _) => Socket::Path(p.clone()),
-        (None, Some(fd)) => Socket::ListenFd(fd),
-        (None, None) => unreachable!("clap requires one"),
-    };
-    let result = match cmd {
-        DeviceCommand::Blk {
-            common,
-            image,
-            image_fd,
-            readonly,
-            direct,
-            queues,
-            id,
-        } => {
-            if !(1..=cellvm::vmm::config::MAX_DISK_QUEUES).contains(&queues) {
-                return Err((
-                    format!(
-                        "--queues {queues}: expected 1 to {}",
-                        cellvm::vmm::config::MAX_DISK_QUEUES
-                    ),
-                    2,
-                ));
-            }
-            let file = match (image, image_fd) {
-                (Some(p), _) => std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(!readonly)
-                    .open(&p)
-                    .map_err(|e| (format!("{}: {e}", p.display()), 2))?,
-                // SAFETY: the descriptor was handed to this process to own.
-                (None, Some(fd)) => unsafe { std::fs::File::from_raw_fd(fd) },
-                (None, None) => unreachable!("clap requires one"),
-            };
-            let mut disk = backend::blk::Disk::new(file, readonly, &id)
-                .map_err(|e| (format!("image: {e}"), 2))?;
-            if direct {
-                disk.set_direct()
-                    .map_err(|e| (format!("image: O_DIRECT: {e}"), 2))?;
-            }
-            let b = backend::blk::BlkBackend::new(disk, queues as usize, 256);
-            backend::serve("cellvm-blk", b, socket(&common), "blk", common.seccomp, &[])
-        }
-        DeviceCommand::Net {
-            common,
-            tap,
-            tap_fd,
-            mac,
-        } => {
-            let mac = match mac {
-                Some(m) => backend::net::parse_mac(&m).map_err(|e| (e, 2))?,
-                None => backend::net::random_mac(),
-            };
-            let tap = match (tap, tap_fd) {
-                (Some(name), _) => backend::net::Tap::open(&name),
-                // SAFETY: the descriptor was handed to this process to own.
-                (None, Some(fd)) => backend::net::Tap::from_fd(unsafe {
-                    std::os::fd::OwnedFd::from_raw_fd(fd)
-                }),
-                (None, None) => unreachable!("clap requires one"),
-            }
-            .map_err(|e| (format!("tap: {e}"), 2))?;
-            let b = backend::net::NetBackend::new(tap, mac);
-            let tap_listener = b.tap_listener();
-            backend::serve(
-                "cellvm-net",
-                b,
-                socket(&common),
-                "net",
-                common.seccomp,
-                &[tap_listener],
-            )
-        }
-        DeviceCommand::Rng { common } => backend::serve(
-            "cellvm-rng",
-            backend::rng::RngBackend::new(),
-            socket(&common),
-            "rng",
-            common.seccomp,
-            &[],
-        ),
-    };
-    result.map(|_| 0).map_err(|e| (e.to_string(), 1))
 }

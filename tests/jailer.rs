@@ -435,7 +435,7 @@ fn every_device_backend_runs_in_a_cell_of_its_own() {
         if pids.len() == 4
             && cmdlines
                 .iter()
-                .filter(|c| c.starts_with("cellvm device "))
+                .filter(|c| c.starts_with("cellvm-device "))
                 .count()
                 == 3
             && cmdlines.iter().any(|c| c.starts_with("cellvm run "))
@@ -512,8 +512,8 @@ fn every_device_backend_runs_in_a_cell_of_its_own() {
         assert!(fds.len() < 24, "{line}: {} descriptors open", fds.len());
         // The tap is the net backend's alone; the image the blk backend's alone.
         let has = |what: &str| fds.iter().any(|f| f.contains(what));
-        assert_eq!(has("/dev/net/tun"), line.starts_with("cellvm device net "), "{line}: {fds:?}");
-        assert_eq!(has("disk.img"), line.starts_with("cellvm device blk "), "{line}: {fds:?}");
+        assert_eq!(has("/dev/net/tun"), line.starts_with("cellvm-device net "), "{line}: {fds:?}");
+        assert_eq!(has("disk.img"), line.starts_with("cellvm-device blk "), "{line}: {fds:?}");
         assert!(
             std::fs::read_to_string(format!("/proc/{p}/cgroup"))
                 .unwrap()

@@ -273,18 +273,24 @@ fn bad_net_arguments_are_refused_before_anything_runs() {
     ] {
         assert_refused_before_running(&args, expect);
     }
-    // The backend alone refuses a descriptor that is not a tap.
-    let out = run(
-        {
-            let mut c = cellvm();
-            c.args(["device", "net", "--socket", "/nonexistent/s", "--tap-fd", "0"]);
-            c.stdin(Stdio::null());
-            c
-        },
-        Duration::from_secs(10),
-    );
-    assert_eq!(out.code, Some(2), "{}", out.stderr);
-    assert!(out.stderr.contains("tap: not an attached tap"), "{}", out.stderr);
+    // The backends' program alone refuses what it cannot serve, with status 2.
+    for (args, expect) in [
+        (&["net", "--socket", "/nonexistent/s", "--tap-fd", "0"][..], "tap: not an attached tap"),
+        (&["net", "--socket", "/s", "--tap", "x", "--tap-fd", "5"][..], "give exactly one of --tap and --tap-fd"),
+        (&["net", "--socket", "/s", "--tap", "x", "--mac", "ff:ff:ff:ff:ff:ff"][..], "not a unicast address"),
+        (&["blk", "--socket", "/s", "--image", "/nonexistent/img"][..], "/nonexistent/img: No such file"),
+        (&["blk", "--socket", "/s", "--image", "/i", "--queues", "0"][..], "--queues 0: expected 1 to 16"),
+        (&["blk", "--socket", "/s", "--image", "/i", "--bogus"][..], "unknown option --bogus"),
+        (&["rng"][..], "give exactly one of --socket and --listen-fd"),
+        (&["rng", "--socket", "/s", "--seccomp", "maybe"][..], "--seccomp maybe: expected kill, log or off"),
+        (&["gpu", "--socket", "/s"][..], "unknown device \"gpu\""),
+    ] {
+        let mut c = common::cellvm_device();
+        c.args(args).stdin(Stdio::null());
+        let out = run(c, Duration::from_secs(10));
+        assert_eq!(out.code, Some(2), "{args:?}: {}", out.stderr);
+        assert!(out.stderr.contains(expect), "{args:?}: {}", out.stderr);
+    }
 }
 
 struct Daemon(Child);
@@ -393,8 +399,8 @@ fn qemu_as_the_frontend_drives_our_blk_backend() {
     cmd.args(["testguest", "--output"]).arg(&elf);
     assert_eq!(run(cmd, Duration::from_secs(30)).code, Some(0));
     let sock = dir.join("blk.sock");
-    let backend = Command::new(env!("CARGO_BIN_EXE_cellvm"))
-        .args(["device", "blk", "--queues", "2", "--socket"])
+    let backend = common::cellvm_device()
+        .args(["blk", "--queues", "2", "--socket"])
         .arg(&sock)
         .arg("--image")
         .arg(&img)

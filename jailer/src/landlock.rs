@@ -42,7 +42,7 @@ pub fn restrict(
 /// For a device backend: every filesystem right denied except executing and reading
 /// files, which the jailer's execveat of the backend binary (by descriptor) needs. In
 /// its empty root there is nothing to read; once running, the backend denies itself
-/// those two as well (`cellvm device` installs its own Landlock ruleset handling every
+/// those two as well (`cellvm-device` installs its own Landlock ruleset handling every
 /// right, with no rule), and its seccomp profile has no execve or open at all.
 pub fn deny_all_but_exec(requirement: Requirement) -> Result<&'static str, String> {
     restrict_handling(

@@ -22,11 +22,14 @@ pub struct Options {
     pub vm: PathBuf,
     pub id: Option<String>,
     pub vmm: PathBuf,
+    /// The device backends' binary, exec'd in each backend cell.
+    pub device: PathBuf,
     pub run_dir: PathBuf,
     /// Test-only: run `cellvm probe NAME` in the VMM's exact cell instead of the VMM.
     pub probe: Option<String>,
-    /// Test-only: where the probe runs: `vmm`, or the cell of the first `blk` or `rng`
-    /// backend (then no VMM is started and the launch ends with the probe's status).
+    /// Test-only: where the probe runs: `vmm`, or the cell of the first `blk`, `net` or
+    /// `rng` backend (then no VMM is started and the launch ends with the probe's
+    /// status).
     pub probe_in: String,
     /// What a seccomp violation does in the cell: "kill" (default), "log" or "off";
     /// anything but kill needs `seccomp_off_allowed` in the tenant policy.
@@ -62,6 +65,8 @@ pub struct Plan {
     pub kernel: Option<File>,
     pub initrd: Option<File>,
     pub vmm: File,
+    /// `cellvm-device`, checked and opened when the VM has devices.
+    pub device_bin: Option<File>,
     pub devices: Vec<Device>,
 }
 
@@ -83,9 +88,9 @@ pub enum Device {
 }
 
 impl Device {
-    /// `cellvm device ...` arguments after the listening socket's.
+    /// `cellvm-device ...` arguments before the listening socket's.
     fn argv(&self, n: usize, seccomp: &str) -> Vec<String> {
-        let mut a: Vec<String> = vec!["cellvm".into(), "device".into()];
+        let mut a: Vec<String> = vec!["cellvm-device".into()];
         let fd = self.passed_fd().unwrap_or(-1).to_string();
         match self {
             Device::Blk {
@@ -232,6 +237,11 @@ pub fn plan(opts: &Options) -> Result<Plan, Failure> {
             fd: None,
         });
     }
+    let device_bin = if devices.is_empty() {
+        None
+    } else {
+        Some(open_static_binary(&opts.device).map_err(setup)?)
+    };
     Ok(Plan {
         policy,
         spec,
@@ -239,6 +249,7 @@ pub fn plan(opts: &Options) -> Result<Plan, Failure> {
         kernel,
         initrd,
         vmm,
+        device_bin,
         devices,
     })
 }
@@ -476,7 +487,7 @@ fn start_backend(
     };
     let argv = match probe_target(plan, opts) {
         Some((target, name)) if target == n => vec![
-            "cellvm".into(),
+            "cellvm-device".into(),
             "probe".into(),
             name.into(),
             "--role".into(),
@@ -527,7 +538,12 @@ fn build_backend_cell(
     label: Option<&str>,
 ) -> Result<std::convert::Infallible, String> {
     let device = &plan.devices[n];
-    let mut keep = vec![err.as_raw_fd(), plan.vmm.as_raw_fd(), listener.as_raw_fd()];
+    let bin = plan
+        .device_bin
+        .as_ref()
+        .ok_or("no device binary was opened")?
+        .as_raw_fd();
+    let mut keep = vec![err.as_raw_fd(), bin, listener.as_raw_fd()];
     keep.extend(device.passed_fd());
     identity::close_inherited_fds(&keep)?;
     signals.restore_in_child();
@@ -558,7 +574,7 @@ fn build_backend_cell(
     keep_across_exec(
         std::iter::once(listener.as_raw_fd()).chain(device.passed_fd()),
     )?;
-    exec_cell(plan.vmm.as_raw_fd(), c"", libc::AT_EMPTY_PATH, argv)
+    exec_cell(bin, c"", libc::AT_EMPTY_PATH, argv)
 }
 
 /// execveat with an empty environment: `path` relative to `dir` (AT_FDCWD for an

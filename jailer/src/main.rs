@@ -36,6 +36,10 @@ struct Common {
     /// The VMM binary (statically linked); default: `cellvm` next to this program.
     #[arg(long)]
     vmm: Option<PathBuf>,
+    /// The device backends' binary (statically linked); default: `cellvm-device` next
+    /// to the VMM.
+    #[arg(long)]
+    device_binary: Option<PathBuf>,
     #[arg(long, default_value = registry::RUN_DIR, hide = true)]
     run_dir: PathBuf,
 }
@@ -85,11 +89,15 @@ fn options(
             .and_then(|p| p.parent().map(|d| d.join("cellvm")))
             .unwrap_or_else(|| PathBuf::from("cellvm"))
     });
+    let device = c
+        .device_binary
+        .unwrap_or_else(|| vmm.with_file_name("cellvm-device"));
     launch::Options {
         policy: c.policy,
         vm: c.vm,
         id: c.id,
         vmm,
+        device,
         run_dir: c.run_dir,
         probe,
         probe_in,

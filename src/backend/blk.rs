@@ -1,4 +1,4 @@
-//! `cellvm device blk`: a virtio-blk device model on a raw image.
+//! `cellvm-device blk`: a virtio-blk device model on a raw image.
 //!
 //! Requests go straight between the image and guest RAM with preadv/pwritev on the
 //! descriptors' own buffers (no copies). FLUSH is fdatasync, so a write the guest saw

@@ -1,4 +1,4 @@
-//! `cellvm device net`: virtio-net on a tap device.
+//! `cellvm-device net`: virtio-net on a tap device.
 //!
 //! Frames move straight between the tap and guest buffers with readv/writev on the
 //! descriptors' own memory (no copies). The tap carries the 12-byte virtio-net header

@@ -1,4 +1,4 @@
-//! `cellvm device rng`: virtio-rng (entropy device) filled from getrandom(2).
+//! `cellvm-device rng`: virtio-rng (entropy device) filled from getrandom(2).
 
 use std::sync::Arc;
 

@@ -45,7 +45,7 @@ impl PciFunction for Shared {
     }
 }
 
-/// Starts `cellvm device ARGS` on a fresh listening socket whose only connection is
+/// Starts `cellvm-device ARGS` on a fresh listening socket whose only connection is
 /// already queued: the returned stream. The socket's path exists for an instant in a
 /// private directory and is gone before the backend runs.
 /// `pass`, if given, becomes the backend's descriptor 4 (a tap the VMM opened).
@@ -72,11 +72,14 @@ fn spawn_backend(args: &[String], pass: Option<&OwnedFd>) -> Result<(UnixStream,
     let _ = std::fs::remove_dir(&dir);
     let listener = listener.map_err(|e| fail("bind", e))?;
     let stream = stream.expect("bound").map_err(|e| fail("connect", e))?;
-    let exe = std::env::current_exe().map_err(|e| fail("current_exe", e))?;
+    // The backends are a program of their own, installed next to the VMM.
+    let exe = std::env::current_exe()
+        .map_err(|e| fail("current_exe", e))?
+        .with_file_name("cellvm-device");
     let fd = listener.as_raw_fd();
     let extra = pass.map(|p| p.as_raw_fd());
-    let mut cmd = Command::new(exe);
-    cmd.arg("device").args(args).args(["--listen-fd", "3"]);
+    let mut cmd = Command::new(&exe);
+    cmd.args(args).args(["--listen-fd", "3"]);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -89,7 +92,9 @@ fn spawn_backend(args: &[String], pass: Option<&OwnedFd>) -> Result<(UnixStream,
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|e| fail("exec", e))?;
+    let child = cmd
+        .spawn()
+        .map_err(|e| fail(&exe.display().to_string(), e))?;
     Ok((stream, child))
 }
 

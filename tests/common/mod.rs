@@ -15,6 +15,11 @@ pub fn cellvm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cellvm"))
 }
 
+/// `cellvm-device`, the backends' program.
+pub fn cellvm_device() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cellvm-device"))
+}
+
 pub struct Outcome {
     pub code: Option<i32>,
     pub stdout: String,

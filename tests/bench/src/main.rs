@@ -150,7 +150,7 @@ fn compare(scenario: &str, a: &Runner, b: &Runner, runs: usize, rows: &mut Vec<R
 
 /// RSS and PSS (MiB) of `pid` and every process below it.
 /// (pid, RSS MiB, PSS MiB, role) of every process in `pid`'s tree; the role is the
-/// backend kind for `cellvm device KIND` processes, else the program's name.
+/// backend kind for `cellvm-device KIND` processes, else the program's name.
 fn tree_memory(pid: u32) -> Vec<(u32, f64, f64, String)> {
     let mut out = Vec::new();
     let mut todo = vec![pid];
@@ -169,9 +169,11 @@ fn tree_memory(pid: u32) -> Vec<(u32, f64, f64, String)> {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        let role = match argv.get(1).map(String::as_str) {
-            Some("device") => argv.get(2).cloned().unwrap_or_default(),
-            _ => argv.first().cloned().unwrap_or_default(),
+        let program = argv.first().cloned().unwrap_or_default();
+        let role = if program.ends_with("cellvm-device") {
+            argv.get(1).cloned().unwrap_or_default()
+        } else {
+            program
         };
         out.push((p, field("Rss:"), field("Pss:"), role));
         if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {

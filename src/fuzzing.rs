@@ -359,9 +359,7 @@ pub fn net_tx_chains(data: &[u8]) {
     let mut buf = vec![0u8; HDR_LEN + MAX_FRAME + 1];
     loop {
         // SAFETY: recv into a buffer we own, of its length.
-        let n = unsafe {
-            libc::recv(peer.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
-        };
+        let n = unsafe { libc::recv(peer.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
             break;
         }

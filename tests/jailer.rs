@@ -126,9 +126,7 @@ fn jailed_test_guest_passes_every_check_and_leaves_nothing_behind() {
     }
     assert!(out.passed("madt").contains("cpus=2"));
     assert!(out.passed("virtio").contains("functions=3"));
-    assert!(out
-        .passed("net")
-        .contains("mac=02:00:0a:4d:00:02 link=1"));
+    assert!(out.passed("net").contains("mac=02:00:0a:4d:00:02 link=1"));
     assert!(out.passed("net").contains("ping=echoed"));
     assert!(out.stdout.contains("14 passed, 0 failed"), "{}", out.stdout);
     assert!(
@@ -512,8 +510,16 @@ fn every_device_backend_runs_in_a_cell_of_its_own() {
         assert!(fds.len() < 24, "{line}: {} descriptors open", fds.len());
         // The tap is the net backend's alone; the image the blk backend's alone.
         let has = |what: &str| fds.iter().any(|f| f.contains(what));
-        assert_eq!(has("/dev/net/tun"), line.starts_with("cellvm-device net "), "{line}: {fds:?}");
-        assert_eq!(has("disk.img"), line.starts_with("cellvm-device blk "), "{line}: {fds:?}");
+        assert_eq!(
+            has("/dev/net/tun"),
+            line.starts_with("cellvm-device net "),
+            "{line}: {fds:?}"
+        );
+        assert_eq!(
+            has("disk.img"),
+            line.starts_with("cellvm-device blk "),
+            "{line}: {fds:?}"
+        );
         assert!(
             std::fs::read_to_string(format!("/proc/{p}/cgroup"))
                 .unwrap()
@@ -789,7 +795,13 @@ fn a_tap_in_use_by_another_vm_is_refused() {
     let netns = common::NetNs::new("busy");
     let mut holder = common::cellvm();
     holder
-        .args(["run", "--net", "tap=cvex0", "--cmdline", "tests=none hold=20"])
+        .args([
+            "run",
+            "--net",
+            "tap=cvex0",
+            "--cmdline",
+            "tests=none hold=20",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     netns.wrap(&mut holder);
@@ -850,7 +862,8 @@ fn ksm_in_the_spec_reaches_the_vmm() {
     let out = launch_with(&policy, &id, &bad, &[]);
     assert_eq!(out.code, Some(2), "{}\n{}", out.stdout, out.stderr);
     assert!(
-        out.stderr.contains("ksm: mergeable guest RAM is private to the VMM"),
+        out.stderr
+            .contains("ksm: mergeable guest RAM is private to the VMM"),
         "{}",
         out.stderr
     );

@@ -175,47 +175,62 @@ fn a_direct_io_disk_passes_the_block_checks() {
     let img = make_image(&dir);
     let disk = format!("path={},direct=on", img.display());
     let mut cmd = cellvm();
-    cmd.args(["run", "--disk", &disk, "--cmdline", "tests=blk,blkbad hold=2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "run",
+        "--disk",
+        &disk,
+        "--cmdline",
+        "tests=blk,blkbad hold=2",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let child = cmd.spawn().unwrap();
     // The backend is the VMM's child; find the image among its descriptors.
     let start = std::time::Instant::now();
     let flags = loop {
-        let children = std::fs::read_to_string(format!(
-            "/proc/{0}/task/{0}/children",
-            child.id()
-        ))
-        .unwrap_or_default();
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+            .unwrap_or_default();
         let found = children.split_whitespace().find_map(|pid| {
-            std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten().find_map(|e| {
-                let target = std::fs::read_link(e.path()).ok()?;
-                if target != img {
-                    return None;
-                }
-                let info = std::fs::read_to_string(format!(
-                    "/proc/{pid}/fdinfo/{}",
-                    e.file_name().to_string_lossy()
-                ))
-                .ok()?;
-                info.lines()
-                    .find_map(|l| l.strip_prefix("flags:"))
-                    .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
-            })
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .ok()?
+                .flatten()
+                .find_map(|e| {
+                    let target = std::fs::read_link(e.path()).ok()?;
+                    if target != img {
+                        return None;
+                    }
+                    let info = std::fs::read_to_string(format!(
+                        "/proc/{pid}/fdinfo/{}",
+                        e.file_name().to_string_lossy()
+                    ))
+                    .ok()?;
+                    info.lines()
+                        .find_map(|l| l.strip_prefix("flags:"))
+                        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                })
         });
         if let Some(f) = found {
             break f;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "no backend holding the image");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no backend holding the image"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_ne!(flags & libc::O_DIRECT as u32, 0, "flags {flags:o}");
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for check in ["blk", "blkbad"] {
         assert!(
-            stdout.lines().any(|l| l.starts_with(&format!("TEST {check} PASS"))),
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("TEST {check} PASS"))),
             "{stdout}"
         );
     }
@@ -266,8 +281,14 @@ fn net_frames_cross_a_tap_in_a_namespace_the_test_creates() {
 fn bad_net_arguments_are_refused_before_anything_runs() {
     for (args, expect) in [
         (vec!["--net", "tap="], "1 to 15 bytes"),
-        (vec!["--net", "tap=x,mac=01:00:5e:00:00:01"], "not a unicast"),
-        (vec!["--net", "fd=200"], "backend fd=200: not an open descriptor"),
+        (
+            vec!["--net", "tap=x,mac=01:00:5e:00:00:01"],
+            "not a unicast",
+        ),
+        (
+            vec!["--net", "fd=200"],
+            "backend fd=200: not an open descriptor",
+        ),
         // An existing interface that is not a tap.
         (vec!["--net", "tap=lo"], "net lo: tap lo: Invalid argument"),
     ] {
@@ -275,14 +296,43 @@ fn bad_net_arguments_are_refused_before_anything_runs() {
     }
     // The backends' program alone refuses what it cannot serve, with status 2.
     for (args, expect) in [
-        (&["net", "--socket", "/nonexistent/s", "--tap-fd", "0"][..], "tap: not an attached tap"),
-        (&["net", "--socket", "/s", "--tap", "x", "--tap-fd", "5"][..], "give exactly one of --tap and --tap-fd"),
-        (&["net", "--socket", "/s", "--tap", "x", "--mac", "ff:ff:ff:ff:ff:ff"][..], "not a unicast address"),
-        (&["blk", "--socket", "/s", "--image", "/nonexistent/img"][..], "/nonexistent/img: No such file"),
-        (&["blk", "--socket", "/s", "--image", "/i", "--queues", "0"][..], "--queues 0: expected 1 to 16"),
-        (&["blk", "--socket", "/s", "--image", "/i", "--bogus"][..], "unknown option --bogus"),
+        (
+            &["net", "--socket", "/nonexistent/s", "--tap-fd", "0"][..],
+            "tap: not an attached tap",
+        ),
+        (
+            &["net", "--socket", "/s", "--tap", "x", "--tap-fd", "5"][..],
+            "give exactly one of --tap and --tap-fd",
+        ),
+        (
+            &[
+                "net",
+                "--socket",
+                "/s",
+                "--tap",
+                "x",
+                "--mac",
+                "ff:ff:ff:ff:ff:ff",
+            ][..],
+            "not a unicast address",
+        ),
+        (
+            &["blk", "--socket", "/s", "--image", "/nonexistent/img"][..],
+            "/nonexistent/img: No such file",
+        ),
+        (
+            &["blk", "--socket", "/s", "--image", "/i", "--queues", "0"][..],
+            "--queues 0: expected 1 to 16",
+        ),
+        (
+            &["blk", "--socket", "/s", "--image", "/i", "--bogus"][..],
+            "unknown option --bogus",
+        ),
         (&["rng"][..], "give exactly one of --socket and --listen-fd"),
-        (&["rng", "--socket", "/s", "--seccomp", "maybe"][..], "--seccomp maybe: expected kill, log or off"),
+        (
+            &["rng", "--socket", "/s", "--seccomp", "maybe"][..],
+            "--seccomp maybe: expected kill, log or off",
+        ),
         (&["gpu", "--socket", "/s"][..], "unknown device \"gpu\""),
     ] {
         let mut c = common::cellvm_device();

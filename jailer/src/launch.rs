@@ -571,9 +571,7 @@ fn build_backend_cell(
         }
     }
     // The descriptors the backend works with stay open across exec.
-    keep_across_exec(
-        std::iter::once(listener.as_raw_fd()).chain(device.passed_fd()),
-    )?;
+    keep_across_exec(std::iter::once(listener.as_raw_fd()).chain(device.passed_fd()))?;
     exec_cell(bin, c"", libc::AT_EMPTY_PATH, argv)
 }
 

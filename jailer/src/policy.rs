@@ -504,19 +504,36 @@ mod tests {
         );
         assert!(refusal("nets = [{ tap = \"t0\" }]")
             .contains("nets[0].tap = \"t0\" violates the tenant's taps []"));
-        let with_taps = TenantPolicy::parse(&POLICY.replace(
-            "uid_range",
-            "taps = [\"acme0\", \"ac-*\"]\nuid_range",
-        ))
+        let with_taps = TenantPolicy::parse(
+            &POLICY.replace("uid_range", "taps = [\"acme0\", \"ac-*\"]\nuid_range"),
+        )
         .unwrap();
-        let net_refusal = |extra: &str| check(&with_taps, &spec(extra)).err().map(|e| e.to_string());
-        assert_eq!(net_refusal("nets = [{ tap = \"acme0\" }, { tap = \"ac-7\", mac = \"02:00:00:00:00:01\" }]"), None);
+        let net_refusal =
+            |extra: &str| check(&with_taps, &spec(extra)).err().map(|e| e.to_string());
+        assert_eq!(
+            net_refusal(
+                "nets = [{ tap = \"acme0\" }, { tap = \"ac-7\", mac = \"02:00:00:00:00:01\" }]"
+            ),
+            None
+        );
         for (bad, why) in [
-            ("nets = [{ tap = \"acme1\" }]", "nets[0].tap = \"acme1\" violates"),
+            (
+                "nets = [{ tap = \"acme1\" }]",
+                "nets[0].tap = \"acme1\" violates",
+            ),
             ("nets = [{ tap = \"ac-/x\" }]", "nets[0].tap"),
-            ("nets = [{ tap = \"ac-1\" }, { tap = \"ac-1\" }]", "one device per tap"),
-            ("nets = [{ tap = \"acme0\", mac = \"01:00:00:00:00:01\" }]", "nets[0].mac"),
-            ("nets = [{ tap = \"acme0\", mac = \"02:00:00:00:00\" }]", "nets[0].mac"),
+            (
+                "nets = [{ tap = \"ac-1\" }, { tap = \"ac-1\" }]",
+                "one device per tap",
+            ),
+            (
+                "nets = [{ tap = \"acme0\", mac = \"01:00:00:00:00:01\" }]",
+                "nets[0].mac",
+            ),
+            (
+                "nets = [{ tap = \"acme0\", mac = \"02:00:00:00:00\" }]",
+                "nets[0].mac",
+            ),
         ] {
             let r = net_refusal(bad).unwrap_or_else(|| panic!("{bad} accepted"));
             assert!(r.contains(why), "{bad}: {r}");

@@ -85,7 +85,15 @@ impl Disk {
         // SAFETY: an all-zero statx is a valid buffer for the kernel to fill.
         let mut st: libc::statx = unsafe { std::mem::zeroed() };
         // SAFETY: statx of our descriptor (empty path, AT_EMPTY_PATH) into `st`.
-        let rc = unsafe { libc::statx(fd, c"".as_ptr(), libc::AT_EMPTY_PATH, STATX_DIOALIGN, &mut st) };
+        let rc = unsafe {
+            libc::statx(
+                fd,
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH,
+                STATX_DIOALIGN,
+                &mut st,
+            )
+        };
         if rc < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -338,7 +346,8 @@ impl Disk {
             while done < total {
                 let n = (total - done).min(CHUNK);
                 if !write {
-                    self.file.read_exact_at(&mut buf[..n], offset + done as u64)?;
+                    self.file
+                        .read_exact_at(&mut buf[..n], offset + done as u64)?;
                 }
                 // Copy between the chunk and the guest's segments.
                 let mut at = 0;
@@ -484,12 +493,8 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
-        let mut f = super::COMMON_FEATURES
-            | F_SEG_MAX
-            | F_BLK_SIZE
-            | F_FLUSH
-            | F_DISCARD
-            | F_WRITE_ZEROES;
+        let mut f =
+            super::COMMON_FEATURES | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES;
         if self.queues > 1 {
             f |= F_MQ;
         }
@@ -508,7 +513,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        super::config_bytes(&self.disk.config(self.queues as u16, self.queue_size as u16), offset, size)
+        super::config_bytes(
+            &self.disk.config(self.queues as u16, self.queue_size as u16),
+            offset,
+            size,
+        )
     }
 
     fn update_memory(&self, mem: Memory) -> std::io::Result<()> {
@@ -548,33 +557,57 @@ mod tests {
             *b = (i * 7 % 251) as u8;
         }
         std::fs::write(&path, &content).unwrap();
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
         let mut disk = Disk::new(file, false, "t").unwrap();
-        disk.set_direct().expect("O_DIRECT on the temp directory's file system");
+        disk.set_direct()
+            .expect("O_DIRECT on the temp directory's file system");
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
         // A read of sectors 8..16 into two buffers at odd addresses.
         let bs = disk.block_size() as u32;
         let segs = [
-            Segment { addr: GuestAddress(0x1001), len: bs, writable: true },
-            Segment { addr: GuestAddress(0x3003), len: bs, writable: true },
+            Segment {
+                addr: GuestAddress(0x1001),
+                len: bs,
+                writable: true,
+            },
+            Segment {
+                addr: GuestAddress(0x3003),
+                len: bs,
+                writable: true,
+            },
         ];
         let sector = bs as u64 / SECTOR * 2;
         assert_eq!(disk.request(&mem, T_IN, sector, &segs), (S_OK, 2 * bs));
         let mut got = vec![0u8; 2 * bs as usize];
-        mem.read_slice(&mut got[..bs as usize], GuestAddress(0x1001)).unwrap();
-        mem.read_slice(&mut got[bs as usize..], GuestAddress(0x3003)).unwrap();
+        mem.read_slice(&mut got[..bs as usize], GuestAddress(0x1001))
+            .unwrap();
+        mem.read_slice(&mut got[bs as usize..], GuestAddress(0x3003))
+            .unwrap();
         let at = (sector * SECTOR) as usize;
         assert_eq!(got, content[at..at + 2 * bs as usize]);
         // And back: write them one block further on.
         let segs = [
-            Segment { writable: false, ..segs[0] },
-            Segment { writable: false, ..segs[1] },
+            Segment {
+                writable: false,
+                ..segs[0]
+            },
+            Segment {
+                writable: false,
+                ..segs[1]
+            },
         ];
         let to = sector + 2 * bs as u64 / SECTOR;
         assert_eq!(disk.request(&mem, T_OUT, to, &segs), (S_OK, 0));
         let after = std::fs::read(&path).unwrap();
         let at2 = (to * SECTOR) as usize;
-        assert_eq!(after[at2..at2 + 2 * bs as usize], content[at..at + 2 * bs as usize]);
+        assert_eq!(
+            after[at2..at2 + 2 * bs as usize],
+            content[at..at + 2 * bs as usize]
+        );
         // A request that is not a whole block is refused, not half done.
         if bs > 512 {
             assert_eq!(disk.request(&mem, T_IN, 1, &segs[..1]).0, S_IOERR);

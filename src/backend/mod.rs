@@ -43,7 +43,9 @@ pub fn protocol_features_with_config() -> vhost::vhost_user::message::VhostUserP
 pub fn config_bytes(config: &[u8], offset: u32, size: u32) -> Vec<u8> {
     let mut out = vec![0u8; size as usize];
     let start = (offset as usize).min(config.len());
-    let end = (offset as usize).saturating_add(size as usize).min(config.len());
+    let end = (offset as usize)
+        .saturating_add(size as usize)
+        .min(config.len());
     out[..end - start].copy_from_slice(&config[start..end]);
     out
 }
@@ -116,7 +118,10 @@ pub fn segments<M: GuestMemoryBackend>(
 pub fn io_vectors<'a, M: GuestMemoryBackend>(
     mem: &'a M,
     segs: &[Segment],
-) -> std::io::Result<(Vec<libc::iovec>, Vec<vm_memory::volatile_memory::PtrGuardMut>)> {
+) -> std::io::Result<(
+    Vec<libc::iovec>,
+    Vec<vm_memory::volatile_memory::PtrGuardMut>,
+)> {
     let mut iov = Vec::with_capacity(segs.len());
     let mut guards = Vec::with_capacity(segs.len());
     for s in segs.iter().filter(|s| s.len > 0) {

@@ -21,7 +21,6 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::{io_vectors, segments, Memory, QueueState, MAX_QUEUE_SIZE};
 
-
 /// virtio-net feature bits (virtio 1.2, 5.1.3).
 pub const F_CSUM: u64 = 1 << 0;
 pub const F_GUEST_CSUM: u64 = 1 << 1;
@@ -193,7 +192,9 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     let parts: Vec<&str> = s.split(':').collect();
     let mut mac = [0u8; 6];
     if parts.len() != 6 {
-        return Err(format!("MAC {s:?}: expected six hex bytes like 02:00:00:00:00:01"));
+        return Err(format!(
+            "MAC {s:?}: expected six hex bytes like 02:00:00:00:00:01"
+        ));
     }
     for (b, p) in mac.iter_mut().zip(parts) {
         *b = u8::from_str_radix(p, 16)
@@ -258,7 +259,9 @@ pub fn rx_chain<M: GuestMemoryBackend>(mem: &M, chain: DescriptorChain<&M>, fd: 
             Some(libc::EAGAIN) => Rx::Empty,
             // A frame too big for the chain: the tap dropped it.
             Some(libc::EFAULT) | Some(libc::EINVAL) => {
-                crate::warn_limited(format_args!("net: frame larger than the receive buffer dropped"));
+                crate::warn_limited(format_args!(
+                    "net: frame larger than the receive buffer dropped"
+                ));
                 Rx::Bad
             }
             _ => {

@@ -104,7 +104,9 @@ impl Opts {
             "kill" => Ok(Mode::Kill),
             "log" => Ok(Mode::Log),
             "off" => Ok(Mode::Off),
-            other => Err(usage(format!("--seccomp {other}: expected kill, log or off"))),
+            other => Err(usage(format!(
+                "--seccomp {other}: expected kill, log or off"
+            ))),
         }
     }
 }
@@ -159,9 +161,9 @@ fn net(opts: &Opts) -> Result<(), Usage> {
     let tap = match opts.one_of("tap", "tap-fd")? {
         (true, name) => backend::net::Tap::open(name),
         // SAFETY: the descriptor was handed to this process to own.
-        (false, fd) => backend::net::Tap::from_fd(unsafe {
-            OwnedFd::from_raw_fd(opts.fd("tap-fd", fd)?)
-        }),
+        (false, fd) => {
+            backend::net::Tap::from_fd(unsafe { OwnedFd::from_raw_fd(opts.fd("tap-fd", fd)?) })
+        }
     }
     .map_err(|e| (format!("tap: {e}"), 2))?;
     let b = backend::net::NetBackend::new(tap, mac);

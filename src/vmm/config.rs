@@ -206,7 +206,9 @@ impl std::str::FromStr for NetSpec {
             Ok(false)
         })?;
         if mac.is_some() && backend != Backend::Spawn {
-            return Err(format!("{what}: mac= belongs to the backend that owns the tap"));
+            return Err(format!(
+                "{what}: mac= belongs to the backend that owns the tap"
+            ));
         }
         Ok(NetSpec { tap, mac, backend })
     }

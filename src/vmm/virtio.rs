@@ -190,7 +190,12 @@ pub fn attach(
         wanted.push((format!("disk{i}"), stream, TYPE_BLOCK, disk.queues as usize));
     }
     if let Some(rng) = &cfg.rng {
-        let stream = connect(&rng.backend, || vec!["rng".to_string()], None, &mut children)?;
+        let stream = connect(
+            &rng.backend,
+            || vec!["rng".to_string()],
+            None,
+            &mut children,
+        )?;
         wanted.push(("rng".to_string(), stream, TYPE_RNG, 1));
     }
     for (i, net) in cfg.nets.iter().flatten().enumerate() {

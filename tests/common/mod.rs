@@ -189,7 +189,10 @@ impl NetNs {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("cv-{tag}-{}-{n}", std::process::id());
         let ip = |args: &[&str]| {
-            let out = Command::new("ip").args(args).output().expect("run ip (iproute2)");
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .expect("run ip (iproute2)");
             assert!(
                 out.status.success(),
                 "ip {args:?}: {}",
@@ -237,7 +240,8 @@ impl NetNs {
         let h = std::thread::spawn(move || {
             let ns = std::fs::File::open(format!("/run/netns/{name}")).expect("netns file");
             // SAFETY: setns of this thread only, on a namespace descriptor we opened.
-            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
             body(&r)
         });
@@ -255,7 +259,9 @@ impl NetNs {
             let mut got = Vec::new();
             let mut buf = [0u8; 2048];
             while got.len() < count {
-                let Ok((n, from)) = s.recv_from(&mut buf) else { break };
+                let Ok((n, from)) = s.recv_from(&mut buf) else {
+                    break;
+                };
                 let _ = s.send_to(&buf[..n], from);
                 got.push(buf[..n].to_vec());
             }
@@ -282,7 +288,8 @@ impl NetNs {
                 }
             };
             conn.set_nonblocking(false).unwrap();
-            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
             let mut got = Vec::new();
             let _ = conn.read_to_end(&mut got);
             got
@@ -292,6 +299,8 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }

@@ -224,7 +224,10 @@ impl BenchNet {
                 .stderr(Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success());
-            assert!(ok, "ip {args:?} failed (the benchmark needs root and iproute2)");
+            assert!(
+                ok,
+                "ip {args:?} failed (the benchmark needs root and iproute2)"
+            );
         };
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         ip(&["netns", "add", &name]);
@@ -253,7 +256,14 @@ impl Drop for BenchNet {
 fn guest_blkbench(bin: &Path, disk: &str, ms: u64) -> (f64, f64) {
     let mut cmd = Command::new(bin);
     cmd.args([
-        "run", "--memory", "128", "--disk", disk, "--serial", "stdio", "--cmdline",
+        "run",
+        "--memory",
+        "128",
+        "--disk",
+        disk,
+        "--serial",
+        "stdio",
+        "--cmdline",
     ])
     .arg(format!("tests=blkbench bench_ms={ms}"));
     let line = guest_check(cmd, "blkbench");
@@ -919,7 +929,11 @@ fn main() {
     let (mut of, mut om, mut qf, mut qm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let net_ms = if args.quick { 300 } else { 2000 };
     for _ in 0..runs.min(5) {
-        let mut ours = cellvm(&bin, None, Some(&format!("tests=netbench bench_ms={net_ms}")));
+        let mut ours = cellvm(
+            &bin,
+            None,
+            Some(&format!("tests=netbench bench_ms={net_ms}")),
+        );
         ours.cmd.extend(["--net".into(), "tap=cvb0".into()]);
         net.wrap(&mut ours);
         let line = guest_check(runner_command(&ours), "netbench");
@@ -990,14 +1004,21 @@ fn main() {
     let spec_idle_ksm = work.join("vm-idle-ksm.toml");
     let idle = "vcpus = 1\nmemory_mib = 128\ncmdline = \"idle\"\n";
     std::fs::write(&spec_idle, format!("name = \"idle\"\n{idle}")).unwrap();
-    std::fs::write(&spec_idle_ksm, format!("name = \"idle\"\n{idle}ksm = true\n")).unwrap();
+    std::fs::write(
+        &spec_idle_ksm,
+        format!("name = \"idle\"\n{idle}ksm = true\n"),
+    )
+    .unwrap();
     // A tenant with room for a thousand VMs: uids, and KSM allowed.
     let dense_policy = work.join("tenant-dense.toml");
     std::fs::write(
         &dense_policy,
         std::fs::read_to_string(&policy)
             .unwrap()
-            .replace("uid_range = [200000, 200999]", "uid_range = [300000, 309999]")
+            .replace(
+                "uid_range = [200000, 200999]",
+                "uid_range = [300000, 309999]",
+            )
             .replace("ksm = false", "ksm = true"),
     )
     .unwrap();
@@ -1053,7 +1074,10 @@ fn main() {
             });
         }
         if args.quick {
-            assert_eq!(cn, n_cellvm, "every cellvm VM of the quick density run came up");
+            assert_eq!(
+                cn, n_cellvm,
+                "every cellvm VM of the quick density run came up"
+            );
         }
     }
 

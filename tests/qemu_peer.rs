@@ -19,14 +19,7 @@ fn qemu(elf: &std::path::Path, append: &str) -> common::Outcome {
         "-m",
         "64",
     ])
-    .args([
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-    ])
-    .args(["-device", "isa-debug-exit,iobase=0xf4"])
+    .args(common::QEMU_HEADLESS)
     .arg("-kernel")
     .arg(elf)
     .args(["-append", append]);

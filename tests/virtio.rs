@@ -469,14 +469,7 @@ fn qemu_as_the_frontend_drives_our_blk_backend() {
     ])
     .args(["-cpu", "host,-arch-capabilities", "-m", "128"])
     .args(["-object", "memory-backend-memfd,id=mem,size=128M,share=on"])
-    .args([
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-    ])
-    .args(["-device", "isa-debug-exit,iobase=0xf4"])
+    .args(common::QEMU_HEADLESS)
     .arg("-chardev")
     .arg(format!("socket,id=c0,path={}", sock.display()))
     .args([

@@ -10,7 +10,6 @@
 //! its own, and cannot reconfigure the interface beyond its offload flags.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -136,19 +135,6 @@ impl Tap {
     /// The descriptor, to hand to another process.
     pub fn into_fd(self) -> OwnedFd {
         self.fd
-    }
-
-    /// The interface's name.
-    pub fn name(&self) -> String {
-        let mut req = IfReq {
-            name: [0; 16],
-            flags: 0,
-            _pad: [0; 22],
-        };
-        // SAFETY: TUNGETIFF fills an ifreq we own.
-        unsafe { libc::ioctl(self.fd.as_raw_fd(), TUNGETIFF, &mut req) };
-        let end = req.name.iter().position(|&b| b == 0).unwrap_or(16);
-        String::from_utf8_lossy(&req.name[..end]).into_owned()
     }
 
     /// Tells the tap which unfinished packets the guest accepts (from its acked
@@ -368,7 +354,6 @@ pub struct NetBackend {
     tap: Tap,
     mac: [u8; 6],
     state: QueueState,
-    acked: AtomicU64,
 }
 
 impl NetBackend {
@@ -377,7 +362,6 @@ impl NetBackend {
             tap,
             mac,
             state: QueueState::default(),
-            acked: AtomicU64::new(0),
         })
     }
 
@@ -426,7 +410,6 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.acked.store(features, Ordering::Relaxed);
         if let Err(e) = self.tap.set_offload(features) {
             log::warn!("net: TUNSETOFFLOAD: {e}");
         }

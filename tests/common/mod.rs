@@ -15,6 +15,18 @@ pub fn cellvm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cellvm"))
 }
 
+/// QEMU with no default devices or config, the guest's COM1 on stdio, and the exit
+/// port the test guest powers off through (status 1 for a clean exit).
+pub const QEMU_HEADLESS: [&str; 7] = [
+    "-nodefaults",
+    "-no-user-config",
+    "-nographic",
+    "-serial",
+    "stdio",
+    "-device",
+    "isa-debug-exit,iobase=0xf4",
+];
+
 /// `cellvm-device`, the backends' program.
 pub fn cellvm_device() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cellvm-device"))

@@ -60,6 +60,49 @@ struct Runner {
     ok_status: &'static [i32],
 }
 
+impl Runner {
+    /// The same VM with 128 MiB instead of the 64 MiB `cellvm` and `qemu` give it.
+    fn with_128_mib(mut self) -> Runner {
+        for a in self.cmd.iter_mut().filter(|a| *a == "64") {
+            *a = "128".into();
+        }
+        self
+    }
+
+    /// QEMU's microvm with its PCIe root, for virtio-pci devices.
+    fn with_pcie(mut self) -> Runner {
+        for a in self.cmd.iter_mut().filter(|a| *a == "microvm") {
+            *a = "microvm,pcie=on".into();
+        }
+        self
+    }
+
+    fn with_args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Runner {
+        self.cmd.extend(args.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// `cellvm-jailer launch` of `spec` under `policy`; with `id`, the `{id}` placeholder
+/// that `density` fills in for each VM.
+fn jailer_launch(jailer: &Path, policy: &Path, spec: &Path, id: bool) -> Runner {
+    let mut cmd = vec![jailer.display().to_string(), "launch".into()];
+    if id {
+        cmd.extend(["--id".into(), "{id}".into()]);
+    }
+    cmd.extend([
+        "--policy".into(),
+        policy.display().to_string(),
+        "--vm".into(),
+        spec.display().to_string(),
+    ]);
+    Runner {
+        name: "cellvm-jailer launch",
+        cmd,
+        ok_status: &[0],
+    }
+}
+
 fn stats(mut v: Vec<f64>) -> Stats {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
@@ -323,19 +366,24 @@ fn host_reads(path: &Path, ms: u64) -> (f64, f64) {
     (iops, mib as f64 / start.elapsed().as_secs_f64())
 }
 
+/// One row: the medians of `a` (cellvm) and `b` (the peer) and their ratio.
+fn row(scenario: &str, metric: &str, a: Vec<f64>, peer: &str, b: Vec<f64>) -> Row {
+    let (a, b) = (stats(a), stats(b));
+    Row {
+        scenario: scenario.into(),
+        metric: metric.into(),
+        ratio: a.median / b.median,
+        cellvm: a,
+        peer_name: peer.into(),
+        peer: b,
+    }
+}
+
 /// The RSS and PSS rows of a memory scenario from [cellvm RSS, cellvm PSS, peer RSS,
 /// peer PSS] samples.
 fn memory_rows(scenario: &str, peer: &str, [vr, vp, qr, qp]: [Vec<f64>; 4], rows: &mut Vec<Row>) {
     for (metric, a, b) in [("RSS MiB", vr, qr), ("PSS MiB", vp, qp)] {
-        let (a, b) = (stats(a), stats(b));
-        rows.push(Row {
-            scenario: scenario.into(),
-            metric: metric.into(),
-            ratio: a.median / b.median,
-            cellvm: a,
-            peer_name: peer.into(),
-            peer: b,
-        });
+        rows.push(row(scenario, metric, a, peer, b));
     }
 }
 
@@ -683,18 +731,7 @@ fn main() {
         ),
     )
     .unwrap();
-    let jailed = |spec: &Path| Runner {
-        name: "cellvm-jailer launch",
-        cmd: vec![
-            jailer.display().to_string(),
-            "launch".into(),
-            "--policy".into(),
-            policy.display().to_string(),
-            "--vm".into(),
-            spec.display().to_string(),
-        ],
-        ok_status: &[0],
-    };
+    let jailed = |spec: &Path| jailer_launch(&jailer, &policy, spec, false);
     let mut direct_none = cellvm(&bin, None, Some("tests=none"));
     direct_none.name = "cellvm run (unjailed)";
     let mut direct_tiny = cellvm(&bin, Some(&tiny_in_dir), None);
@@ -719,22 +756,8 @@ fn main() {
     // the guest holds.
     let (mut vr, mut vp, mut qr, mut qp) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs.min(5) {
-        let c = resident_tree(&Runner {
-            cmd: cellvm(&bin, None, Some("tests=none hold=2"))
-                .cmd
-                .iter()
-                .map(|a| if a == "64" { "128".into() } else { a.clone() })
-                .collect(),
-            ..cellvm(&bin, None, None)
-        });
-        let q = resident_tree(&Runner {
-            cmd: qemu(&guest, Some("tests=none hold=2"))
-                .cmd
-                .iter()
-                .map(|a| if a == "64" { "128".into() } else { a.clone() })
-                .collect(),
-            ..qemu(&guest, None)
-        });
+        let c = resident_tree(&cellvm(&bin, None, Some("tests=none hold=2")).with_128_mib());
+        let q = resident_tree(&qemu(&guest, Some("tests=none hold=2")).with_128_mib());
         vr.push(c.0);
         vp.push(c.1);
         qr.push(q.0);
@@ -762,31 +785,14 @@ fn main() {
     std::fs::write(&disk_img, &data).unwrap();
     drop(data);
     let disk_arg = format!("path={}", disk_img.display());
-    let mut cellvm_dev = cellvm(&bin, None, Some("tests=none hold=2"));
-    cellvm_dev.cmd = cellvm_dev
-        .cmd
-        .iter()
-        .map(|a| if a == "64" { "128".into() } else { a.clone() })
-        .collect();
-    cellvm_dev.cmd.extend([
-        "--disk".into(),
-        disk_arg.clone(),
-        "--rng".into(),
-        "--net".into(),
-        "tap=cvb0".into(),
-    ]);
+    let mut cellvm_dev = cellvm(&bin, None, Some("tests=none hold=2"))
+        .with_128_mib()
+        .with_args(["--disk", &disk_arg, "--rng", "--net", "tap=cvb0"]);
     let net = BenchNet::new();
     net.wrap(&mut cellvm_dev);
-    let mut qemu_dev = qemu(&guest, Some("tests=none hold=2"));
-    qemu_dev.cmd = qemu_dev
-        .cmd
-        .iter()
-        .map(|a| match a.as_str() {
-            "64" => "128".into(),
-            "microvm" => "microvm,pcie=on".into(),
-            _ => a.clone(),
-        })
-        .collect();
+    let mut qemu_dev = qemu(&guest, Some("tests=none hold=2"))
+        .with_128_mib()
+        .with_pcie();
     qemu_dev.cmd.extend([
         "-drive".into(),
         format!("file={},if=none,id=d0,format=raw", disk_img.display()),
@@ -911,15 +917,7 @@ fn main() {
             hm,
         ),
     ] {
-        let (a, b) = (stats(a), stats(b));
-        rows.push(Row {
-            scenario: scenario.into(),
-            metric: metric.into(),
-            ratio: a.median / b.median,
-            cellvm: a,
-            peer_name: peer.into(),
-            peer: b,
-        });
+        rows.push(row(scenario, metric, a, peer, b));
     }
 
     // Scenario 4, net: transmit rate from the guest's CPL 3 driver through a tap, our
@@ -933,8 +931,8 @@ fn main() {
             &bin,
             None,
             Some(&format!("tests=netbench bench_ms={net_ms}")),
-        );
-        ours.cmd.extend(["--net".into(), "tap=cvb0".into()]);
+        )
+        .with_args(["--net", "tap=cvb0"]);
         net.wrap(&mut ours);
         let line = guest_check(runner_command(&ours), "netbench");
         of.push(number(&line, "fps="));
@@ -942,20 +940,13 @@ fn main() {
         let mut peer = qemu(
             &guest,
             Some(&format!("tests=netbench bench_ms={net_ms} ecam=0xe0000000")),
-        );
-        peer.cmd = peer
-            .cmd
-            .iter()
-            .map(|a| match a.as_str() {
-                "microvm" => "microvm,pcie=on".into(),
-                _ => a.clone(),
-            })
-            .collect();
-        peer.cmd.extend([
-            "-netdev".into(),
-            "tap,id=n0,ifname=cvb0,script=no,downscript=no".into(),
-            "-device".into(),
-            "virtio-net-pci,netdev=n0,disable-legacy=on".into(),
+        )
+        .with_pcie()
+        .with_args([
+            "-netdev",
+            "tap,id=n0,ifname=cvb0,script=no,downscript=no",
+            "-device",
+            "virtio-net-pci,netdev=n0,disable-legacy=on",
         ]);
         net.wrap(&mut peer);
         let line = guest_check(runner_command(&peer), "netbench");
@@ -964,15 +955,13 @@ fn main() {
     }
     drop(net);
     for (metric, a, b) in [("frames/s", of, qf), ("MB/s", om, qm)] {
-        let (a, b) = (stats(a), stats(b));
-        rows.push(Row {
-            scenario: "4. net, 1,454-byte frames out".into(),
-            metric: metric.into(),
-            ratio: a.median / b.median,
-            cellvm: a,
-            peer_name: "qemu virtio-net (tap)".into(),
-            peer: b,
-        });
+        rows.push(row(
+            "4. net, 1,454-byte frames out",
+            metric,
+            a,
+            "qemu virtio-net (tap)",
+            b,
+        ));
     }
 
     // Scenario 5: launch rate: N VMs started at once, VMs per second per core.
@@ -985,15 +974,13 @@ fn main() {
         ja.push(launch_rate(&jailed(&spec_none), n) / cores);
         qa.push(launch_rate(&qemu(&guest, Some("tests=none")), n) / cores);
     }
-    let (ja, qa) = (stats(ja), stats(qa));
-    rows.push(Row {
-        scenario: format!("5. launch rate, {n} at once (jailed)"),
-        metric: "VMs/s/core".into(),
-        ratio: ja.median / qa.median,
-        cellvm: ja,
-        peer_name: "qemu microvm".into(),
-        peer: qa,
-    });
+    rows.push(row(
+        &format!("5. launch rate, {n} at once (jailed)"),
+        "VMs/s/core",
+        ja,
+        "qemu microvm",
+        qa,
+    ));
 
     // Scenario 6: density. Idle jailed test-guest VMs of 128 MiB each (their guests
     // halted at CPL 0) against idle QEMU microvms booting the same guest, with KSM off
@@ -1022,26 +1009,8 @@ fn main() {
             .replace("ksm = false", "ksm = true"),
     )
     .unwrap();
-    let dense = |spec: &Path| Runner {
-        name: "cellvm-jailer launch",
-        cmd: vec![
-            jailer.display().to_string(),
-            "launch".into(),
-            "--id".into(),
-            "{id}".into(),
-            "--policy".into(),
-            dense_policy.display().to_string(),
-            "--vm".into(),
-            spec.display().to_string(),
-        ],
-        ok_status: &[0],
-    };
-    let mut qemu_idle = qemu(&guest, Some("idle"));
-    qemu_idle.cmd = qemu_idle
-        .cmd
-        .iter()
-        .map(|a| if a == "64" { "128".into() } else { a.clone() })
-        .collect();
+    let dense = |spec: &Path| jailer_launch(&jailer, &dense_policy, spec, true);
+    let qemu_idle = qemu(&guest, Some("idle")).with_128_mib();
     let total_mib = meminfo_kib("MemTotal:") / 1024.0;
     let mut density_lines = Vec::new();
     for ksm_on in [false, true] {
@@ -1053,25 +1022,19 @@ fn main() {
         density_lines.push(format!(
             "scenario 6, {label}: cellvm ran {cn} (of {n_cellvm} asked), {cmib:.2} MiB each; qemu ran {qn} (of {n_qemu}), {qmib:.2} MiB each; host {total_mib:.0} MiB"
         ));
-        let one = |v: f64| Stats {
-            median: v,
-            min: v,
-            max: v,
-        };
         // How many would fit in 90% of the host's memory at that cost.
         let fit = |mib: f64| (total_mib * 0.9 / mib.max(0.01)).floor();
         for (metric, a, b) in [
             ("host MiB/VM", cmib, qmib),
             ("VMs that fit", fit(cmib), fit(qmib)),
         ] {
-            rows.push(Row {
-                scenario: format!("6. density, idle 128 MiB, {label}"),
-                metric: metric.into(),
-                ratio: a / b,
-                cellvm: one(a),
-                peer_name: "qemu microvm".into(),
-                peer: one(b),
-            });
+            rows.push(row(
+                &format!("6. density, idle 128 MiB, {label}"),
+                metric,
+                vec![a],
+                "qemu microvm",
+                vec![b],
+            ));
         }
         if args.quick {
             assert_eq!(

@@ -362,43 +362,28 @@ pub fn jail_dir(id: &str) -> PathBuf {
 /// Launches the VM and supervises it; returns the VMM's exit status.
 pub fn launch(opts: &Options) -> Result<i32, Failure> {
     let mut plan = plan(opts)?;
-    attach_taps(&mut plan)?;
 
-    // Reclaim what dead supervisors left, then take this VM's uid and MCS pair, and a
-    // uid of its own for each device backend.
-    let (entry, device_entries) = {
+    // Reclaim what dead supervisors left (before any check that could trip on their
+    // leftovers, such as a tap still attached), then take this VM's one entry: the
+    // VMM's uid, a uid for each device backend, and the VM's one MCS pair.
+    let entry = {
         let reg = Registry::lock(&opts.run_dir).map_err(setup)?;
         crate::gc::collect(&reg);
-        let entry = reg
-            .allocate(&plan.id, &plan.policy, std::process::id())
-            .map_err(refused)?;
-        let mut devs = Vec::new();
-        for n in 0..plan.devices.len() {
-            match reg.allocate(&device_id(&plan.id, n), &plan.policy, std::process::id()) {
-                Ok(e) => devs.push(e),
-                Err(e) => {
-                    for d in devs.iter().chain(std::iter::once(&entry)) {
-                        let _ = reg.remove(&d.id);
-                    }
-                    return Err(refused(e));
-                }
-            }
-        }
-        (entry, devs)
+        reg.allocate(
+            &plan.id,
+            &plan.policy,
+            std::process::id(),
+            plan.devices.len(),
+        )
+        .map_err(refused)?
     };
-    let result = build_and_supervise(&plan, &entry, &device_entries, opts);
-    cleanup(opts, &entry);
-    if let Ok(reg) = Registry::lock(&opts.run_dir) {
-        for d in &device_entries {
-            let _ = reg.remove(&d.id);
-        }
+    if let Err(f) = attach_taps(&mut plan) {
+        cleanup(opts, &entry);
+        return Err(f);
     }
+    let result = build_and_supervise(&plan, &entry, opts);
+    cleanup(opts, &entry);
     result
-}
-
-/// The registry id of a VM's n-th device backend (which holds its uid).
-fn device_id(vm: &str, n: usize) -> String {
-    format!("{vm}-dev{n}")
 }
 
 /// Clones a cell's first process into new namespaces, puts it in `cgroup`, then lets it
@@ -619,12 +604,7 @@ fn keep_across_exec(fds: impl IntoIterator<Item = i32>) -> Result<(), String> {
     Ok(())
 }
 
-fn build_and_supervise(
-    plan: &Plan,
-    entry: &Entry,
-    device_entries: &[Entry],
-    opts: &Options,
-) -> Result<i32, Failure> {
+fn build_and_supervise(plan: &Plan, entry: &Entry, opts: &Options) -> Result<i32, Failure> {
     // SELinux first: a policy that requires it must refuse before anything is built.
     let label =
         selinux::plan(&plan.policy.name, plan.policy.selinux, entry.mcs).map_err(refused)?;
@@ -665,12 +645,12 @@ fn build_and_supervise(
     let jail = jail_dir(&plan.id);
     let mut vmm_ends = Vec::new();
     let mut backends = Backends(Vec::new());
-    for (n, dev_entry) in device_entries.iter().enumerate() {
+    for (n, &uid) in entry.device_uids.iter().enumerate() {
         let (listener, vmm_end) = connected_listener(&jail, n).map_err(setup)?;
         let pid = start_backend(
             plan,
             n,
-            dev_entry.uid,
+            uid,
             &listener,
             &cgroup,
             &signals,
@@ -836,7 +816,11 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
 /// Removes everything the cell had on the host: processes, cgroup, jail directory,
 /// registry entry (and with it the uid and MCS pair).
 pub fn cleanup(opts: &Options, entry: &Entry) {
-    crate::gc::remove_cell(&entry.id);
+    // An entry whose cell could not be fully removed stays, so that gc retries.
+    if let Err(e) = crate::gc::remove_cell(&entry.id) {
+        eprintln!("cellvm-jailer: {e} (the registry entry is kept; `cellvm-jailer gc` retries)");
+        return;
+    }
     if let Ok(reg) = Registry::lock(&opts.run_dir) {
         if let Err(e) = reg.remove(&entry.id) {
             eprintln!("cellvm-jailer: {e}");

@@ -5,6 +5,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::cgroup::Cgroup;
@@ -211,17 +212,64 @@ pub fn plan(opts: &Options) -> Result<Plan, Failure> {
         ))
     })?;
     let vmm = open_static_binary(&opts.vmm).map_err(setup)?;
+    // Each disk opened (never blocking, only what the file and the policy allow),
+    // locked against other writers, and bounded in size.
     let mut devices = Vec::new();
+    let mut seen: Vec<((u64, u64), bool)> = Vec::new();
+    for f in kernel.iter().chain(initrd.iter()) {
+        let m = f.metadata().map_err(setup)?;
+        seen.push(((m.dev(), m.ino()), false));
+    }
+    let mut writable_bytes: u64 = 0;
     for (i, d) in spec.disks.iter().enumerate() {
-        let image =
-            paths::open_beneath_mode(&policy.image_dirs, &d.path, !d.readonly).map_err(|e| {
-                refused(format!(
-                    "tenant {}: vm {}: disks[{i}]: {e}",
-                    policy.name, spec.name
-                ))
-            })?;
+        let refuse = |message: String| {
+            refused(format!(
+                "tenant {}: vm {}: disks[{i}]: {message}",
+                policy.name, spec.name
+            ))
+        };
+        // Two names of one file are one image: only read-only users may share it.
+        let id = std::fs::metadata(&d.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        let image = match paths::open_disk(&policy, &d.path, !d.readonly) {
+            Ok(image) => image,
+            Err(e) => {
+                if let Some(j) = seen.iter().position(|(s, _)| Some(*s) == id) {
+                    return Err(refuse(format!(
+                        "the same image as {}; a writable image has one user",
+                        image_name(j, kernel.is_some(), initrd.is_some())
+                    )));
+                }
+                return Err(refuse(e.to_string()));
+            }
+        };
+        if let Some(j) = seen
+            .iter()
+            .position(|(s, w)| *s == image.id && (*w || !d.readonly))
+        {
+            return Err(refuse(format!(
+                "the same image as {}; a writable image has one user",
+                image_name(j, kernel.is_some(), initrd.is_some())
+            )));
+        }
+        seen.push((image.id, !d.readonly));
+        if let Some(max) = policy.max_disk_bytes.filter(|m| image.size > *m) {
+            return Err(refuse(format!(
+                "size = {} bytes exceeds the tenant limit max_disk_bytes = {max}",
+                image.size
+            )));
+        }
+        if !d.readonly {
+            writable_bytes = writable_bytes.saturating_add(image.size);
+            if let Some(max) = policy.max_total_disk_bytes.filter(|m| writable_bytes > *m) {
+                return Err(refuse(format!(
+                    "writable disks of {writable_bytes} bytes in all exceed the tenant limit max_total_disk_bytes = {max}"
+                )));
+            }
+        }
         devices.push(Device::Blk {
-            image,
+            image: image.file,
             readonly: d.readonly,
             direct: d.direct,
             queues: d.queues,
@@ -252,6 +300,19 @@ pub fn plan(opts: &Options) -> Result<Plan, Failure> {
         device_bin,
         devices,
     })
+}
+
+/// The field the `n`-th image of `plan()` (kernel, initrd, then the disks) came from.
+fn image_name(n: usize, kernel: bool, initrd: bool) -> String {
+    let files: Vec<&str> = [("kernel", kernel), ("initrd", initrd)]
+        .iter()
+        .filter(|(_, present)| *present)
+        .map(|(name, _)| *name)
+        .collect();
+    match files.get(n) {
+        Some(name) => name.to_string(),
+        None => format!("disks[{}]", n - files.len()),
+    }
 }
 
 /// Attaches every tap of the plan (in the tenant's network namespace): a tap that is

@@ -52,6 +52,26 @@ pub fn set_stdio(stdio: [RawFd; 3]) -> Result<(), Error> {
     Ok(())
 }
 
+/// In the jailer itself, first: descriptors 0, 1 and 2 open (/dev/null where they were
+/// closed), so that no descriptor it opens later gets one of those numbers and is then
+/// replaced by a cell's stdio.
+pub fn ensure_stdio_open() -> Result<(), Error> {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD on any number only reports whether it is open.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            // SAFETY: open of a constant path; the lowest free number is `fd`, which
+            // stays open for the jailer's lifetime.
+            if unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) } < 0 {
+                return Err(Error::Sys {
+                    what: "/dev/null".into(),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Closes every descriptor above stderr except those in `keep`.
 pub fn close_inherited_fds(keep: &[RawFd]) -> Result<(), Error> {
     let mut start = 3u32;

@@ -448,6 +448,8 @@ pub fn jail_dir(id: &str) -> PathBuf {
 
 /// Launches the VM and supervises it; returns the VMM's exit status.
 pub fn launch(opts: &Options) -> Result<i32, Failure> {
+    // Stdio open before anything is opened: a cell's stdio goes onto 0, 1 and 2.
+    identity::ensure_stdio_open().map_err(setup)?;
     // Reclaim what dead supervisors left before anything could trip on it: a tap their
     // backend still held, an image still locked, a uid still taken.
     crate::gc::collect(&Registry::lock(&opts.run_dir).map_err(setup)?);

@@ -536,6 +536,7 @@ fn every_device_backend_runs_in_a_cell_of_its_own() {
 fn sigkill_of_the_vmm_ends_the_launch_and_leaves_nothing_behind() {
     let id = unique("sigkill");
     let (jailer_proc, pid) = start_holding(&id, 30);
+    // SAFETY: kill with integer arguments; pid is the VMM this test started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     assert_eq!(wait_code(jailer_proc), Some(128 + libc::SIGKILL));
     assert_nothing_left(&id);
@@ -545,6 +546,7 @@ fn sigkill_of_the_vmm_ends_the_launch_and_leaves_nothing_behind() {
 fn sigterm_to_the_jailer_is_passed_to_the_vm_and_everything_is_cleaned_up() {
     let id = unique("sigterm");
     let (jailer_proc, _) = start_holding(&id, 30);
+    // SAFETY: kill with integer arguments; the pid is the jailer this test started.
     unsafe { libc::kill(jailer_proc.id() as i32, libc::SIGTERM) };
     let start = Instant::now();
     assert_eq!(

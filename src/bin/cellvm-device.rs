@@ -160,9 +160,10 @@ fn net(opts: &Opts) -> Result<(), Usage> {
     };
     let tap = match opts.one_of("tap", "tap-fd")? {
         (true, name) => backend::net::Tap::open(name),
-        // SAFETY: the descriptor was handed to this process to own.
         (false, fd) => {
-            backend::net::Tap::from_fd(unsafe { OwnedFd::from_raw_fd(opts.fd("tap-fd", fd)?) })
+            let fd = opts.fd("tap-fd", fd)?;
+            // SAFETY: the descriptor was handed to this process to own.
+            backend::net::Tap::from_fd(unsafe { OwnedFd::from_raw_fd(fd) })
         }
     }
     .map_err(|e| (format!("tap: {e}"), 2))?;

@@ -133,19 +133,17 @@ mod tests {
         }
     }
 
+    /// A raw syscall whose arguments are integers, or pointers to locals of the caller
+    /// that outlive the call.
+    fn sys(nr: libc::c_long, a: usize, b: usize, c: usize, d: usize) -> i64 {
+        // SAFETY: by the callers' contract the kernel only reads live memory of theirs;
+        // every other argument is a plain integer it checks itself.
+        unsafe { libc::syscall(nr, a, b, c, d, usize::MAX, 0usize) }
+    }
+
     fn mmap(prot: i32) -> i64 {
-        // SAFETY: an anonymous mapping the child never uses.
-        unsafe {
-            libc::syscall(
-                libc::SYS_mmap,
-                0usize,
-                4096usize,
-                prot,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        }
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as usize;
+        sys(libc::SYS_mmap, 0, 4096, prot as usize, flags)
     }
 
     /// No profile of any role lets memory become executable: mmap (every profile) and
@@ -169,17 +167,9 @@ mod tests {
                 "{role}/{thread}: mmap R+X"
             );
             if role != "vmm" {
-                // SAFETY (both): mprotect of a fresh anonymous page of the child.
-                let mprotect = |prot: i32| unsafe {
-                    let p = libc::mmap(
-                        std::ptr::null_mut(),
-                        4096,
-                        libc::PROT_READ,
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                        -1,
-                        0,
-                    );
-                    libc::syscall(libc::SYS_mprotect, p, 4096usize, prot)
+                let mprotect = |prot: i32| {
+                    let page = mmap(libc::PROT_READ);
+                    sys(libc::SYS_mprotect, page as usize, 4096, prot as usize, 0)
                 };
                 assert_eq!(
                     in_child(role, thread, || mprotect(rw)),
@@ -200,50 +190,45 @@ mod tests {
     #[test]
     fn backend_profiles_allow_only_the_operations_the_code_uses() {
         for role in ["blk", "net", "rng"] {
-            // SAFETY (every closure): raw syscalls with integer arguments or a pointer
-            // to a local; the child exits right after.
+            let word = 0u32;
+            let word = &word as *const u32 as usize;
             let allowed: [(&str, &dyn Fn() -> i64); 4] = [
-                ("PR_SET_NAME", &|| unsafe {
-                    libc::syscall(libc::SYS_prctl, libc::PR_SET_NAME, c"x".as_ptr())
+                ("PR_SET_NAME", &|| {
+                    let name = c"x".as_ptr() as usize;
+                    sys(libc::SYS_prctl, libc::PR_SET_NAME as usize, name, 0, 0)
                 }),
-                ("F_DUPFD_CLOEXEC", &|| unsafe {
-                    libc::syscall(libc::SYS_fcntl, 2, libc::F_DUPFD_CLOEXEC, 3)
+                ("F_DUPFD_CLOEXEC", &|| {
+                    sys(libc::SYS_fcntl, 2, libc::F_DUPFD_CLOEXEC as usize, 3, 0)
                 }),
-                ("MADV_DONTNEED", &|| unsafe {
-                    libc::syscall(libc::SYS_madvise, 0usize, 0usize, libc::MADV_DONTNEED)
+                ("MADV_DONTNEED", &|| {
+                    sys(libc::SYS_madvise, 0, 0, libc::MADV_DONTNEED as usize, 0)
                 }),
-                ("FUTEX_WAKE_PRIVATE", &|| unsafe {
-                    let word = 0u32;
-                    libc::syscall(
-                        libc::SYS_futex,
-                        &word,
-                        libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-                        1,
-                    )
+                ("FUTEX_WAKE_PRIVATE", &|| {
+                    let op = (libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG) as usize;
+                    sys(libc::SYS_futex, word, op, 1, 0)
                 }),
             ];
             for (what, call) in allowed {
                 assert!(in_child(role, "all", call).is_ok(), "{role}: {what}");
             }
             let refused: [(&str, &dyn Fn() -> i64); 6] = [
-                ("PR_SET_DUMPABLE", &|| unsafe {
-                    libc::syscall(libc::SYS_prctl, libc::PR_SET_DUMPABLE, 1)
+                ("PR_SET_DUMPABLE", &|| {
+                    sys(libc::SYS_prctl, libc::PR_SET_DUMPABLE as usize, 1, 0, 0)
                 }),
-                ("PR_SET_MDWE", &|| unsafe {
-                    libc::syscall(libc::SYS_prctl, libc::PR_SET_MDWE, 0)
+                ("PR_SET_MDWE", &|| {
+                    sys(libc::SYS_prctl, libc::PR_SET_MDWE as usize, 0, 0, 0)
                 }),
-                ("F_SETFL", &|| unsafe {
-                    libc::syscall(libc::SYS_fcntl, 2, libc::F_SETFL, 0)
+                ("F_SETFL", &|| {
+                    sys(libc::SYS_fcntl, 2, libc::F_SETFL as usize, 0, 0)
                 }),
-                ("F_SETOWN", &|| unsafe {
-                    libc::syscall(libc::SYS_fcntl, 2, libc::F_SETOWN, 1)
+                ("F_SETOWN", &|| {
+                    sys(libc::SYS_fcntl, 2, libc::F_SETOWN as usize, 1, 0)
                 }),
-                ("MADV_DONTFORK", &|| unsafe {
-                    libc::syscall(libc::SYS_madvise, 0usize, 0usize, libc::MADV_DONTFORK)
+                ("MADV_DONTFORK", &|| {
+                    sys(libc::SYS_madvise, 0, 0, libc::MADV_DONTFORK as usize, 0)
                 }),
-                ("FUTEX_LOCK_PI", &|| unsafe {
-                    let word = 0u32;
-                    libc::syscall(libc::SYS_futex, &word, libc::FUTEX_LOCK_PI, 0)
+                ("FUTEX_LOCK_PI", &|| {
+                    sys(libc::SYS_futex, word, libc::FUTEX_LOCK_PI as usize, 0, 0)
                 }),
             ];
             for (what, call) in refused {
@@ -260,10 +245,8 @@ mod tests {
     /// on a bad descriptor, EBADF), growing (mode 0) and COLLAPSE_RANGE kill.
     #[test]
     fn blk_fallocate_takes_only_the_modes_that_keep_the_size() {
-        // SAFETY (every closure): fallocate on descriptor -1: the kernel answers EBADF
-        // if the filter lets it through.
-        let f =
-            |mode: i32| move || unsafe { libc::syscall(libc::SYS_fallocate, -1, mode, 0, 4096) };
+        // On descriptor -1: the kernel answers EBADF if the filter lets it through.
+        let f = |mode: i32| move || sys(libc::SYS_fallocate, usize::MAX, mode as usize, 0, 4096);
         let keep = libc::FALLOC_FL_KEEP_SIZE;
         assert_eq!(
             in_child("blk", "all", f(libc::FALLOC_FL_PUNCH_HOLE | keep)),

@@ -20,8 +20,8 @@ pub enum Mdwe {
 }
 
 /// Makes the calling process
-/// - non-dumpable (PR_SET_DUMPABLE 0): no core dumps of guest memory, its /proc files
-///   (mem, environ, attr/*, fd) owned by root, and ptrace by its own uid refused;
+/// - non-dumpable (PR_SET_DUMPABLE 0): no core dumps of guest memory, and neither
+///   ptrace nor /proc/PID/{mem,environ,fd} for other processes of its own uid;
 /// - memory-deny-write-execute (PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN), a second layer
 ///   beside the seccomp profiles against turning written bytes into code. It does not
 ///   stop a fresh read+execute mapping of a file (only seccomp does); it stops

@@ -543,11 +543,93 @@ fn the_shipped_binaries_contain_no_probes() {
         let out = Command::new(bin(program)).args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{program} {args:?}");
         let bytes = std::fs::read(bin(program)).unwrap();
-        for name in ["open-via-proc-root", "read-other-process-memory", "ptrace-other-process"] {
+        for name in [
+            "open-via-proc-root",
+            "read-other-process-memory",
+            "ptrace-other-process",
+        ] {
             assert!(
                 !bytes.windows(name.len()).any(|w| w == name.as_bytes()),
                 "{program} contains {name:?}"
             );
         }
     }
+}
+
+/// A running jailed VMM and its rng backend make themselves non-dumpable at start
+/// (PR_SET_DUMPABLE 0): a process of the same uid cannot read their /proc/PID/environ
+/// (ptrace access), while it can read that of a dumpable process of that uid (the
+/// positive control).
+#[test]
+fn the_vmm_and_its_backends_are_not_dumpable() {
+    use std::os::unix::process::CommandExt;
+    let vm = scratch().join("hold.toml");
+    std::fs::write(
+        &vm,
+        "name = \"hold\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=none hold=5\"\nrng = true\n",
+    )
+    .unwrap();
+    let id = unique("dumpable");
+    let mut jailer = Command::new(bin("cellvm-jailer"))
+        .args(["launch", "--id", &id, "--policy"])
+        .arg(repo("policy/tenants/example.toml"))
+        .arg("--vm")
+        .arg(&vm)
+        .arg("--vmm")
+        .arg(bin("cellvm"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let parent = jailer.id().to_string();
+    let field = |pid: &str, key: &str| -> Option<String> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next().map(String::from))
+    };
+    let mut cells = Vec::new();
+    for _ in 0..200 {
+        cells = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|pid| field(pid, "PPid:").as_deref() == Some(parent.as_str()))
+            .filter(|pid| field(pid, "Uid:").is_some_and(|u| u != "0"))
+            .collect();
+        if cells.len() >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(cells.len() >= 2, "the VMM and the rng backend: {cells:?}");
+    let read_as = |uid: u32, pid: &str| {
+        Command::new("cat")
+            .arg(format!("/proc/{pid}/environ"))
+            .uid(uid)
+            .gid(uid)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    for pid in &cells {
+        let uid: u32 = field(pid, "Uid:").unwrap().parse().unwrap();
+        let mut dumpable = Command::new("sleep")
+            .arg("5")
+            .uid(uid)
+            .gid(uid)
+            .spawn()
+            .unwrap();
+        assert!(
+            read_as(uid, &dumpable.id().to_string()),
+            "control: uid {uid} reads its own dumpable process"
+        );
+        let _ = dumpable.kill();
+        let _ = dumpable.wait();
+        assert!(!read_as(uid, pid), "pid {pid} (uid {uid}) is dumpable");
+    }
+    let _ = jailer.kill();
+    let _ = jailer.wait();
 }

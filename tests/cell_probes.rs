@@ -633,3 +633,63 @@ fn the_vmm_and_its_backends_are_not_dumpable() {
     let _ = jailer.kill();
     let _ = jailer.wait();
 }
+
+/// TIOCSTI's positive control: with a terminal on fd 0 (a fresh pty), root outside a
+/// cell can push a byte into its input (legacy_tiocsti = 1 here); with the test's
+/// stdio (no terminal) the answer is ENOTTY, the reason every cell run here sees.
+#[test]
+fn tiocsti_types_into_a_terminal_outside_a_cell() {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the locals; no name, termios or size.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are fresh and owned from here on.
+    let (_master, slave) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    };
+    let legacy = std::fs::read_to_string("/proc/sys/dev/tty/legacy_tiocsti")
+        .map(|s| s.trim() == "1")
+        .unwrap_or(true);
+    let mut c = Command::new(bin("cellvm-probe"));
+    c.args([
+        "tiocsti",
+        "--role",
+        "vmm",
+        "--seccomp",
+        "off",
+        "--hardening",
+        "off",
+    ])
+    .stdin(slave);
+    let out = common::run(c, LIMIT);
+    let expect = if legacy {
+        "allowed on fd 0"
+    } else {
+        "denied EIO"
+    };
+    assert_eq!(report("tiocsti", &out), expect);
+    let mut c = Command::new(bin("cellvm-probe"));
+    c.args([
+        "tiocsti",
+        "--role",
+        "vmm",
+        "--seccomp",
+        "off",
+        "--hardening",
+        "off",
+    ])
+    .stdin(std::process::Stdio::null());
+    assert_eq!(report("tiocsti", &common::run(c, LIMIT)), "denied ENOTTY");
+}

@@ -11,13 +11,17 @@ fn main() {
 }
 
 /// Compiles every profile in policy/seccomp/*.json (seccompiler's JSON, plus a
-/// `comment` per thread kind, which is dropped here) to BPF, in two variants: the
-/// profile as written (kill on violation) and one that logs instead, for diagnosis.
+/// `comment` per thread kind and an optional `include` list, both dropped here) to BPF,
+/// in two variants: the profile as written (kill on violation) and one that logs
+/// instead, for diagnosis. `include` names sections in policy/seccomp/common/ (a
+/// `filter` list and their own `include`s): their rules are appended, so the rules every
+/// backend shares are written once.
 fn compile_seccomp_profiles() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     let dir = manifest.join("policy/seccomp");
     println!("cargo:rerun-if-changed={}", dir.display());
+    println!("cargo:rerun-if-changed={}", dir.join("common").display());
     let mut index = String::new();
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
@@ -32,16 +36,29 @@ fn compile_seccomp_profiles() {
             serde_json::from_str(&std::fs::read_to_string(&file).unwrap())
                 .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         for thread in doc.values_mut() {
-            thread
+            let t = thread
                 .as_object_mut()
-                .expect("each thread kind is an object")
-                .remove("comment");
+                .expect("each thread kind is an object");
+            t.remove("comment");
+            let mut seen = Vec::new();
+            let extra = match t.remove("include") {
+                Some(names) => include_rules(&dir, &names, &mut seen),
+                None => Vec::new(),
+            };
+            t.get_mut("filter")
+                .and_then(|f| f.as_array_mut())
+                .unwrap_or_else(|| panic!("{}: each thread kind has a filter list", file.display()))
+                .extend(extra);
         }
         for (variant, action) in [("kill", None), ("log", Some("log"))] {
             let mut d = doc.clone();
             if let Some(a) = action {
+                // Only what kills is softened: a profile that answers an errno (clone3)
+                // stays as it is.
                 for thread in d.values_mut() {
-                    thread["default_action"] = serde_json::Value::String(a.into());
+                    if thread["default_action"] == "kill_process" {
+                        thread["default_action"] = serde_json::Value::String(a.into());
+                    }
                 }
             }
             let json = serde_json::to_vec(&d).unwrap();
@@ -72,6 +89,43 @@ fn compile_seccomp_profiles() {
         }
     }
     std::fs::write(out.join("seccomp_profiles.rs"), format!("&[\n{index}]")).unwrap();
+}
+
+/// The rules of the sections named in `names` (policy/seccomp/common/NAME.json) and of
+/// the sections they include, each section once.
+fn include_rules(
+    dir: &std::path::Path,
+    names: &serde_json::Value,
+    seen: &mut Vec<String>,
+) -> Vec<serde_json::Value> {
+    let mut rules = Vec::new();
+    for name in names
+        .as_array()
+        .expect("include is a list of section names")
+    {
+        let name = name.as_str().expect("a section name").to_string();
+        if seen.contains(&name) {
+            continue;
+        }
+        seen.push(name.clone());
+        let path = dir.join("common").join(format!("{name}.json"));
+        println!("cargo:rerun-if-changed={}", path.display());
+        let section: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if let Some(inner) = section.get("include") {
+            rules.extend(include_rules(dir, inner, seen));
+        }
+        rules.extend(
+            section["filter"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{}: no filter list", path.display()))
+                .iter()
+                .cloned(),
+        );
+    }
+    rules
 }
 
 fn build_test_guest() {

@@ -1,13 +1,16 @@
 //! cellvm: a security-hardened KVM virtual machine monitor.
 //!
-//! The crate is one binary (`cellvm`) so every cell execs the same audited file; this
-//! library holds its parts so tests and fuzz targets reach them directly.
+//! Two programs share this library: the VMM (`cellvm`) and the device backends
+//! (`cellvm-device`); tests and fuzz targets reach its parts directly. Nothing made for
+//! tests ships in either program: the fuzz entry points exist only with the `fuzzing`
+//! feature, and the escape probes are a test program of their own (tests/probe).
 
 pub mod arch;
 pub mod backend;
 pub mod devices;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
-pub mod probe;
+pub mod hardening;
 pub mod seccomp;
 pub mod testguest;
 pub mod virtio;

@@ -26,19 +26,6 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
-    /// Test only: try one thing a cell must forbid, after installing the VMM's
-    /// main-thread seccomp profile, and report how it was stopped.
-    #[command(hide = true)]
-    Probe {
-        name: String,
-        #[arg(long, value_enum, default_value = "kill")]
-        seccomp: cellvm::seccomp::Mode,
-        /// Whose confinement to take on: the VMM's main thread (vmm) or a backend's
-        /// (blk, net, rng: its process-wide seccomp profile and Landlock, as it installs
-        /// them; backend cells run `cellvm-device probe` instead).
-        #[arg(long, default_value = "vmm")]
-        role: String,
-    },
 }
 
 #[derive(Args)]
@@ -79,6 +66,10 @@ struct RunArgs {
     /// memory, so no device backends can share it.
     #[arg(long)]
     ksm: bool,
+    /// Where the kernel cannot seal guest RAM against execution (MFD_NOEXEC_SEAL, Linux
+    /// 6.3+), run with a logged warning instead of refusing (a tenant policy's choice).
+    #[arg(long)]
+    allow_executable_ram: bool,
     /// The same fields from a TOML file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -96,11 +87,6 @@ fn main() -> ExitCode {
     unsafe { libc::signal(libc::SIGTERM, on_sigterm as *const () as libc::sighandler_t) };
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Probe {
-            name,
-            seccomp,
-            role,
-        } => Ok(cellvm::probe::run(&name, seccomp, &role)),
         Command::Run(args) => run(args),
         Command::Testguest { output } => std::fs::write(&output, cellvm::testguest::IMAGE)
             .map(|_| 0)
@@ -116,6 +102,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> Result<i32, (String, i32)> {
+    // Before any input: non-dumpable, and no memory may become executable.
+    cellvm::hardening::lock_process().map_err(|e| (e.to_string(), 1))?;
     let from_file = match &args.config {
         Some(path) => VmConfig::from_toml(path).map_err(|e| (e.to_string(), 2))?,
         None => VmConfig::default(),
@@ -133,6 +121,7 @@ fn run(args: RunArgs) -> Result<i32, (String, i32)> {
         rng: args.rng,
         nets: (!args.nets.is_empty()).then_some(args.nets),
         ksm: args.ksm.then_some(true),
+        allow_executable_ram: args.allow_executable_ram.then_some(true),
     };
     let code =
         cellvm::vmm::run(from_file.merge(flags)).map_err(|e| (e.to_string(), e.exit_code()))?;

@@ -1,6 +1,6 @@
 //! `cellvm-jailer`: launches through every layer, refusals, what a running cell looks
-//! like from outside, cleanup after every kind of ending, and escape probes from inside
-//! the VMM's exact cell.
+//! like from outside, and cleanup after every kind of ending. (The escape probes from
+//! inside each cell are in cell_probes.rs.)
 
 mod common;
 
@@ -536,6 +536,7 @@ fn every_device_backend_runs_in_a_cell_of_its_own() {
 fn sigkill_of_the_vmm_ends_the_launch_and_leaves_nothing_behind() {
     let id = unique("sigkill");
     let (jailer_proc, pid) = start_holding(&id, 30);
+    // SAFETY: kill with integer arguments; pid is the VMM this test started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     assert_eq!(wait_code(jailer_proc), Some(128 + libc::SIGKILL));
     assert_nothing_left(&id);
@@ -545,6 +546,7 @@ fn sigkill_of_the_vmm_ends_the_launch_and_leaves_nothing_behind() {
 fn sigterm_to_the_jailer_is_passed_to_the_vm_and_everything_is_cleaned_up() {
     let id = unique("sigterm");
     let (jailer_proc, _) = start_holding(&id, 30);
+    // SAFETY: kill with integer arguments; the pid is the jailer this test started.
     unsafe { libc::kill(jailer_proc.id() as i32, libc::SIGTERM) };
     let start = Instant::now();
     assert_eq!(
@@ -593,188 +595,6 @@ fn gc_reclaims_the_cell_of_a_supervisor_that_died() {
         out.stdout
     );
     assert_nothing_left(&id);
-}
-
-fn probe(name: &str, without: &[&str]) -> common::Outcome {
-    probe_in("vmm", name, without)
-}
-
-/// Runs probe `name` in the cell of `role` (vmm, or the example VM's blk, net or rng
-/// backend).
-fn probe_in(role: &str, name: &str, without: &[&str]) -> common::Outcome {
-    let id = unique(&format!("probe-{role}-{name}-{}", without.join("-")));
-    let mut extra = vec!["--probe", name, "--probe-in", role];
-    for w in without {
-        extra.extend(["--without", w]);
-    }
-    // The example VM has a tap: each launch gets a namespace and tap of its own.
-    let ns = common::NetNs::new("probe");
-    let out = launch_with(
-        &test_policy(&ns.name),
-        &id,
-        &repo("policy/vms/example.toml"),
-        &extra,
-    );
-    assert_nothing_left(&id);
-    out
-}
-
-#[test]
-fn test_switches_are_refused_unless_the_tenant_policy_allows_them() {
-    for extra in [&["--probe", "mount"][..], &["--without", "seccomp"][..]] {
-        let id = unique("switch");
-        let out = launch(&id, &repo("policy/vms/example.toml"), extra);
-        assert_eq!(out.code, Some(2), "{extra:?}: {}", out.stderr);
-        assert!(
-            out.stderr
-                .contains("test switches; the tenant policy does not allow them"),
-            "{}",
-            out.stderr
-        );
-        assert!(out.stdout.is_empty());
-        assert_nothing_left(&id);
-    }
-}
-
-/// Runs every probe in the cell of `role` with every layer on: seccomp kills the
-/// process (SIGSYS) before the call runs, except the memory hog, which the cgroup's
-/// memory.max kills.
-fn assert_every_probe_is_stopped(role: &str) {
-    for name in cellvm::probe::PROBES {
-        let out = probe_in(role, name, &[]);
-        let expect = if *name == "allocate-past-memory-max" {
-            128 + libc::SIGKILL
-        } else {
-            128 + libc::SIGSYS
-        };
-        assert_eq!(
-            out.code,
-            Some(expect),
-            "{role} {name}: {}{}",
-            out.stdout,
-            out.stderr
-        );
-        assert!(
-            !out.stdout.contains("allowed"),
-            "{role} {name}: {}",
-            out.stdout
-        );
-    }
-}
-
-/// Every probe, in the full cell: the VMM's seccomp profile stops each one.
-#[test]
-fn every_escape_probe_is_stopped_in_the_full_cell() {
-    assert_every_probe_is_stopped("vmm");
-}
-
-/// The same probes in each device backend's cell (`--probe-in blk|net|rng`: the probe
-/// takes the backend's place and its confinement: the backend's process-wide seccomp
-/// profile and Landlock).
-#[test]
-fn every_escape_probe_is_stopped_in_each_backend_cell() {
-    for role in ["blk", "net", "rng"] {
-        assert_every_probe_is_stopped(role);
-    }
-}
-
-/// Without seccomp, the backend cell's other layers: an empty read-only root (no files,
-/// no /proc, nowhere to mount), no network, no capabilities, alone in its pid namespace.
-#[test]
-fn without_seccomp_a_backend_cell_still_holds() {
-    for role in ["blk", "net", "rng"] {
-        for (name, outcome) in [
-            ("open-host-file", "denied ENOENT"),
-            ("open-via-proc-root", "denied ENOENT"),
-            ("open-dev-mem", "denied ENOENT"),
-            ("write-other-vm-image", "denied ENOENT"),
-            ("open-other-vm-memfd", "denied ENOENT"),
-            ("write-jail-file", "denied EROFS"),
-            ("mount", "denied ENOENT"),
-            ("setuid-root", "denied EPERM"),
-            ("exec-kernel-image", "denied ENOENT"),
-            ("connect-inet", "denied ENETUNREACH"),
-            ("ptrace-init", "denied EPERM"),
-            ("signal-other-processes", "denied ESRCH"),
-        ] {
-            let out = probe_in(role, name, &["seccomp"]);
-            assert_eq!(out.code, Some(0), "{role} {name}: {}", out.stderr);
-            assert_eq!(
-                out.stdout.trim(),
-                format!("PROBE {name} {outcome}"),
-                "{role} {name}"
-            );
-        }
-    }
-}
-
-/// Defence in depth: with seccomp left out, which other layer stops each probe, and how.
-#[test]
-fn without_seccomp_the_other_layers_still_stop_the_probes() {
-    let expected = [
-        ("open-host-file", "denied ENOENT"),        // the jail: no /etc
-        ("open-via-proc-root", "denied ENOENT"),    // the jail: no /proc
-        ("open-dev-mem", "denied ENOENT"),          // the jail: only /dev/kvm
-        ("write-other-vm-image", "denied ENOENT"),  // the jail: no image directories
-        ("open-other-vm-memfd", "denied ENOENT"),   // the jail: no /proc
-        ("write-jail-file", "denied EROFS"),        // the jail's root is read-only
-        ("mount", "denied EPERM"),                  // no capabilities
-        ("setuid-root", "denied EPERM"),            // no capabilities
-        ("raise-rlimit", "denied EPERM"),           // no CAP_SYS_RESOURCE
-        ("exec-kernel-image", "denied EACCES"),     // noexec mounts and Landlock
-        ("connect-inet", "denied ENETUNREACH"),     // empty net namespace
-        ("mknod", "denied EROFS"),                  // read-only root (and no CAP_MKNOD)
-        ("bpf", "denied EPERM"),                    // no CAP_BPF
-        ("perf-event-open", "denied EACCES"),       // no CAP_PERFMON, perf_event_paranoid
-        ("ptrace-init", "denied EPERM"),            // alone in its pid namespace
-        ("signal-other-processes", "denied ESRCH"), // alone in its pid namespace
-        ("read-other-process-memory", "denied ESRCH"), // no other process visible
-    ];
-    for (name, outcome) in expected {
-        let out = probe(name, &["seccomp"]);
-        assert_eq!(out.code, Some(0), "{name}: {}", out.stderr);
-        assert_eq!(
-            out.stdout.trim(),
-            format!("PROBE {name} {outcome}"),
-            "{name}"
-        );
-    }
-    // pids.max = 64 (and RLIMIT_NPROC = 64 for the cell's uid): the 64th process fails.
-    let out = probe("fork-past-pids-max", &["seccomp"]);
-    let line = out.stdout.trim();
-    let forks: u32 = line
-        .strip_prefix("PROBE fork-past-pids-max denied EAGAIN after ")
-        .and_then(|n| n.strip_suffix(" forks"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{line}"));
-    assert!((32..64).contains(&forks), "{line}");
-    let out = probe("allocate-past-memory-max", &["seccomp"]);
-    assert_eq!(
-        out.code,
-        Some(128 + libc::SIGKILL),
-        "memory.max kills the hog"
-    );
-}
-
-/// With seccomp and Landlock both left out, the mount layout still stops execution
-/// and writes.
-#[test]
-fn without_seccomp_and_landlock_the_jail_still_holds() {
-    for (name, outcome) in [
-        ("exec-kernel-image", "denied EACCES"),
-        ("write-jail-file", "denied EROFS"),
-        ("open-host-file", "denied ENOENT"),
-        ("write-other-vm-image", "denied ENOENT"),
-        ("open-other-vm-memfd", "denied ENOENT"),
-    ] {
-        let out = probe(name, &["seccomp", "landlock"]);
-        assert_eq!(
-            out.stdout.trim(),
-            format!("PROBE {name} {outcome}"),
-            "{name}: {}",
-            out.stderr
-        );
-    }
 }
 
 /// A tap already attached (here by an unjailed VM) cannot be taken by a second VM: the

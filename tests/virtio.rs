@@ -32,13 +32,13 @@ fn make_image(dir: &Path) -> PathBuf {
 fn assert_image_after_blk(path: &Path) {
     let b = std::fs::read(path).unwrap();
     assert_eq!(b.len(), 1 << 20, "the image kept its size");
-    for o in 0..64 * 512 {
+    for (o, got) in b.iter().enumerate().take(64 * 512) {
         let want = match o / 512 {
             16..=23 => 0xa5 ^ (o - 16 * 512) as u8,
             32..=47 => 0,
             _ => pattern(o),
         };
-        assert_eq!(b[o], want, "image byte {o} (sector {})", o / 512);
+        assert_eq!(*got, want, "image byte {o} (sector {})", o / 512);
     }
 }
 

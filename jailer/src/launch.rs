@@ -26,8 +26,12 @@ pub struct Options {
     /// The device backends' binary, exec'd in each backend cell.
     pub device: PathBuf,
     pub run_dir: PathBuf,
-    /// Test-only: run `cellvm probe NAME` in the VMM's exact cell instead of the VMM.
+    /// Test-only: run probe NAME (`cellvm-probe NAME --role ROLE --seccomp MODE`) in the
+    /// VMM's exact cell instead of the VMM.
     pub probe: Option<String>,
+    /// Test-only: the probe program; main.rs puts it in place of `vmm` or `device` for
+    /// the probe's cell.
+    pub probe_binary: Option<PathBuf>,
     /// Test-only: where the probe runs: `vmm`, or the cell of the first `blk`, `net` or
     /// `rng` backend (then no VMM is started and the launch ends with the probe's
     /// status).
@@ -402,9 +406,10 @@ fn vmm_argv(plan: &Plan, opts: &Options, device_fds: &[i32]) -> Vec<String> {
     };
     if let Some(name) = &opts.probe {
         return vec![
-            "cellvm".into(),
-            "probe".into(),
+            "cellvm-probe".into(),
             name.clone(),
+            "--role".into(),
+            "vmm".into(),
             "--seccomp".into(),
             seccomp,
         ];
@@ -508,15 +513,21 @@ fn backend_argv(plan: &Plan, n: usize, listener: &OwnedFd, opts: &Options) -> Ve
         opts.seccomp.as_str()
     };
     match probe_target(plan, opts) {
-        Some((target, name)) if target == n => vec![
-            "cellvm-device".into(),
-            "probe".into(),
-            name.into(),
-            "--role".into(),
-            device.kind().into(),
-            "--seccomp".into(),
-            seccomp.into(),
-        ],
+        Some((target, name)) if target == n => {
+            let mut a: Vec<String> = ["cellvm-probe", name, "--role", device.kind()]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            a.extend(["--seccomp".into(), seccomp.into()]);
+            // The backend's own Landlock follows --without landlock too.
+            if opts.without.iter().any(|w| w == "landlock") {
+                a.extend(["--landlock".into(), "off".into()]);
+            }
+            if let Some(fd) = device.passed_fd() {
+                a.extend(["--fd".into(), fd.to_string()]);
+            }
+            a
+        }
         _ => {
             let mut a = device.argv(n, seccomp);
             a.extend(["--listen-fd".into(), listener.as_raw_fd().to_string()]);

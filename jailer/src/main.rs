@@ -53,9 +53,13 @@ enum Command {
         /// What a seccomp violation does: kill, or (if the tenant policy allows) log or off.
         #[arg(long, default_value = "kill")]
         seccomp: String,
-        /// Test only: run `cellvm probe NAME` in the VMM's exact cell.
-        #[arg(long, hide = true)]
+        /// Test only: run probe NAME (`--probe-binary`) in the VMM's exact cell.
+        #[arg(long, hide = true, requires = "probe_binary")]
         probe: Option<String>,
+        /// Test only: the probe program (cellvm-probe, static like the others), exec'd in
+        /// the probe's cell instead of that cell's own program.
+        #[arg(long, hide = true, requires = "probe")]
+        probe_binary: Option<PathBuf>,
         /// Test only: run the probe in the cell of the VM's first `blk`, `net` or `rng` backend
         /// instead (no VMM is started); default `vmm`.
         #[arg(long, hide = true, default_value = "vmm")]
@@ -76,9 +80,11 @@ enum Command {
     },
 }
 
+#[allow(clippy::too_many_arguments)]
 fn options(
     c: Common,
     probe: Option<String>,
+    probe_binary: Option<PathBuf>,
     probe_in: String,
     seccomp: String,
     without: Vec<String>,
@@ -89,9 +95,18 @@ fn options(
             .and_then(|p| p.parent().map(|d| d.join("cellvm")))
             .unwrap_or_else(|| PathBuf::from("cellvm"))
     });
-    let device = c
+    let mut device = c
         .device_binary
         .unwrap_or_else(|| vmm.with_file_name("cellvm-device"));
+    // Test only: the probe's cell execs the probe program, checked as its own would be.
+    let mut vmm = vmm;
+    if let Some(p) = &probe_binary {
+        if probe_in == "vmm" {
+            vmm = p.clone();
+        } else {
+            device = p.clone();
+        }
+    }
     launch::Options {
         policy: c.policy,
         vm: c.vm,
@@ -100,6 +115,7 @@ fn options(
         device,
         run_dir: c.run_dir,
         probe,
+        probe_binary,
         probe_in,
         seccomp,
         without,
@@ -112,9 +128,17 @@ fn main() -> ExitCode {
             common,
             seccomp,
             probe,
+            probe_binary,
             probe_in,
             without,
-        } => match launch::launch(&options(common, probe, probe_in, seccomp, without)) {
+        } => match launch::launch(&options(
+            common,
+            probe,
+            probe_binary,
+            probe_in,
+            seccomp,
+            without,
+        )) {
             Ok(code) => code,
             Err(f) => {
                 eprintln!("cellvm-jailer: {}", f.message);
@@ -123,6 +147,7 @@ fn main() -> ExitCode {
         },
         Command::Check { common } => check(&options(
             common,
+            None,
             None,
             "vmm".into(),
             "kill".into(),

@@ -115,8 +115,8 @@ pub fn segments<M: GuestMemoryBackend>(
 }
 
 /// The host iovecs of checked segments, with the guards that keep them mapped.
-pub fn io_vectors<'a, M: GuestMemoryBackend>(
-    mem: &'a M,
+pub fn io_vectors<M: GuestMemoryBackend>(
+    mem: &M,
     segs: &[Segment],
 ) -> std::io::Result<(
     Vec<libc::iovec>,
@@ -138,13 +138,18 @@ pub fn io_vectors<'a, M: GuestMemoryBackend>(
     Ok((iov, guards))
 }
 
+/// `write_at` could not write every byte: the segments end first, or one is not guest RAM.
+#[derive(Debug, thiserror::Error)]
+#[error("the guest buffer cannot take the write")]
+pub struct ShortBuffer;
+
 /// Writes `bytes` at byte `offset` of the buffer the segments make up together.
 pub fn write_at<M: GuestMemoryBackend>(
     mem: &M,
     segs: &[Segment],
     mut offset: u64,
     mut bytes: &[u8],
-) -> Result<(), ()> {
+) -> Result<(), ShortBuffer> {
     for s in segs {
         if bytes.is_empty() {
             break;
@@ -155,14 +160,14 @@ pub fn write_at<M: GuestMemoryBackend>(
         }
         let n = bytes.len().min((s.len as u64 - offset) as usize);
         mem.write_slice(&bytes[..n], GuestAddress(s.addr.0 + offset))
-            .map_err(|_| ())?;
+            .map_err(|_| ShortBuffer)?;
         bytes = &bytes[n..];
         offset = 0;
     }
     if bytes.is_empty() {
         Ok(())
     } else {
-        Err(())
+        Err(ShortBuffer)
     }
 }
 

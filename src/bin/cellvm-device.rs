@@ -160,9 +160,10 @@ fn net(opts: &Opts) -> Result<(), Usage> {
     };
     let tap = match opts.one_of("tap", "tap-fd")? {
         (true, name) => backend::net::Tap::open(name),
-        // SAFETY: the descriptor was handed to this process to own.
         (false, fd) => {
-            backend::net::Tap::from_fd(unsafe { OwnedFd::from_raw_fd(opts.fd("tap-fd", fd)?) })
+            let fd = opts.fd("tap-fd", fd)?;
+            // SAFETY: the descriptor was handed to this process to own.
+            backend::net::Tap::from_fd(unsafe { OwnedFd::from_raw_fd(fd) })
         }
     }
     .map_err(|e| (format!("tap: {e}"), 2))?;
@@ -204,18 +205,6 @@ fn run(args: &[String]) -> Result<u8, Usage> {
         .map(|_| 0),
         "net" => net(&Opts::parse(rest, &[], &keys(&["tap", "tap-fd", "mac"]))?).map(|_| 0),
         "rng" => rng(&Opts::parse(rest, &[], &keys(&[]))?).map(|_| 0),
-        // Test only: try one thing a backend cell must forbid, under the confinement of
-        // backend ROLE (its process-wide seccomp profile and Landlock).
-        "probe" => {
-            let (name, rest) = rest
-                .split_first()
-                .ok_or_else(|| usage("probe: which probe?"))?;
-            let opts = Opts::parse(rest, &[], &["role", "seccomp"])?;
-            let role = opts
-                .value("role")
-                .ok_or_else(|| usage("probe: --role blk|net|rng"))?;
-            Ok(cellvm::probe::run(name, opts.seccomp()?, role) as u8)
-        }
         "--help" | "-h" | "help" => {
             println!("{USAGE}");
             Ok(0)
@@ -230,6 +219,11 @@ fn run(args: &[String]) -> Result<u8, Usage> {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // Before any input: non-dumpable, and no memory may become executable.
+    if let Err(e) = cellvm::hardening::lock_process() {
+        eprintln!("cellvm-device: error: {e}");
+        return ExitCode::from(1);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
         Ok(code) => ExitCode::from(code),

@@ -59,9 +59,9 @@ pub fn install(role: &str, thread: &str, mode: Mode) -> Result<(), Error> {
 }
 
 /// Installs `role`'s process-wide profile (thread kind `all`) on every thread of the
-/// process, with a second filter that answers clone3 ENOSYS: clone3's flags live in
-/// memory where BPF cannot read them, so thread creation is pushed to clone, whose
-/// flags the profile checks. (Stacked filters: the strictest answer wins.)
+/// process, on top of policy/seccomp/clone3.json, which answers clone3 ENOSYS: clone3's
+/// flags live in memory where BPF cannot read them, so thread creation is pushed to
+/// clone, whose flags the profile checks. (Stacked filters: the strictest answer wins.)
 pub fn install_process(role: &str, mode: Mode) -> Result<(), Error> {
     let variant = match mode {
         Mode::Off => return Ok(()),
@@ -70,18 +70,13 @@ pub fn install_process(role: &str, mode: Mode) -> Result<(), Error> {
     };
     let prog =
         program(role, "all", variant).ok_or_else(|| Error::Missing(role.into(), "all".into()))?;
-    let err = |e| Error::Install(role.into(), "all".into(), e);
-    let no_clone3: seccompiler::BpfProgram = seccompiler::SeccompFilter::new(
-        [(libc::SYS_clone3, vec![])].into_iter().collect(),
-        seccompiler::SeccompAction::Allow,
-        seccompiler::SeccompAction::Errno(libc::ENOSYS as u32),
-        seccompiler::TargetArch::x86_64,
-    )
-    .and_then(|f| f.try_into())
-    .map_err(|e| err(seccompiler::Error::Backend(e)))?;
+    let no_clone3 = program("clone3", "enosys", variant)
+        .ok_or_else(|| Error::Missing("clone3".into(), "enosys".into()))?;
     // The clone3 filter first: the profile itself does not allow seccomp().
-    seccompiler::apply_filter_all_threads(&no_clone3).map_err(err)?;
-    seccompiler::apply_filter_all_threads(&prog).map_err(err)
+    seccompiler::apply_filter_all_threads(&no_clone3)
+        .map_err(|e| Error::Install("clone3".into(), "enosys".into(), e))?;
+    seccompiler::apply_filter_all_threads(&prog)
+        .map_err(|e| Error::Install(role.into(), "all".into(), e))
 }
 
 /// Every (role, thread kind) with a compiled profile.
@@ -109,5 +104,169 @@ mod tests {
             }
         }
         assert!(profiles().contains(&("vmm", "vcpu")));
+    }
+
+    /// Runs `call` in a forked child under `role`/`thread`'s kill profile; returns
+    /// Ok(exit status) or Err(the signal that ended it).
+    fn in_child(role: &str, thread: &str, call: impl Fn() -> i64) -> Result<i32, i32> {
+        let prog = program(role, thread, "kill").expect("profile");
+        // SAFETY: the child only installs a filter (no allocation), makes raw syscalls
+        // and _exits; the parent waits for it.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                if seccompiler::apply_filter(&prog).is_err() {
+                    libc::_exit(100);
+                }
+                let rc = call();
+                // exit, not exit_group: every thread kind's profile has it.
+                libc::syscall(libc::SYS_exit, if rc < 0 { 1 } else { 0 });
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            if libc::WIFSIGNALED(status) {
+                Err(libc::WTERMSIG(status))
+            } else {
+                Ok(libc::WEXITSTATUS(status))
+            }
+        }
+    }
+
+    /// A raw syscall whose arguments are integers, or pointers to locals of the caller
+    /// that outlive the call.
+    fn sys(nr: libc::c_long, a: usize, b: usize, c: usize, d: usize) -> i64 {
+        // SAFETY: by the callers' contract the kernel only reads live memory of theirs;
+        // every other argument is a plain integer it checks itself.
+        unsafe { libc::syscall(nr, a, b, c, d, usize::MAX, 0usize) }
+    }
+
+    fn mmap(prot: i32) -> i64 {
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as usize;
+        sys(libc::SYS_mmap, 0, 4096, prot as usize, flags)
+    }
+
+    /// No profile of any role lets memory become executable: mmap (every profile) and
+    /// mprotect (the backends', the only ones that have it) with PROT_EXEC kill, the
+    /// same calls without it pass.
+    #[test]
+    fn no_profile_allows_executable_memory() {
+        for (role, thread) in profiles() {
+            if role == "clone3" {
+                continue;
+            }
+            let rw = libc::PROT_READ | libc::PROT_WRITE;
+            assert_eq!(
+                in_child(role, thread, || mmap(rw)),
+                Ok(0),
+                "{role}/{thread}: mmap RW"
+            );
+            assert_eq!(
+                in_child(role, thread, || mmap(libc::PROT_READ | libc::PROT_EXEC)),
+                Err(libc::SIGSYS),
+                "{role}/{thread}: mmap R+X"
+            );
+            if role != "vmm" {
+                let mprotect = |prot: i32| {
+                    let page = mmap(libc::PROT_READ);
+                    sys(libc::SYS_mprotect, page as usize, 4096, prot as usize, 0)
+                };
+                assert_eq!(
+                    in_child(role, thread, || mprotect(rw)),
+                    Ok(0),
+                    "{role}: mprotect RW"
+                );
+                assert_eq!(
+                    in_child(role, thread, || mprotect(libc::PROT_READ | libc::PROT_EXEC)),
+                    Err(libc::SIGSYS),
+                    "{role}: mprotect +X"
+                );
+            }
+        }
+    }
+
+    /// prctl only names threads, fcntl only duplicates, madvise only drops pages, futex
+    /// has no priority-inheritance operations: in every backend profile.
+    #[test]
+    fn backend_profiles_allow_only_the_operations_the_code_uses() {
+        for role in ["blk", "net", "rng"] {
+            let word = 0u32;
+            let word = &word as *const u32 as usize;
+            let allowed: [(&str, &dyn Fn() -> i64); 4] = [
+                ("PR_SET_NAME", &|| {
+                    let name = c"x".as_ptr() as usize;
+                    sys(libc::SYS_prctl, libc::PR_SET_NAME as usize, name, 0, 0)
+                }),
+                ("F_DUPFD_CLOEXEC", &|| {
+                    sys(libc::SYS_fcntl, 2, libc::F_DUPFD_CLOEXEC as usize, 3, 0)
+                }),
+                ("MADV_DONTNEED", &|| {
+                    sys(libc::SYS_madvise, 0, 0, libc::MADV_DONTNEED as usize, 0)
+                }),
+                ("FUTEX_WAKE_PRIVATE", &|| {
+                    let op = (libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG) as usize;
+                    sys(libc::SYS_futex, word, op, 1, 0)
+                }),
+            ];
+            for (what, call) in allowed {
+                assert!(in_child(role, "all", call).is_ok(), "{role}: {what}");
+            }
+            let refused: [(&str, &dyn Fn() -> i64); 6] = [
+                ("PR_SET_DUMPABLE", &|| {
+                    sys(libc::SYS_prctl, libc::PR_SET_DUMPABLE as usize, 1, 0, 0)
+                }),
+                ("PR_SET_MDWE", &|| {
+                    sys(libc::SYS_prctl, libc::PR_SET_MDWE as usize, 0, 0, 0)
+                }),
+                ("F_SETFL", &|| {
+                    sys(libc::SYS_fcntl, 2, libc::F_SETFL as usize, 0, 0)
+                }),
+                ("F_SETOWN", &|| {
+                    sys(libc::SYS_fcntl, 2, libc::F_SETOWN as usize, 1, 0)
+                }),
+                ("MADV_DONTFORK", &|| {
+                    sys(libc::SYS_madvise, 0, 0, libc::MADV_DONTFORK as usize, 0)
+                }),
+                ("FUTEX_LOCK_PI", &|| {
+                    sys(libc::SYS_futex, word, libc::FUTEX_LOCK_PI as usize, 0, 0)
+                }),
+            ];
+            for (what, call) in refused {
+                assert_eq!(
+                    in_child(role, "all", call),
+                    Err(libc::SIGSYS),
+                    "{role}: {what}"
+                );
+            }
+        }
+    }
+
+    /// blk's fallocate keeps the image's size: discard and write-zeroes modes pass (here
+    /// on a bad descriptor, EBADF), growing (mode 0) and COLLAPSE_RANGE kill.
+    #[test]
+    fn blk_fallocate_takes_only_the_modes_that_keep_the_size() {
+        // On descriptor -1: the kernel answers EBADF if the filter lets it through.
+        let f = |mode: i32| move || sys(libc::SYS_fallocate, usize::MAX, mode as usize, 0, 4096);
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        assert_eq!(
+            in_child("blk", "all", f(libc::FALLOC_FL_PUNCH_HOLE | keep)),
+            Ok(1)
+        );
+        assert_eq!(
+            in_child("blk", "all", f(libc::FALLOC_FL_ZERO_RANGE | keep)),
+            Ok(1)
+        );
+        for mode in [
+            0,
+            libc::FALLOC_FL_ZERO_RANGE,
+            libc::FALLOC_FL_COLLAPSE_RANGE,
+            keep,
+        ] {
+            assert_eq!(
+                in_child("blk", "all", f(mode)),
+                Err(libc::SIGSYS),
+                "mode {mode:#x}"
+            );
+        }
     }
 }

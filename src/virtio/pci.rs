@@ -753,7 +753,10 @@ mod tests {
         }
     }
 
-    fn device() -> (VirtioPci, Arc<Chip>, Arc<Mutex<Option<(u64, usize)>>>) {
+    /// What the test device saw at its last activation (config address, queue count).
+    type Started = Arc<Mutex<Option<(u64, usize)>>>;
+
+    fn device() -> (VirtioPci, Arc<Chip>, Started) {
         let chip = Arc::new(Chip::default());
         let started = Arc::new(Mutex::new(None));
         let router = Arc::new(MsiRouter::new(chip.clone()));

@@ -252,6 +252,10 @@ pub struct VmConfig {
     /// Guest RAM as private memory the kernel may merge with identical pages of other
     /// VMs (KSM). Device backends cannot share such RAM: no devices with it.
     pub ksm: Option<bool>,
+    /// Where the kernel cannot seal guest RAM against execution (MFD_NOEXEC_SEAL, Linux
+    /// 6.3 and later), run anyway with a logged warning instead of refusing. The jailer
+    /// passes it only when the tenant policy approves the downgrade.
+    pub allow_executable_ram: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -296,6 +300,7 @@ impl VmConfig {
             rng: over.rng.or(self.rng),
             nets: over.nets.or(self.nets),
             ksm: over.ksm.or(self.ksm),
+            allow_executable_ram: over.allow_executable_ram.or(self.allow_executable_ram),
         }
     }
 

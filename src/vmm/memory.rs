@@ -15,6 +15,11 @@ use crate::arch::x86_64::layout;
 pub enum Error {
     #[error("memfd_create: {0}")]
     Memfd(std::io::Error),
+    #[error(
+        "guest RAM: this kernel cannot seal a memfd against execution (MFD_NOEXEC_SEAL, Linux 6.3+); \
+         a tenant policy may allow the downgrade (--allow-executable-ram)"
+    )]
+    NoExecSeal,
     #[error("sizing guest RAM to {0} bytes: {1}")]
     Size(u64, std::io::Error),
     #[error("sealing guest RAM: {0}")]
@@ -33,12 +38,32 @@ pub struct GuestRam {
     pub file: Option<File>,
 }
 
-pub fn create(size: u64) -> Result<GuestRam, Error> {
+/// The flags guest RAM's memfd is made with: sealed against execution
+/// (`MFD_NOEXEC_SEAL`: mode 0666, and `F_SEAL_EXEC` so it can never be made executable),
+/// so guest-written bytes can never be exec'd (execveat) from this descriptor.
+pub const RAM_MEMFD_FLAGS: libc::c_uint =
+    libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | libc::MFD_NOEXEC_SEAL;
+
+/// Creates guest RAM. Where the kernel predates `MFD_NOEXEC_SEAL` (EINVAL), refuses
+/// unless `allow_executable` (the tenant policy's approved downgrade), and then says so.
+pub fn create(size: u64, allow_executable: bool) -> Result<GuestRam, Error> {
     let name = CString::new("cellvm-guest-ram").expect("static name");
     // SAFETY: memfd_create with a valid NUL-terminated name; the fd is checked below and
     // owned by the File from then on.
-    let fd =
-        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let mut fd = unsafe { libc::memfd_create(name.as_ptr(), RAM_MEMFD_FLAGS) };
+    if fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        if !allow_executable {
+            return Err(Error::NoExecSeal);
+        }
+        log::warn!(
+            "guest RAM: this kernel cannot seal a memfd against execution (MFD_NOEXEC_SEAL, \
+             Linux 6.3+); running without it, as the tenant policy allows"
+        );
+        // SAFETY: as above, without the flag this kernel does not know.
+        fd = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+    }
     if fd < 0 {
         return Err(Error::Memfd(std::io::Error::last_os_error()));
     }
@@ -112,4 +137,31 @@ pub fn host_memory_bytes() -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Guest RAM's memfd carries no execute bit and the exec seal, so it can never be
+    /// exec'd nor made executable (chmod +x fails).
+    #[test]
+    fn guest_ram_is_sealed_against_execution() {
+        let ram = create(16 << 20, false).expect("guest RAM");
+        let file = ram.file.expect("a memfd");
+        let mode = file.metadata().unwrap().permissions().mode();
+        assert_eq!(mode & 0o111, 0, "mode {mode:o}");
+        // SAFETY: fcntl(F_GET_SEALS) on a descriptor we own; no pointers.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        assert!(
+            seals >= 0 && seals & libc::F_SEAL_EXEC != 0,
+            "seals {seals:#x}"
+        );
+        let err = file
+            .set_permissions(std::fs::Permissions::from_mode(0o755))
+            .expect_err("chmod +x of sealed guest RAM");
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+    }
 }

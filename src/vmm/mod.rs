@@ -185,7 +185,7 @@ pub fn run(cfg: VmConfig) -> Result<i32, Error> {
     let ram = if cfg.ksm == Some(true) {
         memory::create_mergeable(mem_size)?
     } else {
-        memory::create(mem_size)?
+        memory::create(mem_size, cfg.allow_executable_ram == Some(true))?
     };
     memory::register(&vm, &ram.mem)?;
 

@@ -193,6 +193,7 @@ pub fn create_tables(mem: &GuestMemoryMmap, cpus: u32) -> Result<GuestAddress, E
     Ok(GuestAddress(rsdp_addr))
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
 /// What a guest finds when it reads the tables back (used by tests and fuzzing).
 #[derive(Debug)]
 pub struct ParsedTables {
@@ -202,6 +203,7 @@ pub struct ParsedTables {
     pub dsdt_ok: bool,
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
 fn read_table(mem: &GuestMemoryMmap, addr: u64) -> Result<Vec<u8>, String> {
     let len: u32 = mem
         .read_obj(GuestAddress(addr + 4))
@@ -221,10 +223,12 @@ fn read_table(mem: &GuestMemoryMmap, addr: u64) -> Result<Vec<u8>, String> {
     Ok(t)
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
 fn u64_at(t: &[u8], off: usize) -> Option<u64> {
     Some(u64::from_le_bytes(t.get(off..off + 8)?.try_into().ok()?))
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
 /// Reads the tables from the RSDP as a guest would, checking every checksum.
 pub fn parse_tables(mem: &GuestMemoryMmap, rsdp: GuestAddress) -> Result<ParsedTables, String> {
     let mut r = [0u8; 36];

@@ -95,10 +95,8 @@ pub fn vcpu_cpuid(base: &CpuId, id: u32, cpus: u32, tsc_khz: Option<u32>) -> Cpu
                     (e.eax, e.ebx, e.ecx, e.edx) = (1000, khz, 1_000_000, 0);
                 }
             }
-            LEAF_HYPERVISOR => {
-                if tsc_khz.is_some() {
-                    e.eax = e.eax.max(LEAF_HYPERVISOR_TIMING);
-                }
+            LEAF_HYPERVISOR if tsc_khz.is_some() => {
+                e.eax = e.eax.max(LEAF_HYPERVISOR_TIMING);
             }
             LEAF_HYPERVISOR_TIMING => {
                 has_timing = true;

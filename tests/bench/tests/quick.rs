@@ -17,7 +17,7 @@ fn quick_mode_runs_every_scenario_against_its_peer() {
     );
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
-        table.contains("1. start-up, tiny-pvh") && table.contains("tests=none"),
+        table.contains("1. start-up, yardstick") && table.contains("tests=none"),
         "{table}"
     );
     let rows: Vec<serde_json::Value> =

@@ -113,7 +113,10 @@ fn assert_nothing_left(id: &str) {
 /// is locked, so concurrent tests cannot share the example's disk.img.
 fn example_vm(tag: &str) -> PathBuf {
     let img = format!("/var/lib/cellvm/images/example/{}.img", unique(tag));
-    std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
     let text = std::fs::read_to_string(repo("policy/vms/example.toml")).unwrap();
     let text = text.replace("/var/lib/cellvm/images/example/disk.img", &img);
     assert!(text.contains(&img));
@@ -623,12 +626,7 @@ fn probe_in(role: &str, name: &str, without: &[&str]) -> common::Outcome {
     }
     // The example VM has a tap: each launch gets a namespace and tap of its own.
     let ns = common::NetNs::new("probe");
-    let out = launch_with(
-        &test_policy(&ns.name),
-        &id,
-        &example_vm(&id),
-        &extra,
-    );
+    let out = launch_with(&test_policy(&ns.name), &id, &example_vm(&id), &extra);
     assert_nothing_left(&id);
     out
 }

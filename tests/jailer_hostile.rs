@@ -479,6 +479,8 @@ fn the_same_image_twice_in_one_spec_is_refused() {
 }
 
 /// Starts a jailed VM with `disk` that holds for `secs`; returns once its VMM runs.
+/// (If it never does, the test fails and the VM's own hold ends the jailer.)
+#[allow(clippy::zombie_processes)]
 fn start_holding(id: &str, disk: &Path, readonly: bool, secs: u32) -> std::process::Child {
     let dir = scratch(id);
     let vm = write(

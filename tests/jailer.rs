@@ -109,6 +109,21 @@ fn assert_nothing_left(id: &str) {
     }
 }
 
+/// The example VM spec with its disk on an image of this test's own: a writable image
+/// is locked, so concurrent tests cannot share the example's disk.img.
+fn example_vm(tag: &str) -> PathBuf {
+    let img = format!("/var/lib/cellvm/images/example/{}.img", unique(tag));
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let text = std::fs::read_to_string(repo("policy/vms/example.toml")).unwrap();
+    let text = text.replace("/var/lib/cellvm/images/example/disk.img", &img);
+    assert!(text.contains(&img));
+    let dir = std::env::temp_dir().join(unique(&format!("vm-{tag}")));
+    spec(&dir, &text)
+}
+
 fn unique(name: &str) -> String {
     format!("t-{name}-{}", std::process::id())
 }
@@ -116,7 +131,7 @@ fn unique(name: &str) -> String {
 #[test]
 fn jailed_test_guest_passes_every_check_and_leaves_nothing_behind() {
     let id = unique("full");
-    let out = launch(&id, &repo("policy/vms/example.toml"), &[]);
+    let out = launch(&id, &example_vm("full"), &[]);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     for check in [
         "serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp", "pci", "irq", "virtio",
@@ -140,7 +155,7 @@ fn jailed_test_guest_passes_every_check_and_leaves_nothing_behind() {
 #[test]
 fn check_prints_the_plan_and_launches_nothing() {
     let policy = repo("policy/tenants/example.toml");
-    let vm = repo("policy/vms/example.toml");
+    let vm = example_vm("plan");
     let out = run(
         jailer(&[
             "check",

@@ -284,9 +284,7 @@ pub fn plan(opts: &Options) -> Result<Plan, Failure> {
             ))
         };
         // Two names of one file are one image: only read-only users may share it.
-        let id = std::fs::metadata(&d.path)
-            .ok()
-            .map(|m| (m.dev(), m.ino()));
+        let id = std::fs::metadata(&d.path).ok().map(|m| (m.dev(), m.ino()));
         let image = match paths::open_disk(&policy, &d.path, !d.readonly) {
             Ok(image) => image,
             Err(e) => {

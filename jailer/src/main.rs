@@ -225,6 +225,18 @@ fn check(opts: &launch::Options) -> i32 {
             n.tap
         );
     }
+    for (i, d) in s.disks.iter().enumerate() {
+        println!(
+            "  disk        disks[{i}] {} ({}; {}), its own backend cell",
+            cellvm_jailer::policy::shown_path(&d.path),
+            if d.readonly { "read-only" } else { "writable" },
+            if d.readonly {
+                "shared lock"
+            } else {
+                "exclusive lock, no other writer or reader"
+            }
+        );
+    }
     println!(
         "  seccomp     kill on violation{}",
         if p.seccomp_off_allowed {

@@ -148,6 +148,12 @@ fn open_any_beneath(dirs: &[PathBuf], path: &Path, writable: bool) -> Result<Fil
                 path: shown_path(path),
                 dir: shown_path(dir),
             }
+        } else if err.raw_os_error() == Some(libc::ENXIO) {
+            // What open(2) says of a socket (and of a device node with no driver).
+            Error::NotAFile {
+                path: shown_path(path),
+                kind: "a socket (or a device without a driver)",
+            }
         } else {
             Error::Io {
                 path: shown_path(path),

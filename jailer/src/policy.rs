@@ -258,15 +258,19 @@ pub enum Error {
     Parse { path: String, message: String },
     #[error("tenant {tenant}: {message}")]
     BadPolicy { tenant: String, message: String },
-    #[error("tenant {tenant}: vm {vm}: {field} = {asked} {verb} {allowed}")]
-    Violation {
-        tenant: String,
-        vm: String,
-        field: String,
-        asked: String,
-        verb: &'static str,
-        allowed: String,
-    },
+    #[error("tenant {}: vm {}: {} = {} {} {}", .0.tenant, .0.vm, .0.field, .0.asked, .0.verb, .0.allowed)]
+    Violation(Box<Violation>),
+}
+
+/// What a refused spec asked for, and what the policy allows.
+#[derive(Debug)]
+pub struct Violation {
+    pub tenant: String,
+    pub vm: String,
+    pub field: String,
+    pub asked: String,
+    pub verb: &'static str,
+    pub allowed: String,
 }
 
 /// Reads a policy or spec file of at most `MAX_FILE_BYTES` (checked before anything
@@ -433,14 +437,14 @@ fn valid_path(path: &Path) -> bool {
 /// and every tenant string echoed in a refusal is escaped (`shown`).
 pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
     let violation = |field: &str, asked: String, verb: &'static str, allowed: String| {
-        Err(Error::Violation {
+        Err(Error::Violation(Box::new(Violation {
             tenant: policy.name.clone(),
             vm: shown(&spec.name),
             field: field.to_string(),
             asked,
             verb,
             allowed,
-        })
+        })))
     };
     let quoted = |s: &str| format!("\"{}\"", shown(s));
     if !valid_name(&spec.name) {

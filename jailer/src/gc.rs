@@ -4,7 +4,8 @@
 use crate::cgroup::Cgroup;
 use crate::registry::Registry;
 
-/// Kills the cell's processes, removes its cgroup and its jail directory.
+/// Kills the cell's processes, removes its cgroup and its jail directory, and drops the
+/// file labels it held.
 pub fn remove_cell(id: &str) {
     let cg = Cgroup::open(id);
     if cg.exists() {
@@ -12,6 +13,8 @@ pub fn remove_cell(id: &str) {
             eprintln!("cellvm-jailer: {e}");
         }
     }
+    // Once nothing of the cell runs: the last user of each file restores its label.
+    crate::selinux::restore_recorded(id);
     let dir = crate::launch::jail_dir(id);
     // The jail's mounts lived in the cell's mount namespace and died with it; only the
     // empty directories are left on the host: the VMM's root and one per backend.

@@ -628,15 +628,31 @@ fn build_and_supervise(
     // SELinux first: a policy that requires it must refuse before anything is built.
     let label =
         selinux::plan(&plan.policy.name, plan.policy.selinux, entry.mcs).map_err(refused)?;
-    // Read-only images get the shared image label; restored when `_relabelled` drops.
-    let mut _relabelled = selinux::Relabelled::default();
-    if label.is_some() {
-        for f in plan.kernel.iter().chain(plan.initrd.iter()) {
-            _relabelled
-                .relabel(f, selinux::SHARED_IMAGE_LABEL)
-                .map_err(setup)?;
+    // sVirt labels before any cell starts: writable disks get the VM's pair, read-only
+    // disks, kernel and initrd shared labels; recorded, so `gc::remove_cell` restores
+    // them however the VM ends.
+    let mut labels = selinux::Labels::new(&plan.id, plan.policy.selinux);
+    let content = plan.kernel.iter().chain(&plan.initrd);
+    let mut files: Vec<(&File, String, bool)> = content
+        .map(|f| (f, selinux::CONTENT_LABEL.into(), true))
+        .collect();
+    for d in &plan.devices {
+        match d {
+            Device::Blk {
+                image,
+                readonly: true,
+                ..
+            } => files.push((image, selinux::SHARED_IMAGE_LABEL.into(), true)),
+            Device::Blk { image, .. } => files.push((image, entry.mcs.image_label(), false)),
+            _ => {}
         }
     }
+    for (f, l, shared) in files {
+        let fail = |e: selinux::Error| if e.is_refusal() { refused(e) } else { setup(e) };
+        labels.label(f, &l, shared).map_err(fail)?;
+    }
+    // The backends run in a domain of their own, with the VM's pair.
+    let device_label = label.as_ref().map(|_| entry.mcs.device_label());
     // The cgroup exists before the cell's first process, which joins it before it runs.
     let cgroup =
         Cgroup::create(&plan.id, &plan.policy.cgroup, plan.spec.memory_mib << 20).map_err(setup)?;
@@ -674,7 +690,7 @@ fn build_and_supervise(
             &listener,
             &cgroup,
             &signals,
-            label.as_deref(),
+            device_label.as_deref(),
             opts,
         )?;
         backends.0.push(pid);

@@ -1,20 +1,63 @@
 //! Who the cell runs as: the VM's own uid/gid, no supplementary groups, no capability
 //! in any set (bounding and ambient included), no_new_privs, tight rlimits, no
-//! inherited descriptors, and an empty environment (applied at exec).
+//! inherited descriptors, a session of its own without a terminal, and an empty
+//! environment (applied at exec).
 
-fn check(rc: libc::c_int, what: &str) -> Result<(), String> {
+use std::os::fd::RawFd;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {source}")]
+    Sys {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("the supervisor is gone")]
+    SupervisorGone,
+}
+
+fn check(rc: libc::c_int, what: &str) -> Result<(), Error> {
     if rc == 0 {
         Ok(())
     } else {
-        Err(format!("{what}: {}", std::io::Error::last_os_error()))
+        Err(Error::Sys {
+            what: what.to_string(),
+            source: std::io::Error::last_os_error(),
+        })
     }
 }
 
+/// Puts `stdio` on descriptors 0, 1 and 2 (open across exec): /dev/null or the
+/// supervisor's pipes, never what the jailer itself inherited (the operator's terminal).
+pub fn set_stdio(stdio: [RawFd; 3]) -> Result<(), Error> {
+    for (target, fd) in stdio.into_iter().enumerate() {
+        let target = target as RawFd;
+        if fd == target {
+            // SAFETY: fcntl on a descriptor this process holds.
+            check(
+                unsafe { libc::fcntl(fd, libc::F_SETFD, 0) },
+                "fcntl on stdio",
+            )?;
+        } else {
+            // SAFETY: dup2 between descriptors this process holds; the copy is not
+            // close-on-exec.
+            if unsafe { libc::dup2(fd, target) } != target {
+                return Err(Error::Sys {
+                    what: format!("dup2 onto {target}"),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Closes every descriptor above stderr except those in `keep`.
-pub fn close_inherited_fds(keep: &[i32]) -> Result<(), String> {
+pub fn close_inherited_fds(keep: &[RawFd]) -> Result<(), Error> {
     let mut start = 3u32;
     let mut keep: Vec<u32> = keep.iter().map(|&f| f as u32).filter(|&f| f >= 3).collect();
     keep.sort_unstable();
+    keep.dedup();
     for k in keep {
         if k > start {
             // SAFETY: close_range on a range of our own descriptors.
@@ -32,14 +75,41 @@ pub fn close_inherited_fds(keep: &[i32]) -> Result<(), String> {
     )
 }
 
+/// A session of its own: no controlling terminal, and nothing of the operator's
+/// session (no TIOCSTI into its terminal, no signals from its job control).
+pub fn new_session() -> Result<(), Error> {
+    // SAFETY: setsid has no arguments; it fails only for a process group leader.
+    if unsafe { libc::setsid() } < 0 {
+        return Err(Error::Sys {
+            what: "setsid".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Writing past RLIMIT_FSIZE fails with EFBIG instead of killing the process
+/// (SIG_IGN survives exec).
+pub fn ignore_sigxfsz() -> Result<(), Error> {
+    // SAFETY: installs SIG_IGN, no handler code.
+    if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(Error::Sys {
+            what: "ignore SIGXFSZ".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 pub struct Limits {
     pub nofile: u64,
     pub nproc: u64,
-    /// Must cover the memfd that holds guest RAM (ftruncate is bounded by RLIMIT_FSIZE).
+    /// The largest regular file the cell may write: its disk image (a blk backend) or
+    /// its guest RAM memfd (the VMM: ftruncate is bounded by RLIMIT_FSIZE).
     pub fsize: u64,
 }
 
-pub fn set_rlimits(l: &Limits) -> Result<(), String> {
+pub fn set_rlimits(l: &Limits) -> Result<(), Error> {
     for (res, v, name) in [
         (libc::RLIMIT_NOFILE, l.nofile, "RLIMIT_NOFILE"),
         (libc::RLIMIT_NPROC, l.nproc, "RLIMIT_NPROC"),
@@ -58,16 +128,16 @@ pub fn set_rlimits(l: &Limits) -> Result<(), String> {
 }
 
 /// Drops to `uid`/`gid` with no capabilities left anywhere, then sets no_new_privs.
-pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), String> {
+pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), Error> {
     // The bounding set can only be emptied while we still hold CAP_SETPCAP.
     for cap in 0..64 {
         // SAFETY: prctl with integer arguments; EINVAL past the last capability.
         let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
         if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
-            return Err(format!(
-                "PR_CAPBSET_DROP {cap}: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(Error::Sys {
+                what: format!("PR_CAPBSET_DROP {cap}"),
+                source: std::io::Error::last_os_error(),
+            });
         }
     }
     // SAFETY: prctl with integer arguments.
@@ -83,13 +153,16 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), String> {
         },
         "clear ambient capabilities",
     )?;
+    // SAFETY: prctl with integer arguments.
     check(
         unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) },
         "PR_SET_KEEPCAPS 0",
     )?;
-    // SAFETY: setgroups with an empty list; setres[ug]id with integers.
+    // SAFETY: setgroups with an empty list.
     check(unsafe { libc::setgroups(0, std::ptr::null()) }, "setgroups")?;
+    // SAFETY: setresgid with integers.
     check(unsafe { libc::setresgid(gid, gid, gid) }, "setresgid")?;
+    // SAFETY: setresuid with integers.
     check(unsafe { libc::setresuid(uid, uid, uid) }, "setresuid")?;
     // Leaving uid 0 cleared permitted and effective; empty the inheritable set too.
     let header = CapHeader {
@@ -107,6 +180,34 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), String> {
         unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
         "PR_SET_NO_NEW_PRIVS",
     )
+}
+
+/// SIGKILL when the supervisor dies. Set after the uid change (changing credentials
+/// clears it), then checked against the supervisor having died already: `to_supervisor`
+/// is the write end of a pipe only the supervisor reads, so POLLERR means it is gone.
+pub fn die_with_supervisor(to_supervisor: RawFd) -> Result<(), Error> {
+    // SAFETY: prctl with integer arguments.
+    check(
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) },
+        "PR_SET_PDEATHSIG",
+    )?;
+    let mut p = libc::pollfd {
+        fd: to_supervisor,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd, without waiting.
+    let rc = unsafe { libc::poll(&mut p, 1, 0) };
+    if rc < 0 {
+        return Err(Error::Sys {
+            what: "poll the supervisor's pipe".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    if p.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+        return Err(Error::SupervisorGone);
+    }
+    Ok(())
 }
 
 #[repr(C)]

@@ -12,6 +12,19 @@ use crate::policy::Requirement;
 
 const ABI_USED: ABI = ABI::V6;
 
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("landlock: {0}")]
+    Ruleset(#[from] landlock::RulesetError),
+    #[error("landlock: {path}: {source}")]
+    Path {
+        path: String,
+        source: landlock::PathFdError,
+    },
+    #[error("landlock = \"required\" but this kernel does not enforce Landlock")]
+    Required,
+}
+
 /// (path inside the jail, rights) for the VMM's cell.
 pub fn vmm_rules(kernel: bool, initrd: bool) -> Vec<(&'static str, BitFlags<AccessFs>)> {
     let mut rules = vec![
@@ -35,7 +48,7 @@ pub fn vmm_rules(kernel: bool, initrd: bool) -> Vec<(&'static str, BitFlags<Acce
 pub fn restrict(
     rules: &[(&str, BitFlags<AccessFs>)],
     requirement: Requirement,
-) -> Result<&'static str, String> {
+) -> Result<&'static str, Error> {
     restrict_handling(AccessFs::from_all(ABI_USED), rules, requirement)
 }
 
@@ -44,7 +57,7 @@ pub fn restrict(
 /// its empty root there is nothing to read; once running, the backend denies itself
 /// those two as well (`cellvm-device` installs its own Landlock ruleset handling every
 /// right, with no rule), and its seccomp profile has no execve or open at all.
-pub fn deny_all_but_exec(requirement: Requirement) -> Result<&'static str, String> {
+pub fn deny_all_but_exec(requirement: Requirement) -> Result<&'static str, Error> {
     restrict_handling(
         AccessFs::from_all(ABI_USED) & !(AccessFs::Execute | AccessFs::ReadFile),
         &[],
@@ -56,27 +69,23 @@ fn restrict_handling(
     handled: BitFlags<AccessFs>,
     rules: &[(&str, BitFlags<AccessFs>)],
     requirement: Requirement,
-) -> Result<&'static str, String> {
-    let err = |e: &dyn std::fmt::Display| format!("landlock: {e}");
+) -> Result<&'static str, Error> {
     let mut ruleset = Ruleset::default().set_compatibility(CompatLevel::BestEffort);
-    ruleset = ruleset.handle_access(handled).map_err(|e| err(&e))?;
-    ruleset = ruleset
-        .scope(Scope::from_all(ABI_USED))
-        .map_err(|e| err(&e))?;
-    let mut created = ruleset.create().map_err(|e| err(&e))?;
+    ruleset = ruleset.handle_access(handled)?;
+    ruleset = ruleset.scope(Scope::from_all(ABI_USED))?;
+    let mut created = ruleset.create()?;
     for (path, access) in rules {
-        let fd = PathFd::new(path).map_err(|e| format!("landlock: {path}: {e}"))?;
-        created = created
-            .add_rule(PathBeneath::new(fd, *access))
-            .map_err(|e| err(&e))?;
+        let fd = PathFd::new(path).map_err(|source| Error::Path {
+            path: path.to_string(),
+            source,
+        })?;
+        created = created.add_rule(PathBeneath::new(fd, *access))?;
     }
-    let status = created.restrict_self().map_err(|e| err(&e))?;
+    let status = created.restrict_self()?;
     match (status.ruleset, requirement) {
         (RulesetStatus::FullyEnforced, _) => Ok("fully enforced"),
         (RulesetStatus::PartiallyEnforced, _) => Ok("partially enforced (older kernel ABI)"),
-        (RulesetStatus::NotEnforced, Requirement::Required) => {
-            Err("landlock = \"required\" but this kernel does not enforce Landlock".into())
-        }
+        (RulesetStatus::NotEnforced, Requirement::Required) => Err(Error::Required),
         (RulesetStatus::NotEnforced, Requirement::IfAvailable) => {
             Ok("not available on this kernel (policy: if-available)")
         }

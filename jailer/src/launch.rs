@@ -1,15 +1,15 @@
 //! `cellvm-jailer launch`: one function that reads top to bottom in the order the cell
 //! is built (DESIGN.md), then supervises the VMM and removes every trace of the cell.
 
-use std::ffi::CString;
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
+use crate::cell::{self, CellSpec, Root, Rules};
 use crate::cgroup::Cgroup;
 use crate::policy::{TenantPolicy, VmSpec};
 use crate::registry::{Entry, Registry};
+use crate::supervise::{Log, Relay, Signals};
 use crate::{identity, landlock, namespaces, paths, policy, selinux};
 
 /// Exit status for a refused launch (policy, spec, files): the caller's input.
@@ -41,6 +41,57 @@ pub struct Options {
 pub struct Failure {
     pub code: i32,
     pub message: String,
+}
+
+/// Why a launch could not build or run the VM's cells (after its input was accepted).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Cell(#[from] cell::CellError),
+    #[error(transparent)]
+    Namespaces(#[from] namespaces::Error),
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::Error),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("--probe-in {0}: the VM spec has no such device")]
+    NoProbeTarget(String),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        let code = match e {
+            Error::NoProbeTarget(_) => EXIT_REFUSED,
+            _ => EXIT_SETUP,
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<cell::CellError> for Failure {
+    fn from(e: cell::CellError) -> Failure {
+        Error::from(e).into()
+    }
+}
+
+impl From<namespaces::Error> for Failure {
+    fn from(e: namespaces::Error) -> Failure {
+        Error::from(e).into()
+    }
+}
+
+impl From<crate::cgroup::Error> for Failure {
+    fn from(e: crate::cgroup::Error) -> Failure {
+        Error::from(e).into()
+    }
 }
 
 fn refused(e: impl std::fmt::Display) -> Failure {
@@ -276,35 +327,10 @@ pub fn attach_taps(plan: &mut Plan) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The VMM must be statically linked: the cell holds no loader and no libraries.
-fn open_static_binary(path: &Path) -> Result<File, String> {
-    let mut f = File::open(path).map_err(|e| format!("VMM binary {}: {e}", path.display()))?;
-    let mut head = vec![0u8; 4096];
-    let n = f
-        .read(&mut head)
-        .map_err(|e| format!("VMM binary {}: {e}", path.display()))?;
-    head.truncate(n);
-    if head.len() < 64 || &head[..4] != b"\x7fELF" {
-        return Err(format!(
-            "VMM binary {}: not an ELF executable",
-            path.display()
-        ));
-    }
-    let phoff = u64::from_le_bytes(head[32..40].try_into().unwrap()) as usize;
-    let phnum = u16::from_le_bytes(head[56..58].try_into().unwrap()) as usize;
-    for i in 0..phnum {
-        let at = phoff + i * 56;
-        let kind = head
-            .get(at..at + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()));
-        if kind == Some(3) {
-            return Err(format!(
-                "VMM binary {} is dynamically linked; a cell holds no shared libraries (build it static, see .cargo/config.toml)",
-                path.display()
-            ));
-        }
-    }
-    File::open(path).map_err(|e| format!("VMM binary {}: {e}", path.display()))
+/// The VMM must be statically linked: the cell holds no loader and no libraries. The
+/// descriptor returned is the one checked, and the one the cell execs.
+fn open_static_binary(path: &Path) -> Result<File, cell::BinaryError> {
+    cell::open_static_binary(path)
 }
 
 fn vmm_argv(plan: &Plan, opts: &Options, device_fds: &[i32]) -> Vec<String> {
@@ -361,14 +387,15 @@ pub fn jail_dir(id: &str) -> PathBuf {
 
 /// Launches the VM and supervises it; returns the VMM's exit status.
 pub fn launch(opts: &Options) -> Result<i32, Failure> {
+    // Reclaim what dead supervisors left before anything could trip on it: a tap their
+    // backend still held, an image still locked, a uid still taken.
+    crate::gc::collect(&Registry::lock(&opts.run_dir).map_err(setup)?);
     let mut plan = plan(opts)?;
     attach_taps(&mut plan)?;
 
-    // Reclaim what dead supervisors left, then take this VM's uid and MCS pair, and a
-    // uid of its own for each device backend.
+    // Take this VM's uid and MCS pair, and a uid of its own for each device backend.
     let (entry, device_entries) = {
         let reg = Registry::lock(&opts.run_dir).map_err(setup)?;
-        crate::gc::collect(&reg);
         let entry = reg
             .allocate(&plan.id, &plan.policy, std::process::id())
             .map_err(refused)?;
@@ -401,47 +428,6 @@ fn device_id(vm: &str, n: usize) -> String {
     format!("{vm}-dev{n}")
 }
 
-/// Clones a cell's first process into new namespaces, puts it in `cgroup`, then lets it
-/// run `build`, which ends in exec or returns why it could not. Returns the pid and the
-/// error pipe: it reads empty once the exec happened, else the reason.
-fn start_cell(
-    cgroup: &Cgroup,
-    build: impl FnOnce(&OwnedFd) -> Result<std::convert::Infallible, String>,
-) -> Result<(u32, File), Failure> {
-    let (go_r, go_w) = pipe().map_err(setup)?;
-    let (err_r, err_w) = pipe().map_err(setup)?;
-    let child = namespaces::clone_into_namespaces().map_err(setup)?;
-    if child == 0 {
-        drop(go_w);
-        drop(err_r);
-        // Wait until the supervisor has put us in the cgroup.
-        let mut b = [0u8; 1];
-        let message = match File::from(go_r)
-            .read_exact(&mut b)
-            .map_err(|e| format!("waiting for the supervisor: {e}"))
-            .and_then(|_| build(&err_w))
-        {
-            Err(m) => m,
-            Ok(never) => match never {},
-        };
-        let mut w = File::from(err_w);
-        let _ = w.write_all(message.as_bytes());
-        // SAFETY: leaving the child without running the parent's destructors.
-        unsafe { libc::_exit(127) };
-    }
-    drop(go_r);
-    drop(err_w);
-    // Into its cgroup before it runs anything of its own.
-    if let Err(e) = cgroup.add(child) {
-        // SAFETY: kill our own child.
-        unsafe { libc::kill(child as i32, libc::SIGKILL) };
-        crate::supervise::reap(child);
-        return Err(setup(e));
-    }
-    let _ = File::from(go_w).write_all(b"g");
-    Ok((child, File::from(err_r)))
-}
-
 /// Test-only: the device whose cell runs the probe instead of its backend, if any.
 fn probe_target<'a>(plan: &Plan, opts: &'a Options) -> Option<(usize, &'a str)> {
     let name = opts.probe.as_deref()?;
@@ -465,27 +451,15 @@ fn connected_listener(dir: &Path, n: usize) -> Result<(OwnedFd, OwnedFd), String
     Ok((OwnedFd::from(listener), OwnedFd::from(stream)))
 }
 
-/// Starts device backend `n` in a cell of its own: new namespaces (an empty root, no
-/// network), the VM's cgroup, its own uid, no capabilities, Landlock denying every
-/// filesystem access, and the backend's own seccomp profile once it runs.
-#[allow(clippy::too_many_arguments)]
-fn start_backend(
-    plan: &Plan,
-    n: usize,
-    uid: u32,
-    listener: &OwnedFd,
-    cgroup: &Cgroup,
-    signals: &crate::supervise::Signals,
-    label: Option<&str>,
-    opts: &Options,
-) -> Result<u32, Failure> {
+/// `cellvm-device ...` for backend `n` (or, test-only, the probe that takes its place).
+fn backend_argv(plan: &Plan, n: usize, listener: &OwnedFd, opts: &Options) -> Vec<String> {
     let device = &plan.devices[n];
     let seccomp = if opts.without.iter().any(|w| w == "seccomp") {
         "off"
     } else {
         opts.seccomp.as_str()
     };
-    let argv = match probe_target(plan, opts) {
+    match probe_target(plan, opts) {
         Some((target, name)) if target == n => vec![
             "cellvm-device".into(),
             "probe".into(),
@@ -500,123 +474,137 @@ fn start_backend(
             a.extend(["--listen-fd".into(), listener.as_raw_fd().to_string()]);
             a
         }
-    };
-    let landlock_on = !opts.without.iter().any(|w| w == "landlock");
-    let (child, mut errors) = start_cell(cgroup, |err| {
-        build_backend_cell(
-            plan,
-            n,
-            uid,
-            listener,
-            &argv,
-            err,
-            signals,
-            landlock_on,
-            label,
-        )
-    })?;
-    // The error pipe closes at the backend's exec (or carries why it failed).
-    let mut message = String::new();
-    let _ = errors.read_to_string(&mut message);
-    if !message.is_empty() {
-        crate::supervise::reap(child);
-        return Err(setup(format!("building the cell of device {n}: {message}")));
     }
-    Ok(child)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn build_backend_cell(
-    plan: &Plan,
+/// The cgroup, the jail directory and the signals: what every cell of the VM shares.
+struct Shared<'a> {
+    plan: &'a Plan,
+    opts: &'a Options,
+    cgroup: Cgroup,
+    jail: PathBuf,
+    signals: Signals,
+    /// The VMM's exec context (its MCS pair); None where SELinux is not enabled.
+    label: Option<String>,
+    /// The VM's MCS pair, which its backends share.
+    mcs: crate::mcs::McsPair,
+}
+
+impl Shared<'_> {
+    fn landlock(&self, rules: Rules) -> Option<(Rules, policy::Requirement)> {
+        let on = !self.opts.without.iter().any(|w| w == "landlock");
+        on.then_some((rules, self.plan.policy.landlock))
+    }
+}
+
+/// Device backend `n`'s cell: an empty root, no network, the VM's cgroup, its own uid,
+/// no capabilities, Landlock denying every filesystem access, the backend's own
+/// seccomp profile once it runs, and a file-size limit at its image's size.
+fn backend_cell<'a>(
+    s: &'a Shared,
     n: usize,
     uid: u32,
     listener: &OwnedFd,
-    argv: &[String],
-    err: &OwnedFd,
-    signals: &crate::supervise::Signals,
-    landlock_on: bool,
-    label: Option<&str>,
-) -> Result<std::convert::Infallible, String> {
+    stdio: [RawFd; 3],
+) -> Result<CellSpec<'a>, Failure> {
+    let plan = s.plan;
     let device = &plan.devices[n];
-    let bin = plan
+    let exec = plan
         .device_bin
         .as_ref()
-        .ok_or("no device binary was opened")?
-        .as_raw_fd();
-    let mut keep = vec![err.as_raw_fd(), bin, listener.as_raw_fd()];
-    keep.extend(device.passed_fd());
-    identity::close_inherited_fds(&keep)?;
-    signals.restore_in_child();
-    namespaces::set_hostname(&format!("cellvm-{}-dev{n}", plan.spec.name))?;
-    if let Some(l) = label {
-        selinux::set_exec_label(l).map_err(|e| e.to_string())?;
-    }
-    namespaces::enter_empty_jail(&jail_dir(&plan.id).join(format!("dev{n}")))?;
-    identity::set_rlimits(&identity::Limits {
-        nofile: 64,
-        nproc: plan.policy.cgroup.pids_max as u64,
-        // No file-size limit: it would also cut the backend's log when stderr is a file.
-        // The image cannot grow anyway: every request is bounded by its capacity, and
-        // the seccomp profile has no ftruncate.
-        fsize: libc::RLIM_INFINITY,
-    })?;
-    identity::drop_privileges(uid, uid)?;
-    if landlock_on {
-        let how = landlock::deny_all_but_exec(plan.policy.landlock)?;
-        if how != "fully enforced" {
-            eprintln!(
-                "cellvm-jailer: warning: tenant {}: device {n}: Landlock {how}",
-                plan.policy.name
-            );
-        }
-    }
-    // The descriptors the backend works with stay open across exec.
-    keep_across_exec(std::iter::once(listener.as_raw_fd()).chain(device.passed_fd()))?;
-    exec_cell(bin, c"", libc::AT_EMPTY_PATH, argv)
-}
-
-/// execveat with an empty environment: `path` relative to `dir` (AT_FDCWD for an
-/// absolute path), or the descriptor itself with AT_EMPTY_PATH.
-fn exec_cell(
-    dir: i32,
-    path: &std::ffi::CStr,
-    flags: i32,
-    argv: &[String],
-) -> Result<std::convert::Infallible, String> {
-    let c_argv: Vec<CString> = argv
-        .iter()
-        .map(|a| CString::new(a.as_str()).expect("no NUL in argv"))
-        .collect();
-    let mut ptrs: Vec<*const libc::c_char> = c_argv.iter().map(|a| a.as_ptr()).collect();
-    ptrs.push(std::ptr::null());
-    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
-    // SAFETY: a valid directory fd or AT_FDCWD, a NUL-terminated path, and
-    // NULL-terminated argv and envp arrays of valid C strings.
-    unsafe {
-        libc::syscall(
-            libc::SYS_execveat,
-            dir,
-            path.as_ptr(),
-            ptrs.as_ptr(),
-            envp.as_ptr(),
-            flags,
-        )
+        .ok_or_else(|| setup("no device binary was opened"))?;
+    let fsize = match device {
+        Device::Blk { image, .. } => image
+            .metadata()
+            .map_err(|e| setup(format!("disks: {e}")))?
+            .len(),
+        _ => 0,
     };
-    Err(format!(
-        "exec {argv:?}: {}",
-        std::io::Error::last_os_error()
-    ))
+    let mut keep = vec![listener.as_raw_fd()];
+    keep.extend(device.passed_fd());
+    Ok(CellSpec {
+        name: format!("dev{n} {}", device.kind()),
+        tenant: plan.policy.name.clone(),
+        uid,
+        gid: uid,
+        // One MCS pair per VM: the backends run as cellvm_device_t with the VMM's pair.
+        exec_label: s.label.as_ref().map(|_| s.mcs.device_label()),
+        hostname: format!("cellvm-{}-dev{n}", plan.spec.name),
+        root: Root::Empty {
+            dir: s.jail.join(format!("dev{n}")),
+        },
+        limits: identity::Limits {
+            nofile: 64,
+            nproc: plan.policy.cgroup.pids_max as u64,
+            // The image cannot grow: a write past its end fails with EFBIG.
+            fsize,
+        },
+        landlock: s.landlock(Rules::DenyAllButExec),
+        exec,
+        argv: backend_argv(plan, n, listener, s.opts),
+        keep,
+        stdio,
+        signals: &s.signals,
+    })
 }
 
-/// Clears close-on-exec on the descriptors a cell's program works with.
-fn keep_across_exec(fds: impl IntoIterator<Item = i32>) -> Result<(), String> {
-    for fd in fds {
-        // SAFETY: fcntl on a descriptor this process holds.
-        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
-            return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
-        }
+/// The VMM's cell: a root holding exactly the checked files and /dev/kvm, its own uid,
+/// Landlock to those paths, and a file-size limit at its guest RAM's size.
+fn vmm_cell<'a>(
+    s: &'a Shared,
+    trees: &'a Trees,
+    entry: &Entry,
+    device_fds: &[RawFd],
+    stdio: [RawFd; 3],
+) -> CellSpec<'a> {
+    let plan = s.plan;
+    CellSpec {
+        name: "vmm".into(),
+        tenant: plan.policy.name.clone(),
+        uid: entry.uid,
+        gid: entry.uid,
+        exec_label: s.label.clone(),
+        hostname: format!("cellvm-{}", plan.spec.name),
+        root: Root::Vmm {
+            dir: s.jail.join("root"),
+            files: namespaces::JailFiles {
+                vmm: &trees.vmm,
+                kernel: trees.kernel.as_ref(),
+                initrd: trees.initrd.as_ref(),
+                uid: entry.uid,
+                gid: entry.uid,
+            },
+        },
+        limits: identity::Limits {
+            nofile: 256,
+            nproc: plan.policy.cgroup.pids_max as u64,
+            // Guest RAM is a memfd sized with ftruncate, which RLIMIT_FSIZE bounds; the
+            // console and the log are pipes, which it does not.
+            fsize: plan.spec.memory_mib << 20,
+        },
+        landlock: s.landlock(Rules::Paths(landlock::vmm_rules(
+            plan.kernel.is_some(),
+            plan.initrd.is_some(),
+        ))),
+        exec: &plan.vmm,
+        argv: vmm_argv(plan, s.opts, device_fds),
+        keep: device_fds.to_vec(),
+        stdio,
+        signals: &s.signals,
     }
-    Ok(())
+}
+
+/// Detached mounts of the checked files, attached in the VMM's cell.
+struct Trees {
+    vmm: OwnedFd,
+    kernel: Option<OwnedFd>,
+    initrd: Option<OwnedFd>,
+}
+
+/// A pipe for a cell's stderr: (the cell's end, the relay reading ours).
+fn log_pipe(vm: &str, origin: &str) -> Result<(OwnedFd, Log), Failure> {
+    let (r, w) = cell::pipe()?;
+    Ok((w, Log::new(format!("cellvm-jailer: vm {vm}: {origin}"), r)))
 }
 
 fn build_and_supervise(
@@ -651,202 +639,163 @@ fn build_and_supervise(
         let fail = |e: selinux::Error| if e.is_refusal() { refused(e) } else { setup(e) };
         labels.label(f, &l, shared).map_err(fail)?;
     }
-    // The backends run in a domain of their own, with the VM's pair.
-    let device_label = label.as_ref().map(|_| entry.mcs.device_label());
     // The cgroup exists before the cell's first process, which joins it before it runs.
-    let cgroup =
-        Cgroup::create(&plan.id, &plan.policy.cgroup, plan.spec.memory_mib << 20).map_err(setup)?;
-    let root = jail_dir(&plan.id).join("root");
+    let cgroup = Cgroup::create(&plan.id, &plan.policy.cgroup, plan.spec.memory_mib << 20)?;
+    // The jail directory, root's alone: the backends' sockets pass through it.
+    let jail = jail_dir(&plan.id);
+    namespaces::make_jail_dir(&jail)?;
+    let root = jail.join("root");
     std::fs::create_dir_all(&root).map_err(|e| setup(format!("{}: {e}", root.display())))?;
-
     // Detached mounts of the checked files, made here: the cell's namespace attaches them.
     let trees = Trees {
-        vmm: namespaces::detached_mount(&plan.vmm).map_err(setup)?,
+        vmm: namespaces::detached_mount(&plan.vmm)?,
         kernel: plan
             .kernel
             .as_ref()
             .map(namespaces::detached_mount)
-            .transpose()
-            .map_err(setup)?,
+            .transpose()?,
         initrd: plan
             .initrd
             .as_ref()
             .map(namespaces::detached_mount)
-            .transpose()
-            .map_err(setup)?,
+            .transpose()?,
     };
-    let signals = crate::supervise::block_signals();
-    // The device backends first, each in its own cell; the VMM gets the other end of
-    // each one's connection.
-    let jail = jail_dir(&plan.id);
+    let shared = Shared {
+        plan,
+        opts,
+        cgroup,
+        jail,
+        signals: crate::supervise::block_signals(),
+        label,
+        mcs: entry.mcs,
+    };
+    let null = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| setup(format!("/dev/null: {e}")))?;
+    let name = &plan.spec.name;
+    let probe_in_backend = opts.probe.is_some() && opts.probe_in != "vmm";
+    let probe_dev = probe_target(plan, opts).map(|(n, _)| n);
+    // Each backend in a cell of its own, all started before any is waited for; the
+    // VMM gets the other end of each one's connection.
+    let mut cells = Cells(Vec::new());
+    let mut logs = Vec::new();
     let mut vmm_ends = Vec::new();
-    let mut backends = Backends(Vec::new());
+    let mut console_out = None;
     for (n, dev_entry) in device_entries.iter().enumerate() {
-        let (listener, vmm_end) = connected_listener(&jail, n).map_err(setup)?;
-        let pid = start_backend(
-            plan,
-            n,
-            dev_entry.uid,
-            &listener,
-            &cgroup,
-            &signals,
-            device_label.as_deref(),
-            opts,
-        )?;
-        backends.0.push(pid);
+        let (listener, vmm_end) = connected_listener(&shared.jail, n).map_err(setup)?;
+        let (err_w, log) = log_pipe(name, &format!("dev{n} {}", plan.devices[n].kind()))?;
+        // Test-only: a probe in a backend's cell reports on its stdout.
+        let out = if probe_in_backend && probe_dev == Some(n) {
+            let (r, w) = cell::pipe()?;
+            console_out = Some(r);
+            Some(w)
+        } else {
+            None
+        };
+        let stdio = [
+            null.as_raw_fd(),
+            out.as_ref().map_or(null.as_raw_fd(), |w| w.as_raw_fd()),
+            err_w.as_raw_fd(),
+        ];
+        let spec = backend_cell(&shared, n, dev_entry.uid, &listener, stdio)?;
+        cells.0.push(cell::start(&shared.cgroup, &spec)?);
+        logs.push(log);
         vmm_ends.push(vmm_end);
     }
-    if opts.probe.is_some() && opts.probe_in != "vmm" {
+    if probe_in_backend {
         // Test-only: the probe runs in a backend's cell; no VMM.
-        let Some((target, _)) = probe_target(plan, opts) else {
-            return Err(refused(format!(
-                "--probe-in {}: the VM spec has no such device",
-                opts.probe_in
-            )));
+        let Some(target) = probe_dev else {
+            return Err(Error::NoProbeTarget(opts.probe_in.clone()).into());
         };
-        let pid = backends.0.remove(target);
         drop(vmm_ends);
-        let status = crate::supervise::wait(pid, &signals);
-        drop(backends);
+        cells.exec()?;
+        let pid = cells.0.remove(target).pid;
+        let mut relay = Relay::new(None, console_out, logs);
+        let status = crate::supervise::wait(pid, &shared.signals, &mut relay);
+        drop(cells);
+        relay.drain();
         return Ok(status);
     }
-    let device_fds: Vec<i32> = vmm_ends.iter().map(|f| f.as_raw_fd()).collect();
-    let argv = vmm_argv(plan, opts, &device_fds);
-    let landlock_on = !opts.without.iter().any(|w| w == "landlock");
-    let (child, mut errors) = start_cell(&cgroup, |err| {
-        build_cell(
-            plan,
-            &trees,
-            entry,
-            &argv,
-            &device_fds,
-            err,
-            &signals,
-            landlock_on,
-            label.as_deref(),
-        )
-    })?;
-    drop(vmm_ends);
-    let mut message = String::new();
-    let _ = errors.read_to_string(&mut message);
-    let status = crate::supervise::wait(child, &signals);
-    drop(backends);
-    if !message.is_empty() {
-        return Err(setup(format!("building the cell: {message}")));
+    // The VMM's console and log go through the supervisor, never the operator's tty.
+    let (in_r, in_w) = cell::pipe()?;
+    let (out_r, out_w) = cell::pipe()?;
+    let (err_w, log) = log_pipe(name, "vmm")?;
+    logs.push(log);
+    let device_fds: Vec<RawFd> = vmm_ends.iter().map(|f| f.as_raw_fd()).collect();
+    let stdio = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+    let spec = vmm_cell(&shared, &trees, entry, &device_fds, stdio);
+    let mut vmm = cell::start(&shared.cgroup, &spec)?;
+    drop((in_r, out_w, err_w, vmm_ends));
+    let mut relay = Relay::new(Some(in_w), Some(out_r), logs);
+    // Every cell exec'd, or the launch ends here (the backends are killed with it).
+    let built = cells.exec().and_then(|_| vmm.exec());
+    if let Err(e) = built {
+        // SAFETY: kill our own child.
+        unsafe { libc::kill(vmm.pid as i32, libc::SIGKILL) };
+        crate::supervise::reap(vmm.pid);
+        cells.kill();
+        relay.drain();
+        return Err(e.into());
     }
+    let status = crate::supervise::wait(vmm.pid, &shared.signals, &mut relay);
+    drop(cells);
+    relay.drain();
     Ok(status)
 }
 
-/// Backend processes of a VM: once the VMM is gone they see the connection close and
+/// Backend cells of a VM: once the VMM is gone they see the connection close and
 /// exit; whatever is still running a moment later is killed. Always reaped.
-struct Backends(Vec<u32>);
+struct Cells(Vec<cell::Started>);
 
-impl Drop for Backends {
+impl Cells {
+    /// Waits until every cell exec'd; the first that could not says why.
+    fn exec(&mut self) -> Result<(), cell::CellError> {
+        let mut first = Ok(());
+        for c in &mut self.0 {
+            if let Err(e) = c.exec() {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        if first.is_err() {
+            self.kill();
+        }
+        first
+    }
+
+    fn kill(&mut self) {
+        for c in self.0.drain(..) {
+            // SAFETY: kill and reap our own child.
+            unsafe { libc::kill(c.pid as i32, libc::SIGKILL) };
+            crate::supervise::reap(c.pid);
+        }
+    }
+}
+
+impl Drop for Cells {
     fn drop(&mut self) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        for &pid in &self.0 {
+        for c in &self.0 {
             loop {
                 let mut status = 0;
                 // SAFETY: waitpid on our own child, without blocking.
-                let rc = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+                let rc = unsafe { libc::waitpid(c.pid as i32, &mut status, libc::WNOHANG) };
                 if rc != 0 {
                     break;
                 }
                 if std::time::Instant::now() > deadline {
                     // SAFETY: kill and reap our own child.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                    crate::supervise::reap(pid);
+                    unsafe { libc::kill(c.pid as i32, libc::SIGKILL) };
+                    crate::supervise::reap(c.pid);
                     break;
                 }
-                std::thread::sleep(std::time::Duration::from_millis(5));
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
     }
-}
-
-/// In the cell's first process (PID 1 of its namespace): every layer in order, then exec.
-struct Trees {
-    vmm: OwnedFd,
-    kernel: Option<OwnedFd>,
-    initrd: Option<OwnedFd>,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn build_cell(
-    plan: &Plan,
-    trees: &Trees,
-    entry: &Entry,
-    argv: &[String],
-    device_fds: &[i32],
-    err: &OwnedFd,
-    signals: &crate::supervise::Signals,
-    landlock_on: bool,
-    label: Option<&str>,
-) -> Result<std::convert::Infallible, String> {
-    // Nothing inherited: only the files the jail needs and the error pipe stay open.
-    let mut keep = vec![err.as_raw_fd(), trees.vmm.as_raw_fd()];
-    keep.extend(
-        trees
-            .kernel
-            .iter()
-            .chain(trees.initrd.iter())
-            .map(|f| f.as_raw_fd()),
-    );
-    keep.extend_from_slice(device_fds);
-    identity::close_inherited_fds(&keep)?;
-    // The connections to the device backends stay open across exec.
-    keep_across_exec(device_fds.iter().copied())?;
-    signals.restore_in_child();
-    namespaces::set_hostname(&format!("cellvm-{}", plan.spec.name))?;
-    // The exec context goes on while /proc is still there (libselinux writes it through
-    // /proc/thread-self/attr/exec); it takes effect at the execve below.
-    if let Some(l) = label {
-        selinux::set_exec_label(l).map_err(|e| e.to_string())?;
-    }
-    // Mount namespace: a private root with exactly the cell's files, then pivot_root.
-    let root = jail_dir(&plan.id).join("root");
-    let files = namespaces::JailFiles {
-        vmm: &trees.vmm,
-        kernel: trees.kernel.as_ref(),
-        initrd: trees.initrd.as_ref(),
-        uid: entry.uid,
-        gid: entry.uid,
-    };
-    namespaces::enter_jail(&root, &files)?;
-    identity::set_rlimits(&identity::Limits {
-        nofile: 256,
-        nproc: plan.policy.cgroup.pids_max as u64,
-        // Guest RAM is a memfd sized with ftruncate, which RLIMIT_FSIZE bounds; and the
-        // console goes to the supervisor's stdout, which may be a log file of any size.
-        // The jail has no writable file system, so no limit is lost.
-        fsize: libc::RLIM_INFINITY,
-    })?;
-    // No uid 0, no capabilities, no way back.
-    identity::drop_privileges(entry.uid, entry.uid)?;
-    if landlock_on {
-        let how = landlock::restrict(
-            &landlock::vmm_rules(plan.kernel.is_some(), plan.initrd.is_some()),
-            plan.policy.landlock,
-        )?;
-        // No layer is skipped silently: a partial or absent Landlock is logged.
-        if how != "fully enforced" {
-            eprintln!(
-                "cellvm-jailer: warning: tenant {}: Landlock {how}",
-                plan.policy.name
-            );
-        }
-    }
-    exec_cell(libc::AT_FDCWD, c"/cellvm", 0, argv)
-}
-
-fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two descriptors into the array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: fresh descriptors, owned from here on.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// Removes everything the cell had on the host: processes, cgroup, jail directory,

@@ -1,6 +1,7 @@
 //! cellvm-jailer's parts, one module per layer (the binary in main.rs drives them).
 //! A library so that fuzz targets and tests reach the parsers directly.
 
+pub mod cell;
 pub mod cgroup;
 pub mod gc;
 pub mod identity;

@@ -1,38 +1,88 @@
 //! New namespaces for the cell (mount, pid, net, ipc, uts) and its filesystem: a
 //! private tmpfs root under /srv/cellvm/<id>/root holding exactly the files the VMM
-//! needs, bind-mounted from descriptors the jailer checked, then pivot_root into it.
+//! needs, bind-mounted from descriptors the jailer checked, then pivot_root into it and
+//! chroot into its one subdirectory, so the kernel counts the cell as chrooted (and
+//! refuses it new user namespaces: `current_chrooted()` in kernel/user_namespace.c).
 
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
+/// Root's alone (0700): the jail directories and the backends' sockets live here.
 pub const JAIL_BASE: &str = "/srv/cellvm";
 
-/// Namespaces every cell gets. The net namespace is empty (loopback down): no tap is
-/// granted until the device issue adds them.
-pub const CLONE_FLAGS: u64 = (libc::CLONE_NEWNS
-    | libc::CLONE_NEWPID
-    | libc::CLONE_NEWNET
-    | libc::CLONE_NEWIPC
-    | libc::CLONE_NEWUTS) as u64;
+/// The namespaces a cell's first process makes for itself (after it joined the VM's
+/// cgroup, so their cost is the cell's and several cells make them at once). The net
+/// namespace is empty (loopback down): a net backend holds only its tap's descriptor.
+pub const UNSHARE_FLAGS: libc::c_int =
+    libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
 
-fn cstr(s: &str) -> CString {
-    CString::new(s).expect("no NUL in jail paths")
+/// The directory inside a jail's root that the cell is chrooted into.
+const CELL_DIR: &str = "cell";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {source}")]
+    Sys {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("jail path {0} is not UTF-8 or holds a NUL")]
+    BadPath(PathBuf),
 }
 
-fn check(rc: libc::c_int, what: &str) -> Result<(), String> {
+fn cstr(s: &str) -> Result<CString, Error> {
+    CString::new(s).map_err(|_| Error::BadPath(s.into()))
+}
+
+fn utf8(p: &Path) -> Result<&str, Error> {
+    p.to_str().ok_or_else(|| Error::BadPath(p.to_path_buf()))
+}
+
+fn check(rc: libc::c_int, what: &str) -> Result<(), Error> {
     if rc == 0 {
         Ok(())
     } else {
-        Err(format!("{what}: {}", std::io::Error::last_os_error()))
+        Err(sys(what))
     }
 }
 
-/// fork() into new namespaces: the child is PID 1 of its own pid namespace.
+fn sys(what: &str) -> Error {
+    Error::Sys {
+        what: what.to_string(),
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Sys {
+        what: path.display().to_string(),
+        source,
+    }
+}
+
+/// /srv/cellvm and /srv/cellvm/<id>, both root's and 0700 (also when they existed with
+/// a wider mode): no other uid can list them or reach a backend's socket in them.
+pub fn make_jail_dir(dir: &Path) -> Result<(), Error> {
+    for d in [Path::new(JAIL_BASE), dir] {
+        match std::fs::DirBuilder::new().mode(0o700).create(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(d)(e)),
+        }
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).map_err(io(d))?;
+    }
+    Ok(())
+}
+
+/// fork() into a new pid namespace: the child is PID 1 of its own pid namespace; it
+/// makes its other namespaces itself (`unshare_namespaces`).
 /// Returns the child's pid (in the parent) or 0 (in the child).
-pub fn clone_into_namespaces() -> Result<u32, String> {
+pub fn clone_into_pid_namespace() -> Result<u32, Error> {
+    // SAFETY: clone_args is plain old data; all zeroes is a valid value.
     let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
-    args.flags = CLONE_FLAGS;
+    args.flags = libc::CLONE_NEWPID as u64;
     args.exit_signal = libc::SIGCHLD as u64;
     // SAFETY: clone3 without a stack behaves like fork; the jailer is single-threaded,
     // so the child may allocate and run arbitrary code before it execs.
@@ -44,12 +94,18 @@ pub fn clone_into_namespaces() -> Result<u32, String> {
         )
     };
     if rc < 0 {
-        return Err(format!(
-            "clone3 into new namespaces: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(sys("clone3 into a new pid namespace"));
     }
     Ok(rc as u32)
+}
+
+/// In the cell's first process: new mount, net, ipc and uts namespaces.
+pub fn unshare_namespaces() -> Result<(), Error> {
+    // SAFETY: unshare with constant flags.
+    check(
+        unsafe { libc::unshare(UNSHARE_FLAGS) },
+        "unshare mount, net, ipc, uts namespaces",
+    )
 }
 
 fn mount(
@@ -58,12 +114,12 @@ fn mount(
     fstype: Option<&str>,
     flags: libc::c_ulong,
     data: Option<&str>,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let (s, t, f, d) = (
-        src.map(cstr),
-        cstr(target),
-        fstype.map(cstr),
-        data.map(cstr),
+        src.map(cstr).transpose()?,
+        cstr(target)?,
+        fstype.map(cstr).transpose()?,
+        data.map(cstr).transpose()?,
     );
     let p = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
     // SAFETY: every pointer is a valid NUL-terminated string or null, as mount(2) allows.
@@ -83,7 +139,7 @@ fn mount(
 /// made in the jailer's mount namespace, to be attached inside the cell's. A plain bind
 /// of /proc/self/fd/N cannot cross into the new namespace; this keeps the descriptor
 /// that was checked as the thing that is mounted.
-pub fn detached_mount(file: &std::fs::File) -> Result<std::os::fd::OwnedFd, String> {
+pub fn detached_mount(file: &std::fs::File) -> Result<std::os::fd::OwnedFd, Error> {
     const OPEN_TREE_CLONE: libc::c_uint = 1;
     // SAFETY: open_tree on a descriptor we own with an empty path (AT_EMPTY_PATH);
     // the result is checked and owned.
@@ -96,18 +152,18 @@ pub fn detached_mount(file: &std::fs::File) -> Result<std::os::fd::OwnedFd, Stri
         )
     };
     if fd < 0 {
-        return Err(format!("open_tree: {}", std::io::Error::last_os_error()));
+        return Err(sys("open_tree"));
     }
     // SAFETY: a fresh descriptor.
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
 }
 
 /// Attaches a detached mount at `target` (created as an empty file), read-only.
-fn attach(tree: &impl AsRawFd, target: &Path, exec: bool) -> Result<(), String> {
+fn attach(tree: &impl AsRawFd, target: &Path, exec: bool) -> Result<(), Error> {
     const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
-    std::fs::write(target, b"").map_err(|e| format!("{}: {e}", target.display()))?;
-    let t = target.to_str().expect("jail paths are UTF-8");
-    let ct = cstr(t);
+    std::fs::write(target, b"").map_err(io(target))?;
+    let t = utf8(target)?;
+    let ct = cstr(t)?;
     // SAFETY: move_mount from a detached tree fd (empty path) to a valid target path.
     let rc = unsafe {
         libc::syscall(
@@ -141,8 +197,8 @@ pub struct JailFiles<'a> {
 /// In the child: builds the jail's root and pivots into it. Afterwards `/` holds only
 /// `/cellvm` (the VMM, read-only), `/kernel` and `/initrd` (read-only, if given) and
 /// `/dev/kvm` (the cell's uid only), and the root itself is read-only.
-pub fn enter_jail(root: &Path, files: &JailFiles) -> Result<(), String> {
-    let r = root.to_str().ok_or("jail root is not UTF-8")?;
+pub fn enter_jail(root: &Path, files: &JailFiles) -> Result<(), Error> {
+    let r = utf8(root)?;
     // Nothing mounted from here on propagates back to the host.
     mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None)?;
     mount(
@@ -152,41 +208,54 @@ pub fn enter_jail(root: &Path, files: &JailFiles) -> Result<(), String> {
         libc::MS_NOSUID | libc::MS_NOEXEC,
         Some("size=64k,nr_inodes=64,mode=0755"),
     )?;
-    std::fs::create_dir(root.join("dev")).map_err(|e| format!("jail /dev: {e}"))?;
+    let cell = root.join(CELL_DIR);
+    make_dir(&cell, 0o755)?;
+    make_dir(&cell.join("dev"), 0o755)?;
     // The VMM binary must be executable inside: its own mount point is not noexec.
-    attach(files.vmm, &root.join("cellvm"), true)?;
+    attach(files.vmm, &cell.join("cellvm"), true)?;
     if let Some(k) = files.kernel {
-        attach(k, &root.join("kernel"), false)?;
+        attach(k, &cell.join("kernel"), false)?;
     }
     if let Some(i) = files.initrd {
-        attach(i, &root.join("initrd"), false)?;
+        attach(i, &cell.join("initrd"), false)?;
     }
-    make_kvm_node(&root.join("dev/kvm"), files.uid, files.gid)?;
-    pivot_into(r)
+    make_kvm_node(&cell.join("dev/kvm"), files.uid, files.gid)?;
+    pivot_into(r)?;
+    chroot_into_cell()
 }
 
 /// In a device backend's cell: an empty, read-only root and nothing else. The backend
 /// is exec'd from a descriptor and opens no path.
-pub fn enter_empty_jail(root: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(root).map_err(|e| format!("{}: {e}", root.display()))?;
-    let r = root.to_str().ok_or("jail root is not UTF-8")?;
+pub fn enter_empty_jail(root: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(root).map_err(io(root))?;
+    let r = utf8(root)?;
     mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None)?;
     mount(
         Some("cellvm-empty"),
         r,
         Some("tmpfs"),
         libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_NODEV,
-        Some("size=4k,nr_inodes=1,mode=0555"),
+        Some("size=4k,nr_inodes=2,mode=0555"),
     )?;
-    pivot_into(r)
+    make_dir(&root.join(CELL_DIR), 0o555)?;
+    pivot_into(r)?;
+    chroot_into_cell()
+}
+
+fn make_dir(p: &Path, mode: u32) -> Result<(), Error> {
+    std::fs::DirBuilder::new()
+        .mode(mode)
+        .create(p)
+        .map_err(io(p))
 }
 
 /// pivot_root into `r`, detach the old root, and make the new one read-only.
-fn pivot_into(r: &str) -> Result<(), String> {
+fn pivot_into(r: &str) -> Result<(), Error> {
     // pivot_root(".", ".") stacks the old root under the new one; detaching it leaves
     // only the jail.
-    let rc = unsafe { libc::chdir(cstr(r).as_ptr()) };
-    check(rc, "chdir into the jail")?;
+    let cr = cstr(r)?;
+    // SAFETY: chdir with a valid NUL-terminated path.
+    check(unsafe { libc::chdir(cr.as_ptr()) }, "chdir into the jail")?;
     // SAFETY: syscall with two valid NUL-terminated paths.
     let rc =
         unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) } as libc::c_int;
@@ -207,20 +276,31 @@ fn pivot_into(r: &str) -> Result<(), String> {
     )
 }
 
-fn make_kvm_node(path: &Path, uid: u32, gid: u32) -> Result<(), String> {
-    let p = cstr(path.to_str().expect("UTF-8"));
-    // SAFETY: mknod/chown with a valid path; KVM is char device 10:232.
+/// chroot into the root's one subdirectory: the cell's root is then no longer its
+/// mount namespace's root, which is what the kernel calls chrooted; a chrooted process
+/// may not create a user namespace (EPERM), a layer independent of seccomp.
+fn chroot_into_cell() -> Result<(), Error> {
+    // SAFETY: chroot and chdir with constant, NUL-terminated paths.
+    check(unsafe { libc::chroot(c"/cell".as_ptr()) }, "chroot /cell")?;
+    // SAFETY: as above.
+    check(unsafe { libc::chdir(c"/".as_ptr()) }, "chdir / in the cell")
+}
+
+fn make_kvm_node(path: &Path, uid: u32, gid: u32) -> Result<(), Error> {
+    let p = cstr(utf8(path)?)?;
+    // SAFETY: mknod with a valid path; KVM is char device 10:232.
     check(
         unsafe { libc::mknod(p.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(10, 232)) },
         "mknod /dev/kvm",
     )?;
+    // SAFETY: chown with a valid path.
     check(
         unsafe { libc::chown(p.as_ptr(), uid, gid) },
         "chown /dev/kvm",
     )
 }
 
-pub fn set_hostname(name: &str) -> Result<(), String> {
+pub fn set_hostname(name: &str) -> Result<(), Error> {
     // SAFETY: a valid buffer and its length.
     check(
         unsafe { libc::sethostname(name.as_ptr() as *const libc::c_char, name.len()) },

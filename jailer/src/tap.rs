@@ -11,6 +11,33 @@ const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
 const IFF_VNET_HDR: i16 = 0x4000;
 
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("tap {0:?}: not an interface name")]
+    NotAnInterfaceName(String),
+    #[error(
+        "tap {0}: no such interface (the administrator creates taps; the jailer only attaches)"
+    )]
+    NoSuchInterface(String),
+    #[error("/dev/net/tun: {0}")]
+    Tun(std::io::Error),
+    #[error("tap {0}: not a tap (or a multiqueue one)")]
+    NotATap(String),
+    #[error("tap {0}: already attached to another VM")]
+    Busy(String),
+    #[error("tap {0}: {1}")]
+    Attach(String, std::io::Error),
+    #[error("{path}: {source}")]
+    Netns {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{source} (network namespace {ns})")]
+    InNetns { ns: String, source: Box<Error> },
+    #[error("tap thread panicked")]
+    Panicked,
+}
+
 #[repr(C)]
 struct IfReq {
     name: [u8; 16],
@@ -20,56 +47,60 @@ struct IfReq {
 
 /// Opens tap `name` inside `/run/netns/NETNS` (or the jailer's own namespace). The tap
 /// must exist: a missing one is an error, not a fresh interface nobody configured.
-pub fn open(name: &str, netns: Option<&str>) -> Result<OwnedFd, String> {
+pub fn open(name: &str, netns: Option<&str>) -> Result<OwnedFd, Error> {
     in_netns(netns, || attach(name))
 }
 
 /// Whether tap `name` exists where `open` would look for it (for `cellvm-jailer check`,
 /// which attaches nothing).
-pub fn exists(name: &str, netns: Option<&str>) -> Result<(), String> {
+pub fn exists(name: &str, netns: Option<&str>) -> Result<(), Error> {
     in_netns(netns, || interface_exists(name))
 }
 
 fn in_netns<T: Send>(
     netns: Option<&str>,
-    f: impl FnOnce() -> Result<T, String> + Send,
-) -> Result<T, String> {
+    f: impl FnOnce() -> Result<T, Error> + Send,
+) -> Result<T, Error> {
     let Some(ns) = netns else { return f() };
     let ns_path = format!("/run/netns/{ns}");
-    let ns_file = std::fs::File::open(&ns_path).map_err(|e| format!("{ns_path}: {e}"))?;
+    let ns_file = std::fs::File::open(&ns_path).map_err(|source| Error::Netns {
+        path: ns_path.clone(),
+        source,
+    })?;
     // setns changes only the calling thread's namespace: a short-lived thread enters
     // it, does `f`, and takes the namespace with it when it ends.
     std::thread::scope(|s| {
         s.spawn(|| {
             // SAFETY: setns on a namespace descriptor we opened.
             if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
-                return Err(format!(
-                    "{ns_path}: setns: {}",
-                    std::io::Error::last_os_error()
-                ));
+                return Err(Error::Netns {
+                    path: format!("{ns_path}: setns"),
+                    source: std::io::Error::last_os_error(),
+                });
             }
-            f().map_err(|e| format!("{e} (network namespace {ns})"))
+            f().map_err(|e| Error::InNetns {
+                ns: ns.to_string(),
+                source: Box::new(e),
+            })
         })
         .join()
-        .unwrap_or_else(|_| Err("tap thread panicked".into()))
+        .unwrap_or(Err(Error::Panicked))
     })
 }
 
-fn interface_exists(name: &str) -> Result<(), String> {
+fn interface_exists(name: &str) -> Result<(), Error> {
     if !crate::policy::valid_ifname(name) {
-        return Err(format!("tap {name:?}: not an interface name"));
+        return Err(Error::NotAnInterfaceName(name.into()));
     }
-    let cname = std::ffi::CString::new(name).map_err(|_| format!("tap {name:?}: NUL"))?;
+    let cname = std::ffi::CString::new(name).map_err(|_| Error::NotAnInterfaceName(name.into()))?;
     // SAFETY: if_nametoindex reads a NUL-terminated string.
     if unsafe { libc::if_nametoindex(cname.as_ptr()) } == 0 {
-        return Err(format!(
-            "tap {name}: no such interface (the administrator creates taps; the jailer only attaches)"
-        ));
+        return Err(Error::NoSuchInterface(name.into()));
     }
     Ok(())
 }
 
-fn attach(name: &str) -> Result<OwnedFd, String> {
+fn attach(name: &str) -> Result<OwnedFd, Error> {
     interface_exists(name)?;
     // SAFETY: open of a constant, NUL-terminated path.
     let raw = unsafe {
@@ -79,7 +110,7 @@ fn attach(name: &str) -> Result<OwnedFd, String> {
         )
     };
     if raw < 0 {
-        return Err(format!("/dev/net/tun: {}", std::io::Error::last_os_error()));
+        return Err(Error::Tun(std::io::Error::last_os_error()));
     }
     // SAFETY: a descriptor we just opened and own.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -92,12 +123,11 @@ fn attach(name: &str) -> Result<OwnedFd, String> {
     // SAFETY: TUNSETIFF reads the ifreq we own.
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &req) } < 0 {
         let e = std::io::Error::last_os_error();
-        let why = match e.raw_os_error() {
-            Some(libc::EINVAL) => "not a tap (or a multiqueue one)".to_string(),
-            Some(libc::EBUSY) => "already attached to another VM".to_string(),
-            _ => e.to_string(),
-        };
-        return Err(format!("tap {name}: {why}"));
+        return Err(match e.raw_os_error() {
+            Some(libc::EINVAL) => Error::NotATap(name.into()),
+            Some(libc::EBUSY) => Error::Busy(name.into()),
+            _ => Error::Attach(name.into(), e),
+        });
     }
     Ok(fd)
 }

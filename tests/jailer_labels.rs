@@ -76,10 +76,19 @@ struct Image(PathBuf);
 
 impl Image {
     fn new(name: &str, original: Option<&str>) -> Image {
+        Image::with(name, original, &[])
+    }
+
+    /// An image holding `bytes` (a kernel, an initrd) rather than a sparse 1 MiB.
+    fn with(name: &str, original: Option<&str>, bytes: &[u8]) -> Image {
         let p = Path::new(IMAGES).join(format!("{}.img", unique(name)));
-        let f = std::fs::File::create(&p)
+        let mut f = std::fs::File::create(&p)
             .unwrap_or_else(|e| panic!("{}: {e} (tests/setup.sh makes {IMAGES})", p.display()));
-        f.set_len(1 << 20).unwrap();
+        if bytes.is_empty() {
+            f.set_len(1 << 20).unwrap();
+        } else {
+            std::io::Write::write_all(&mut f, bytes).unwrap();
+        }
         if let Some(o) = original {
             set_label(&p, o);
         }
@@ -116,6 +125,11 @@ struct Vm {
 }
 
 fn start(id: &str, disks: &[(&Image, bool)]) -> Vm {
+    start_with(id, disks, "")
+}
+
+/// As `start`, with more lines of VM spec (`extra`).
+fn start_with(id: &str, disks: &[(&Image, bool)], extra: &str) -> Vm {
     let dir = std::env::temp_dir().join(format!("cellvm-labels-{id}"));
     std::fs::create_dir_all(&dir).unwrap();
     let disks: Vec<String> = disks
@@ -126,7 +140,7 @@ fn start(id: &str, disks: &[(&Image, bool)]) -> Vm {
     std::fs::write(
         &vm,
         format!(
-            "name = \"hold\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=none hold=60\"\ndisks = [{}]\n",
+            "name = \"hold\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=none hold=60\"\ndisks = [{}]\n{extra}",
             disks.join(", ")
         ),
     )
@@ -299,4 +313,30 @@ fn a_read_only_image_two_vms_share_is_restored_only_when_the_second_ends() {
     assert_eq!(shared.refs().as_deref(), Some("1"));
     b.end();
     shared.assert_restored(Some(ORIGINAL));
+}
+
+#[test]
+fn a_kernel_and_initrd_are_shared_content_while_the_vm_runs_and_restored_after() {
+    // A PVH kernel that spins (`jmp $`): the VM runs until it is ended.
+    let kernel = Image::with("kernel", Some(ORIGINAL), &common::pvh_elf(&[0xeb, 0xfe]));
+    let initrd = Image::with("initrd", None, b"initrd");
+    let id = unique("kernel");
+    let extra = format!(
+        "kernel = \"{}\"\ninitrd = \"{}\"\n",
+        kernel.0.display(),
+        initrd.0.display()
+    );
+    let mut vm = start_with(&id, &[], &extra);
+    for f in [&kernel, &initrd] {
+        assert_eq!(
+            f.label().as_deref(),
+            Some("system_u:object_r:cellvm_content_t:s0"),
+            "{}",
+            f.0.display()
+        );
+        assert_eq!(f.refs().as_deref(), Some("1"));
+    }
+    vm.end();
+    kernel.assert_restored(Some(ORIGINAL));
+    initrd.assert_restored(None);
 }

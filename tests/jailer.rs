@@ -109,6 +109,32 @@ fn assert_nothing_left(id: &str) {
     }
 }
 
+/// The example VM spec with a writable disk of its own, removed when dropped: a
+/// writable image is never shared, so tests running at once each need one.
+struct OwnDisk(PathBuf, PathBuf);
+
+impl OwnDisk {
+    fn new(id: &str) -> OwnDisk {
+        let disk = PathBuf::from(format!("/var/lib/cellvm/images/example/{id}.img"));
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let text = std::fs::read_to_string(repo("policy/vms/example.toml")).unwrap();
+        let example = "/var/lib/cellvm/images/example/disk.img";
+        assert!(text.contains(example));
+        let dir = std::env::temp_dir().join(format!("cellvm-jailer-{id}"));
+        let vm = spec(&dir, &text.replace(example, disk.to_str().unwrap()));
+        OwnDisk(vm, disk)
+    }
+}
+
+impl Drop for OwnDisk {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
 fn unique(name: &str) -> String {
     format!("t-{name}-{}", std::process::id())
 }
@@ -116,7 +142,8 @@ fn unique(name: &str) -> String {
 #[test]
 fn jailed_test_guest_passes_every_check_and_leaves_nothing_behind() {
     let id = unique("full");
-    let out = launch(&id, &repo("policy/vms/example.toml"), &[]);
+    let vm = OwnDisk::new(&id);
+    let out = launch(&id, &vm.0, &[]);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     for check in [
         "serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp", "pci", "irq", "virtio",
@@ -609,12 +636,8 @@ fn probe_in(role: &str, name: &str, without: &[&str]) -> common::Outcome {
     }
     // The example VM has a tap: each launch gets a namespace and tap of its own.
     let ns = common::NetNs::new("probe");
-    let out = launch_with(
-        &test_policy(&ns.name),
-        &id,
-        &repo("policy/vms/example.toml"),
-        &extra,
-    );
+    let vm = OwnDisk::new(&id);
+    let out = launch_with(&test_policy(&ns.name), &id, &vm.0, &extra);
     assert_nothing_left(&id);
     out
 }

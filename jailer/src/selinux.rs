@@ -381,7 +381,13 @@ impl Labels {
             ino: meta.ino(),
             path,
         });
-        write_record(&self.dir, &self.id, &self.files)
+        if let Err(e) = write_record(&self.dir, &self.id, &self.files) {
+            // Unrecorded, nothing would give the reference back: give it back now.
+            self.files.pop();
+            release(file, &name)?;
+            return Err(e);
+        }
+        Ok(())
     }
 }
 
@@ -532,10 +538,13 @@ fn restore_in(dir: &Path, id: &str) -> Result<(), Error> {
         what: "reading the label record",
         source,
     };
+    if !path.exists() {
+        return Ok(());
+    }
+    let _lock = lock(dir)?;
     let Some(text) = read_record(&path).map_err(io)? else {
         return Ok(());
     };
-    let _lock = lock(dir)?;
     let mut left: Vec<Recorded> = Vec::new();
     for line in text.lines() {
         match Recorded::parse(line) {

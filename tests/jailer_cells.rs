@@ -437,3 +437,38 @@ fn without_seccomp_no_cell_can_make_a_user_namespace() {
         assert_nothing_left(&id);
     }
 }
+
+/// What a cell writes on stderr reaches the operator through the supervisor, one line
+/// at a time, prefixed with the VM and the cell it came from.
+#[test]
+fn a_cells_stderr_reaches_the_operator_prefixed_with_its_origin() {
+    let netns = common::NetNs::new("stderr");
+    let policy = test_policy(&netns.name);
+    let text = std::fs::read_to_string(&policy)
+        .unwrap()
+        .replace("ksm = false", "ksm = true");
+    let policy = policy.with_file_name(format!("ksm-{}.toml", netns.name));
+    std::fs::write(&policy, text).unwrap();
+    let id = unique("stderr");
+    let dir = std::env::temp_dir().join(format!("cellvm-cells-{id}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let vm = dir.join("vm.toml");
+    // The VMM refuses mergeable RAM with a device, on its stderr.
+    std::fs::write(
+        &vm,
+        "name = \"merge\"\nmemory_mib = 64\ncmdline = \"tests=none\"\nksm = true\nrng = true\n",
+    )
+    .unwrap();
+    let args = launch_args(&policy, &id, &vm);
+    let mut c = Command::new(&args[0]);
+    c.args(&args[1..]);
+    let out = common::run(c, LIMIT);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("ksm: mergeable guest RAM is private to the VMM"))
+        .unwrap_or_else(|| panic!("{}", out.stderr));
+    assert!(line.starts_with("cellvm-jailer: vm merge: vmm: "), "{line}");
+    assert_nothing_left(&id);
+}

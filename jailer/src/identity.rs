@@ -52,6 +52,26 @@ pub fn set_stdio(stdio: [RawFd; 3]) -> Result<(), Error> {
     Ok(())
 }
 
+/// In the jailer itself, first: descriptors 0, 1 and 2 open (/dev/null where they were
+/// closed), so that no descriptor it opens later gets one of those numbers and is then
+/// replaced by a cell's stdio.
+pub fn ensure_stdio_open() -> Result<(), Error> {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD on any number only reports whether it is open.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            // SAFETY: open of a constant path; the lowest free number is `fd`, which
+            // stays open for the jailer's lifetime.
+            if unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) } < 0 {
+                return Err(Error::Sys {
+                    what: "/dev/null".into(),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Closes every descriptor above stderr except those in `keep`.
 pub fn close_inherited_fds(keep: &[RawFd]) -> Result<(), Error> {
     let mut start = 3u32;
@@ -222,4 +242,42 @@ struct CapData {
     effective: u32,
     permitted: u32,
     inheritable: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into the array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: fresh descriptors, owned from here on.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    /// In a forked child (PR_SET_PDEATHSIG must not touch the test runner): Ok while
+    /// the supervisor's end of the pipe is open, SupervisorGone once it is closed.
+    #[test]
+    fn a_cell_whose_supervisor_already_died_notices_it() {
+        // SAFETY: fork in a test; the child only makes syscalls and _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let (r, w) = pipe();
+            let alive = die_with_supervisor(w.as_raw_fd()).is_ok();
+            drop(r);
+            let gone = matches!(
+                die_with_supervisor(w.as_raw_fd()),
+                Err(Error::SupervisorGone)
+            );
+            // SAFETY: leaving the forked child without running the harness's code.
+            unsafe { libc::_exit(if alive && gone { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waitpid on our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    }
 }

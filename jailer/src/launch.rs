@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::cell::{self, CellSpec, Root, Rules};
@@ -262,17 +263,64 @@ pub fn plan(opts: &Options) -> Result<Plan, Failure> {
         ))
     })?;
     let vmm = open_static_binary(&opts.vmm).map_err(setup)?;
+    // Each disk opened (never blocking, only what the file and the policy allow),
+    // locked against other writers, and bounded in size.
     let mut devices = Vec::new();
+    let mut seen: Vec<((u64, u64), bool)> = Vec::new();
+    for f in kernel.iter().chain(initrd.iter()) {
+        let m = f.metadata().map_err(setup)?;
+        seen.push(((m.dev(), m.ino()), false));
+    }
+    let mut writable_bytes: u64 = 0;
     for (i, d) in spec.disks.iter().enumerate() {
-        let image =
-            paths::open_beneath_mode(&policy.image_dirs, &d.path, !d.readonly).map_err(|e| {
-                refused(format!(
-                    "tenant {}: vm {}: disks[{i}]: {e}",
-                    policy.name, spec.name
-                ))
-            })?;
+        let refuse = |message: String| {
+            refused(format!(
+                "tenant {}: vm {}: disks[{i}]: {message}",
+                policy.name, spec.name
+            ))
+        };
+        // Two names of one file are one image: only read-only users may share it.
+        let id = std::fs::metadata(&d.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        let image = match paths::open_disk(&policy, &d.path, !d.readonly) {
+            Ok(image) => image,
+            Err(e) => {
+                if let Some(j) = seen.iter().position(|(s, _)| Some(*s) == id) {
+                    return Err(refuse(format!(
+                        "the same image as {}; a writable image has one user",
+                        image_name(j, kernel.is_some(), initrd.is_some())
+                    )));
+                }
+                return Err(refuse(e.to_string()));
+            }
+        };
+        if let Some(j) = seen
+            .iter()
+            .position(|(s, w)| *s == image.id && (*w || !d.readonly))
+        {
+            return Err(refuse(format!(
+                "the same image as {}; a writable image has one user",
+                image_name(j, kernel.is_some(), initrd.is_some())
+            )));
+        }
+        seen.push((image.id, !d.readonly));
+        if let Some(max) = policy.max_disk_bytes.filter(|m| image.size > *m) {
+            return Err(refuse(format!(
+                "size = {} bytes exceeds the tenant limit max_disk_bytes = {max}",
+                image.size
+            )));
+        }
+        if !d.readonly {
+            writable_bytes = writable_bytes.saturating_add(image.size);
+            if let Some(max) = policy.max_total_disk_bytes.filter(|m| writable_bytes > *m) {
+                return Err(refuse(format!(
+                    "writable disks of {writable_bytes} bytes in all exceed the tenant limit max_total_disk_bytes = {max}"
+                )));
+            }
+        }
         devices.push(Device::Blk {
-            image,
+            image: image.file,
             readonly: d.readonly,
             direct: d.direct,
             queues: d.queues,
@@ -303,6 +351,19 @@ pub fn plan(opts: &Options) -> Result<Plan, Failure> {
         device_bin,
         devices,
     })
+}
+
+/// The field the `n`-th image of `plan()` (kernel, initrd, then the disks) came from.
+fn image_name(n: usize, kernel: bool, initrd: bool) -> String {
+    let files: Vec<&str> = [("kernel", kernel), ("initrd", initrd)]
+        .iter()
+        .filter(|(_, present)| *present)
+        .map(|(name, _)| *name)
+        .collect();
+    match files.get(n) {
+        Some(name) => name.to_string(),
+        None => format!("disks[{}]", n - files.len()),
+    }
 }
 
 /// Attaches every tap of the plan (in the tenant's network namespace): a tap that is
@@ -387,45 +448,32 @@ pub fn jail_dir(id: &str) -> PathBuf {
 
 /// Launches the VM and supervises it; returns the VMM's exit status.
 pub fn launch(opts: &Options) -> Result<i32, Failure> {
+    // Stdio open before anything is opened: a cell's stdio goes onto 0, 1 and 2.
+    identity::ensure_stdio_open().map_err(setup)?;
     // Reclaim what dead supervisors left before anything could trip on it: a tap their
     // backend still held, an image still locked, a uid still taken.
     crate::gc::collect(&Registry::lock(&opts.run_dir).map_err(setup)?);
     let mut plan = plan(opts)?;
-    attach_taps(&mut plan)?;
 
-    // Take this VM's uid and MCS pair, and a uid of its own for each device backend.
-    let (entry, device_entries) = {
+    // Take this VM's one entry: the VMM's uid, a uid for each device backend, and the
+    // VM's one MCS pair.
+    let entry = {
         let reg = Registry::lock(&opts.run_dir).map_err(setup)?;
-        let entry = reg
-            .allocate(&plan.id, &plan.policy, std::process::id())
-            .map_err(refused)?;
-        let mut devs = Vec::new();
-        for n in 0..plan.devices.len() {
-            match reg.allocate(&device_id(&plan.id, n), &plan.policy, std::process::id()) {
-                Ok(e) => devs.push(e),
-                Err(e) => {
-                    for d in devs.iter().chain(std::iter::once(&entry)) {
-                        let _ = reg.remove(&d.id);
-                    }
-                    return Err(refused(e));
-                }
-            }
-        }
-        (entry, devs)
+        reg.allocate(
+            &plan.id,
+            &plan.policy,
+            std::process::id(),
+            plan.devices.len(),
+        )
+        .map_err(refused)?
     };
-    let result = build_and_supervise(&plan, &entry, &device_entries, opts);
-    cleanup(opts, &entry);
-    if let Ok(reg) = Registry::lock(&opts.run_dir) {
-        for d in &device_entries {
-            let _ = reg.remove(&d.id);
-        }
+    if let Err(f) = attach_taps(&mut plan) {
+        cleanup(opts, &entry);
+        return Err(f);
     }
+    let result = build_and_supervise(&plan, &entry, opts);
+    cleanup(opts, &entry);
     result
-}
-
-/// The registry id of a VM's n-th device backend (which holds its uid).
-fn device_id(vm: &str, n: usize) -> String {
-    format!("{vm}-dev{n}")
 }
 
 /// Test-only: the device whose cell runs the probe instead of its backend, if any.
@@ -607,12 +655,7 @@ fn log_pipe(vm: &str, origin: &str) -> Result<(OwnedFd, Log), Failure> {
     Ok((w, Log::new(format!("cellvm-jailer: vm {vm}: {origin}"), r)))
 }
 
-fn build_and_supervise(
-    plan: &Plan,
-    entry: &Entry,
-    device_entries: &[Entry],
-    opts: &Options,
-) -> Result<i32, Failure> {
+fn build_and_supervise(plan: &Plan, entry: &Entry, opts: &Options) -> Result<i32, Failure> {
     // SELinux first: a policy that requires it must refuse before anything is built.
     let label =
         selinux::plan(&plan.policy.name, plan.policy.selinux, entry.mcs).map_err(refused)?;
@@ -683,7 +726,7 @@ fn build_and_supervise(
     let mut logs = Vec::new();
     let mut vmm_ends = Vec::new();
     let mut console_out = None;
-    for (n, dev_entry) in device_entries.iter().enumerate() {
+    for (n, &uid) in entry.device_uids.iter().enumerate() {
         let (listener, vmm_end) = connected_listener(&shared.jail, n).map_err(setup)?;
         let (err_w, log) = log_pipe(name, &format!("dev{n} {}", plan.devices[n].kind()))?;
         // Test-only: a probe in a backend's cell reports on its stdout.
@@ -699,7 +742,7 @@ fn build_and_supervise(
             out.as_ref().map_or(null.as_raw_fd(), |w| w.as_raw_fd()),
             err_w.as_raw_fd(),
         ];
-        let spec = backend_cell(&shared, n, dev_entry.uid, &listener, stdio)?;
+        let spec = backend_cell(&shared, n, uid, &listener, stdio)?;
         cells.0.push(cell::start(&shared.cgroup, &spec)?);
         logs.push(log);
         vmm_ends.push(vmm_end);
@@ -801,7 +844,11 @@ impl Drop for Cells {
 /// Removes everything the cell had on the host: processes, cgroup, jail directory,
 /// registry entry (and with it the uid and MCS pair).
 pub fn cleanup(opts: &Options, entry: &Entry) {
-    crate::gc::remove_cell(&entry.id);
+    // An entry whose cell could not be fully removed stays, so that gc retries.
+    if let Err(e) = crate::gc::remove_cell(&entry.id) {
+        eprintln!("cellvm-jailer: {e} (the registry entry is kept; `cellvm-jailer gc` retries)");
+        return;
+    }
     if let Ok(reg) = Registry::lock(&opts.run_dir) {
         if let Err(e) = reg.remove(&entry.id) {
             eprintln!("cellvm-jailer: {e}");

@@ -130,10 +130,14 @@ fn main() -> ExitCode {
         )),
         Command::Gc { run_dir } => match registry::Registry::lock(&run_dir) {
             Ok(reg) => {
-                for id in gc::collect(&reg) {
+                let (reclaimed, errors) = gc::collect_reporting(&reg);
+                for id in reclaimed {
                     println!("reclaimed {id}");
                 }
-                0
+                for e in &errors {
+                    eprintln!("cellvm-jailer: {e}");
+                }
+                i32::from(!errors.is_empty())
             }
             Err(e) => {
                 eprintln!("cellvm-jailer: {e}");

@@ -5,7 +5,10 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+
+use crate::policy::{shown_path, TenantPolicy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -18,8 +21,20 @@ pub enum Error {
         path: String,
         source: std::io::Error,
     },
-    #[error("{path}: not a regular file")]
-    NotAFile { path: String },
+    #[error("{path}: {kind}, not a regular file; refused")]
+    NotAFile { path: String, kind: &'static str },
+    #[error("{path}: a block device is served only where the tenant policy's block_devices grant its path, never from an image directory")]
+    BlockInImageDir { path: String },
+    #[error("{path}: not a block device (block_devices grants only those)")]
+    NotABlockDevice { path: String },
+    #[error("{path}: a granted block device is opened by its own path, never through a symlink")]
+    BlockThroughSymlink { path: String },
+    #[error("{path}: {links} hard links; a writable image must have exactly one")]
+    Links { path: String, links: u64 },
+    #[error("{path}: the file does not allow writing (owner uid {uid}, mode {mode:04o}); a writable image must be root's and writable by its owner, or set image_owner in the tenant policy")]
+    NotWritable { path: String, uid: u32, mode: u32 },
+    #[error("{path}: in use: {holder} holds a lock on it (a writable image has one user; read-only users share)")]
+    Locked { path: String, holder: &'static str },
 }
 
 /// The allowed directory `path` lies in, lexically: absolute, no `..`, under `dir`.
@@ -38,25 +53,26 @@ pub fn open_beneath(dirs: &[PathBuf], path: &Path) -> Result<File, Error> {
     open_beneath_mode(dirs, path, false)
 }
 
-/// As `open_beneath`, read-write when `writable` (a disk the guest may write).
-pub fn open_beneath_mode(dirs: &[PathBuf], path: &Path, writable: bool) -> Result<File, Error> {
-    let dir = allowed_dir(dirs, path).ok_or_else(|| Error::NotAllowed {
-        path: path.display().to_string(),
-        dirs: dirs.to_vec(),
-    })?;
-    let io = |source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let dir_fd = File::open(dir).map_err(|e| Error::Io {
-        path: dir.display().to_string(),
-        source: e,
-    })?;
-    let rel = path
-        .strip_prefix(dir)
-        .expect("allowed_dir checked the prefix");
+/// What a file of this mode is, for a refusal.
+fn kind(mode: u32) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG => "a regular file",
+        libc::S_IFDIR => "a directory",
+        libc::S_IFIFO => "a FIFO",
+        libc::S_IFSOCK => "a socket",
+        libc::S_IFCHR => "a character device",
+        libc::S_IFBLK => "a block device",
+        libc::S_IFLNK => "a symlink",
+        _ => "of an unknown type",
+    }
+}
+
+/// openat2 of `rel` from `dir_fd` with `resolve`: O_NONBLOCK (a FIFO or a device
+/// cannot block the jailer) and O_NOCTTY (a terminal cannot become its controlling
+/// one); the caller checks what was opened with fstat.
+fn openat2(dir_fd: i32, rel: &Path, writable: bool, resolve: u64) -> std::io::Result<File> {
     let rel = CString::new(rel.as_os_str().as_encoded_bytes())
-        .map_err(|_| io(std::io::ErrorKind::InvalidInput.into()))?;
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: open_how is plain data; all-zero is its "no flags" value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     let access = if writable {
@@ -64,37 +80,272 @@ pub fn open_beneath_mode(dirs: &[PathBuf], path: &Path, writable: bool) -> Resul
     } else {
         libc::O_RDONLY
     };
-    how.flags = (access | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    how.flags = (access | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK) as u64;
+    how.resolve = resolve;
     // SAFETY: openat2 with a valid directory fd, a NUL-terminated path and an open_how
     // of the size passed; the returned fd is checked and then owned.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_openat2,
-            dir_fd.as_raw_fd(),
+            dir_fd,
             rel.as_ptr(),
             &how as *const libc::open_how,
             std::mem::size_of::<libc::open_how>(),
         )
     };
     if fd < 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EXDEV) || err.raw_os_error() == Some(libc::ELOOP) {
-            return Err(Error::Escapes {
-                path: path.display().to_string(),
-                dir: dir.display().to_string(),
-            });
-        }
-        return Err(io(err));
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: a fresh descriptor from openat2, owned from here on.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-    if !file.metadata().map_err(io)?.is_file() {
-        return Err(Error::NotAFile {
-            path: path.display().to_string(),
-        });
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+}
+
+/// As `open_beneath`, read-write when `writable` (a disk the guest may write). Only a
+/// regular file is accepted; FIFOs, sockets, devices and directories are refused by
+/// name, without blocking.
+pub fn open_beneath_mode(dirs: &[PathBuf], path: &Path, writable: bool) -> Result<File, Error> {
+    let file = open_any_beneath(dirs, path, writable)?;
+    let mode = file
+        .metadata()
+        .map_err(|e| Error::Io {
+            path: shown_path(path),
+            source: e,
+        })?
+        .mode();
+    match mode & libc::S_IFMT {
+        libc::S_IFREG => Ok(file),
+        libc::S_IFBLK => Err(Error::BlockInImageDir {
+            path: shown_path(path),
+        }),
+        _ => Err(Error::NotAFile {
+            path: shown_path(path),
+            kind: kind(mode),
+        }),
     }
-    Ok(file)
+}
+
+fn open_any_beneath(dirs: &[PathBuf], path: &Path, writable: bool) -> Result<File, Error> {
+    let dir = allowed_dir(dirs, path).ok_or_else(|| Error::NotAllowed {
+        path: shown_path(path),
+        dirs: dirs.to_vec(),
+    })?;
+    let dir_fd = File::open(dir).map_err(|e| Error::Io {
+        path: shown_path(dir),
+        source: e,
+    })?;
+    let rel = path
+        .strip_prefix(dir)
+        .expect("allowed_dir checked the prefix");
+    openat2(
+        dir_fd.as_raw_fd(),
+        rel,
+        writable,
+        libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS,
+    )
+    .map_err(|err| {
+        if matches!(err.raw_os_error(), Some(libc::EXDEV) | Some(libc::ELOOP)) {
+            Error::Escapes {
+                path: shown_path(path),
+                dir: shown_path(dir),
+            }
+        } else {
+            Error::Io {
+                path: shown_path(path),
+                source: err,
+            }
+        }
+    })
+}
+
+/// A disk image opened for a backend, with what was learnt of it.
+pub struct Image {
+    pub file: File,
+    /// The apparent (virtual) size in bytes.
+    pub size: u64,
+    /// Device and inode: the same file under two names is one image.
+    pub id: (u64, u64),
+    pub block_device: bool,
+}
+
+/// Runs `f` with the file system credentials of `owner` (uid, gid, no supplementary
+/// groups) on this thread, so the kernel's permission checks are the owner's, not
+/// root's: setfsuid to a non-zero uid also drops the file capabilities (DAC override)
+/// from the effective set; they return with fsuid 0.
+fn as_owner<R>(owner: Option<[u32; 2]>, f: impl FnOnce() -> R) -> R {
+    let Some([uid, gid]) = owner else {
+        return f();
+    };
+    let mut groups = vec![0 as libc::gid_t; 256];
+    // SAFETY: getgroups into a buffer of the size passed.
+    let n = unsafe { libc::getgroups(groups.len() as i32, groups.as_mut_ptr()) };
+    groups.truncate(n.max(0) as usize);
+    // SAFETY: per-thread credential changes (the raw setgroups syscall, not libc's
+    // process-wide one); restored below before anything else runs on this thread.
+    unsafe {
+        libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>());
+        libc::setfsgid(gid);
+        libc::setfsuid(uid);
+    }
+    let r = f();
+    // SAFETY: restoring this thread's credentials as they were.
+    unsafe {
+        libc::setfsuid(0);
+        libc::setfsgid(0);
+        libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr());
+    }
+    r
+}
+
+/// BLKGETSIZE64: a block device's size in bytes.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// Opens a disk the spec names: a regular file beneath the tenant's image directories
+/// (with the image owner's credentials if the policy names one), or a block device
+/// whose path the policy grants (never through a symlink). A writable image must
+/// have one link and, without image_owner, be root's and writable by its owner.
+/// Then the image is locked as QEMU locks its images (see `lock`).
+pub fn open_disk(policy: &TenantPolicy, path: &Path, writable: bool) -> Result<Image, Error> {
+    let shown = || shown_path(path);
+    let io = |source| Error::Io {
+        path: shown_path(path),
+        source,
+    };
+    let file = if crate::policy::block_device_granted(&policy.block_devices, path) {
+        // From / with no symlink at all, magic or not: the path is the grant.
+        let root = File::open("/").map_err(io)?;
+        let rel = path.strip_prefix("/").unwrap_or(path);
+        let file = openat2(
+            root.as_raw_fd(),
+            rel,
+            writable,
+            libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+        )
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                Error::BlockThroughSymlink { path: shown() }
+            } else {
+                io(e)
+            }
+        })?;
+        if file.metadata().map_err(io)?.mode() & libc::S_IFMT != libc::S_IFBLK {
+            return Err(Error::NotABlockDevice { path: shown() });
+        }
+        file
+    } else {
+        as_owner(policy.image_owner, || {
+            open_beneath_mode(&policy.image_dirs, path, writable)
+        })?
+    };
+    let meta = file.metadata().map_err(io)?;
+    let block_device = meta.mode() & libc::S_IFMT == libc::S_IFBLK;
+    if writable && !block_device {
+        if meta.nlink() != 1 {
+            return Err(Error::Links {
+                path: shown(),
+                links: meta.nlink(),
+            });
+        }
+        if policy.image_owner.is_none() && (meta.uid() != 0 || meta.mode() & 0o200 == 0) {
+            return Err(Error::NotWritable {
+                path: shown(),
+                uid: meta.uid(),
+                mode: meta.mode() & 0o7777,
+            });
+        }
+    }
+    let size = if block_device {
+        let mut bytes: u64 = 0;
+        // SAFETY: BLKGETSIZE64 writes one u64 into `bytes`.
+        if unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut bytes) } != 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        bytes
+    } else {
+        meta.len()
+    };
+    lock(&file, writable).map_err(|e| match e {
+        LockError::Held(holder) => Error::Locked {
+            path: shown(),
+            holder,
+        },
+        LockError::Io(e) => io(e),
+    })?;
+    Ok(Image {
+        file,
+        size,
+        id: (meta.dev(), meta.ino()),
+        block_device,
+    })
+}
+
+/// QEMU's image locking, which cellvm takes part in: open file description (OFD)
+/// locks on single bytes, 100 + n for "holds permission n", 200 + n for "does not let
+/// others have permission n" (n: 0 consistent read, 1 write, 2 write-unchanged,
+/// 3 resize). Byte 100 + n is tested for a write lock before a permission is taken.
+const PERM_BASE: i64 = 100;
+const SHARED_BASE: i64 = 200;
+const PERM_READ: i64 = 0;
+const PERM_WRITE: i64 = 1;
+const PERM_RESIZE: i64 = 3;
+
+enum LockError {
+    Held(&'static str),
+    Io(std::io::Error),
+}
+
+fn ofd(file: &File, cmd: i32, kind: i32, start: i64, len: i64) -> std::io::Result<libc::flock> {
+    // SAFETY: flock is plain data; all-zero is a valid value (l_pid must be 0 for OFD).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = start;
+    fl.l_len = len;
+    // SAFETY: fcntl with an OFD lock command and a flock of the right type.
+    if unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fl)
+}
+
+/// Locks an image on its descriptor (the lock lives as long as the open file
+/// description: the jailer's descriptor and the backend's copy of it).
+/// Writable: an exclusive lock over every permission byte, so any other user, cellvm
+/// or QEMU, reader or writer, is refused, and we are refused while any holds one.
+/// Read-only: shared locks on "read" and "no one else writes or resizes", after a
+/// test that no one holds "write"; other readers share.
+fn lock(file: &File, writable: bool) -> Result<(), LockError> {
+    let busy = |e: std::io::Error, holder| {
+        if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
+            LockError::Held(holder)
+        } else {
+            LockError::Io(e)
+        }
+    };
+    if writable {
+        return ofd(file, libc::F_OFD_SETLK, libc::F_WRLCK, PERM_BASE, 200)
+            .map(|_| ())
+            .map_err(|e| busy(e, "another VM or program (cellvm, qemu)"));
+    }
+    let test = ofd(
+        file,
+        libc::F_OFD_GETLK,
+        libc::F_WRLCK,
+        PERM_BASE + PERM_WRITE,
+        1,
+    )
+    .map_err(LockError::Io)?;
+    if test.l_type != libc::F_UNLCK as i16 {
+        return Err(LockError::Held("a writer (another VM or program)"));
+    }
+    for byte in [
+        PERM_BASE + PERM_READ,
+        SHARED_BASE + PERM_WRITE,
+        SHARED_BASE + PERM_RESIZE,
+    ] {
+        ofd(file, libc::F_OFD_SETLK, libc::F_RDLCK, byte, 1)
+            .map_err(|e| busy(e, "a writer (another VM or program)"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! outside the policy is refused with `tenant T: vm V: FIELD = ASKED exceeds|violates
 //! ALLOWED`.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -58,6 +58,22 @@ pub struct TenantPolicy {
     /// Whether the tenant's VMs may have a virtio-rng device.
     #[serde(default)]
     pub rng: bool,
+    /// Block devices (LVM volumes, SAN LUNs) the tenant's disks may be: absolute paths,
+    /// or prefixes ending in `*`. Opened without following any symlink, and only these:
+    /// a block device in an image directory is refused.
+    #[serde(default)]
+    pub block_devices: Vec<String>,
+    /// The uid and gid whose file permissions the jailer opens the tenant's images
+    /// with (setfsuid/setfsgid): a writable disk the file does not let them write is
+    /// refused. None: images must be owned by root and writable by their owner.
+    #[serde(default)]
+    pub image_owner: Option<[u32; 2]>,
+    /// The largest apparent (virtual) size one disk may have, in bytes. None: no limit.
+    #[serde(default)]
+    pub max_disk_bytes: Option<u64>,
+    /// The largest total apparent size of one VM's writable disks, in bytes.
+    #[serde(default)]
+    pub max_total_disk_bytes: Option<u64>,
     pub cgroup: CgroupLimits,
 }
 
@@ -174,8 +190,62 @@ fn tap_granted(taps: &[String], tap: &str) -> bool {
     })
 }
 
+/// Whether the policy's `block_devices` grant `path` (lexically: absolute, no `..`).
+pub fn block_device_granted(patterns: &[String], path: &Path) -> bool {
+    if !path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return false;
+    }
+    let Some(p) = path.to_str() else {
+        return false;
+    };
+    patterns.iter().any(|t| match t.strip_suffix('*') {
+        Some(prefix) => p.starts_with(prefix) && p.len() > prefix.len(),
+        None => t == p,
+    })
+}
+
+/// Tenant text made safe to print: printable ASCII stays, everything else (newlines,
+/// escape sequences, non-ASCII) is written as a Rust escape, so a refusal is one line
+/// and cannot move the operator's cursor or forge a log line.
+pub fn shown(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_SHOWN));
+    for c in text.chars() {
+        if out.len() >= MAX_SHOWN {
+            out.push_str("...");
+            break;
+        }
+        match c {
+            '\\' => out.push_str("\\\\"),
+            ' '..='~' => out.push(c),
+            _ => out.extend(c.escape_default()),
+        }
+    }
+    out
+}
+
+/// A path as `shown` prints tenant text.
+pub fn shown_path(path: &Path) -> String {
+    shown(&path.to_string_lossy())
+}
+
+/// At most this much of one tenant string is echoed in an error.
+const MAX_SHOWN: usize = 256;
+
 /// The most queues a disk may have (as `cellvm run` accepts).
 pub const MAX_DISK_QUEUES: u16 = 16;
+
+/// Policy and spec files are read only up to this size: a spec is a few hundred bytes.
+pub const MAX_FILE_BYTES: u64 = 64 << 10;
+
+/// The longest command line the VMM takes: `arch::x86_64::layout::CMDLINE_MAX` (2048)
+/// with its NUL terminator.
+pub const CMDLINE_MAX: usize = 2047;
+
+/// Devices one VM can have: the PCI bus's 32 slots less the host bridge's.
+pub const MAX_PCI_DEVICES: usize = 31;
+
+/// The longest path the kernel resolves.
+const PATH_MAX: usize = 4095;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -199,14 +269,42 @@ pub enum Error {
     },
 }
 
+/// Reads a policy or spec file of at most `MAX_FILE_BYTES` (checked before anything
+/// is parsed or grown with it), then parses it.
 fn read<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-        path: path.display().to_string(),
+    use std::io::Read;
+    let err = |source| Error::Read {
+        path: shown_path(path),
         source,
+    };
+    let file = std::fs::File::open(path).map_err(err)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(err)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(Error::Parse {
+            path: shown_path(path),
+            message: format!("larger than {MAX_FILE_BYTES} bytes"),
+        });
+    }
+    let text = String::from_utf8(bytes).map_err(|_| Error::Parse {
+        path: shown_path(path),
+        message: "not UTF-8".into(),
     })?;
-    toml::from_str(&text).map_err(|e| Error::Parse {
-        path: path.display().to_string(),
-        message: e.message().to_string(),
+    parse(&text, &shown_path(path))
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(text: &str, path: &str) -> Result<T, Error> {
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(Error::Parse {
+            path: path.into(),
+            message: format!("larger than {MAX_FILE_BYTES} bytes"),
+        });
+    }
+    toml::from_str(text).map_err(|e| Error::Parse {
+        path: path.into(),
+        message: shown(e.message()),
     })
 }
 
@@ -218,10 +316,7 @@ impl TenantPolicy {
     }
 
     pub fn parse(text: &str) -> Result<TenantPolicy, Error> {
-        let p: TenantPolicy = toml::from_str(text).map_err(|e| Error::Parse {
-            path: "<policy>".into(),
-            message: e.message().to_string(),
-        })?;
+        let p: TenantPolicy = parse(text, "<policy>")?;
         p.check()?;
         Ok(p)
     }
@@ -230,14 +325,14 @@ impl TenantPolicy {
     fn check(&self) -> Result<(), Error> {
         let bad = |message: String| {
             Err(Error::BadPolicy {
-                tenant: self.name.clone(),
+                tenant: shown(&self.name),
                 message,
             })
         };
         if !valid_name(&self.name) {
             return bad(format!(
-                "name {:?} must be 1-32 characters of [a-z0-9_-]",
-                self.name
+                "name \"{}\" must be 1-32 characters of [a-z0-9_-]",
+                shown(&self.name)
             ));
         }
         let [lo, hi] = self.uid_range;
@@ -253,7 +348,10 @@ impl TenantPolicy {
             ));
         }
         if let Some(d) = self.image_dirs.iter().find(|d| !d.is_absolute()) {
-            return bad(format!("image_dirs entry {} is not absolute", d.display()));
+            return bad(format!(
+                "image_dirs entry {} is not absolute",
+                shown_path(d)
+            ));
         }
         if self.cgroup.pids_max == 0 || self.cgroup.cpu_percent == 0 {
             return bad("cgroup pids_max and cpu_percent must be positive".into());
@@ -264,16 +362,38 @@ impl TenantPolicy {
             .find(|t| !valid_ifname(t.strip_suffix('*').unwrap_or(t)))
         {
             return bad(format!(
-                "taps entry {t:?} must be an interface name (or a prefix ending in *)"
+                "taps entry \"{}\" must be an interface name (or a prefix ending in *)",
+                shown(t)
             ));
         }
         if let Some(ns) = self.tap_netns.as_deref().filter(|n| !valid_netns(n)) {
             return bad(format!(
-                "tap_netns {ns:?} must be a name under /run/netns (1-64 of [A-Za-z0-9_.-])"
+                "tap_netns \"{}\" must be a name under /run/netns (1-64 of [A-Za-z0-9_.-])",
+                shown(ns)
             ));
         }
         if let Some(w) = self.cgroup.io_weight.filter(|w| !(10..=1000).contains(w)) {
             return bad(format!("cgroup io_weight {w} must be within 10..=1000"));
+        }
+        if let Some(b) = self.block_devices.iter().find(|b| {
+            let p = b.strip_suffix('*').unwrap_or(b);
+            !p.starts_with('/')
+                || p.contains('*')
+                || Path::new(p)
+                    .components()
+                    .any(|c| matches!(c, Component::ParentDir))
+        }) {
+            return bad(format!(
+                "block_devices entry {:?} must be an absolute path (or a prefix ending in *)",
+                shown(b)
+            ));
+        }
+        if let Some([uid, gid]) = self.image_owner {
+            if uid == 0 || gid == 0 {
+                return bad(
+                    "image_owner must not be root (root's permissions are what it replaces)".into(),
+                );
+            }
         }
         Ok(())
     }
@@ -292,30 +412,41 @@ impl VmSpec {
     }
 
     pub fn parse(text: &str) -> Result<VmSpec, Error> {
-        toml::from_str(text).map_err(|e| Error::Parse {
-            path: "<vm spec>".into(),
-            message: e.message().to_string(),
-        })
+        parse(text, "<vm spec>")
     }
 }
 
+/// Whether `cmdline` is what the VMM accepts: printable ASCII, at most `CMDLINE_MAX`.
+fn valid_cmdline(cmdline: &str) -> bool {
+    cmdline.len() <= CMDLINE_MAX && cmdline.bytes().all(|b| (0x20..=0x7e).contains(&b))
+}
+
+/// A path the kernel can take: no NUL or control bytes, at most PATH_MAX.
+fn valid_path(path: &Path) -> bool {
+    let b = path.as_os_str().as_encoded_bytes();
+    b.len() <= PATH_MAX && b.iter().all(|c| *c >= 0x20 && *c != 0x7f)
+}
+
 /// Checks the spec against the policy. Paths are only checked lexically here (absolute,
-/// inside an allowed directory); `paths::open_beneath` is what actually opens them.
+/// inside an allowed directory or a granted block device); `paths::open_beneath` is
+/// what actually opens them. Every list is bounded before any work that grows with it,
+/// and every tenant string echoed in a refusal is escaped (`shown`).
 pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
     let violation = |field: &str, asked: String, verb: &'static str, allowed: String| {
         Err(Error::Violation {
             tenant: policy.name.clone(),
-            vm: spec.name.clone(),
+            vm: shown(&spec.name),
             field: field.to_string(),
             asked,
             verb,
             allowed,
         })
     };
+    let quoted = |s: &str| format!("\"{}\"", shown(s));
     if !valid_name(&spec.name) {
         return violation(
             "name",
-            format!("{:?}", spec.name),
+            quoted(&spec.name),
             "violates",
             "1-32 characters of [a-z0-9_-]".into(),
         );
@@ -339,12 +470,25 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
             format!("the tenant limit {}", policy.max_memory_mib),
         );
     }
+    if !valid_cmdline(&spec.cmdline) {
+        let asked = if spec.cmdline.len() > CMDLINE_MAX {
+            format!("{} bytes", spec.cmdline.len())
+        } else {
+            quoted(&spec.cmdline)
+        };
+        return violation(
+            "cmdline",
+            asked,
+            "violates",
+            format!("printable ASCII of at most {CMDLINE_MAX} bytes"),
+        );
+    }
     for (field, path) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
         if let Some(p) = path {
-            if crate::paths::allowed_dir(&policy.image_dirs, p).is_none() {
+            if !valid_path(p) || crate::paths::allowed_dir(&policy.image_dirs, p).is_none() {
                 return violation(
                     field,
-                    p.display().to_string(),
+                    shown_path(p),
                     "violates",
                     format!("image_dirs {:?}", policy.image_dirs),
                 );
@@ -376,6 +520,7 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
             "the tenant policy (ksm = false)".into(),
         );
     }
+    // The counts first: nothing below grows with a list longer than these.
     if spec.disks.len() as u64 > policy.max_disks as u64 {
         return violation(
             "disks",
@@ -384,13 +529,33 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
             format!("the tenant limit max_disks = {}", policy.max_disks),
         );
     }
+    let devices = spec.disks.len() + spec.nets.len() + usize::from(spec.rng);
+    if spec.nets.len() > MAX_PCI_DEVICES || devices > MAX_PCI_DEVICES {
+        return violation(
+            "nets",
+            format!("{} entries ({} devices in all)", spec.nets.len(), devices),
+            "exceeds",
+            format!("the {MAX_PCI_DEVICES} PCI slots a VM has for devices"),
+        );
+    }
     for (i, d) in spec.disks.iter().enumerate() {
-        if crate::paths::allowed_dir(&policy.image_dirs, &d.path).is_none() {
+        let granted = valid_path(&d.path)
+            && (crate::paths::allowed_dir(&policy.image_dirs, &d.path).is_some()
+                || block_device_granted(&policy.block_devices, &d.path));
+        if !granted {
+            let allowed = if policy.block_devices.is_empty() {
+                format!("image_dirs {:?}", policy.image_dirs)
+            } else {
+                format!(
+                    "image_dirs {:?} and block_devices {:?}",
+                    policy.image_dirs, policy.block_devices
+                )
+            };
             return violation(
                 &format!("disks[{i}].path"),
-                d.path.display().to_string(),
+                shown_path(&d.path),
                 "violates",
-                format!("image_dirs {:?}", policy.image_dirs),
+                allowed,
             );
         }
         if !(1..=MAX_DISK_QUEUES).contains(&d.queues) {
@@ -402,19 +567,20 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
             );
         }
     }
+    let mut taps = std::collections::HashSet::with_capacity(spec.nets.len());
     for (i, n) in spec.nets.iter().enumerate() {
         if !valid_ifname(&n.tap) || !tap_granted(&policy.taps, &n.tap) {
             return violation(
                 &format!("nets[{i}].tap"),
-                format!("{:?}", n.tap),
+                quoted(&n.tap),
                 "violates",
                 format!("the tenant's taps {:?}", policy.taps),
             );
         }
-        if spec.nets[..i].iter().any(|o| o.tap == n.tap) {
+        if !taps.insert(n.tap.as_str()) {
             return violation(
                 &format!("nets[{i}].tap"),
-                format!("{:?}", n.tap),
+                quoted(&n.tap),
                 "violates",
                 "one device per tap".into(),
             );
@@ -422,7 +588,7 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
         if let Some(mac) = n.mac.as_deref().filter(|m| !valid_mac(m)) {
             return violation(
                 &format!("nets[{i}].mac"),
-                format!("{mac:?}"),
+                quoted(mac),
                 "violates",
                 "a unicast address like 02:00:00:00:00:01".into(),
             );
@@ -564,5 +730,133 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown field"));
+    }
+
+    #[test]
+    fn every_string_of_the_spec_is_checked_and_echoed_escaped() {
+        for (extra, why) in [
+            (
+                "cmdline = \"console=ttyS0\\u0000x\"",
+                "cmdline = \"console=ttyS0\\u{0}x\" violates printable ASCII of at most 2047 bytes",
+            ),
+            ("cmdline = \"a\\nb\"", "cmdline = \"a\\nb\" violates"),
+            (
+                "cmdline = \"\\u001b[2J\"",
+                "cmdline = \"\\u{1b}[2J\" violates",
+            ),
+            (
+                "kernel = \"/srv/images/acme/k\\u0000\"",
+                "kernel = /srv/images/acme/k\\u{0} violates",
+            ),
+            ("disks = [{ path = \"/srv/images/acme/d\\n\" }]", "disks"),
+        ] {
+            let r = refusal(extra);
+            assert!(r.contains(why), "{extra}: {r}");
+            assert!(
+                !r.contains('\n') && !r.contains('\0') && !r.contains('\x1b'),
+                "{r:?}"
+            );
+        }
+        assert!(refusal(&format!("cmdline = \"{}\"", "a".repeat(2048)))
+            .contains("cmdline = 2048 bytes violates"));
+        let p = TenantPolicy::parse(POLICY).unwrap();
+        check(&p, &spec(&format!("cmdline = \"{}\"", "a".repeat(2047)))).unwrap();
+        let bad_name = VmSpec::parse("name = \"demo\\nuid=0\\u001b]0;x\"\nmemory_mib = 1").unwrap();
+        let r = check(&p, &bad_name).unwrap_err().to_string();
+        assert_eq!(
+            r,
+            "tenant acme: vm demo\\nuid=0\\u{1b}]0;x: name = \"demo\\nuid=0\\u{1b}]0;x\" violates 1-32 characters of [a-z0-9_-]"
+        );
+        let with_taps =
+            TenantPolicy::parse(&POLICY.replace("uid_range", "taps = [\"t*\"]\nuid_range"))
+                .unwrap();
+        let r = check(
+            &with_taps,
+            &spec("nets = [{ tap = \"t0\", mac = \"02:00:00:00:00:01\\n\" }]"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(r.ends_with("nets[0].mac = \"02:00:00:00:00:01\\n\" violates a unicast address like 02:00:00:00:00:01"), "{r}");
+    }
+
+    #[test]
+    fn files_and_lists_are_bounded_before_any_work_grows_with_them() {
+        let dir = std::env::temp_dir().join(format!("cellvm-policy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big = dir.join("big.toml");
+        std::fs::write(
+            &big,
+            format!(
+                "name = \"a\"\nmemory_mib = 1\ncmdline = \"{}\"\n",
+                "a".repeat(70_000)
+            ),
+        )
+        .unwrap();
+        let e = VmSpec::load(&big).unwrap_err().to_string();
+        assert!(e.ends_with("larger than 65536 bytes"), "{e}");
+        assert!(VmSpec::parse(&" ".repeat(65537)).is_err());
+        let with_taps =
+            TenantPolicy::parse(&POLICY.replace("uid_range", "taps = [\"t*\"]\nuid_range"))
+                .unwrap();
+        let nets: Vec<String> = (0..2000).map(|i| format!("{{ tap = \"t{i}\" }}")).collect();
+        let start = std::time::Instant::now();
+        let r = check(&with_taps, &spec(&format!("nets = [{}]", nets.join(","))))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            r.contains("nets = 2000 entries (2000 devices in all) exceeds the 31 PCI slots"),
+            "{r}"
+        );
+        let nets: Vec<String> = (0..31).map(|i| format!("{{ tap = \"t{i}\" }}")).collect();
+        check(&with_taps, &spec(&format!("nets = [{}]", nets.join(",")))).unwrap();
+        let r = check(
+            &with_taps,
+            &spec(&format!("rng = true\nnets = [{}]", nets.join(","))),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(r.contains("32 devices in all"), "{r}");
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn block_devices_are_granted_by_path_only() {
+        let p = TenantPolicy::parse(&POLICY.replace(
+            "uid_range",
+            "block_devices = [\"/dev/vg0/acme-*\", \"/dev/sdz\"]\nmax_disks = 2\nuid_range",
+        ))
+        .unwrap();
+        check(
+            &p,
+            &spec("disks = [{ path = \"/dev/vg0/acme-1\" }, { path = \"/dev/sdz\" }]"),
+        )
+        .unwrap();
+        for bad in [
+            "/dev/vg0/acme-",
+            "/dev/vg0/acme-1/../../sda",
+            "/dev/sdz1",
+            "/dev/vg0/other",
+        ] {
+            let r = check(&p, &spec(&format!("disks = [{{ path = \"{bad}\" }}]")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                r.contains("disks[0].path") && r.contains("block_devices"),
+                "{bad}: {r}"
+            );
+        }
+        for bad in ["\"dev/x*\"", "\"/dev/*x*\"", "\"/dev/../etc*\""] {
+            assert!(
+                TenantPolicy::parse(
+                    &POLICY.replace("uid_range", &format!("block_devices = [{bad}]\nuid_range"))
+                )
+                .is_err(),
+                "{bad}"
+            );
+        }
+        assert!(TenantPolicy::parse(
+            &POLICY.replace("uid_range", "image_owner = [0, 0]\nuid_range")
+        )
+        .is_err());
     }
 }

@@ -750,6 +750,50 @@ fn main() {
         runs,
         &mut rows,
     );
+    // The same with virtio-blk, virtio-net (a tap) and virtio-rng: three backend cells
+    // besides the VMM's (unjailed, the VMM starts the same three backends itself).
+    let devs_net = BenchNet::new();
+    let devs_disk = images.join("devs-disk.img");
+    std::fs::write(&devs_disk, vec![0u8; 1 << 20]).unwrap();
+    let policy_devs = work.join("tenant-devs.toml");
+    std::fs::write(
+        &policy_devs,
+        example
+            .replace("/var/lib/cellvm/images/example", images.to_str().unwrap())
+            .replace("taps = [\"cvex*\"]", "taps = [\"cvb*\"]")
+            .replace(
+                "tap_netns = \"cellvm-example\"",
+                &format!("tap_netns = \"{}\"", devs_net.0),
+            ),
+    )
+    .unwrap();
+    let spec_devs = work.join("vm-devs.toml");
+    std::fs::write(
+        &spec_devs,
+        format!(
+            "name = \"devs\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=none\"\nrng = true\ndisks = [{{ path = \"{}\" }}]\nnets = [{{ tap = \"cvb0\" }}]\n",
+            devs_disk.display()
+        ),
+    )
+    .unwrap();
+    let devs_disk_arg = format!("path={}", devs_disk.display());
+    let mut direct_devs = cellvm(&bin, None, Some("tests=none")).with_args([
+        "--disk",
+        &devs_disk_arg,
+        "--rng",
+        "--net",
+        "tap=cvb0",
+    ]);
+    devs_net.wrap(&mut direct_devs);
+    direct_devs.name = "cellvm run (unjailed)";
+    compare(
+        "2. jailed launch, tests=none, blk + net + rng",
+        &jailer_launch(&jailer, &policy_devs, &spec_devs, false),
+        &direct_devs,
+        runs,
+        &mut rows,
+    );
+    drop(devs_net);
     let supervisor_rss = supervisor_rss_kib(&jailer, &policy, &work);
 
     // Scenario 3 without devices: RSS and PSS of a running 128 MiB VM, sampled while

@@ -115,18 +115,41 @@ fn executable_kernel() -> PathBuf {
     p
 }
 
-/// The example VM (blk, rng, net) with the executable kernel.
-fn probe_spec() -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let p = scratch().join(format!("vm-{n}.toml"));
-    let example = std::fs::read_to_string(repo("policy/vms/example.toml")).unwrap();
-    let text = format!(
-        "{example}\nkernel = \"{}\"\n",
-        executable_kernel().display()
-    );
-    std::fs::write(&p, text).unwrap();
-    p
+/// The example VM (blk, rng, net) with the executable kernel and a writable disk of its
+/// own (a writable image is locked: probes running at once cannot share the example's),
+/// removed when dropped.
+struct ProbeSpec {
+    spec: PathBuf,
+    disk: PathBuf,
+}
+
+impl ProbeSpec {
+    fn new() -> ProbeSpec {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let spec = scratch().join(format!("vm-{n}.toml"));
+        let disk = Path::new(IMAGES).join(format!("probe-disk-{}-{n}.img", std::process::id()));
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let example = std::fs::read_to_string(repo("policy/vms/example.toml")).unwrap();
+        let shared = "/var/lib/cellvm/images/example/disk.img";
+        assert!(example.contains(shared));
+        let text = format!(
+            "{}\nkernel = \"{}\"\n",
+            example.replace(shared, disk.to_str().unwrap()),
+            executable_kernel().display()
+        );
+        std::fs::write(&spec, text).unwrap();
+        ProbeSpec { spec, disk }
+    }
+}
+
+impl Drop for ProbeSpec {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.disk);
+    }
 }
 
 fn assert_nothing_left(id: &str) {
@@ -141,11 +164,12 @@ fn assert_nothing_left(id: &str) {
 }
 
 fn launch(policy: &Path, id: &str, extra: &[&str]) -> common::Outcome {
+    let spec = ProbeSpec::new();
     let mut c = Command::new(bin("cellvm-jailer"));
     c.args(["launch", "--id", id, "--policy"])
         .arg(policy)
         .arg("--vm")
-        .arg(probe_spec())
+        .arg(&spec.spec)
         .arg("--vmm")
         .arg(bin("cellvm"))
         .args(extra);

@@ -109,19 +109,30 @@ fn assert_nothing_left(id: &str) {
     }
 }
 
-/// The example VM spec with its disk on an image of this test's own: a writable image
-/// is locked, so concurrent tests cannot share the example's disk.img.
-fn example_vm(tag: &str) -> PathBuf {
-    let img = format!("/var/lib/cellvm/images/example/{}.img", unique(tag));
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let text = std::fs::read_to_string(repo("policy/vms/example.toml")).unwrap();
-    let text = text.replace("/var/lib/cellvm/images/example/disk.img", &img);
-    assert!(text.contains(&img));
-    let dir = std::env::temp_dir().join(unique(&format!("vm-{tag}")));
-    spec(&dir, &text)
+/// The example VM spec with a writable disk of its own, removed when dropped: a
+/// writable image is never shared, so tests running at once each need one.
+struct OwnDisk(PathBuf, PathBuf);
+
+impl OwnDisk {
+    fn new(id: &str) -> OwnDisk {
+        let disk = PathBuf::from(format!("/var/lib/cellvm/images/example/{id}.img"));
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let text = std::fs::read_to_string(repo("policy/vms/example.toml")).unwrap();
+        let example = "/var/lib/cellvm/images/example/disk.img";
+        assert!(text.contains(example));
+        let dir = std::env::temp_dir().join(format!("cellvm-jailer-{id}"));
+        let vm = spec(&dir, &text.replace(example, disk.to_str().unwrap()));
+        OwnDisk(vm, disk)
+    }
+}
+
+impl Drop for OwnDisk {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.1);
+    }
 }
 
 fn unique(name: &str) -> String {
@@ -131,7 +142,8 @@ fn unique(name: &str) -> String {
 #[test]
 fn jailed_test_guest_passes_every_check_and_leaves_nothing_behind() {
     let id = unique("full");
-    let out = launch(&id, &example_vm("full"), &[]);
+    let vm = OwnDisk::new(&id);
+    let out = launch(&id, &vm.0, &[]);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     for check in [
         "serial", "bootinfo", "cmdline", "e820", "acpi", "madt", "smp", "pci", "irq", "virtio",
@@ -155,7 +167,7 @@ fn jailed_test_guest_passes_every_check_and_leaves_nothing_behind() {
 #[test]
 fn check_prints_the_plan_and_launches_nothing() {
     let policy = repo("policy/tenants/example.toml");
-    let vm = example_vm("plan");
+    let vm = OwnDisk::new(&unique("plan"));
     let out = run(
         jailer(&[
             "check",
@@ -164,7 +176,7 @@ fn check_prints_the_plan_and_launches_nothing() {
             "--policy",
             policy.to_str().unwrap(),
             "--vm",
-            vm.to_str().unwrap(),
+            vm.0.to_str().unwrap(),
         ]),
         LIMIT,
     );

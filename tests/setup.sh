@@ -4,7 +4,7 @@
 set -eu
 need=""
 for pkg in qemu-system-x86 qemu-utils iproute2 xz-utils zstd lz4 binutils gcc make \
-    selinux-policy-dev selinux-policy-default checkpolicy semodule-utils setools strace; do
+    selinux-policy-dev selinux-policy-default checkpolicy semodule-utils setools strace attr; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
 done
 if [ -n "$need" ]; then

@@ -30,7 +30,8 @@ pub enum Error {
 const MAX_DEPTH: usize = 8;
 
 /// Kills the cell's processes, removes its cgroup and its whole jail directory
-/// (sockets and files too). Nothing is left when it returns Ok.
+/// (sockets and files too), and drops the file labels it held. Nothing is left when it
+/// returns Ok.
 pub fn remove_cell(id: &str) -> Result<(), Error> {
     let cg = Cgroup::open(id);
     if cg.exists() {
@@ -39,6 +40,8 @@ pub fn remove_cell(id: &str) -> Result<(), Error> {
             message: e.to_string(),
         })?;
     }
+    // Once nothing of the cell runs: the last user of each file restores its label.
+    crate::selinux::restore_recorded(id);
     remove_tree(&crate::launch::jail_dir(id))
 }
 

@@ -585,10 +585,7 @@ fn backend_cell<'a>(
         uid,
         gid: uid,
         // One MCS pair per VM: the backends run as cellvm_device_t with the VMM's pair.
-        exec_label: s
-            .label
-            .as_ref()
-            .map(|_| format!("system_u:system_r:cellvm_device_t:s0:{}", s.mcs)),
+        exec_label: s.label.as_ref().map(|_| s.mcs.device_label()),
         hostname: format!("cellvm-{}-dev{n}", plan.spec.name),
         root: Root::Empty {
             dir: s.jail.join(format!("dev{n}")),
@@ -671,14 +668,28 @@ fn build_and_supervise(plan: &Plan, entry: &Entry, opts: &Options) -> Result<i32
     // SELinux first: a policy that requires it must refuse before anything is built.
     let label =
         selinux::plan(&plan.policy.name, plan.policy.selinux, entry.mcs).map_err(refused)?;
-    // Read-only images get the shared image label; restored when `_relabelled` drops.
-    let mut _relabelled = selinux::Relabelled::default();
-    if label.is_some() {
-        for f in plan.kernel.iter().chain(plan.initrd.iter()) {
-            _relabelled
-                .relabel(f, selinux::SHARED_IMAGE_LABEL)
-                .map_err(setup)?;
+    // sVirt labels before any cell starts: writable disks get the VM's pair, read-only
+    // disks, kernel and initrd shared labels; recorded, so `gc::remove_cell` restores
+    // them however the VM ends.
+    let mut labels = selinux::Labels::new(&plan.id, plan.policy.selinux);
+    let content = plan.kernel.iter().chain(&plan.initrd);
+    let mut files: Vec<(&File, String, bool)> = content
+        .map(|f| (f, selinux::CONTENT_LABEL.into(), true))
+        .collect();
+    for d in &plan.devices {
+        match d {
+            Device::Blk {
+                image,
+                readonly: true,
+                ..
+            } => files.push((image, selinux::SHARED_IMAGE_LABEL.into(), true)),
+            Device::Blk { image, .. } => files.push((image, entry.mcs.image_label(), false)),
+            _ => {}
         }
+    }
+    for (f, l, shared) in files {
+        let fail = |e: selinux::Error| if e.is_refusal() { refused(e) } else { setup(e) };
+        labels.label(f, &l, shared).map_err(fail)?;
     }
     // The cgroup exists before the cell's first process, which joins it before it runs.
     let cgroup = Cgroup::create(&plan.id, &plan.policy.cgroup, plan.spec.memory_mib << 20)?;

@@ -1,7 +1,8 @@
 //! SELinux MCS category pairs and the labels built from them (sVirt's scheme): each VM
-//! runs as `system_u:system_r:cellvm_t:s0:cA,cB`, its writable images are
-//! `system_u:object_r:cellvm_image_t:s0:cA,cB`, and only a process with both categories
-//! can touch them.
+//! runs as `system_u:system_r:cellvm_t:s0:cA,cB`, its device backends as
+//! `system_u:system_r:cellvm_device_t:s0:cA,cB` (the same pair: one per VM), its writable
+//! images are `system_u:object_r:cellvm_image_t:s0:cA,cB`, and only a process with both
+//! categories can touch them.
 
 use std::fmt;
 use std::str::FromStr;
@@ -27,6 +28,11 @@ impl McsPair {
 
     pub fn process_label(&self) -> String {
         format!("system_u:system_r:cellvm_t:s0:{self}")
+    }
+
+    /// The device backends' label: their own domain, the VM's categories.
+    pub fn device_label(&self) -> String {
+        format!("system_u:system_r:cellvm_device_t:s0:{self}")
     }
 
     pub fn image_label(&self) -> String {
@@ -70,6 +76,10 @@ mod tests {
         let p: McsPair = "c3,c700".parse().unwrap();
         assert_eq!(p.to_string(), "c3,c700");
         assert_eq!(p.process_label(), "system_u:system_r:cellvm_t:s0:c3,c700");
+        assert_eq!(
+            p.device_label(),
+            "system_u:system_r:cellvm_device_t:s0:c3,c700"
+        );
         assert_eq!(
             p.image_label(),
             "system_u:object_r:cellvm_image_t:s0:c3,c700"

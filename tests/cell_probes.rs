@@ -292,6 +292,13 @@ fn second_layer(role: &str, name: &str) -> Option<&'static str> {
         "io-uring-setup" => "denied ENOMEM",          // RLIMIT_MEMLOCK = 0 for the rings
         "userfaultfd" => "denied EPERM", // vm.unprivileged_userfaultfd = 0, no CAP_SYS_PTRACE
         "write-proc-attr" => "denied ENOENT", // the jail: no /proc
+        // The kernel refuses a new user namespace to a chrooted caller, and every cell
+        // is chrooted into its jail's subdirectory.
+        "unshare-user-ns" => "denied EPERM",
+        // vm.memfd_noexec = 2 in the cell's pid namespace: no memfd is executable.
+        "memfd-execveat" => "denied EACCES",
+        // A session of its own and no terminal on fds 0-2: nothing to push input into.
+        "tiocsti" => "denied ENOTTY",
         _ => return None,
     })
 }
@@ -299,11 +306,8 @@ fn second_layer(role: &str, name: &str) -> Option<&'static str> {
 /// Probes that only seccomp stops on this host, and why there is no second layer.
 /// Asserted: each of these needs seccomp, so `second_layer` must not claim one.
 const SINGLE_LAYER: &[(&str, &str)] = &[
-    ("unshare-user-ns", "user namespaces have no per-process switch but seccomp; the jailer's chroot layer (EPERM for a chrooted caller) is being added"),
     ("keyctl", "keyrings have no per-process switch but seccomp and the SELinux key class (SELinux is off here)"),
     ("map-guest-ram-exec", "MDWE allows a fresh read+execute mapping of a file; SELinux's execute permission on the memfd's type would be the second layer (SELinux is off here)"),
-    ("memfd-execveat", "a new memfd is executable unless the pid namespace's vm.memfd_noexec = 2 (a jailer step) or SELinux says no"),
-    ("tiocsti", "fds 0-2 are the jailer's own (here pipes: ENOTTY); setsid and stdio pipes in every cell are being added"),
     ("load-module", "this kernel has no module support (ENOSYS before any permission check)"),
     ("kvm-ioctl", "the VMM's cell holds /dev/kvm by design"),
 ];

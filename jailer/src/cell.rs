@@ -126,6 +126,8 @@ pub fn enter_cell(spec: &CellSpec, to_supervisor: RawFd) -> Result<Infallible, C
     // Mount, net, ipc and uts namespaces, made here, inside the cgroup.
     namespaces::unshare_namespaces()?;
     namespaces::set_hostname(&spec.hostname)?;
+    // No executable memfd in this pid namespace (the setting is the namespace's own).
+    namespaces::deny_executable_memfds()?;
     // The exec context goes on while /proc is still there (libselinux writes it through
     // /proc/thread-self/attr/exec); it takes effect at the exec below.
     if let Some(l) = &spec.exec_label {

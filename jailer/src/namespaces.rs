@@ -300,6 +300,19 @@ fn make_kvm_node(path: &Path, uid: u32, gid: u32) -> Result<(), Error> {
     )
 }
 
+/// No executable memfd in the cell's pid namespace: `vm.memfd_noexec = 2` refuses
+/// MFD_EXEC and makes every other memfd non-executable and sealed (kernel 6.3 and
+/// later; the setting belongs to the pid namespace, so the host keeps its own). With the
+/// seccomp profiles' lack of execve, a second layer against exec'ing bytes the cell
+/// wrote (guest RAM is sealed so by the VMM itself). Called as PID 1 of the new pid
+/// namespace, while /proc is still the host's mount.
+pub fn deny_executable_memfds() -> Result<(), Error> {
+    std::fs::write("/proc/sys/vm/memfd_noexec", b"2").map_err(|source| Error::Sys {
+        what: "vm.memfd_noexec = 2 in the cell's pid namespace".into(),
+        source,
+    })
+}
+
 pub fn set_hostname(name: &str) -> Result<(), Error> {
     // SAFETY: a valid buffer and its length.
     check(

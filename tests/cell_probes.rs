@@ -228,6 +228,58 @@ fn test_switches_are_refused_unless_the_tenant_policy_allows_them() {
     }
 }
 
+/// A compromised blk backend cannot grow its image: pwrite is what it serves the guest
+/// with, so seccomp lets it through, and RLIMIT_FSIZE at the image's size stops a write
+/// past the end (SIGXFSZ is ignored in the cell: the write fails); fallocate's growing
+/// mode, which seccomp kills, meets the same limit without seccomp. Outside a cell both
+/// succeed (the probe shrinks the image back).
+#[test]
+fn a_blk_backend_cannot_grow_its_image() {
+    assert_eq!(
+        report("pwrite-past-end", &in_cell("blk", "pwrite-past-end", &[])),
+        "denied EFBIG"
+    );
+    for without in [&["seccomp"][..], &["seccomp", "landlock"][..]] {
+        let out = in_cell("blk", "fallocate-grow", without);
+        assert_eq!(
+            report("fallocate-grow", &out),
+            "denied EFBIG",
+            "{without:?}"
+        );
+    }
+    let img = std::env::temp_dir().join(format!("cellvm-grow-{}", std::process::id()));
+    for name in ["pwrite-past-end", "fallocate-grow"] {
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(1 << 20).unwrap();
+        let mut c = Command::new(bin("cellvm-probe"));
+        c.args([
+            name,
+            "--role",
+            "blk",
+            "--seccomp",
+            "off",
+            "--landlock",
+            "off",
+            "--fd",
+            "3",
+        ]);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        // SAFETY: dup2 and fcntl in the child before exec, onto descriptor 3, which it
+        // then owns.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut c, move || {
+                // dup2 onto itself keeps close-on-exec: clear it for that case too.
+                if libc::dup2(fd, 3) < 0 || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        assert_eq!(report(name, &common::run(c, LIMIT)), "allowed", "{name}");
+    }
+    let _ = std::fs::remove_file(&img);
+}
+
 /// With every layer on, seccomp kills each probe (SIGSYS) before its call runs, in
 /// every role (the VMM's probe under a vCPU thread's profile), except the memory hog,
 /// which the cgroup's memory.max kills.

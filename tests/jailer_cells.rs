@@ -391,53 +391,6 @@ fn every_cell_has_a_file_size_limit_at_what_it_needs() {
     let _ = std::fs::remove_file(&disk);
 }
 
-/// Without seccomp, unshare(CLONE_NEWUSER) is still refused in every cell role: each cell
-/// is chrooted (its root is a subdirectory of its mount namespace's root), and the
-/// kernel gives a chrooted process no new user namespace (EPERM). Positive control: the
-/// same probe as an unprivileged process outside any cell is allowed.
-#[test]
-fn without_seccomp_no_cell_can_make_a_user_namespace() {
-    for uid in ["0", "65534"] {
-        let out = Command::new("setpriv")
-            .args([
-                &format!("--reuid={uid}"),
-                &format!("--regid={uid}"),
-                "--clear-groups",
-            ])
-            .arg(bin("cellvm"))
-            .args(["probe", "unshare-user-ns", "--seccomp", "off"])
-            .output()
-            .unwrap();
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
-            "PROBE unshare-user-ns allowed",
-            "uid {uid} outside a cell"
-        );
-    }
-    let netns = common::NetNs::new("userns");
-    let policy = test_policy(&netns.name);
-    for role in ["vmm", "blk", "net", "rng"] {
-        let id = unique(&format!("userns-{role}"));
-        let mut c = Command::new(bin("cellvm-jailer"));
-        c.args(["launch", "--id", &id, "--policy"])
-            .arg(&policy)
-            .arg("--vm")
-            .arg(repo("policy/vms/example.toml"))
-            .arg("--vmm")
-            .arg(bin("cellvm"))
-            .args(["--probe", "unshare-user-ns", "--probe-in", role])
-            .args(["--without", "seccomp"]);
-        let out = common::run(c, LIMIT);
-        assert_eq!(out.code, Some(0), "{role}: {}", out.stderr);
-        assert_eq!(
-            out.stdout.trim(),
-            "PROBE unshare-user-ns denied EPERM",
-            "{role}"
-        );
-        assert_nothing_left(&id);
-    }
-}
-
 /// What a cell writes on stderr reaches the operator through the supervisor, one line
 /// at a time, prefixed with the VM and the cell it came from.
 #[test]

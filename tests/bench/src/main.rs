@@ -26,6 +26,9 @@ struct Args {
     /// Also write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Only scenarios 1 and 2 (start-up and jailed launch), then the table.
+    #[arg(long)]
+    launch_only: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -818,6 +821,12 @@ fn main() {
     );
     drop(devs_net);
     let supervisor_rss = supervisor_rss_kib(&jailer, &policy, &work);
+    if args.launch_only {
+        print_table(runs, &rows);
+        println!("jailer supervisor RSS while a VM runs: {supervisor_rss} KiB");
+        let _ = std::fs::remove_dir_all(&work);
+        return;
+    }
 
     // Scenario 3 without devices: RSS and PSS of a running 128 MiB VM, sampled while
     // the guest holds.
@@ -1111,25 +1120,7 @@ fn main() {
         }
     }
 
-    println!(
-        "cellvm-bench: {} run(s) per side, alternating; medians, min-max",
-        runs
-    );
-    println!(
-        "{:<36} {:<12} {:>22} {:>22} {:>8}",
-        "scenario", "metric", "cellvm", "peer", "ratio"
-    );
-    for r in &rows {
-        let cell = |s: &Stats| format!("{:.2} ({:.2}-{:.2})", s.median, s.min, s.max);
-        println!(
-            "{:<36} {:<12} {:>22} {:>22} {:>8.3}",
-            r.scenario,
-            r.metric,
-            cell(&r.cellvm),
-            cell(&r.peer),
-            r.ratio
-        );
-    }
+    print_table(runs, &rows);
     println!("peers: scenarios 1 and 5: qemu microvm; scenario 2: the same cellvm run without the jailer");
     println!("jailer supervisor RSS while a VM runs: {supervisor_rss} KiB");
     println!(
@@ -1146,4 +1137,27 @@ fn main() {
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// The side-by-side table of every row measured.
+fn print_table(runs: usize, rows: &[Row]) {
+    println!(
+        "cellvm-bench: {} run(s) per side, alternating; medians, min-max",
+        runs
+    );
+    println!(
+        "{:<36} {:<12} {:>22} {:>22} {:>8}",
+        "scenario", "metric", "cellvm", "peer", "ratio"
+    );
+    for r in rows {
+        let cell = |s: &Stats| format!("{:.2} ({:.2}-{:.2})", s.median, s.min, s.max);
+        println!(
+            "{:<36} {:<12} {:>22} {:>22} {:>8.3}",
+            r.scenario,
+            r.metric,
+            cell(&r.cellvm),
+            cell(&r.peer),
+            r.ratio
+        );
+    }
 }

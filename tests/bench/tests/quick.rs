@@ -24,8 +24,8 @@ fn quick_mode_runs_every_scenario_against_its_peer() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(
         rows.len(),
-        27,
-        "4 comparisons x 3 metrics, the launch rate, RSS and PSS with and without devices, 4 block rows, 2 net rows, 4 density rows"
+        30,
+        "5 comparisons x 3 metrics (the jailed launch with and without devices), the launch rate, RSS and PSS with and without devices, 4 block rows, 2 net rows, 4 density rows"
     );
     assert_eq!(
         rows.iter()

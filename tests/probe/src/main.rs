@@ -166,13 +166,23 @@ fn parse(argv: &[String]) -> Result<Args, String> {
 /// RAM is made (and mapped read-write) before seccomp, and the other process a probe
 /// attacks exists before it.
 struct Setup {
+    /// The size of the `--fd` file, read before the confinement (the blk profile has
+    /// no fstat: the backend learns its image's size before it confines itself).
+    fd_size: Option<i64>,
     ram: i32,
     ram_map: *mut libc::c_void,
     child: i32,
 }
 
-fn setup(name: &str) -> Setup {
+fn setup(name: &str, fd: Option<i32>) -> Setup {
     let mut s = Setup {
+        fd_size: fd.and_then(|fd| {
+            // SAFETY: fstat into a zeroed stat buffer on a descriptor we were given.
+            unsafe {
+                let mut st: libc::stat = std::mem::zeroed();
+                (libc::fstat(fd, &mut st) == 0).then_some(st.st_size)
+            }
+        }),
         ram: -1,
         ram_map: std::ptr::null_mut(),
         child: -1,
@@ -546,11 +556,10 @@ unsafe fn probe(a: &Args, s: &Setup) -> String {
             let Some(fd) = a.fd else {
                 return "error no --fd".into();
             };
-            let mut st: libc::stat = std::mem::zeroed();
-            if libc::fstat(fd, &mut st) < 0 {
-                return format!("error fstat {}", errno_name(errno()));
-            }
-            let at = st.st_size + (1 << 40);
+            let Some(size) = s.fd_size else {
+                return "error fstat before the confinement".into();
+            };
+            let at = size + (1 << 40);
             let rc = if a.name == "pwrite-past-end" {
                 libc::pwrite(fd, b"X".as_ptr().cast(), 1, at) as i64
             } else {
@@ -559,7 +568,7 @@ unsafe fn probe(a: &Args, s: &Setup) -> String {
             let r = outcome(rc);
             if rc >= 0 {
                 // Undo: the test image is the test's own.
-                libc::ftruncate(fd, st.st_size);
+                libc::ftruncate(fd, size);
             }
             r
         }
@@ -620,7 +629,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let s = setup(&a.name);
+    let s = setup(&a.name, a.fd);
     if let Err(e) = confine(&a) {
         println!("PROBE {} error {e}", a.name);
         return ExitCode::from(1);

@@ -616,8 +616,11 @@ fn gc_reclaims_the_cell_of_a_supervisor_that_died() {
     gc.arg("gc");
     let out = run(gc, LIMIT);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
+    // Every launch reclaims first: a launch of a test running alongside may have been
+    // the one that reclaimed it.
     assert!(
-        out.stdout.lines().any(|l| l == format!("reclaimed {id}")),
+        out.stdout.lines().any(|l| l == format!("reclaimed {id}"))
+            || !Path::new(&format!("/run/cellvm/vms/{id}")).exists(),
         "{}",
         out.stdout
     );

@@ -17,8 +17,11 @@ use crate::devices::pci::{self, PciConfigIo, PciEcam, PciRoot};
 use crate::devices::serial::{IrqLine, Serial};
 use crate::vmm::config::VmConfig;
 
+/// A fuzz target's entry point.
+pub type Target = fn(&[u8]);
+
 /// Every fuzz target, by name, for the replay test.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("kernel_loader", kernel_loader),
     ("cmdline", cmdline),
     ("acpi_tables", acpi_tables),

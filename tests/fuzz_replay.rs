@@ -5,7 +5,9 @@
 use std::path::Path;
 
 /// The VMM's targets and the jailer's.
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+type Target = fn(&[u8]);
+
+const TARGETS: &[(&str, Target)] = &[
     ("kernel_loader", cellvm::fuzzing::kernel_loader),
     ("cmdline", cellvm::fuzzing::cmdline),
     ("acpi_tables", cellvm::fuzzing::acpi_tables),

@@ -276,6 +276,8 @@ fn seccomp_off_needs_the_tenant_policy_to_allow_it() {
 }
 
 /// Starts a jailed VM that holds for `secs`, returns the jailer and the VMM's host pid.
+// The jailer is returned to the caller, who waits for it.
+#[allow(clippy::zombie_processes)]
 fn start_holding(id: &str, secs: u32) -> (std::process::Child, u32) {
     let dir = std::env::temp_dir().join(format!("cellvm-jailer-{id}"));
     let vm = spec(
@@ -284,7 +286,7 @@ fn start_holding(id: &str, secs: u32) -> (std::process::Child, u32) {
             "name = \"hold\"\nvcpus = 2\nmemory_mib = 64\ncmdline = \"tests=none hold={secs}\"\n"
         ),
     );
-    let child = launch_command(&repo("policy/tenants/example.toml"), id, &vm)
+    let mut child = launch_command(&repo("policy/tenants/example.toml"), id, &vm)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -304,10 +306,11 @@ fn start_holding(id: &str, secs: u32) -> (std::process::Child, u32) {
                 return (child, pid);
             }
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the VMM never appeared in its cgroup"
-        );
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the VMM never appeared in its cgroup");
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -34,9 +34,11 @@ fn label(path: &Path) -> Option<String> {
         .arg(path)
         .output()
         .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim_end_matches('\0').to_string())
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .trim_end_matches('\0')
+            .to_string()
+    })
 }
 
 fn set_label(path: &Path, l: &str) {
@@ -83,7 +85,10 @@ fn leftovers(id: &str, disk: &Path) -> Vec<String> {
         }
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    if let Some(m) = mounts.lines().find(|l| l.contains(&format!("/cellvm/{id}"))) {
+    if let Some(m) = mounts
+        .lines()
+        .find(|l| l.contains(&format!("/cellvm/{id}")))
+    {
         left.push(format!("mount: {m}"));
     }
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -100,13 +105,21 @@ fn leftovers(id: &str, disk: &Path) -> Vec<String> {
         other => left.push(format!("disk label {other:?}")),
     }
     for x in ["trusted.cellvm.selinux", "trusted.cellvm.ref"] {
-        let st = Command::new("getfattr").args(["-n", x]).arg(disk).output().unwrap();
+        let st = Command::new("getfattr")
+            .args(["-n", x])
+            .arg(disk)
+            .output()
+            .unwrap();
         if st.status.success() {
             left.push(format!("disk xattr {x}"));
         }
     }
     // The lock is free: an exclusive OFD lock on QEMU's byte range takes.
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(disk).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(disk)
+        .unwrap();
     // SAFETY: flock is plain data; zeroed is a valid value before the fields are set.
     let mut l: libc::flock = unsafe { std::mem::zeroed() };
     l.l_type = libc::F_WRLCK as i16;
@@ -122,7 +135,10 @@ fn leftovers(id: &str, disk: &Path) -> Vec<String> {
 
 #[test]
 fn campaign_random_sigkills_then_gc_leave_nothing_behind() {
-    assert!(Path::new("/dev/kvm").exists(), "this campaign needs /dev/kvm");
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "this campaign needs /dev/kvm"
+    );
     let runs: usize = std::env::var("CELLVM_KILL_CAMPAIGN_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -175,7 +191,11 @@ fn campaign_random_sigkills_then_gc_leave_nothing_behind() {
             0 => Some(jailer.id()),
             _ => {
                 let pids = cell_pids(&id);
-                let want = if target == 1 { "cellvm run " } else { "cellvm-device " };
+                let want = if target == 1 {
+                    "cellvm run "
+                } else {
+                    "cellvm-device "
+                };
                 pids.into_iter().find(|&p| cmdline(p).starts_with(want))
             }
         };
@@ -192,7 +212,10 @@ fn campaign_random_sigkills_then_gc_leave_nothing_behind() {
             assert!(Instant::now() < deadline, "{id}: the launch did not end");
             std::thread::sleep(Duration::from_millis(5));
         }
-        let gc = Command::new(bin("cellvm-jailer")).arg("gc").output().unwrap();
+        let gc = Command::new(bin("cellvm-jailer"))
+            .arg("gc")
+            .output()
+            .unwrap();
         assert!(
             gc.status.success(),
             "{id}: gc: {}",

@@ -33,8 +33,8 @@ pub fn set_stdio(stdio: [RawFd; 3]) -> Result<(), Error> {
     for (target, fd) in stdio.into_iter().enumerate() {
         let target = target as RawFd;
         if fd == target {
-            // SAFETY: fcntl on a descriptor this process holds.
             check(
+                // SAFETY: fcntl on a descriptor this process holds.
                 unsafe { libc::fcntl(fd, libc::F_SETFD, 0) },
                 "fcntl on stdio",
             )?;
@@ -80,16 +80,16 @@ pub fn close_inherited_fds(keep: &[RawFd]) -> Result<(), Error> {
     keep.dedup();
     for k in keep {
         if k > start {
-            // SAFETY: close_range on a range of our own descriptors.
             check(
+                // SAFETY: close_range on a range of our own descriptors.
                 unsafe { libc::syscall(libc::SYS_close_range, start, k - 1, 0) } as i32,
                 "close_range",
             )?;
         }
         start = k + 1;
     }
-    // SAFETY: as above.
     check(
+        // SAFETY: as above.
         unsafe { libc::syscall(libc::SYS_close_range, start, u32::MAX, 0) } as i32,
         "close_range",
     )
@@ -160,8 +160,8 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), Error> {
             });
         }
     }
-    // SAFETY: prctl with integer arguments.
     check(
+        // SAFETY: prctl with integer arguments.
         unsafe {
             libc::prctl(
                 libc::PR_CAP_AMBIENT,
@@ -173,8 +173,8 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), Error> {
         },
         "clear ambient capabilities",
     )?;
-    // SAFETY: prctl with integer arguments.
     check(
+        // SAFETY: prctl with integer arguments.
         unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) },
         "PR_SET_KEEPCAPS 0",
     )?;
@@ -190,13 +190,13 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), Error> {
         pid: 0,
     };
     let data = [CapData::default(); 2];
-    // SAFETY: capset with a v3 header and two data words, as the kernel expects.
     check(
+        // SAFETY: capset with a v3 header and two data words, as the kernel expects.
         unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } as i32,
         "capset",
     )?;
-    // SAFETY: prctl with integer arguments.
     check(
+        // SAFETY: prctl with integer arguments.
         unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
         "PR_SET_NO_NEW_PRIVS",
     )
@@ -206,8 +206,8 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), Error> {
 /// clears it), then checked against the supervisor having died already: `to_supervisor`
 /// is the write end of a pipe only the supervisor reads, so POLLERR means it is gone.
 pub fn die_with_supervisor(to_supervisor: RawFd) -> Result<(), Error> {
-    // SAFETY: prctl with integer arguments.
     check(
+        // SAFETY: prctl with integer arguments.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) },
         "PR_SET_PDEATHSIG",
     )?;

@@ -101,8 +101,8 @@ pub fn clone_into_pid_namespace() -> Result<u32, Error> {
 
 /// In the cell's first process: new mount, net, ipc and uts namespaces.
 pub fn unshare_namespaces() -> Result<(), Error> {
-    // SAFETY: unshare with constant flags.
     check(
+        // SAFETY: unshare with constant flags.
         unsafe { libc::unshare(UNSHARE_FLAGS) },
         "unshare mount, net, ipc, uts namespaces",
     )
@@ -260,8 +260,8 @@ fn pivot_into(r: &str) -> Result<(), Error> {
     let rc =
         unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) } as libc::c_int;
     check(rc, "pivot_root")?;
-    // SAFETY: umount2 with a valid path.
     check(
+        // SAFETY: umount2 with a valid path.
         unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) },
         "detach the old root",
     )?;
@@ -288,13 +288,13 @@ fn chroot_into_cell() -> Result<(), Error> {
 
 fn make_kvm_node(path: &Path, uid: u32, gid: u32) -> Result<(), Error> {
     let p = cstr(utf8(path)?)?;
-    // SAFETY: mknod with a valid path; KVM is char device 10:232.
     check(
+        // SAFETY: mknod with a valid path; KVM is char device 10:232.
         unsafe { libc::mknod(p.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(10, 232)) },
         "mknod /dev/kvm",
     )?;
-    // SAFETY: chown with a valid path.
     check(
+        // SAFETY: chown with a valid path.
         unsafe { libc::chown(p.as_ptr(), uid, gid) },
         "chown /dev/kvm",
     )
@@ -314,8 +314,8 @@ pub fn deny_executable_memfds() -> Result<(), Error> {
 }
 
 pub fn set_hostname(name: &str) -> Result<(), Error> {
-    // SAFETY: a valid buffer and its length.
     check(
+        // SAFETY: a valid buffer and its length.
         unsafe { libc::sethostname(name.as_ptr() as *const libc::c_char, name.len()) },
         "sethostname",
     )

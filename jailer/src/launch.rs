@@ -432,6 +432,10 @@ fn vmm_argv(plan: &Plan, opts: &Options, device_fds: &[i32]) -> Vec<String> {
     if plan.spec.ksm {
         argv.push("--ksm".into());
     }
+    // A kernel without MFD_NOEXEC_SEAL: a logged downgrade only where the policy says so.
+    if plan.policy.executable_ram_allowed {
+        argv.push("--allow-executable-ram".into());
+    }
     // Each device: the VMM's end of a connection its backend cell already holds.
     for (d, fd) in plan.devices.iter().zip(device_fds) {
         match d {

@@ -52,6 +52,11 @@ pub struct TenantPolicy {
     pub hugepages: bool,
     #[serde(default)]
     pub ksm: bool,
+    /// Whether this tenant's VMs may run where the kernel cannot seal guest RAM against
+    /// execution (MFD_NOEXEC_SEAL, Linux 6.3 and later): the VMM then logs the downgrade
+    /// instead of refusing to start.
+    #[serde(default)]
+    pub executable_ram_allowed: bool,
     /// How many virtio-blk disks one VM may have (each is a backend process).
     #[serde(default)]
     pub max_disks: u32,

@@ -108,6 +108,15 @@ const IMAGES: &str = "/var/lib/cellvm/images/example";
 fn executable_kernel() -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let p = Path::new(IMAGES).join(format!("probe-kernel-{}", std::process::id()));
+    // Copies left by earlier runs of this test binary (whose pid is gone) go.
+    for e in std::fs::read_dir(IMAGES).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix("probe-kernel-") {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     if !p.exists() {
         std::fs::copy(bin("cellvm-probe"), &p).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();

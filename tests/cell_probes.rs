@@ -5,6 +5,7 @@
 //! control, which must succeed (or fail for a different, stated reason).
 
 mod common;
+use common::{bin, repo};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,62 +14,9 @@ use std::time::Duration;
 const LIMIT: Duration = Duration::from_secs(60);
 const ROLES: [&str; 4] = ["vmm", "blk", "net", "rng"];
 
-/// Every probe that runs in every role.
-const PROBES: &[&str] = &[
-    "open-host-file",
-    "open-via-proc-root",
-    "open-dev-mem",
-    "write-other-vm-image",
-    "open-other-vm-memfd",
-    "write-jail-file",
-    "mount",
-    "unshare-user-ns",
-    "setuid-root",
-    "raise-rlimit",
-    "exec-kernel-image",
-    "connect-inet",
-    "mknod",
-    "load-module",
-    "bpf",
-    "perf-event-open",
-    "keyctl",
-    "ptrace-other-process",
-    "signal-other-processes",
-    "read-other-process-memory",
-    "map-guest-ram-exec",
-    "mprotect-guest-ram-exec",
-    "memfd-execveat",
-    "connect-other-vm-socket",
-    "kvm-ioctl",
-    "io-uring-setup",
-    "userfaultfd",
-    "write-proc-attr",
-    "tiocsti",
-    "fork-past-pids-max",
-    "allocate-past-memory-max",
-];
-
-fn bin(name: &str) -> PathBuf {
-    // Test binaries live in target/<triple>/release/deps; the workspace's binaries one up.
-    let p = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace first (cargo build --release --workspace)",
-        p.display()
-    );
-    assert!(Path::new("/dev/kvm").exists(), "these tests need /dev/kvm");
-    p
-}
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
+#[path = "probe/src/probes.rs"]
+mod probes;
+use probes::PROBES;
 
 fn unique(name: &str) -> String {
     format!("t-{name}-{}", std::process::id())

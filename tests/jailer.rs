@@ -3,6 +3,7 @@
 //! inside each cell are in cell_probes.rs.)
 
 mod common;
+use common::{bin, repo};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -11,28 +12,6 @@ use std::time::{Duration, Instant};
 use common::run;
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn bin(name: &str) -> PathBuf {
-    // Test binaries live in target/<triple>/release/deps; the workspace's binaries one up.
-    let p = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace first (cargo build --release --workspace)",
-        p.display()
-    );
-    assert!(Path::new("/dev/kvm").exists(), "these tests need /dev/kvm");
-    p
-}
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
 
 fn jailer(args: &[&str]) -> Command {
     let mut c = Command::new(bin("cellvm-jailer"));

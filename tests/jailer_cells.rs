@@ -4,34 +4,13 @@
 //! layer (a chroot) that refuses new user namespaces without seccomp.
 
 mod common;
+use common::{bin, repo};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn bin(name: &str) -> PathBuf {
-    // Test binaries live in target/<triple>/release/deps; the workspace's binaries one up.
-    let p = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace first (cargo build --release --workspace)",
-        p.display()
-    );
-    assert!(Path::new("/dev/kvm").exists(), "these tests need /dev/kvm");
-    p
-}
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
 
 fn unique(name: &str) -> String {
     format!("t-{name}-{}", std::process::id())

@@ -4,6 +4,7 @@
 //! user on the registry lock, and a kill of the jailer at each step, then `gc`.
 
 mod common;
+use common::{bin, repo};
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -14,27 +15,6 @@ use common::run;
 
 const LIMIT: Duration = Duration::from_secs(60);
 const IMAGES: &str = "/var/lib/cellvm/images/example";
-
-fn bin(name: &str) -> PathBuf {
-    let p = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace first (cargo build --release --workspace)",
-        p.display()
-    );
-    assert!(Path::new("/dev/kvm").exists(), "these tests need /dev/kvm");
-    p
-}
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
 
 fn unique(name: &str) -> String {
     format!("h1-{name}-{}", std::process::id())

@@ -7,6 +7,7 @@
 //! and, for a read-only image two VMs share, only once the second one ends.
 
 mod common;
+use common::{bin, repo};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,28 +18,6 @@ const LIMIT: Duration = Duration::from_secs(60);
 const IMAGES: &str = "/var/lib/cellvm/images/example";
 const ORIGINAL: &str = "system_u:object_r:var_lib_t:s0";
 const SHARED: &str = "system_u:object_r:cellvm_image_t:s0";
-
-fn bin(name: &str) -> PathBuf {
-    // Test binaries live in target/<triple>/release/deps; the workspace's binaries one up.
-    let p = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace first (cargo build --release --workspace)",
-        p.display()
-    );
-    assert!(Path::new("/dev/kvm").exists(), "these tests need /dev/kvm");
-    p
-}
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
 
 fn unique(name: &str) -> String {
     format!("t-lbl-{name}-{}", std::process::id())

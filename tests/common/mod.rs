@@ -316,3 +316,27 @@ impl Drop for NetNs {
             .output();
     }
 }
+
+/// A binary of the workspace (built by `cargo build --release --workspace`): test
+/// binaries live in target/<triple>/release/deps, the workspace's binaries one up.
+pub fn bin(name: &str) -> PathBuf {
+    let p = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --release --workspace)",
+        p.display()
+    );
+    assert!(Path::new("/dev/kvm").exists(), "these tests need /dev/kvm");
+    p
+}
+
+/// A path in the repository.
+pub fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}

@@ -19,40 +19,8 @@ use std::process::ExitCode;
 
 use cellvm::seccomp::Mode;
 
-/// Every probe, for the tests and the matrix in the docs.
-pub const PROBES: &[&str] = &[
-    "open-host-file",
-    "open-via-proc-root",
-    "open-dev-mem",
-    "write-other-vm-image",
-    "open-other-vm-memfd",
-    "write-jail-file",
-    "mount",
-    "unshare-user-ns",
-    "setuid-root",
-    "raise-rlimit",
-    "exec-kernel-image",
-    "connect-inet",
-    "mknod",
-    "load-module",
-    "bpf",
-    "perf-event-open",
-    "keyctl",
-    "ptrace-other-process",
-    "signal-other-processes",
-    "read-other-process-memory",
-    "map-guest-ram-exec",
-    "mprotect-guest-ram-exec",
-    "memfd-execveat",
-    "connect-other-vm-socket",
-    "kvm-ioctl",
-    "io-uring-setup",
-    "userfaultfd",
-    "write-proc-attr",
-    "tiocsti",
-    "fork-past-pids-max",
-    "allocate-past-memory-max",
-];
+mod probes;
+pub use probes::PROBES;
 
 /// Probes that need a descriptor the cell holds (the blk image, `--fd`).
 pub const BLK_PROBES: &[&str] = &["pwrite-past-end", "fallocate-grow"];

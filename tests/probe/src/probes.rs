@@ -1,0 +1,37 @@
+//! The probes' names: one list, for the probe program and for the tests that run it
+//! (`tests/cell_probes.rs` includes this file).
+
+/// Every probe that runs in every role.
+pub const PROBES: &[&str] = &[
+    "open-host-file",
+    "open-via-proc-root",
+    "open-dev-mem",
+    "write-other-vm-image",
+    "open-other-vm-memfd",
+    "write-jail-file",
+    "mount",
+    "unshare-user-ns",
+    "setuid-root",
+    "raise-rlimit",
+    "exec-kernel-image",
+    "connect-inet",
+    "mknod",
+    "load-module",
+    "bpf",
+    "perf-event-open",
+    "keyctl",
+    "ptrace-other-process",
+    "signal-other-processes",
+    "read-other-process-memory",
+    "map-guest-ram-exec",
+    "mprotect-guest-ram-exec",
+    "memfd-execveat",
+    "connect-other-vm-socket",
+    "kvm-ioctl",
+    "io-uring-setup",
+    "userfaultfd",
+    "write-proc-attr",
+    "tiocsti",
+    "fork-past-pids-max",
+    "allocate-past-memory-max",
+];

@@ -202,6 +202,13 @@ impl Device {
 pub fn plan(opts: &Options) -> Result<Plan, Failure> {
     let policy = TenantPolicy::load(&opts.policy).map_err(refused)?;
     let spec = VmSpec::load(&opts.vm).map_err(refused)?;
+    plan_for(policy, spec, opts)
+}
+
+/// Everything `plan` does once the policy and spec are parsed: the check, then every
+/// file the spec names opened and bounded. Root code on tenant input, so the fuzz
+/// target `tenant_policy` drives it too.
+pub fn plan_for(policy: TenantPolicy, spec: VmSpec, opts: &Options) -> Result<Plan, Failure> {
     policy::check(&policy, &spec).map_err(refused)?;
     if !matches!(opts.seccomp.as_str(), "kill" | "log" | "off") {
         return Err(refused(format!(

@@ -21,14 +21,23 @@ pub mod tap;
 /// shipped jailer.
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing {
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStringExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    use std::path::{Path, PathBuf};
+    use std::sync::OnceLock;
+
     use crate::mcs::McsPair;
     use crate::policy::{check, TenantPolicy, VmSpec};
 
     /// Arbitrary text as a tenant policy and as a VM spec (the input split at the first
-    /// NUL byte), then everything the root jailer does with them before it opens a
-    /// file: the policy's own check, the spec's check against it. Refusals are fine if
-    /// they are one clean line; a panic, a refusal carrying control bytes, or a spec
-    /// that passes while asking for more than the policy allows, is a bug.
+    /// NUL byte), then everything the root jailer does with them before it changes any
+    /// host state: the policy's own check, the spec's check against it, and the whole
+    /// plan (every file opened) for policies whose directories lie in [`SANDBOX`].
+    /// Refusals are fine if they are one clean line; a panic, a refusal carrying control
+    /// bytes, or a spec or plan that passes while holding more than the policy allows, is
+    /// a bug.
     pub fn tenant_policy(data: &[u8]) {
         let mut parts = data.splitn(2, |b| *b == 0);
         let (Ok(p), Ok(v)) = (
@@ -46,9 +55,194 @@ pub mod fuzzing {
             Err(e) => return assert_clean(&e.to_string()),
         };
         match check(&policy, &spec) {
-            Err(e) => assert_clean(&e.to_string()),
+            Err(e) => return assert_clean(&e.to_string()),
             Ok(()) => assert_within(&policy, &spec),
         }
+        plan_in_sandbox(policy, spec);
+    }
+
+    /// Where the files the fuzzer's specs name live: kernels, good and bad disks, a
+    /// FIFO, a directory, links out, a block node. Made once, the same every run, so the
+    /// corpus can name them.
+    pub const SANDBOX: &str = "/tmp/cellvm-fuzz-plan";
+
+    fn sandbox() -> &'static Path {
+        static MADE: OnceLock<PathBuf> = OnceLock::new();
+        MADE.get_or_init(|| {
+            let root = PathBuf::from(SANDBOX);
+            let images = root.join("images");
+            let _ = std::fs::create_dir_all(images.join("dir"));
+            let _ = std::fs::create_dir_all(root.join("outside"));
+            let file = |name: &str, len: u64, mode: u32| {
+                let p = root.join(name);
+                if !p.exists() {
+                    let f = File::create(&p).expect("sandbox file");
+                    f.set_len(len).expect("sandbox file size");
+                }
+                let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode));
+            };
+            file("images/kernel", 4096, 0o644);
+            file("images/disk0.img", 1 << 20, 0o600);
+            file("images/disk1.img", 2 << 20, 0o600);
+            file("images/ro.img", 1 << 20, 0o444);
+            file("images/dir/inner.img", 1 << 20, 0o600);
+            file("images/linked.img", 1 << 20, 0o600);
+            file("outside/secret.img", 1 << 20, 0o600);
+            let _ = std::fs::hard_link(images.join("linked.img"), images.join("linked2.img"));
+            let _ = std::os::unix::fs::symlink("/etc/passwd", images.join("escape"));
+            let _ = std::os::unix::fs::symlink("../outside/secret.img", images.join("up.img"));
+            let cstr = |p: PathBuf| std::ffi::CString::new(p.into_os_string().into_vec()).unwrap();
+            // SAFETY: mkfifo and mknod on NUL-terminated paths we own; failures (they
+            // exist, or no privilege) leave the entry missing, which the planner refuses.
+            unsafe {
+                libc::mkfifo(cstr(images.join("fifo")).as_ptr(), 0o600);
+                libc::mknod(
+                    cstr(images.join("blk0")).as_ptr(),
+                    libc::S_IFBLK | 0o600,
+                    libc::makedev(7, 250),
+                );
+            }
+            // The smallest static ELF the binary check accepts, as the VMM and device.
+            let mut elf = vec![0u8; 64 + 56];
+            elf[..4].copy_from_slice(b"\x7fELF");
+            elf[4] = 2; // 64-bit
+            elf[5] = 1; // little-endian
+            elf[6] = 1;
+            elf[16] = 2; // ET_EXEC
+            elf[18] = 62; // x86-64
+            elf[20] = 1;
+            elf[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+            elf[52] = 64; // e_ehsize
+            elf[54] = 56; // e_phentsize
+            elf[56] = 1; // e_phnum
+            elf[64] = 1; // PT_LOAD
+            let _ = std::fs::write(root.join("vmm"), &elf);
+            let _ =
+                std::fs::set_permissions(root.join("vmm"), std::fs::Permissions::from_mode(0o755));
+            root
+        })
+    }
+
+    /// Whether every directory and block-device grant of the policy lies in the sandbox
+    /// (lexically: no `..`), so that the fuzzer never opens the host's own files.
+    fn confined(policy: &TenantPolicy) -> bool {
+        let inside = |p: &Path| {
+            p.starts_with(SANDBOX)
+                && p.components()
+                    .all(|c| !matches!(c, std::path::Component::ParentDir))
+        };
+        policy.image_dirs.iter().all(|d| inside(d))
+            && policy.block_devices.iter().all(|b| inside(Path::new(b)))
+    }
+
+    /// The rest of the root path on an accepted spec: `launch::plan_for` opens every file
+    /// (never blocking, never a non-regular file, never outside the directories, locked,
+    /// bounded). A refusal is one clean line; an accepted plan holds nothing the policy
+    /// does not grant, checked on the descriptors themselves.
+    fn plan_in_sandbox(policy: TenantPolicy, spec: VmSpec) {
+        let root = sandbox();
+        if !confined(&policy) {
+            return;
+        }
+        let opts = sandbox_options(root);
+        let (policy_copy, spec_copy) = (policy.clone(), spec.clone());
+        match crate::launch::plan_for(policy, spec, &opts) {
+            Err(f) => assert_clean(&f.message),
+            Ok(plan) => assert_plan_within(&policy_copy, &spec_copy, &plan),
+        }
+    }
+
+    fn sandbox_options(root: &Path) -> crate::launch::Options {
+        crate::launch::Options {
+            policy: PathBuf::new(),
+            vm: PathBuf::new(),
+            id: Some("fuzz".into()),
+            vmm: root.join("vmm"),
+            device: root.join("vmm"),
+            run_dir: root.join("run"),
+            probe: None,
+            probe_binary: None,
+            probe_in: "vmm".into(),
+            seccomp: "kill".into(),
+            without: Vec::new(),
+        }
+    }
+
+    fn assert_plan_within(policy: &TenantPolicy, spec: &VmSpec, plan: &crate::launch::Plan) {
+        use crate::launch::Device;
+        let dirs: Vec<PathBuf> = policy
+            .image_dirs
+            .iter()
+            .filter_map(|d| std::fs::canonicalize(d).ok())
+            .collect();
+        let opened = |f: &File| -> (PathBuf, std::fs::Metadata, i32) {
+            let path = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+                .expect("an open descriptor has a path");
+            // SAFETY: F_GETFL on a descriptor we hold.
+            let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+            (path, f.metadata().expect("fstat"), flags & libc::O_ACCMODE)
+        };
+        for f in plan.kernel.iter().chain(plan.initrd.iter()) {
+            let (path, meta, mode) = opened(f);
+            assert!(
+                meta.file_type().is_file(),
+                "kernel/initrd {path:?} is not a file"
+            );
+            assert!(
+                dirs.iter().any(|d| path.starts_with(d)),
+                "{path:?} outside {dirs:?}"
+            );
+            assert_eq!(mode, libc::O_RDONLY, "{path:?} opened for writing");
+        }
+        let expected = spec.disks.len() + usize::from(spec.rng) + spec.nets.len();
+        assert_eq!(plan.devices.len(), expected);
+        let mut writable: Vec<(u64, u64)> = Vec::new();
+        let mut all: Vec<(u64, u64)> = Vec::new();
+        let mut total: u64 = 0;
+        let disks = plan.devices.iter().filter_map(|d| match d {
+            Device::Blk {
+                image, readonly, ..
+            } => Some((image, *readonly)),
+            _ => None,
+        });
+        for ((image, readonly), d) in disks.zip(&spec.disks) {
+            let (path, meta, mode) = opened(image);
+            assert_eq!(readonly, d.readonly);
+            assert_eq!(mode == libc::O_RDONLY, readonly, "{path:?}: access mode");
+            let block = meta.file_type().is_block_device();
+            assert!(
+                meta.file_type().is_file() || block,
+                "{path:?}: not a file or block device"
+            );
+            if block {
+                let shown = path.to_string_lossy();
+                assert!(crate::policy::block_device_granted(
+                    &policy.block_devices,
+                    Path::new(&*shown)
+                ));
+            } else {
+                assert!(
+                    dirs.iter().any(|dir| path.starts_with(dir)),
+                    "{path:?} outside {dirs:?}"
+                );
+            }
+            let id = (meta.dev(), meta.ino());
+            if !readonly {
+                assert!(
+                    block || meta.nlink() == 1,
+                    "{path:?}: writable with {} links",
+                    meta.nlink()
+                );
+                assert!(!all.contains(&id), "{path:?}: a writable image shared");
+                writable.push(id);
+                total = total.saturating_add(meta.len());
+            } else {
+                assert!(!writable.contains(&id), "{path:?}: a writable image shared");
+            }
+            all.push(id);
+            assert!(policy.max_disk_bytes.is_none_or(|m| meta.len() <= m));
+        }
+        assert!(policy.max_total_disk_bytes.is_none_or(|m| total <= m));
     }
 
     /// A refusal is printed to the operator: one line, no control bytes.
@@ -97,6 +291,25 @@ pub mod fuzzing {
         }
     }
 
+    /// What the planner made of a corpus input: None where it never reached the
+    /// planner (unparsable, refused by the check, or outside the sandbox).
+    pub fn plan_outcome(data: &[u8]) -> Option<Result<(), String>> {
+        let mut parts = data.splitn(2, |b| *b == 0);
+        let policy = TenantPolicy::parse(std::str::from_utf8(parts.next()?).ok()?).ok()?;
+        let spec = VmSpec::parse(std::str::from_utf8(parts.next()?).ok()?).ok()?;
+        check(&policy, &spec).ok()?;
+        if !confined(&policy) {
+            return None;
+        }
+        let root = sandbox();
+        let opts = sandbox_options(root);
+        Some(
+            crate::launch::plan_for(policy, spec, &opts)
+                .map(drop)
+                .map_err(|f| f.message),
+        )
+    }
+
     /// MCS pair parsing: whatever parses prints back to the same text and labels.
     pub fn mcs_label(data: &[u8]) {
         let Ok(text) = std::str::from_utf8(data) else {
@@ -109,6 +322,38 @@ pub mod fuzzing {
         if let [a, b] = data {
             let n = McsPair::all_in(*a as u16, *b as u16).take(300).count();
             assert!(n <= 300);
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        /// The corpus's plan-* inputs reach the planner, which accepts the good one and
+        /// refuses each hostile one for its own reason: the target drives the file
+        /// opening, not just the check.
+        #[test]
+        fn the_corpus_drives_the_planner_to_each_outcome() {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../fuzz/corpus/tenant_policy");
+            let expect = [
+                ("plan-good", None),
+                ("plan-fifo-kernel", Some("fifo")),
+                ("plan-symlink-out", Some("escape")),
+                ("plan-hard-link", Some("link")),
+                ("plan-same-twice", Some("the same image as disks[0]")),
+                ("plan-dir-and-block", Some("dir")),
+                ("plan-over-size", Some("max_total_disk_bytes")),
+            ];
+            for (name, refusal) in expect {
+                let data = std::fs::read(dir.join(name)).unwrap();
+                let outcome = super::plan_outcome(&data)
+                    .unwrap_or_else(|| panic!("{name}: never reached the planner"));
+                match (refusal, outcome) {
+                    (None, Ok(())) => {}
+                    (Some(why), Err(m)) => assert!(m.contains(why), "{name}: {m}"),
+                    (r, o) => panic!("{name}: expected {r:?}, got {o:?}"),
+                }
+                super::tenant_policy(&data);
+            }
         }
     }
 }

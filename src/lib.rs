@@ -5,6 +5,7 @@
 //! tests ships in either program: the fuzz entry points exist only with the `fuzzing`
 //! feature, and the escape probes are a test program of their own (tests/probe).
 
+pub mod api;
 pub mod arch;
 pub mod backend;
 pub mod devices;

@@ -73,11 +73,26 @@ struct RunArgs {
     /// The same fields from a TOML file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Serve the API on this already-listening AF_UNIX stream socket (the jailer's way:
+    /// the VMM opens no path for it).
+    #[arg(long, conflicts_with = "api_socket")]
+    api_fd: Option<i32>,
+    /// Bind and serve the API at this path (unjailed use).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Who the VM is, for vm.info: id=ID,tenant=T,label=LABEL,cgroup=PATH (all optional).
+    #[arg(long)]
+    identity: Option<cellvm::vmm::state::Identity>,
+    /// The exit status after a guest reset or vm.reboot (default 0).
+    #[arg(long, default_value_t = 0)]
+    reset_exit_code: u8,
 }
 
 extern "C" fn on_sigterm(_: libc::c_int) {
     // SAFETY: _exit is async-signal-safe. A VMM that is PID 1 of its pid namespace
-    // ignores SIGTERM without a handler; with this one the supervisor's SIGTERM ends it.
+    // ignores SIGTERM without a handler; with this one a SIGTERM while the VM is still
+    // being built ends it. Once built, SIGTERM is blocked and read by the main loop
+    // (a press of the power button).
     unsafe { libc::_exit(128 + libc::SIGTERM) };
 }
 
@@ -123,8 +138,17 @@ fn run(args: RunArgs) -> Result<i32, (String, i32)> {
         ksm: args.ksm.then_some(true),
         allow_executable_ram: args.allow_executable_ram.then_some(true),
     };
-    let code =
-        cellvm::vmm::run(from_file.merge(flags)).map_err(|e| (e.to_string(), e.exit_code()))?;
+    let opts = cellvm::vmm::RunOptions {
+        api: match (args.api_fd, args.api_socket) {
+            (Some(fd), _) => Some(cellvm::vmm::ApiListen::Fd(fd)),
+            (None, Some(p)) => Some(cellvm::vmm::ApiListen::Path(p)),
+            (None, None) => None,
+        },
+        identity: args.identity.unwrap_or_default(),
+        reset_exit_code: args.reset_exit_code,
+    };
+    let code = cellvm::vmm::run(from_file.merge(flags), opts)
+        .map_err(|e| (e.to_string(), e.exit_code()))?;
     // Exit at once: vCPU threads still inside KVM_RUN are not joined.
     std::process::exit(code);
 }

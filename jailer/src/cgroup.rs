@@ -197,6 +197,12 @@ impl Cgroup {
         Ok(())
     }
 
+    /// Its directories: the one (v2), or one per v1 controller, the same relative path
+    /// `cellvm/<id>` under each.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
     pub fn exists(&self) -> bool {
         self.dirs.iter().any(|d| d.exists())
     }

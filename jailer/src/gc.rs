@@ -29,10 +29,10 @@ pub enum Error {
 /// The jail trees cellvm makes are three levels deep; anything deeper was not ours.
 const MAX_DEPTH: usize = 8;
 
-/// Kills the cell's processes, removes its cgroup and its whole jail directory
-/// (sockets and files too), and drops the file labels it held. Nothing is left when it
-/// returns Ok.
-pub fn remove_cell(id: &str) -> Result<(), Error> {
+/// Kills the cell's processes, removes its cgroup, its whole jail directory and its run
+/// directory (`RUN_DIR/vm/<id>`: sockets and logs too, no symlink followed), and drops
+/// the file labels it held. Nothing is left when it returns Ok.
+pub fn remove_cell(run_dir: &Path, id: &str) -> Result<(), Error> {
     let cg = Cgroup::open(id);
     if cg.exists() {
         cg.destroy().map_err(|e| Error::Cgroup {
@@ -42,7 +42,8 @@ pub fn remove_cell(id: &str) -> Result<(), Error> {
     }
     // Once nothing of the cell runs: the last user of each file restores its label.
     crate::selinux::restore_recorded(id);
-    remove_tree(&crate::launch::jail_dir(id))
+    remove_tree(&crate::launch::jail_dir(id))?;
+    remove_tree(&crate::rundir::path(run_dir, id))
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -181,7 +182,7 @@ pub fn collect_reporting(reg: &Registry) -> (Vec<String>, Vec<String>) {
                 .map(|b| b.id.clone()),
         );
     for id in dead {
-        match remove_cell(&id)
+        match remove_cell(reg.run_dir(), &id)
             .map_err(|e| e.to_string())
             .and_then(|_| reg.remove(&id).map_err(|e| e.to_string()))
         {

@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 
 use crate::cell::{self, CellSpec, Root, Rules};
 use crate::cgroup::Cgroup;
+use crate::console::{Console, ConsoleLog};
 use crate::policy::{TenantPolicy, VmSpec};
 use crate::registry::{Entry, Registry};
-use crate::supervise::{Log, Relay, Signals};
+use crate::rundir::RunDir;
+use crate::supervise::{Control, Ending, Log, ReadyCheck, Relay, Signals};
 use crate::{identity, landlock, namespaces, paths, policy, selinux};
 
 /// Exit status for a refused launch (policy, spec, files): the caller's input.
@@ -36,11 +38,16 @@ pub struct Options {
     /// `rng` backend (then no VMM is started and the launch ends with the probe's
     /// status).
     pub probe_in: String,
+    /// Test-only: `--path P` for the probe (e.g. another VM's socket to try).
+    pub probe_path: Option<PathBuf>,
     /// What a seccomp violation does in the cell: "kill" (default), "log" or "off";
     /// anything but kill needs `seccomp_off_allowed` in the tenant policy.
     pub seccomp: String,
     /// Test-only: layers to leave out, to show the others still hold (defence in depth).
     pub without: Vec<String>,
+    /// Detached (`launch --detach`): no terminal; the supervisor's lines go to the run
+    /// directory's supervisor.log, and the waiting parent is told once the guest runs.
+    pub detach: bool,
 }
 
 pub struct Failure {
@@ -124,6 +131,8 @@ pub struct Plan {
     /// `cellvm-device`, checked and opened when the VM has devices.
     pub device_bin: Option<File>,
     pub devices: Vec<Device>,
+    /// The tenant's api_group, resolved.
+    pub api_gid: Option<u32>,
 }
 
 /// A device backend to start in its own cell.
@@ -338,6 +347,12 @@ pub fn plan(opts: &Options) -> Result<Plan, Failure> {
             fd: None,
         });
     }
+    let api_gid = policy
+        .api_group
+        .as_deref()
+        .map(|g| crate::rundir::resolve_group(&policy.name, g))
+        .transpose()
+        .map_err(refused)?;
     let device_bin = if devices.is_empty() {
         None
     } else {
@@ -352,6 +367,7 @@ pub fn plan(opts: &Options) -> Result<Plan, Failure> {
         vmm,
         device_bin,
         devices,
+        api_gid,
     })
 }
 
@@ -396,14 +412,40 @@ fn open_static_binary(path: &Path) -> Result<File, cell::BinaryError> {
     cell::open_static_binary(path)
 }
 
-fn vmm_argv(plan: &Plan, opts: &Options, device_fds: &[i32]) -> Vec<String> {
+/// What the VMM is told about its VM besides the guest: the API socket it serves, who
+/// it is (shown by `vm.info`), and its backends' host pids.
+struct VmmContext<'a> {
+    api_fd: RawFd,
+    identity: String,
+    device_fds: &'a [RawFd],
+    device_pids: &'a [u32],
+}
+
+/// `--identity id=..,tenant=..,label=..,cgroup=..`: every value is the jailer's own (an
+/// id of [A-Za-z0-9_-], a tenant name of [a-z0-9_-], an MCS label, a cgroup path under
+/// /sys/fs/cgroup), none holds `=`; the label's categories hold a comma, so it comes
+/// last but one and the VMM splits at `,KEY=` boundaries only.
+fn identity(plan: &Plan, entry: &Entry, cgroup: &Cgroup) -> String {
+    format!(
+        "id={},tenant={},label={},cgroup={}",
+        plan.id,
+        plan.policy.name,
+        entry.mcs.process_label(),
+        cgroup
+            .dirs()
+            .first()
+            .map_or(String::new(), |d| d.display().to_string())
+    )
+}
+
+fn vmm_argv(plan: &Plan, opts: &Options, ctx: &VmmContext) -> Vec<String> {
     let seccomp = if opts.without.iter().any(|w| w == "seccomp") {
         "off".to_string()
     } else {
         opts.seccomp.clone()
     };
     if let Some(name) = &opts.probe {
-        return vec![
+        let mut a: Vec<String> = vec![
             "cellvm-probe".into(),
             name.clone(),
             "--role".into(),
@@ -411,6 +453,10 @@ fn vmm_argv(plan: &Plan, opts: &Options, device_fds: &[i32]) -> Vec<String> {
             "--seccomp".into(),
             seccomp,
         ];
+        if let Some(p) = &opts.probe_path {
+            a.extend(["--path".into(), p.display().to_string()]);
+        }
+        return a;
     }
     let mut argv: Vec<String> = ["cellvm", "run", "--seccomp", &seccomp, "--cpus"]
         .iter()
@@ -436,25 +482,52 @@ fn vmm_argv(plan: &Plan, opts: &Options, device_fds: &[i32]) -> Vec<String> {
     if plan.policy.executable_ram_allowed {
         argv.push("--allow-executable-ram".into());
     }
+    // The API on the socket the jailer made; a reset ends the VMM with status 3, and
+    // the supervisor rebuilds the VM.
+    if VMM_CONTROL_FLAGS {
+        argv.extend([
+            "--api-fd".into(),
+            ctx.api_fd.to_string(),
+            "--identity".into(),
+            ctx.identity.clone(),
+            "--reset-exit-code".into(),
+            EXIT_RESET.to_string(),
+        ]);
+    }
     // Each device: the VMM's end of a connection its backend cell already holds.
-    for (d, fd) in plan.devices.iter().zip(device_fds) {
+    for ((d, fd), pid) in plan.devices.iter().zip(ctx.device_fds).zip(ctx.device_pids) {
+        let pid = if VMM_CONTROL_FLAGS {
+            format!(",pid={pid}")
+        } else {
+            String::new()
+        };
         match d {
             Device::Blk { queues, .. } => {
-                argv.extend(["--disk".into(), format!("fd={fd},queues={queues}")])
+                argv.extend(["--disk".into(), format!("fd={fd},queues={queues}{pid}")])
             }
-            Device::Rng => argv.push(format!("--rng=fd={fd}")),
-            Device::Net { .. } => argv.extend(["--net".into(), format!("fd={fd}")]),
+            Device::Rng => argv.push(format!("--rng=fd={fd}{pid}")),
+            Device::Net { .. } => argv.extend(["--net".into(), format!("fd={fd}{pid}")]),
         }
     }
     argv
 }
 
+/// Whether the VMM takes `--api-fd`, `--identity`, `--reset-exit-code` and `,pid=`
+/// (the control-plane flags); until it does, the sockets exist but no API answers.
+const VMM_CONTROL_FLAGS: bool = false;
+
+/// The VMM's status for a guest reset (`--reset-exit-code`): the VM is rebuilt.
+pub const EXIT_RESET: i32 = 3;
+
 pub fn jail_dir(id: &str) -> PathBuf {
     Path::new(namespaces::JAIL_BASE).join(id)
 }
 
-/// Launches the VM and supervises it; returns the VMM's exit status.
-pub fn launch(opts: &Options) -> Result<i32, Failure> {
+/// Launches the VM and supervises it; returns the supervisor's exit status (the VMM's,
+/// or EXIT_TIMED_OUT / EXIT_DESTROYED). Detached, `notify` (the waiting parent's pipe)
+/// is written `R` and closed once the guest runs, and is left for the caller to report
+/// a failure on otherwise.
+pub fn launch(opts: &Options, notify: &mut Option<File>) -> Result<i32, Failure> {
     // Stdio open before anything is opened: a cell's stdio goes onto 0, 1 and 2.
     identity::ensure_stdio_open().map_err(setup)?;
     // Reclaim what dead supervisors left before anything could trip on it: a tap their
@@ -478,7 +551,10 @@ pub fn launch(opts: &Options) -> Result<i32, Failure> {
         cleanup(opts, &entry);
         return Err(f);
     }
-    let result = build_and_supervise(&plan, &entry, opts);
+    // The VM's run directory: its API and console sockets, its logs.
+    let result = RunDir::create(&opts.run_dir, &plan.id, plan.api_gid)
+        .map_err(setup)
+        .and_then(|run| build_and_supervise(&plan, &entry, opts, &run, notify));
     cleanup(opts, &entry);
     result
 }
@@ -549,6 +625,8 @@ struct Shared<'a> {
     label: Option<String>,
     /// The VM's MCS pair, which its backends share.
     mcs: crate::mcs::McsPair,
+    /// The listening API socket (api.sock), handed to every VMM of this VM.
+    api: OwnedFd,
 }
 
 impl Shared<'_> {
@@ -615,10 +693,14 @@ fn vmm_cell<'a>(
     s: &'a Shared,
     trees: &'a Trees,
     entry: &Entry,
-    device_fds: &[RawFd],
+    ctx: &VmmContext,
     stdio: [RawFd; 3],
 ) -> CellSpec<'a> {
     let plan = s.plan;
+    let mut keep = ctx.device_fds.to_vec();
+    if s.opts.probe.is_none() {
+        keep.push(ctx.api_fd);
+    }
     CellSpec {
         name: "vmm".into(),
         tenant: plan.policy.name.clone(),
@@ -648,8 +730,8 @@ fn vmm_cell<'a>(
             plan.initrd.is_some(),
         ))),
         exec: &plan.vmm,
-        argv: vmm_argv(plan, s.opts, device_fds),
-        keep: device_fds.to_vec(),
+        argv: vmm_argv(plan, s.opts, ctx),
+        keep,
         stdio,
         signals: &s.signals,
     }
@@ -668,7 +750,37 @@ fn log_pipe(vm: &str, origin: &str) -> Result<(OwnedFd, Log), Failure> {
     Ok((w, Log::new(format!("cellvm-jailer: vm {vm}: {origin}"), r)))
 }
 
-fn build_and_supervise(plan: &Plan, entry: &Entry, opts: &Options) -> Result<i32, Failure> {
+fn build_and_supervise(
+    plan: &Plan,
+    entry: &Entry,
+    opts: &Options,
+    run: &RunDir,
+    notify: &mut Option<File>,
+) -> Result<i32, Failure> {
+    // The sockets bound and the logs open while the directory is still root's alone.
+    let api = run.listen(crate::rundir::API_SOCKET).map_err(setup)?;
+    let console_listener = run.listen(crate::rundir::CONSOLE_SOCKET).map_err(setup)?;
+    let log_path = run.path.join(crate::rundir::CONSOLE_LOG);
+    let log = ConsoleLog::open(
+        log_path,
+        crate::console::LOG_CAP,
+        run.log_mode(crate::rundir::CONSOLE_LOG),
+        run.gid,
+    )
+    .map_err(|e| setup(format!("{}: {e}", run.path.display())))?;
+    if opts.detach {
+        // From here the supervisor's own lines (and every cell's stderr) go to its log.
+        let f = run.open_log(crate::rundir::SUPERVISOR_LOG).map_err(setup)?;
+        // SAFETY: dup2 of a descriptor we own onto stderr.
+        if unsafe { libc::dup2(f.as_raw_fd(), 2) } < 0 {
+            return Err(setup(format!(
+                "{}: {}",
+                crate::rundir::SUPERVISOR_LOG,
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    run.publish().map_err(setup)?;
     // SELinux first: a policy that requires it must refuse before anything is built.
     let label =
         selinux::plan(&plan.policy.name, plan.policy.selinux, entry.mcs).map_err(refused)?;
@@ -702,7 +814,72 @@ fn build_and_supervise(plan: &Plan, entry: &Entry, opts: &Options) -> Result<i32
     namespaces::make_jail_dir(&jail)?;
     let root = jail.join("root");
     std::fs::create_dir_all(&root).map_err(|e| setup(format!("{}: {e}", root.display())))?;
-    // Detached mounts of the checked files, made here: the cell's namespace attaches them.
+    let shared = Shared {
+        plan,
+        opts,
+        cgroup,
+        jail,
+        signals: crate::supervise::block_signals(),
+        label,
+        mcs: entry.mcs,
+        api,
+    };
+    let mut relay = Relay::new(
+        None,
+        None,
+        Vec::new(),
+        Console::new(Some(console_listener), Some(log)),
+        !opts.detach,
+    );
+    let mut ctl = Control::new(std::time::Duration::from_secs(plan.policy.stop_timeout_s));
+    if opts.detach {
+        ctl.ready = Some(ReadyCheck::new(
+            run.api_socket(),
+            crate::supervise::READY_TIMEOUT,
+        ));
+        ctl.notify = notify.take();
+        ctl.notify_text = format!("R{}", plan.id);
+    }
+    // A guest reset ends the VMM with EXIT_RESET: the whole VM is built again, fresh
+    // cells under the same entry (uids, MCS pair), cgroup, run directory and sockets.
+    let ending = loop {
+        let ending = run_once(&shared, entry, &mut relay, &mut ctl);
+        match ending {
+            Ok(Ending::Exited(EXIT_RESET)) if !ctl.stopping() && opts.probe.is_none() => {
+                eprintln!(
+                    "cellvm-jailer: vm {}: the guest reset; the VM is built again in fresh cells",
+                    plan.id
+                );
+            }
+            other => break other,
+        }
+    };
+    *notify = ctl.notify.take();
+    match ending? {
+        Ending::Exited(code) => Ok(code),
+        Ending::TimedOut => {
+            eprintln!(
+                "cellvm-jailer: vm {}: the guest did not power off within stop_timeout_s = {}; killed",
+                plan.id, plan.policy.stop_timeout_s
+            );
+            Ok(crate::supervise::EXIT_TIMED_OUT)
+        }
+        Ending::Destroyed => Ok(crate::supervise::EXIT_DESTROYED),
+        Ending::NotReady(why) => Err(setup(format!("vm {}: {why}; killed", plan.id))),
+    }
+}
+
+/// One life of the VM: every backend cell and the VMM's started, supervised until the
+/// VMM ends, every cell gone when it returns.
+fn run_once(
+    shared: &Shared,
+    entry: &Entry,
+    relay: &mut Relay,
+    ctl: &mut Control,
+) -> Result<Ending, Failure> {
+    let (plan, opts) = (shared.plan, shared.opts);
+    // Detached mounts of the checked files, made here: the cell's namespace attaches them
+    // (each life of the VM has its own).
     let trees = Trees {
         vmm: namespaces::detached_mount(&plan.vmm)?,
         kernel: plan
@@ -715,15 +892,6 @@ fn build_and_supervise(plan: &Plan, entry: &Entry, opts: &Options) -> Result<i32
             .as_ref()
             .map(namespaces::detached_mount)
             .transpose()?,
-    };
-    let shared = Shared {
-        plan,
-        opts,
-        cgroup,
-        jail,
-        signals: crate::supervise::block_signals(),
-        label,
-        mcs: entry.mcs,
     };
     let null = File::options()
         .read(true)
@@ -755,7 +923,7 @@ fn build_and_supervise(plan: &Plan, entry: &Entry, opts: &Options) -> Result<i32
             out.as_ref().map_or(null.as_raw_fd(), |w| w.as_raw_fd()),
             err_w.as_raw_fd(),
         ];
-        let spec = backend_cell(&shared, n, uid, &listener, stdio)?;
+        let spec = backend_cell(shared, n, uid, &listener, stdio)?;
         cells.0.push(cell::start(&shared.cgroup, &spec)?);
         logs.push(log);
         vmm_ends.push(vmm_end);
@@ -768,11 +936,11 @@ fn build_and_supervise(plan: &Plan, entry: &Entry, opts: &Options) -> Result<i32
         drop(vmm_ends);
         cells.exec()?;
         let pid = cells.0.remove(target).pid;
-        let mut relay = Relay::new(None, console_out, logs);
-        let status = crate::supervise::wait(pid, &shared.signals, &mut relay);
+        relay.attach(None, console_out, logs);
+        let ending = crate::supervise::wait(pid, &shared.signals, relay, ctl);
         drop(cells);
         relay.drain();
-        return Ok(status);
+        return Ok(ending);
     }
     // The VMM's console and log go through the supervisor, never the operator's tty.
     let (in_r, in_w) = cell::pipe()?;
@@ -780,11 +948,18 @@ fn build_and_supervise(plan: &Plan, entry: &Entry, opts: &Options) -> Result<i32
     let (err_w, log) = log_pipe(name, "vmm")?;
     logs.push(log);
     let device_fds: Vec<RawFd> = vmm_ends.iter().map(|f| f.as_raw_fd()).collect();
+    let device_pids: Vec<u32> = cells.0.iter().map(|c| c.pid).collect();
+    let ctx = VmmContext {
+        api_fd: shared.api.as_raw_fd(),
+        identity: identity(plan, entry, &shared.cgroup),
+        device_fds: &device_fds,
+        device_pids: &device_pids,
+    };
     let stdio = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
-    let spec = vmm_cell(&shared, &trees, entry, &device_fds, stdio);
+    let spec = vmm_cell(shared, &trees, entry, &ctx, stdio);
     let mut vmm = cell::start(&shared.cgroup, &spec)?;
     drop((in_r, out_w, err_w, vmm_ends));
-    let mut relay = Relay::new(Some(in_w), Some(out_r), logs);
+    relay.attach(Some(in_w), Some(out_r), logs);
     // Every cell exec'd, or the launch ends here (the backends are killed with it).
     let built = cells.exec().and_then(|_| vmm.exec());
     if let Err(e) = built {
@@ -795,10 +970,14 @@ fn build_and_supervise(plan: &Plan, entry: &Entry, opts: &Options) -> Result<i32
         relay.drain();
         return Err(e.into());
     }
-    let status = crate::supervise::wait(vmm.pid, &shared.signals, &mut relay);
+    let ending = crate::supervise::wait(vmm.pid, &shared.signals, relay, ctl);
+    if ending != Ending::Exited(0) && !matches!(ending, Ending::Exited(EXIT_RESET)) {
+        // Killed, timed out or failed: the backends go at once.
+        cells.kill();
+    }
     drop(cells);
     relay.drain();
-    Ok(status)
+    Ok(ending)
 }
 
 /// Backend cells of a VM: once the VMM is gone they see the connection close and
@@ -858,7 +1037,7 @@ impl Drop for Cells {
 /// registry entry (and with it the uid and MCS pair).
 pub fn cleanup(opts: &Options, entry: &Entry) {
     // An entry whose cell could not be fully removed stays, so that gc retries.
-    if let Err(e) = crate::gc::remove_cell(&entry.id) {
+    if let Err(e) = crate::gc::remove_cell(&opts.run_dir, &entry.id) {
         eprintln!("cellvm-jailer: {e} (the registry entry is kept; `cellvm-jailer gc` retries)");
         return;
     }

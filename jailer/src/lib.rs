@@ -3,6 +3,7 @@
 
 pub mod cell;
 pub mod cgroup;
+pub mod console;
 pub mod gc;
 pub mod identity;
 pub mod landlock;
@@ -12,6 +13,7 @@ pub mod namespaces;
 pub mod paths;
 pub mod policy;
 pub mod registry;
+pub mod rundir;
 pub mod selinux;
 pub mod supervise;
 pub mod tap;

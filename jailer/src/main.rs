@@ -60,6 +60,9 @@ enum Command {
         /// the probe's cell instead of that cell's own program.
         #[arg(long, hide = true, requires = "probe")]
         probe_binary: Option<PathBuf>,
+        /// Test only: a path the probe works on (`--path P`), e.g. another VM's socket.
+        #[arg(long, hide = true, requires = "probe")]
+        probe_path: Option<PathBuf>,
         /// Test only: run the probe in the cell of the VM's first `blk`, `net` or `rng` backend
         /// instead (no VMM is started); default `vmm`.
         #[arg(long, hide = true, default_value = "vmm")]
@@ -67,6 +70,10 @@ enum Command {
         /// Test only: leave a layer out (seccomp, landlock) to show the others hold.
         #[arg(long, hide = true)]
         without: Vec<String>,
+        /// Return once the guest runs, printing the VM's id; the supervisor goes on in
+        /// the background (a session of its own, its log in /run/cellvm/vm/ID/).
+        #[arg(long)]
+        detach: bool,
     },
     /// Validate and print the cell plan; launch nothing.
     Check {
@@ -86,8 +93,10 @@ fn options(
     probe: Option<String>,
     probe_binary: Option<PathBuf>,
     probe_in: String,
+    probe_path: Option<PathBuf>,
     seccomp: String,
     without: Vec<String>,
+    detach: bool,
 ) -> launch::Options {
     let vmm = c.vmm.unwrap_or_else(|| {
         std::env::current_exe()
@@ -117,8 +126,10 @@ fn options(
         probe,
         probe_binary,
         probe_in,
+        probe_path,
         seccomp,
         without,
+        detach,
     }
 }
 
@@ -130,28 +141,41 @@ fn main() -> ExitCode {
             probe,
             probe_binary,
             probe_in,
+            probe_path,
             without,
-        } => match launch::launch(&options(
-            common,
-            probe,
-            probe_binary,
-            probe_in,
-            seccomp,
-            without,
-        )) {
-            Ok(code) => code,
-            Err(f) => {
-                eprintln!("cellvm-jailer: {}", f.message);
-                f.code
+            detach,
+        } => {
+            let opts = options(
+                common,
+                probe,
+                probe_binary,
+                probe_in,
+                probe_path,
+                seccomp,
+                without,
+                detach,
+            );
+            if detach {
+                detached(&opts)
+            } else {
+                match launch::launch(&opts, &mut None) {
+                    Ok(code) => code,
+                    Err(f) => {
+                        eprintln!("cellvm-jailer: {}", f.message);
+                        f.code
+                    }
+                }
             }
-        },
+        }
         Command::Check { common } => check(&options(
             common,
             None,
             None,
             "vmm".into(),
+            None,
             "kill".into(),
             Vec::new(),
+            false,
         )),
         Command::Gc { run_dir } => match registry::Registry::lock(&run_dir) {
             Ok(reg) => {
@@ -171,6 +195,78 @@ fn main() -> ExitCode {
         },
     };
     ExitCode::from(code as u8)
+}
+
+/// `launch --detach`: the supervisor is a child in a session of its own, stdio on
+/// /dev/null (stderr on its supervisor.log once the run directory exists); this process
+/// waits on a pipe until the child says the guest runs (`R` and the id: printed, exit
+/// 0) or why it could not (`E`, the status, a line, the message: printed, that status).
+fn detached(opts: &launch::Options) -> i32 {
+    use std::io::{Read, Write};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        eprintln!("cellvm-jailer: pipe2: {}", std::io::Error::last_os_error());
+        return launch::EXIT_SETUP;
+    }
+    // SAFETY: fresh descriptors, owned from here on.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: the jailer is single-threaded here; the child goes on as the supervisor.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        eprintln!("cellvm-jailer: fork: {}", std::io::Error::last_os_error());
+        return launch::EXIT_SETUP;
+    }
+    if pid == 0 {
+        drop(r);
+        // SAFETY: setsid and dup2 with plain arguments; /dev/null is opened and checked.
+        unsafe {
+            libc::setsid();
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+            if null >= 0 {
+                libc::dup2(null, 0);
+                libc::dup2(null, 1);
+                libc::close(null);
+            }
+        }
+        let mut notify = Some(std::fs::File::from(w));
+        let (code, failure) = match launch::launch(opts, &mut notify) {
+            Ok(code) => (
+                code,
+                format!("the VM ended before it was running (status {code})"),
+            ),
+            Err(f) => (f.code, f.message),
+        };
+        match notify {
+            Some(mut n) => {
+                let code = if code == 0 { launch::EXIT_SETUP } else { code };
+                let _ = write!(n, "E{code}\n{failure}");
+            }
+            None if failure.starts_with("the VM ended") => {}
+            None => eprintln!("cellvm-jailer: {failure}"),
+        }
+        std::process::exit(code);
+    }
+    drop(w);
+    let mut answer = Vec::new();
+    let _ = std::fs::File::from(r)
+        .take(64 << 10)
+        .read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    if let Some(id) = text.strip_prefix('R') {
+        println!("{id}");
+        return 0;
+    }
+    if let Some((code, message)) = text.strip_prefix('E').and_then(|t| t.split_once('\n')) {
+        eprintln!("cellvm-jailer: {message}");
+        return code.parse().unwrap_or(launch::EXIT_SETUP);
+    }
+    let mut status = 0;
+    // SAFETY: waitpid on our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    eprintln!("cellvm-jailer: the supervisor ended before the VM ran (wait status {status})");
+    launch::EXIT_SETUP
 }
 
 fn check(opts: &launch::Options) -> i32 {

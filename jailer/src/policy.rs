@@ -79,8 +79,23 @@ pub struct TenantPolicy {
     /// The largest total apparent size of one VM's writable disks, in bytes.
     #[serde(default)]
     pub max_total_disk_bytes: Option<u64>,
+    /// A host group whose members may use the VMs' API and console sockets (the run
+    /// directory becomes 0750 root:G, the sockets 0660 root:G). None: root alone.
+    #[serde(default)]
+    pub api_group: Option<String>,
+    /// How long a graceful stop (SIGTERM to the supervisor) waits for the guest to power
+    /// off before every cell is killed, in seconds.
+    #[serde(default = "thirty")]
+    pub stop_timeout_s: u64,
     pub cgroup: CgroupLimits,
 }
+
+fn thirty() -> u64 {
+    30
+}
+
+/// The longest graceful stop a policy may ask for.
+pub const MAX_STOP_TIMEOUT_S: u64 = 3600;
 
 fn if_available() -> Requirement {
     Requirement::IfAvailable
@@ -397,6 +412,18 @@ impl TenantPolicy {
                 shown(b)
             ));
         }
+        if let Some(g) = self.api_group.as_deref().filter(|g| !valid_group(g)) {
+            return bad(format!(
+                "api_group \"{}\" must be a group name (1-32 of [a-z0-9_-], not starting with -) or a numeric gid",
+                shown(g)
+            ));
+        }
+        if !(1..=MAX_STOP_TIMEOUT_S).contains(&self.stop_timeout_s) {
+            return bad(format!(
+                "stop_timeout_s {} must be within 1..={MAX_STOP_TIMEOUT_S}",
+                self.stop_timeout_s
+            ));
+        }
         if let Some([uid, gid]) = self.image_owner {
             if uid == 0 || gid == 0 {
                 return bad(
@@ -406,6 +433,15 @@ impl TenantPolicy {
         }
         Ok(())
     }
+}
+
+/// A group name as /etc/group holds them, or a numeric gid.
+pub fn valid_group(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 fn valid_name(name: &str) -> bool {
@@ -867,5 +903,34 @@ mod tests {
             &POLICY.replace("uid_range", "image_owner = [0, 0]\nuid_range")
         )
         .is_err());
+    }
+
+    #[test]
+    fn api_group_and_stop_timeout_are_bounded() {
+        let p = TenantPolicy::parse(POLICY).unwrap();
+        assert_eq!(p.api_group, None);
+        assert_eq!(p.stop_timeout_s, 30, "the default");
+        let with = |line: &str| {
+            TenantPolicy::parse(&POLICY.replace("uid_range", &format!("{line}\nuid_range")))
+        };
+        let p = with("api_group = \"cellvm-ops\"\nstop_timeout_s = 5").unwrap();
+        assert_eq!(p.api_group.as_deref(), Some("cellvm-ops"));
+        assert_eq!(p.stop_timeout_s, 5);
+        assert!(with("api_group = \"1234\"").is_ok(), "a numeric gid");
+        for bad in [
+            "api_group = \"\"",
+            "api_group = \"-x\"",
+            "api_group = \"a b\"",
+            "api_group = \"../x\"",
+            "stop_timeout_s = 0",
+            "stop_timeout_s = 3601",
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("tenant acme")
+                    && (e.contains("api_group") || e.contains("stop_timeout_s")),
+                "{bad}: {e}"
+            );
+        }
     }
 }

@@ -155,6 +155,7 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
 
 pub struct Registry {
     dir: PathBuf,
+    run_dir: PathBuf,
     _lock: File,
 }
 
@@ -185,7 +186,14 @@ impl Registry {
     /// directory, its vms/ and the lock file are root's alone (0700, 0700, 0600): a
     /// lock any user could open would let any user freeze every launch.
     pub fn lock(run_dir: &Path) -> Result<Registry, Error> {
-        private_dir(run_dir)?;
+        // The run directory may have been made traversable (0711) for a tenant's
+        // api_group (rundir.rs); never listable or writable by anyone but root.
+        let traversable = fs::symlink_metadata(run_dir)
+            .map(|m| m.is_dir() && m.permissions().mode() & 0o7777 == 0o711)
+            .unwrap_or(false);
+        if !traversable {
+            private_dir(run_dir)?;
+        }
         let dir = run_dir.join("vms");
         private_dir(&dir)?;
         let lock_path = run_dir.join("registry.lock");
@@ -203,7 +211,16 @@ impl Registry {
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(io(&lock_path)(std::io::Error::last_os_error()));
         }
-        Ok(Registry { dir, _lock: lock })
+        Ok(Registry {
+            dir,
+            run_dir: run_dir.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    /// The run directory this registry lives in (`/run/cellvm`).
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
     }
 
     /// Every entry, and every file that does not parse as one. Temporary files are

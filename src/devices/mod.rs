@@ -3,6 +3,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod ged;
 pub mod i8042;
 pub mod ioapic;
 pub mod pci;

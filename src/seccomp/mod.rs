@@ -96,7 +96,7 @@ mod tests {
 
     #[test]
     fn the_vmm_profiles_compile_in_both_variants() {
-        for thread in ["main", "vcpu", "stdin"] {
+        for thread in ["main", "vcpu", "stdin", "api"] {
             for variant in ["kill", "log"] {
                 let p = program("vmm", thread, variant)
                     .unwrap_or_else(|| panic!("vmm/{thread}/{variant}"));

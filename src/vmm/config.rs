@@ -62,26 +62,30 @@ pub struct DiskSpec {
     pub direct: bool,
     pub queues: u16,
     pub backend: Backend,
+    /// The backend's host pid (`pid=`), only reported by `vm.info`.
+    pub pid: Option<u32>,
 }
 
 /// The largest number of queues a disk may have.
 pub const MAX_DISK_QUEUES: u16 = 16;
 
-/// Walks the `KEY=VALUE,...` of a device spec: backend keys (`socket=`, `fd=`) here, the
-/// rest through `field`, which says whether its key named the device's source. Exactly
-/// one source is allowed (`sources` names them for the error).
+/// Walks the `KEY=VALUE,...` of a device spec: backend keys (`socket=`, `fd=`) and the
+/// backend's `pid=` here, the rest through `field`, which says whether its key named the
+/// device's source. Exactly one source is allowed (`sources` names them for the error).
 fn device_fields(
     s: &str,
     what: &str,
     sources: &str,
     mut field: impl FnMut(&str, &str) -> Result<bool, String>,
-) -> Result<Backend, String> {
-    let (mut backend, mut count) = (Backend::Spawn, 0);
+) -> Result<(Backend, Option<u32>), String> {
+    let (mut backend, mut count, mut pid) = (Backend::Spawn, 0, None);
     for part in s.split(',') {
         let (key, value) = part
             .split_once('=')
             .ok_or_else(|| format!("{what}: {part:?} is not KEY=VALUE"))?;
-        if let Some(b) = parse_backend(key, value, what)? {
+        if key == "pid" {
+            pid = Some(parse_pid(value, what)?);
+        } else if let Some(b) = parse_backend(key, value, what)? {
             backend = b;
             count += 1;
         } else if field(key, value)? {
@@ -91,7 +95,20 @@ fn device_fields(
     if count != 1 {
         return Err(format!("{what}: give exactly one of {sources}"));
     }
-    Ok(backend)
+    if pid.is_some() && backend == Backend::Spawn {
+        return Err(format!(
+            "{what}: pid= names a backend started elsewhere (fd= or socket=)"
+        ));
+    }
+    Ok((backend, pid))
+}
+
+fn parse_pid(value: &str, what: &str) -> Result<u32, String> {
+    value
+        .parse()
+        .ok()
+        .filter(|p: &u32| *p >= 1 && *p <= 1 << 22)
+        .ok_or_else(|| format!("{what}: pid={value}: expected a process id (1 to 4194304)"))
 }
 
 fn parse_backend(key: &str, value: &str, what: &str) -> Result<Option<Backend>, String> {
@@ -118,7 +135,7 @@ impl std::str::FromStr for DiskSpec {
             "off" | "false" => Ok(false),
             _ => Err(format!("{what}: {key}={value}: expected on or off")),
         };
-        let backend = device_fields(s, &what, "path=, socket= or fd=", |key, value| {
+        let (backend, pid) = device_fields(s, &what, "path=, socket= or fd=", |key, value| {
             match key {
                 "path" if !value.is_empty() => {
                     image = Some(PathBuf::from(value));
@@ -150,6 +167,7 @@ impl std::str::FromStr for DiskSpec {
             direct,
             queues,
             backend,
+            pid,
         })
     }
 }
@@ -158,6 +176,7 @@ impl std::str::FromStr for DiskSpec {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RngSpec {
     pub backend: Backend,
+    pub pid: Option<u32>,
 }
 
 impl std::str::FromStr for RngSpec {
@@ -166,14 +185,14 @@ impl std::str::FromStr for RngSpec {
         if s == "on" {
             return Ok(RngSpec {
                 backend: Backend::Spawn,
+                pid: None,
             });
         }
         let what = format!("rng {s:?}");
-        let (key, value) = s.split_once('=').unwrap_or((s, ""));
-        match parse_backend(key, value, &what)? {
-            Some(backend) => Ok(RngSpec { backend }),
-            None => Err(format!("{what}: expected on, socket=PATH or fd=N")),
-        }
+        let (backend, pid) = device_fields(s, &what, "on, socket=PATH or fd=N", |_, _| {
+            Err(format!("{what}: expected on, socket=PATH or fd=N[,pid=P]"))
+        })?;
+        Ok(RngSpec { backend, pid })
     }
 }
 
@@ -183,6 +202,7 @@ pub struct NetSpec {
     pub tap: Option<String>,
     pub mac: Option<String>,
     pub backend: Backend,
+    pub pid: Option<u32>,
 }
 
 impl std::str::FromStr for NetSpec {
@@ -190,7 +210,7 @@ impl std::str::FromStr for NetSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let what = format!("net {s:?}");
         let (mut tap, mut mac) = (None, None);
-        let backend = device_fields(s, &what, "tap=, socket= or fd=", |key, value| {
+        let (backend, pid) = device_fields(s, &what, "tap=, socket= or fd=", |key, value| {
             match key {
                 "tap" if !value.is_empty() && value.len() <= 15 && !value.contains('/') => {
                     tap = Some(value.to_string());
@@ -210,7 +230,12 @@ impl std::str::FromStr for NetSpec {
                 "{what}: mac= belongs to the backend that owns the tap"
             ));
         }
-        Ok(NetSpec { tap, mac, backend })
+        Ok(NetSpec {
+            tap,
+            mac,
+            backend,
+            pid,
+        })
     }
 }
 
@@ -365,7 +390,8 @@ mod tests {
                 readonly: true,
                 direct: true,
                 queues: 4,
-                backend: Backend::Spawn
+                backend: Backend::Spawn,
+                pid: None,
             }
         );
         let d: DiskSpec = "socket=/run/x.sock".parse().unwrap();
@@ -390,6 +416,21 @@ mod tests {
         assert_eq!("on".parse::<RngSpec>().unwrap().backend, Backend::Spawn);
         assert_eq!("fd=7".parse::<RngSpec>().unwrap().backend, Backend::Fd(7));
         assert!("off".parse::<RngSpec>().is_err());
+        let r: RngSpec = "fd=7,pid=1234".parse().unwrap();
+        assert_eq!((r.backend, r.pid), (Backend::Fd(7), Some(1234)));
+        let d: DiskSpec = "fd=5,queues=2,pid=99".parse().unwrap();
+        assert_eq!((d.queues, d.pid), (2, Some(99)));
+        assert_eq!("fd=9,pid=3".parse::<NetSpec>().unwrap().pid, Some(3));
+        for bad in [
+            "fd=7,pid=0",
+            "fd=7,pid=x",
+            "pid=5",
+            "fd=7,pid=99999999",
+            "on,pid=3",
+        ] {
+            assert!(bad.parse::<RngSpec>().is_err(), "{bad:?} accepted");
+        }
+        assert!("path=/i,pid=4".parse::<DiskSpec>().is_err());
         let n: NetSpec = "tap=cv0,mac=02:00:00:00:00:07".parse().unwrap();
         assert_eq!(
             (n.tap.as_deref(), n.mac.as_deref(), n.backend),

@@ -1,21 +1,31 @@
-//! The VMM: builds a VM from its configuration, runs its vCPUs, and turns how it ended
-//! into an exit status.
+//! The VMM: builds a VM from its configuration (`Vm::create`), runs it (`Vm::run`: the
+//! main loop, which serves the API, vCPU and device events and SIGTERM), and turns how it
+//! ended into an exit status. The lifecycle and its state × operation table:
+//! `state::State`.
 
 pub mod config;
+pub mod mailbox;
 pub mod memory;
+pub mod state;
 pub mod vcpu;
 pub mod virtio;
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_enable_cap, KVM_CAP_SPLIT_IRQCHIP};
 use kvm_ioctls::Kvm;
 
+use crate::api::{self, ApiCall, ApiReply, Op, Response};
 use crate::arch::x86_64::{acpi, boot, cpu, layout};
 use crate::devices::acpi_pm::AcpiSleep;
 use crate::devices::bus::Bus;
+use crate::devices::ged::Ged;
 use crate::devices::i8042::I8042;
 use crate::devices::ioapic::{self, IoApic};
 use crate::devices::pci::{self, PciConfigIo, PciEcam, PciRoot};
@@ -23,6 +33,8 @@ use crate::devices::serial::{IrqLine, Serial};
 use crate::devices::VmEvent;
 use crate::virtio::irq::MsiRouter;
 use config::{SerialOut, VmConfig};
+use mailbox::Mailbox;
+use state::{Identity, Job, Lifecycle, Reason, State, Status};
 
 /// Where KVM's real-mode TSS pages go (Intel only; harmless elsewhere): just below the
 /// IOAPIC, inside the MMIO hole.
@@ -55,13 +67,17 @@ pub enum Error {
     Seccomp(crate::seccomp::Error),
     #[error("device {0}")]
     Device(String),
+    #[error("api: {0}")]
+    Api(String),
+    #[error("main loop: {0}")]
+    MainLoop(std::io::Error),
 }
 
 impl Error {
     /// 2 for anything the user's input caused, 1 for failures of the host or KVM.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Invalid(_) | Error::Config(_) => 2,
+            Error::Invalid(_) | Error::Config(_) | Error::Api(_) => 2,
             Error::Boot(boot::Error::BootInfo(_)) => 1,
             Error::Boot(_) => 2,
             Error::SerialOut(..) => 2,
@@ -116,211 +132,741 @@ fn serial_writer(out: &SerialOut) -> Result<Box<dyn Write + Send>, Error> {
     })
 }
 
-/// Builds and runs the VM; returns the exit status once it ends.
-pub fn run(cfg: VmConfig) -> Result<i32, Error> {
-    let kvm = Kvm::new().map_err(Error::OpenKvm)?;
-    validate(&cfg, &kvm)?;
-    let cpus = cfg.cpus();
-    let mem_size = cfg.memory_mib() << 20;
+/// What the main loop hears.
+#[derive(Debug)]
+pub enum MainMsg {
+    Vcpu(vcpu::Note),
+    /// A platform device's event (i8042 reset, ACPI sleep), relayed by a vCPU thread.
+    Device(VmEvent),
+    Api(ApiCall),
+    /// The API thread wrote (or gave up on) a reply marked `then_exit`.
+    Flushed(u64),
+}
 
-    // Open the images before any KVM object exists, so bad paths cost nothing.
-    let kernel_path = cfg
-        .kernel
-        .as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| "(built-in test guest)".into());
-    let mut kernel_file = match &cfg.kernel {
-        Some(p) => Some(File::open(p).map_err(|source| boot::Error::Open {
-            path: kernel_path.clone(),
-            source,
-        })?),
-        None => None,
-    };
-    let mut initrd_file = match &cfg.initrd {
-        Some(p) => Some((
-            p.display().to_string(),
-            File::open(p).map_err(|source| boot::Error::Initrd {
-                path: p.display().to_string(),
+/// Where the API is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiListen {
+    /// A listening AF_UNIX stream socket handed over (the jailer's way): no path opened.
+    Fd(i32),
+    /// Bind and listen at this path (unjailed use and tests).
+    Path(PathBuf),
+}
+
+/// How the VMM runs the VM, beyond what the VM is made of.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    pub api: Option<ApiListen>,
+    pub identity: Identity,
+    /// The exit status after a guest reset or `vm.reboot`.
+    pub reset_exit_code: u8,
+}
+
+/// The listening socket, checked: an AF_UNIX stream socket in the listening state.
+fn api_listener(listen: &ApiListen) -> Result<OwnedFd, Error> {
+    match listen {
+        ApiListen::Path(p) => std::os::unix::net::UnixListener::bind(p)
+            .map(OwnedFd::from)
+            .map_err(|e| Error::Api(format!("--api-socket {}: {e}", p.display()))),
+        ApiListen::Fd(fd) => {
+            let fd = *fd;
+            let opt = |level, name| {
+                let mut v: libc::c_int = 0;
+                let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                // SAFETY: getsockopt writes at most `len` bytes into `v`.
+                let rc = unsafe {
+                    libc::getsockopt(fd, level, name, &mut v as *mut _ as *mut _, &mut len)
+                };
+                (rc == 0).then_some(v)
+            };
+            let bad = |why: &str| Error::Api(format!("--api-fd {fd}: {why}"));
+            if fd < 3 {
+                return Err(bad("expected a descriptor number >= 3"));
+            }
+            match (
+                opt(libc::SOL_SOCKET, libc::SO_DOMAIN),
+                opt(libc::SOL_SOCKET, libc::SO_TYPE),
+                opt(libc::SOL_SOCKET, libc::SO_ACCEPTCONN),
+            ) {
+                (None, _, _) => Err(bad("not an open socket")),
+                (Some(libc::AF_UNIX), Some(libc::SOCK_STREAM), Some(1)) => {
+                    // SAFETY: the descriptor was handed to this process to own.
+                    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+                }
+                _ => Err(bad("not a listening AF_UNIX stream socket")),
+            }
+        }
+    }
+}
+
+/// A vCPU: its shared half and its thread.
+struct VcpuHandle {
+    shared: Arc<vcpu::Shared>,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+/// A pause or resume under way: who waits for it.
+struct Transition {
+    to: State,
+    waiting: Vec<u64>,
+}
+
+/// A built VM: guest memory, devices, vCPU threads (started, parked until `run`), and
+/// what the API reads.
+pub struct Vm {
+    status: Arc<Status>,
+    vcpus: Vec<VcpuHandle>,
+    main: Arc<Mailbox<MainMsg>>,
+    serial: Arc<Mutex<Serial>>,
+    ged: Arc<Mutex<Ged>>,
+    api: Option<Arc<Mailbox<ApiReply>>>,
+    /// Backend connections (second descriptors) watched for a hang-up, by device index.
+    connections: Vec<std::os::unix::net::UnixStream>,
+    reset_exit_code: u8,
+    seccomp: crate::seccomp::Mode,
+    /// Kept for the life of the VM (dropped only with the process).
+    _keep: Box<dyn Send>,
+}
+
+impl Vm {
+    /// Builds the VM; its vCPU threads start parked (state created).
+    pub fn create(cfg: VmConfig, opts: RunOptions) -> Result<Vm, Error> {
+        let api_fd = opts.api.as_ref().map(api_listener).transpose()?;
+        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+        validate(&cfg, &kvm)?;
+        let cpus = cfg.cpus();
+        let mem_size = cfg.memory_mib() << 20;
+
+        // Open the images before any KVM object exists, so bad paths cost nothing.
+        let kernel_path = cfg
+            .kernel
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(built-in test guest)".into());
+        let mut kernel_file = match &cfg.kernel {
+            Some(p) => Some(File::open(p).map_err(|source| boot::Error::Open {
+                path: kernel_path.clone(),
                 source,
-            })?,
-        )),
-        None => None,
-    };
+            })?),
+            None => None,
+        };
+        let mut initrd_file = match &cfg.initrd {
+            Some(p) => Some((
+                p.display().to_string(),
+                File::open(p).map_err(|source| boot::Error::Initrd {
+                    path: p.display().to_string(),
+                    source,
+                })?,
+            )),
+            None => None,
+        };
 
-    let vm = Arc::new(
-        kvm.create_vm()
-            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?,
-    );
-    // Split irqchip: the LAPIC in the kernel, the IOAPIC here, no PIC and no PIT. It
-    // keeps that emulation out of the kernel the guest can reach, and on nested hosts a
-    // full in-kernel irqchip costs 6-7 ms at the first memslot and a PIT 16-24 ms at
-    // teardown, against < 0.5 ms for this.
-    let cap = kvm_enable_cap {
-        cap: KVM_CAP_SPLIT_IRQCHIP,
-        args: [ioapic::NUM_PINS as u64, 0, 0, 0],
-        ..Default::default()
-    };
-    vm.enable_cap(&cap)
-        .map_err(|e| Error::Kvm("KVM_ENABLE_CAP(SPLIT_IRQCHIP)", e))?;
-    vm.set_tss_address(KVM_TSS_ADDRESS)
-        .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
-    if cpus > 255 {
-        // APIC ids past 255 exist only in x2APIC mode; MSIs must then carry 32-bit ids.
-        const KVM_X2APIC_API_USE_32BIT_IDS: u64 = 1;
-        const KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK: u64 = 2;
+        let vm = Arc::new(
+            kvm.create_vm()
+                .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?,
+        );
+        // Split irqchip: the LAPIC in the kernel, the IOAPIC here, no PIC and no PIT. It
+        // keeps that emulation out of the kernel the guest can reach, and on nested hosts a
+        // full in-kernel irqchip costs 6-7 ms at the first memslot and a PIT 16-24 ms at
+        // teardown, against < 0.5 ms for this.
         let cap = kvm_enable_cap {
-            cap: kvm_bindings::KVM_CAP_X2APIC_API,
-            args: [
-                KVM_X2APIC_API_USE_32BIT_IDS | KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK,
-                0,
-                0,
-                0,
-            ],
+            cap: KVM_CAP_SPLIT_IRQCHIP,
+            args: [ioapic::NUM_PINS as u64, 0, 0, 0],
             ..Default::default()
         };
         vm.enable_cap(&cap)
-            .map_err(|e| Error::Kvm("KVM_ENABLE_CAP(X2APIC_API)", e))?;
-    }
+            .map_err(|e| Error::Kvm("KVM_ENABLE_CAP(SPLIT_IRQCHIP)", e))?;
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
+        if cpus > 255 {
+            // APIC ids past 255 exist only in x2APIC mode; MSIs must then carry 32-bit ids.
+            const KVM_X2APIC_API_USE_32BIT_IDS: u64 = 1;
+            const KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK: u64 = 2;
+            let cap = kvm_enable_cap {
+                cap: kvm_bindings::KVM_CAP_X2APIC_API,
+                args: [
+                    KVM_X2APIC_API_USE_32BIT_IDS | KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK,
+                    0,
+                    0,
+                    0,
+                ],
+                ..Default::default()
+            };
+            vm.enable_cap(&cap)
+                .map_err(|e| Error::Kvm("KVM_ENABLE_CAP(X2APIC_API)", e))?;
+        }
 
-    let ram = if cfg.ksm == Some(true) {
-        memory::create_mergeable(mem_size)?
-    } else {
-        memory::create(mem_size, cfg.allow_executable_ram == Some(true))?
-    };
-    memory::register(&vm, &ram.mem)?;
+        let ram = if cfg.ksm == Some(true) {
+            memory::create_mergeable(mem_size)?
+        } else {
+            memory::create(mem_size, cfg.allow_executable_ram == Some(true))?
+        };
+        memory::register(&vm, &ram.mem)?;
 
-    let kernel = match kernel_file.as_mut() {
-        Some(f) => boot::load_kernel(
-            &ram.mem,
-            &kernel_path,
-            f,
-            mem_size,
-            cfg.boot_protocol.unwrap_or_default(),
-        )?,
-        None => {
-            let mut image = std::io::Cursor::new(crate::testguest::IMAGE);
-            boot::load_kernel(
+        let kernel = match kernel_file.as_mut() {
+            Some(f) => boot::load_kernel(
                 &ram.mem,
                 &kernel_path,
-                &mut image,
+                f,
                 mem_size,
-                boot::BootProtocol::Pvh,
-            )?
-        }
-    };
-    let cmdline = cfg.effective_cmdline();
-    let cmdline_len = boot::load_cmdline(&ram.mem, &kernel, &cmdline)?;
-    let initrd = match initrd_file.as_mut() {
-        Some((path, f)) => Some(boot::load_initrd(&ram.mem, &kernel, path, f, mem_size)?),
-        None => None,
-    };
-    let rsdp = acpi::create_tables(&ram.mem, cpus)?;
-    boot::write_boot_info(&ram.mem, &kernel, cmdline_len, initrd, rsdp, mem_size)?;
-
-    let (events, ended) = mpsc::channel();
-    let ioapic = Arc::new(Mutex::new(IoApic::new(cpus, vm.clone())));
-    let irq_ioapic = ioapic.clone();
-    let serial = Arc::new(Mutex::new(Serial::new(
-        IrqLine::new(move || {
-            irq_ioapic
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .assert_irq(layout::COM1_IRQ as usize)
-        }),
-        serial_writer(cfg.serial.as_ref().unwrap_or(&SerialOut::Stdio))?,
-    )));
-    let mut pio = Bus::default();
-    let mut mmio = Bus::default();
-    let bus_err = |e| Error::Invalid(format!("device layout: {e}"));
-    pio.insert(layout::COM1_PORT as u64, 8, serial.clone())
-        .map_err(bus_err)?;
-    pio.insert(
-        layout::I8042_PORT as u64,
-        5,
-        Arc::new(Mutex::new(I8042::new(events.clone()))),
-    )
-    .map_err(bus_err)?;
-    pio.insert(
-        layout::ACPI_SLEEP_PORT as u64,
-        2,
-        Arc::new(Mutex::new(AcpiSleep::new(events.clone()))),
-    )
-    .map_err(bus_err)?;
-    mmio.insert(layout::IOAPIC_BASE, layout::IOAPIC_SIZE, ioapic.clone())
-        .map_err(bus_err)?;
-    // The PCI root complex: config mechanism #1 and ECAM over the same functions.
-    let pci = Arc::new(Mutex::new(PciRoot::new()));
-    pio.insert(
-        pci::CONFIG_ADDRESS_PORT as u64,
-        8,
-        Arc::new(Mutex::new(PciConfigIo(pci.clone()))),
-    )
-    .map_err(bus_err)?;
-    // Virtio devices, each backed by a vhost-user backend process.
-    let router = Arc::new(MsiRouter::new(vm.clone()));
-    let attached = {
-        let mut root = pci.lock().unwrap_or_else(|p| p.into_inner());
-        virtio::attach(&cfg, &vm, &ram.mem, &router, &ioapic, &mut root, &mut mmio)?
-    };
-    mmio.insert(
-        layout::PCI_ECAM_BASE,
-        pci::ECAM_SIZE,
-        Arc::new(Mutex::new(PciEcam(pci))),
-    )
-    .map_err(bus_err)?;
-    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
-
-    let base_cpuid = cpu::supported_cpuid(&kvm)?;
-    let mut vcpus = Vec::with_capacity(cpus as usize);
-    for id in 0..cpus {
-        let fd = vm
-            .create_vcpu(id as u64)
-            .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
-        let tsc_khz = fd.get_tsc_khz().ok();
-        log::debug!("vcpu {id}: TSC {tsc_khz:?} kHz");
-        cpu::configure_vcpu(&fd, id, &cpu::vcpu_cpuid(&base_cpuid, id, cpus, tsc_khz))?;
-        vcpus.push(fd);
-    }
-    // With APIC ids past 255, every LAPIC starts in x2APIC mode, as firmware leaves it
-    // on such machines: guests only accept x2APIC MADT entries in that mode.
-    if cpus > 255 {
-        for (id, fd) in vcpus.iter().enumerate() {
-            cpu::enable_x2apic(fd, id as u32)?;
-        }
-    }
-    // Only the boot vCPU starts at the entry point; the others wait in the kernel's
-    // LAPIC for INIT/SIPI, as on real hardware.
-    cpu::setup_boot_vcpu(&vcpus[0], &ram.mem, kernel.protocol, kernel.entry)?;
-    let seccomp = cfg.seccomp.unwrap_or_default();
-    for (id, fd) in vcpus.into_iter().enumerate() {
-        let ctx = vcpu::Context {
-            pio: pio.clone(),
-            mmio: mmio.clone(),
-            ioapic: ioapic.clone(),
-            events: events.clone(),
+                cfg.boot_protocol.unwrap_or_default(),
+            )?,
+            None => {
+                let mut image = std::io::Cursor::new(crate::testguest::IMAGE);
+                boot::load_kernel(
+                    &ram.mem,
+                    &kernel_path,
+                    &mut image,
+                    mem_size,
+                    boot::BootProtocol::Pvh,
+                )?
+            }
         };
-        std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu::run(id as u32, fd, ctx, seccomp))
-            .map_err(Error::Thread)?;
-    }
-    virtio::spawn_intx_relay(&attached, seccomp)?;
-    crate::devices::serial::spawn_stdin_feeder(serial.clone(), seccomp).map_err(Error::Thread)?;
-    // The main thread's own, narrower profile: from here it only waits and exits.
-    crate::seccomp::install("vmm", "main", seccomp).map_err(Error::Seccomp)?;
+        let cmdline = cfg.effective_cmdline();
+        let cmdline_len = boot::load_cmdline(&ram.mem, &kernel, &cmdline)?;
+        let initrd = match initrd_file.as_mut() {
+            Some((path, f)) => Some(boot::load_initrd(&ram.mem, &kernel, path, f, mem_size)?),
+            None => None,
+        };
+        let rsdp = acpi::create_tables(&ram.mem, cpus)?;
+        boot::write_boot_info(&ram.mem, &kernel, cmdline_len, initrd, rsdp, mem_size)?;
 
-    let event = ended.recv().unwrap_or(VmEvent::Error(
-        "every vCPU thread ended without a reason".into(),
-    ));
-    serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
-    // Guest RAM and the VM fd go with the process: the caller exits right away, and
-    // vCPUs still inside KVM_RUN are not waited for.
-    std::mem::forget(ram);
-    match event {
-        VmEvent::Poweroff | VmEvent::Reset => Ok(0),
-        VmEvent::Error(line) => {
-            eprintln!("cellvm: {line}");
-            Ok(1)
+        let main = Arc::new(Mailbox::new().map_err(Error::MainLoop)?);
+        let (events, device_events) = mpsc::channel();
+        let device_events = Arc::new(Mutex::new(device_events));
+        let ioapic = Arc::new(Mutex::new(IoApic::new(cpus, vm.clone())));
+        let irq_ioapic = ioapic.clone();
+        let serial = Arc::new(Mutex::new(Serial::new(
+            IrqLine::new(move || {
+                irq_ioapic
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .assert_irq(layout::COM1_IRQ as usize)
+            }),
+            serial_writer(cfg.serial.as_ref().unwrap_or(&SerialOut::Stdio))?,
+        )));
+        let ged_ioapic = ioapic.clone();
+        let ged = Arc::new(Mutex::new(Ged::new(IrqLine::new(move || {
+            // An edge: raise and drop the pin (its redirection entry is edge-triggered).
+            let mut a = ged_ioapic.lock().unwrap_or_else(|p| p.into_inner());
+            a.assert_irq(layout::GED_IRQ as usize);
+            a.deassert_irq(layout::GED_IRQ as usize);
+        }))));
+        let mut pio = Bus::default();
+        let mut mmio = Bus::default();
+        let bus_err = |e| Error::Invalid(format!("device layout: {e}"));
+        pio.insert(layout::COM1_PORT as u64, 8, serial.clone())
+            .map_err(bus_err)?;
+        pio.insert(
+            layout::I8042_PORT as u64,
+            5,
+            Arc::new(Mutex::new(I8042::new(events.clone()))),
+        )
+        .map_err(bus_err)?;
+        pio.insert(
+            layout::ACPI_SLEEP_PORT as u64,
+            2,
+            Arc::new(Mutex::new(AcpiSleep::new(events.clone()))),
+        )
+        .map_err(bus_err)?;
+        pio.insert(layout::GED_PORT as u64, layout::GED_SIZE, ged.clone())
+            .map_err(bus_err)?;
+        mmio.insert(layout::IOAPIC_BASE, layout::IOAPIC_SIZE, ioapic.clone())
+            .map_err(bus_err)?;
+        // The PCI root complex: config mechanism #1 and ECAM over the same functions.
+        let pci = Arc::new(Mutex::new(PciRoot::new()));
+        pio.insert(
+            pci::CONFIG_ADDRESS_PORT as u64,
+            8,
+            Arc::new(Mutex::new(PciConfigIo(pci.clone()))),
+        )
+        .map_err(bus_err)?;
+        // Virtio devices, each backed by a vhost-user backend process.
+        let router = Arc::new(MsiRouter::new(vm.clone()));
+        let mut attached = {
+            let mut root = pci.lock().unwrap_or_else(|p| p.into_inner());
+            virtio::attach(&cfg, &vm, &ram.mem, &router, &ioapic, &mut root, &mut mmio)?
+        };
+        mmio.insert(
+            layout::PCI_ECAM_BASE,
+            pci::ECAM_SIZE,
+            Arc::new(Mutex::new(PciEcam(pci))),
+        )
+        .map_err(bus_err)?;
+        let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+
+        let base_cpuid = cpu::supported_cpuid(&kvm)?;
+        let mut fds = Vec::with_capacity(cpus as usize);
+        for id in 0..cpus {
+            let fd = vm
+                .create_vcpu(id as u64)
+                .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+            let tsc_khz = fd.get_tsc_khz().ok();
+            log::debug!("vcpu {id}: TSC {tsc_khz:?} kHz");
+            cpu::configure_vcpu(&fd, id, &cpu::vcpu_cpuid(&base_cpuid, id, cpus, tsc_khz))?;
+            fds.push(fd);
+        }
+        // With APIC ids past 255, every LAPIC starts in x2APIC mode, as firmware leaves it
+        // on such machines: guests only accept x2APIC MADT entries in that mode.
+        if cpus > 255 {
+            for (id, fd) in fds.iter().enumerate() {
+                cpu::enable_x2apic(fd, id as u32)?;
+            }
+        }
+        // Only the boot vCPU starts at the entry point; the others wait in the kernel's
+        // LAPIC for INIT/SIPI, as on real hardware.
+        cpu::setup_boot_vcpu(&fds[0], &ram.mem, kernel.protocol, kernel.entry)?;
+
+        // SIGTERM is taken by the main loop (signalfd): blocked here, before any thread
+        // starts, so every thread inherits the mask and none takes it.
+        block_sigterm().map_err(Error::MainLoop)?;
+        vcpu::install_kick_handler().map_err(Error::Thread)?;
+        let seccomp = cfg.seccomp.unwrap_or_default();
+        let mut vcpus = Vec::with_capacity(cpus as usize);
+        for (id, fd) in fds.into_iter().enumerate() {
+            let shared = Arc::new(vcpu::Shared::new(id as u32, main.clone()));
+            // Parked at its first look at the flag, until `run` resumes it.
+            shared.request_pause();
+            let ctx = vcpu::Context {
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                ioapic: ioapic.clone(),
+                device_events: device_events.clone(),
+                main: main.clone(),
+            };
+            let s = shared.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::run(s, fd, ctx, seccomp))
+                .map_err(Error::Thread)?;
+            vcpus.push(VcpuHandle {
+                shared,
+                _thread: thread,
+            });
+        }
+        virtio::spawn_intx_relay(&attached, seccomp)?;
+        crate::devices::serial::spawn_stdin_feeder(serial.clone(), seccomp)
+            .map_err(Error::Thread)?;
+
+        let status = Arc::new(Status {
+            identity: opts.identity,
+            vcpus: cpus,
+            memory_mib: cfg.memory_mib(),
+            started: Instant::now(),
+            lifecycle: Mutex::new(Lifecycle {
+                state: State::Created,
+                reason: Reason::Creating,
+                jobs: Vec::new(),
+            }),
+            vcpu: vcpus.iter().map(|v| v.shared.clone()).collect(),
+            devices: std::mem::take(&mut attached.counters),
+        });
+        let api = match api_fd {
+            Some(listener) => {
+                let replies = Arc::new(Mailbox::new().map_err(Error::MainLoop)?);
+                api::spawn(
+                    listener,
+                    status.clone(),
+                    main.clone(),
+                    replies.clone(),
+                    seccomp,
+                )
+                .map_err(Error::Thread)?;
+                Some(replies)
+            }
+            None => None,
+        };
+        let connections = std::mem::take(&mut attached.connections);
+        Ok(Vm {
+            status,
+            vcpus,
+            main,
+            serial,
+            ged,
+            api,
+            connections,
+            reset_exit_code: opts.reset_exit_code,
+            seccomp,
+            _keep: Box::new((kvm, vm, ram, attached, router, events)),
+        })
+    }
+
+    /// One press of the ACPI power button (the GED's event and its interrupt).
+    pub fn press_power_button(&self) {
+        self.ged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .power_button();
+    }
+
+    fn reply(&self, conn: u64, response: Response, then_exit: bool) {
+        if let Some(replies) = &self.api {
+            replies.post(ApiReply {
+                conn,
+                response,
+                then_exit,
+            });
         }
     }
+
+    /// Starts the vCPUs and serves events until the VM ends; returns the exit status.
+    pub fn run(self) -> Result<i32, Error> {
+        let signals = sigterm_fd().map_err(Error::MainLoop)?;
+        let epoll = vmm_sys_util::epoll::Epoll::new().map_err(Error::MainLoop)?;
+        use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
+        const MAILBOX: u64 = u64::MAX;
+        const SIGNALS: u64 = u64::MAX - 1;
+        let add = |fd: RawFd, events: EventSet, token: u64| {
+            epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+                .map_err(Error::MainLoop)
+        };
+        add(self.main.fd(), EventSet::IN, MAILBOX)?;
+        add(signals.as_raw_fd(), EventSet::IN, SIGNALS)?;
+        for (i, c) in self.connections.iter().enumerate() {
+            add(c.as_raw_fd(), EventSet::READ_HANG_UP, i as u64)?;
+        }
+        // The main thread's own, narrower profile: from here it only serves the loop.
+        crate::seccomp::install("vmm", "main", self.seccomp).map_err(Error::Seccomp)?;
+
+        let n = self.vcpus.len();
+        let mut parked = vec![true; n];
+        let mut stopped = vec![false; n];
+        self.status.set(State::Running, Reason::Booted);
+        for v in &self.vcpus {
+            v.shared.request_resume();
+        }
+        let mut transition: Option<Transition> = None;
+        // The shutdown job waiting, its waiters and its deadline.
+        let mut shutdown: Option<(u64, Vec<u64>, Instant)> = None;
+        let mut next_job = 1u64;
+        // Once ended: the exit status, and the replies still to be flushed.
+        let mut ending: Option<(i32, Vec<u64>, Instant)> = None;
+        let mut events = vec![EpollEvent::default(); 16];
+        let code = loop {
+            if let Some((code, unflushed, deadline)) = &ending {
+                if unflushed.is_empty() || Instant::now() >= *deadline {
+                    break *code;
+                }
+            }
+            let deadline = ending
+                .as_ref()
+                .map(|e| e.2)
+                .or(shutdown.as_ref().map(|s| s.2));
+            let timeout = deadline.map_or(-1, |d| {
+                d.saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .min(i32::MAX as u128) as i32
+                    + 1
+            });
+            let ready = match epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => 0,
+                Err(e) => return Err(Error::MainLoop(e)),
+            };
+            let mut msgs = VecDeque::new();
+            for ev in &events[..ready] {
+                match ev.data() {
+                    MAILBOX => msgs.extend(self.main.drain()),
+                    SIGNALS => {
+                        if read_signal(&signals) == Some(libc::SIGTERM as u32) && ending.is_none() {
+                            log::info!("SIGTERM: pressing the power button");
+                            self.press_power_button();
+                            let mut l = self.status.lifecycle();
+                            if l.state == State::Running {
+                                l.reason = Reason::PowerButton;
+                            }
+                        }
+                    }
+                    i => {
+                        let i = i as usize;
+                        if let Some(c) = self.connections.get(i) {
+                            let _ = epoll.ctl(
+                                ControlOperation::Delete,
+                                c.as_raw_fd(),
+                                EpollEvent::default(),
+                            );
+                            if let Some(d) = self.status.devices.get(i) {
+                                d.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                                log::warn!("device {}: backend connection hung up", d.id);
+                            }
+                        }
+                    }
+                }
+            }
+            while let Some(msg) = msgs.pop_front() {
+                let ended = match msg {
+                    MainMsg::Vcpu(vcpu::Note::Parked(id)) => {
+                        parked[id as usize] = true;
+                        None
+                    }
+                    MainMsg::Vcpu(vcpu::Note::Running(id)) => {
+                        parked[id as usize] = false;
+                        None
+                    }
+                    MainMsg::Vcpu(vcpu::Note::Stopped(id, event)) => {
+                        stopped[id as usize] = true;
+                        Some(event)
+                    }
+                    MainMsg::Device(event) => Some(event),
+                    MainMsg::Flushed(conn) => {
+                        if let Some((_, unflushed, _)) = &mut ending {
+                            unflushed.retain(|c| *c != conn);
+                        }
+                        None
+                    }
+                    MainMsg::Api(call) => {
+                        if ending.is_some() {
+                            let state = self.status.lifecycle().state;
+                            self.reply(call.conn, conflict(state, &call.op), false);
+                        } else if let Some(code) =
+                            self.serve(call, &mut transition, &mut shutdown, &mut next_job)
+                        {
+                            // A reboot: ends once its 204 is out.
+                            ending = Some((code.0, vec![code.1], flush_deadline()));
+                        }
+                        None
+                    }
+                };
+                if let (Some(event), None) = (ended, &ending) {
+                    let (code, reason) = match &event {
+                        VmEvent::Poweroff => (0, Reason::Poweroff),
+                        VmEvent::Reset => (self.reset_exit_code as i32, Reason::Reset),
+                        VmEvent::Error(line) => {
+                            eprintln!("cellvm: {line}");
+                            (1, Reason::Error)
+                        }
+                    };
+                    self.status.set(State::Ended, reason);
+                    let mut unflushed = Vec::new();
+                    if let Some((job, waiters, _)) = shutdown.take() {
+                        let result = if event == VmEvent::Poweroff {
+                            "powered-off"
+                        } else {
+                            "ended"
+                        };
+                        self.finish_job(job, result);
+                        for conn in waiters {
+                            self.reply(conn, shutdown_result(result), true);
+                            unflushed.push(conn);
+                        }
+                    }
+                    if let Some(t) = transition.take() {
+                        for conn in t.waiting {
+                            self.reply(conn, Response::error(409, "state: the vm ended"), false);
+                        }
+                    }
+                    ending = Some((code, unflushed, flush_deadline()));
+                }
+            }
+            // A pause is done when every vCPU is parked; a resume when every vCPU that
+            // can run is running.
+            if let Some(t) = &transition {
+                let done = match t.to {
+                    State::Paused => parked.iter().all(|p| *p),
+                    _ => parked.iter().zip(&stopped).all(|(p, s)| !p || *s),
+                };
+                if done && ending.is_none() {
+                    let t = transition.take().expect("checked");
+                    self.status.set(t.to, Reason::User);
+                    for conn in t.waiting {
+                        self.reply(conn, Response::no_content(), false);
+                    }
+                }
+            }
+            if let Some((job, _, deadline)) = &shutdown {
+                if Instant::now() >= *deadline && ending.is_none() {
+                    let job = *job;
+                    let (_, waiters, _) = shutdown.take().expect("checked");
+                    self.finish_job(job, "timed-out");
+                    self.status.set(State::Running, Reason::PowerButton);
+                    for conn in waiters {
+                        self.reply(conn, shutdown_result("timed-out"), false);
+                    }
+                }
+            }
+        };
+        self.finish();
+        // Guest RAM and the VM fd go with the process: the caller exits right away, and
+        // vCPUs still inside KVM_RUN are not waited for (no teardown costs start-up).
+        std::mem::forget(self);
+        Ok(code)
+    }
+
+    /// Serves one API operation; Some((exit status, connection)) when it ends the VM.
+    fn serve(
+        &self,
+        call: ApiCall,
+        transition: &mut Option<Transition>,
+        shutdown: &mut Option<(u64, Vec<u64>, Instant)>,
+        next_job: &mut u64,
+    ) -> Option<(i32, u64)> {
+        let conn = call.conn;
+        let state = self.status.lifecycle().state;
+        let pending = transition.as_ref().map(|t| t.to);
+        match (&call.op, state) {
+            (Op::Pause, State::Paused) | (Op::Resume, State::Running) if pending.is_none() => {
+                self.reply(conn, Response::no_content(), false)
+            }
+            (Op::Pause, State::Running) | (Op::Resume, State::Paused) => {
+                let to = if call.op == Op::Pause {
+                    State::Paused
+                } else {
+                    State::Running
+                };
+                match transition {
+                    Some(t) if t.to == to => t.waiting.push(conn),
+                    Some(_) => self.reply(
+                        conn,
+                        Response::error(409, "state: a pause or resume is under way"),
+                        false,
+                    ),
+                    None => {
+                        for v in &self.vcpus {
+                            if to == State::Paused {
+                                v.shared.request_pause();
+                            } else {
+                                v.shared.request_resume();
+                            }
+                        }
+                        *transition = Some(Transition {
+                            to,
+                            waiting: vec![conn],
+                        });
+                    }
+                }
+            }
+            (Op::PowerButton, State::Running | State::ShuttingDown) if pending.is_none() => {
+                self.press_power_button();
+                if state == State::Running {
+                    self.status.lifecycle().reason = Reason::PowerButton;
+                }
+                self.reply(conn, Response::no_content(), false)
+            }
+            (Op::Shutdown { timeout_ms }, State::Running) if pending.is_none() => {
+                self.press_power_button();
+                let id = *next_job;
+                *next_job += 1;
+                {
+                    let mut l = self.status.lifecycle();
+                    l.state = State::ShuttingDown;
+                    l.reason = Reason::PowerButton;
+                    l.jobs.insert(
+                        0,
+                        Job {
+                            id,
+                            kind: "shutdown",
+                            state: "running",
+                            started: Instant::now(),
+                            timeout_ms: *timeout_ms,
+                        },
+                    );
+                    l.jobs.truncate(MAX_JOBS_KEPT);
+                }
+                *shutdown = Some((
+                    id,
+                    vec![conn],
+                    Instant::now() + Duration::from_millis(*timeout_ms),
+                ));
+            }
+            (Op::Shutdown { .. }, State::ShuttingDown) => match shutdown {
+                Some((_, waiters, _)) => waiters.push(conn),
+                None => self.reply(conn, conflict(state, &call.op), false),
+            },
+            (Op::Reboot, State::Running | State::Paused) if pending.is_none() => {
+                self.status.set(State::Ended, Reason::Reset);
+                self.reply(conn, Response::no_content(), true);
+                return Some((self.reset_exit_code as i32, conn));
+            }
+            _ => self.reply(conn, conflict(state, &call.op), false),
+        }
+        None
+    }
+
+    fn finish_job(&self, id: u64, result: &'static str) {
+        if let Some(j) = self.status.lifecycle().jobs.iter_mut().find(|j| j.id == id) {
+            j.state = result;
+        }
+    }
+
+    /// Flushes the console before the process exits.
+    fn finish(&self) {
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush();
+    }
+}
+
+/// Finished jobs `vm.jobs` still lists.
+const MAX_JOBS_KEPT: usize = 16;
+
+/// How long an ending VMM waits for its last replies to reach their clients.
+fn flush_deadline() -> Instant {
+    Instant::now() + Duration::from_secs(1)
+}
+
+fn shutdown_result(result: &str) -> Response {
+    Response::json(200, format!("{{\"result\":\"{result}\"}}"))
+}
+
+/// The 409 for an operation the state does not allow, saying why.
+fn conflict(state: State, op: &Op) -> Response {
+    let why = match state {
+        State::ShuttingDown => "a shutdown job is running",
+        State::Paused => "the guest is paused and cannot see the power button: resume it first",
+        State::Ended => "the vm has ended",
+        State::Created => "the vm is not running yet",
+        State::Running => "a pause or resume is under way",
+    };
+    Response::error(
+        409,
+        &format!(
+            "state: {} is not allowed while {}: {why}",
+            op.name(),
+            state.name()
+        ),
+    )
+}
+
+fn block_sigterm() -> std::io::Result<()> {
+    // SAFETY: a sigset on the stack, filled by sigemptyset/sigaddset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+    }
+    Ok(())
+}
+
+fn sigterm_fd() -> std::io::Result<OwnedFd> {
+    // SAFETY: as in block_sigterm; signalfd returns a new descriptor we own, or -1.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+fn read_signal(fd: &OwnedFd) -> Option<u32> {
+    // SAFETY: a zeroed signalfd_siginfo is valid; read fills at most its size.
+    unsafe {
+        let mut info: libc::signalfd_siginfo = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        let n = libc::read(fd.as_raw_fd(), &mut info as *mut _ as *mut _, size);
+        (n as usize == size).then_some(info.ssi_signo)
+    }
+}
+
+/// Builds and runs the VM; returns the exit status once it ends.
+pub fn run(cfg: VmConfig, opts: RunOptions) -> Result<i32, Error> {
+    Vm::create(cfg, opts)?.run()
 }

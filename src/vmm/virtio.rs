@@ -8,15 +8,17 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::GuestMemoryMmap;
 
 use super::config::{Backend, VmConfig};
+use super::state::DeviceCounters;
 use super::Error;
 use crate::arch::x86_64::layout;
-use crate::devices::bus::Bus;
+use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::ioapic::IoApic;
 use crate::devices::pci::{PciFunction, PciRoot};
 use crate::virtio::irq::MsiRouter;
@@ -27,21 +29,44 @@ use crate::virtio::{TYPE_BLOCK, TYPE_NET, TYPE_RNG};
 /// Queue size offered for every queue.
 const QUEUE_SIZE: u16 = 256;
 
-/// One function shared by the PCI config path and its BAR on the MMIO bus.
-struct Shared(Arc<Mutex<VirtioPci>>);
+/// One function shared by the PCI config path and its BAR on the MMIO bus, counting
+/// what the guest asks of it.
+struct Shared(Arc<Mutex<VirtioPci>>, Arc<DeviceCounters>);
 
 impl PciFunction for Shared {
     fn read_config(&self, offset: u16) -> u32 {
+        self.1.config_reads.fetch_add(1, Ordering::Relaxed);
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .read_config(offset)
     }
     fn write_config(&mut self, offset: u16, value: u32, mask: u32) {
+        self.1.config_writes.fetch_add(1, Ordering::Relaxed);
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .write_config(offset, value, mask)
+    }
+}
+
+/// The function's BAR on the MMIO bus, counted.
+struct CountedBar(Arc<Mutex<VirtioPci>>, Arc<DeviceCounters>);
+
+impl BusDevice for CountedBar {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.1.bar_reads.fetch_add(1, Ordering::Relaxed);
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .read(offset, data)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.1.bar_writes.fetch_add(1, Ordering::Relaxed);
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write(offset, data)
     }
 }
 
@@ -130,6 +155,11 @@ pub struct Attached {
     pub backends: Vec<Child>,
     pub functions: Vec<Arc<Mutex<VirtioPci>>>,
     pub relay: Arc<IntxRelay>,
+    /// What the VMM sees of each device, in PCI slot order.
+    pub counters: Vec<Arc<DeviceCounters>>,
+    /// A second descriptor of each backend connection, for the main loop to notice a
+    /// hang-up (same order as `counters`).
+    pub connections: Vec<UnixStream>,
 }
 
 /// IOAPIC pins for INTx: slot N drives pin 16 + (N - 1) % 8, level-triggered.
@@ -187,7 +217,17 @@ pub fn attach(
             None,
             &mut children,
         )?;
-        wanted.push((format!("disk{i}"), stream, TYPE_BLOCK, disk.queues as usize));
+        let pid = disk.pid.or(children
+            .last()
+            .filter(|_| disk.backend == Backend::Spawn)
+            .map(Child::id));
+        wanted.push((
+            format!("disk{i}"),
+            stream,
+            TYPE_BLOCK,
+            disk.queues as usize,
+            pid,
+        ));
     }
     if let Some(rng) = &cfg.rng {
         let stream = connect(
@@ -196,7 +236,11 @@ pub fn attach(
             None,
             &mut children,
         )?;
-        wanted.push(("rng".to_string(), stream, TYPE_RNG, 1));
+        let pid = rng.pid.or(children
+            .last()
+            .filter(|_| rng.backend == Backend::Spawn)
+            .map(Child::id));
+        wanted.push(("rng".to_string(), stream, TYPE_RNG, 1, pid));
     }
     for (i, net) in cfg.nets.iter().flatten().enumerate() {
         // The VMM opens the tap (in its own network namespace) and hands the backend
@@ -221,10 +265,26 @@ pub fn attach(
             tap.as_ref(),
             &mut children,
         )?;
-        wanted.push((format!("net{i}"), stream, TYPE_NET, 2));
+        let pid = net.pid.or(children
+            .last()
+            .filter(|_| net.backend == Backend::Spawn)
+            .map(Child::id));
+        wanted.push((format!("net{i}"), stream, TYPE_NET, 2, pid));
     }
-    for (n, (name, stream, ty, queues)) in wanted.into_iter().enumerate() {
+    let (mut counters, mut connections) = (Vec::new(), Vec::new());
+    for (n, (name, stream, ty, queues, pid)) in wanted.into_iter().enumerate() {
         let slot = n as u8 + 1;
+        let kind = match ty {
+            TYPE_BLOCK => "blk",
+            TYPE_NET => "net",
+            _ => "rng",
+        };
+        let count = Arc::new(DeviceCounters::new(name.clone(), kind, pid));
+        connections.push(
+            stream
+                .try_clone()
+                .map_err(|e| Error::Device(format!("{name}: dup: {e}")))?,
+        );
         let device = VhostUserDevice::connect(stream, ty, queues, QUEUE_SIZE, mem.clone())
             .map_err(|e| Error::Device(format!("{name}: {e}")))?;
         let bar = layout::PCI_BAR_BASE + slot as u64 * layout::PCI_BAR_STRIDE;
@@ -233,11 +293,13 @@ pub fn attach(
                 .map_err(Error::Device)?;
         let pin = intx_pin(slot);
         let line = ioapic.clone();
+        let raised = count.clone();
         function.set_intx(Intx {
             pin,
             set_level: Box::new(move |high| {
                 let mut a = line.lock().unwrap_or_else(|p| p.into_inner());
                 if high {
+                    raised.intx_raised.fetch_add(1, Ordering::Relaxed);
                     a.assert_irq(pin as usize)
                 } else {
                     a.deassert_irq(pin as usize)
@@ -251,17 +313,24 @@ pub fn attach(
                 .map_err(|e| Error::Kvm("KVM_IOEVENTFD", e))?;
         }
         let function = Arc::new(Mutex::new(function));
-        pci.add(slot, Box::new(Shared(function.clone())))
+        pci.add(slot, Box::new(Shared(function.clone(), count.clone())))
             .map_err(|e| Error::Device(format!("{name}: {e}")))?;
-        mmio.insert(bar, BAR_SIZE, function.clone())
-            .map_err(|e| Error::Device(format!("{name}: BAR: {e}")))?;
+        mmio.insert(
+            bar,
+            BAR_SIZE,
+            Arc::new(Mutex::new(CountedBar(function.clone(), count.clone()))),
+        )
+        .map_err(|e| Error::Device(format!("{name}: BAR: {e}")))?;
         functions.push(function);
+        counters.push(count);
         log::info!("{name}: PCI 00:{slot:02x}.0, BAR0 {bar:#x}, INTx pin {pin}");
     }
     Ok(Attached {
         backends: children,
         functions,
         relay,
+        counters,
+        connections,
     })
 }
 

@@ -1,5 +1,6 @@
 //! ACPI tables: RSDP, XSDT, FADT (hardware-reduced, with reset and sleep registers),
-//! DSDT (the S5 sleep package and COM1) and MADT (every vCPU and the IOAPIC).
+//! DSDT (the S5 sleep package, COM1, the power button and the Generic Event Device that
+//! presses it) and MADT (every vCPU and the IOAPIC).
 //!
 //! Built with the rust-vmm `acpi_tables` crate; this module only decides what goes in
 //! them and where they live (the BIOS area, so a guest that scans for the RSDP finds it).
@@ -18,6 +19,7 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout;
+use crate::devices::ged;
 
 const OEM_ID: [u8; 6] = *b"CELLVM";
 const OEM_TABLE_ID: [u8; 8] = *b"CELLVM  ";
@@ -66,8 +68,54 @@ fn dsdt() -> Vec<u8> {
     let com1 = aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]);
     sdt.append_slice(&bytes(&s5));
     sdt.append_slice(&bytes(&com1));
+    sdt.append_slice(&power_button());
+    sdt.append_slice(&ged());
     sdt.update_checksum();
     sdt.as_slice().to_vec()
+}
+
+/// `\_SB.PWRB`: the control-method power button (the FADT's PWR_BUTTON flag says there is
+/// no fixed-feature one). The GED notifies it with 0x80, "button pressed".
+fn power_button() -> Vec<u8> {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    bytes(&aml::Device::new("_SB_.PWRB".into(), vec![&hid, &uid]))
+}
+
+/// `\_SB.GED_`, the Generic Event Device (src/devices/ged.rs): its interrupt, the
+/// OperationRegion over its status register, and `_EVT`, which the OS runs on each
+/// interrupt: read the status once (reading clears it) and notify the power button if
+/// its bit is set.
+fn ged() -> Vec<u8> {
+    let hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    // Consumer, edge-triggered, active-high, exclusive.
+    let irq = aml::Interrupt::new(true, true, false, false, layout::GED_IRQ);
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&irq]));
+    let region = aml::OpRegion::new(
+        "GDST".into(),
+        aml::OpRegionSpace::SystemIO,
+        &layout::GED_PORT,
+        &layout::GED_SIZE,
+    );
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let gdat = aml::Path::new("GDAT");
+    let pwrb = aml::Path::new("\\_SB_.PWRB");
+    let status = aml::Store::new(&aml::Local(0), &gdat);
+    let pressed = aml::And::new(&aml::ZERO, &aml::Local(0), &ged::POWER_BUTTON);
+    let notify = aml::Notify::new(&pwrb, &0x80u8);
+    let on_press = aml::If::new(&pressed, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&status, &on_press]);
+    bytes(&aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![&hid, &uid, &crs, &region, &field, &evt],
+    ))
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
@@ -329,6 +377,123 @@ mod tests {
         }
         assert_eq!((xapic, x2apic, last), (255, 45, 299));
         assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+    }
+
+    /// The body of the first `Device` in `aml` whose name string is `name` (e.g.
+    /// `\x2e_SB_GED_`), by its PkgLength.
+    fn device_body<'a>(aml: &'a [u8], name: &[u8]) -> &'a [u8] {
+        let at = (0..aml.len() - 2)
+            .find(|&i| {
+                aml[i..].starts_with(&[0x5b, 0x82]) && {
+                    let lead = aml[i + 2];
+                    let n = 1 + (lead >> 6) as usize;
+                    aml[i + 2 + n..].starts_with(name)
+                }
+            })
+            .unwrap_or_else(|| panic!("no Device {name:x?} in {aml:x?}"));
+        let lead = aml[at + 2];
+        let extra = (lead >> 6) as usize;
+        let mut len = if extra == 0 {
+            (lead & 0x3f) as usize
+        } else {
+            (lead & 0x0f) as usize
+        };
+        for k in 0..extra {
+            len |= (aml[at + 3 + k] as usize) << (4 + 8 * k);
+        }
+        // PkgLength counts itself and what follows it.
+        &aml[at + 2 + 1 + extra..at + 2 + len]
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn dsdt_has_the_ged_with_its_interrupt_region_and_event_method() {
+        let t = dsdt();
+        let aml = &t[36..];
+        let ged = device_body(aml, b"\x2e_SB_GED_");
+        assert!(contains(ged, b"\x08_HID\x0dACPI0013\x00"), "_HID ACPI0013");
+        // _CRS: an Extended Interrupt descriptor: consumer, edge, active-high,
+        // exclusive (flags 0x03), one interrupt, GED_IRQ.
+        let mut irq = vec![0x89, 6, 0, 0x03, 1];
+        irq.extend_from_slice(&layout::GED_IRQ.to_le_bytes());
+        assert!(contains(ged, &irq), "_CRS interrupt {irq:x?} in {ged:x?}");
+        // OperationRegion (GDST, SystemIO, GED_PORT, GED_SIZE).
+        let mut region = b"\x5b\x80GDST\x01\x0b".to_vec();
+        region.extend_from_slice(&layout::GED_PORT.to_le_bytes());
+        region.push(0x01); // OneOp: GED_SIZE is 1
+        assert_eq!(layout::GED_SIZE, 1);
+        assert!(
+            contains(ged, &region),
+            "OperationRegion {region:x?} in {ged:x?}"
+        );
+        // Field (GDST, ByteAcc, NoLock, WriteAsZeros) { GDAT, 8 }.
+        assert!(contains(ged, b"GDST\x41GDAT\x08"), "Field GDAT");
+        // Method (_EVT, 1, Serialized) that notifies \_SB_.PWRB with 0x80.
+        assert!(contains(ged, b"_EVT\x09"), "_EVT: 1 argument, serialized");
+        assert!(
+            contains(ged, b"\x86\\\x2e_SB_PWRB\x0a\x80"),
+            "Notify(PWRB, 0x80)"
+        );
+        // And (Local0, POWER_BUTTON): the power-button bit the device latches.
+        assert!(contains(ged, &[0x7b, 0x60, ged::POWER_BUTTON, 0x00]));
+    }
+
+    #[test]
+    fn dsdt_has_the_power_button_and_s5() {
+        let t = dsdt();
+        let aml = &t[36..];
+        let pwrb = device_body(aml, b"\x2e_SB_PWRB");
+        // EISAID("PNP0C0C") compressed: 0x41d00c0c stored big-endian-ish as AML does.
+        assert!(contains(
+            pwrb,
+            &[0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0c, 0x0c]
+        ));
+        assert!(contains(aml, b"\x08_S5_\x12"), "_S5_ package");
+    }
+
+    /// The DSDT as ACPICA's compiler sees it: disassembled and recompiled with no error
+    /// and no warning. Needs `iasl` (Debian: acpica-tools).
+    #[test]
+    fn dsdt_disassembles_and_recompiles_cleanly_with_iasl() {
+        let dir = std::env::temp_dir().join(format!("cellvm-dsdt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("dsdt.dat"), dsdt()).unwrap();
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("iasl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("iasl (acpica-tools) is needed for this test and did not run: {e}")
+                });
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "iasl {args:?}: {text}");
+            text
+        };
+        run(&["-d", "dsdt.dat"]);
+        let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap();
+        for expected in [
+            "ACPI0013",
+            "PNP0C0C",
+            "Notify (\\_SB.PWRB, 0x80)",
+            "_EVT",
+            "SystemIO",
+        ] {
+            assert!(dsl.contains(expected), "{expected} not in\n{dsl}");
+        }
+        let compiled = run(&["-p", "recompiled", "dsdt.dsl"]);
+        assert!(
+            compiled.contains(" 0 Errors, 0 Warnings"),
+            "iasl recompile:\n{compiled}\n{dsl}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -46,6 +46,16 @@ pub const COM1_IRQ: u32 = 4;
 pub const I8042_PORT: u16 = 0x60;
 /// ACPI sleep control / status registers (hardware-reduced ACPI).
 pub const ACPI_SLEEP_PORT: u16 = 0x600;
+/// The ACPI Generic Event Device (GED, `\_SB.GED_` in the DSDT): a one-byte event status
+/// register in port I/O space (the DSDT's OperationRegion `GDST` names it) ...
+pub const GED_PORT: u16 = 0x610;
+/// ... of this many bytes (the device's range on the port bus) ...
+pub const GED_SIZE: u64 = 1;
+/// ... and the IOAPIC pin (GSI) its interrupt arrives on: edge-triggered, active-high,
+/// as its `_CRS` says. Free: COM1 has 4 and virtio INTx 16-23.
+pub const GED_IRQ: u32 = 5;
+// Checked when building: pins 16-23 are virtio INTx (src/vmm/virtio.rs), 4 is COM1.
+const _: () = assert!(GED_IRQ < 16 && GED_IRQ != COM1_IRQ);
 
 /// The smallest guest we accept: the low 1 MiB plus room for a kernel.
 pub const MIN_MEMORY_MIB: u64 = 8;
@@ -100,6 +110,23 @@ mod tests {
             map.last(),
             Some(&(PCI_ECAM_BASE, PCI_ECAM_SIZE, E820_RESERVED))
         );
+    }
+
+    #[test]
+    fn the_ged_has_ports_of_its_own() {
+        let ged = (GED_PORT as u64, GED_PORT as u64 + GED_SIZE);
+        for (base, len) in [
+            (COM1_PORT, 8),
+            (I8042_PORT, 5),
+            (ACPI_SLEEP_PORT, 2),
+            (0xcf8, 8), // PCI configuration mechanism #1
+        ] {
+            let (b, e) = (base as u64, base as u64 + len);
+            assert!(
+                ged.1 <= b || e <= ged.0,
+                "GED ports overlap {base:#x}+{len}"
+            );
+        }
     }
 
     #[test]

@@ -10,9 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::http;
 
-pub const API_SOCKET: &str = "api.sock";
-pub const CONSOLE_SOCKET: &str = "console.sock";
-pub const CONSOLE_LOG: &str = "console.log";
+pub use cellvm_jailer::rundir::{API_SOCKET, CONSOLE_LOG, CONSOLE_SOCKET};
 
 /// What a refused connect or lookup tells the operator.
 pub const DENIED: &str = "permission denied: root or the tenant's api_group";
@@ -125,7 +123,7 @@ impl Host {
 
     /// `RUN_DIR/vm/<id>/`.
     pub fn vm_dir(&self, id: &str) -> PathBuf {
-        self.run_dir.join("vm").join(id)
+        cellvm_jailer::rundir::path(&self.run_dir, id)
     }
 
     pub fn api_socket(&self, id: &str) -> PathBuf {

@@ -603,7 +603,7 @@ fn the_vmm_and_its_backends_are_not_dumpable() {
     let vm = scratch().join("hold.toml");
     std::fs::write(
         &vm,
-        "name = \"hold\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=none hold=5\"\nrng = true\n",
+        "name = \"hold\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=serial hold=5\"\nrng = true\n",
     )
     .unwrap();
     let id = unique("dumpable");

@@ -262,7 +262,7 @@ fn start_holding(id: &str, secs: u32) -> (std::process::Child, u32) {
     let vm = spec(
         &dir,
         &format!(
-            "name = \"hold\"\nvcpus = 2\nmemory_mib = 64\ncmdline = \"tests=none hold={secs}\"\n"
+            "name = \"hold\"\nvcpus = 2\nmemory_mib = 64\ncmdline = \"tests=serial hold={secs}\"\n"
         ),
     );
     let mut child = launch_command(&repo("policy/tenants/example.toml"), id, &vm)
@@ -392,13 +392,43 @@ fn every_thread_of_a_running_jailed_vmm_is_locked_down() {
     );
     let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert!(env.is_empty(), "environment not cleared");
-    let fds: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+    // Only what the VMM made itself (KVM, guest RAM, its eventfds, epolls and signalfd)
+    // and what it was handed: its stdio pipes and one socket, the API's listener (the
+    // run directory's api.sock). Nothing else of the jailer's: not the console socket,
+    // not a log, not the registry lock.
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .map(|t| t.display().to_string())
         .collect();
     assert!(
-        fds.len() < 16,
-        "{} fds open: inherited descriptors were not closed",
+        fds.len() < 24,
+        "{} fds open: inherited descriptors were not closed: {fds:?}",
         fds.len()
+    );
+    // The API socket's inode, from the host's list of bound sockets.
+    let api_path = format!("/run/cellvm/vm/{id}/api.sock");
+    let api = std::fs::read_to_string("/proc/net/unix")
+        .unwrap()
+        .lines()
+        .find(|l| l.ends_with(&format!(" {api_path}")))
+        .and_then(|l| l.split_whitespace().nth(6))
+        .map(|ino| format!("socket:[{ino}]"))
+        .unwrap_or_else(|| panic!("{api_path} is not a bound socket"));
+    for f in &fds {
+        assert!(
+            f.starts_with("pipe:[")
+                || f.starts_with("anon_inode:")
+                || f.starts_with("/memfd:cellvm-guest-ram")
+                || f == "/cell/dev/kvm"
+                || *f == api,
+            "the VMM holds {f}: {fds:?}"
+        );
+    }
+    assert_eq!(
+        fds.iter().filter(|f| f.starts_with("socket:")).count(),
+        1,
+        "{fds:?}"
     );
     assert_eq!(wait_code(jailer_proc), Some(0));
     assert_nothing_left(&id);
@@ -414,7 +444,7 @@ fn every_device_backend_runs_in_a_cell_of_its_own() {
     let dir = std::env::temp_dir().join(format!("cellvm-jailer-{id}"));
     let vm = spec(
         &dir,
-        "name = \"devs\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=none hold=3\"\nrng = true\ndisks = [{ path = \"/var/lib/cellvm/images/example/disk.img\", readonly = true }]\nnets = [{ tap = \"cvex0\" }]\n",
+        "name = \"devs\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=serial hold=3\"\nrng = true\ndisks = [{ path = \"/var/lib/cellvm/images/example/disk.img\", readonly = true }]\nnets = [{ tap = \"cvex0\" }]\n",
     );
     let netns = common::NetNs::new("backends");
     let child = launch_command(&test_policy(&netns.name), &id, &vm)
@@ -621,7 +651,7 @@ fn a_tap_in_use_by_another_vm_is_refused() {
             "--net",
             "tap=cvex0",
             "--cmdline",
-            "tests=none hold=20",
+            "tests=serial hold=20",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
@@ -634,12 +664,12 @@ fn a_tap_in_use_by_another_vm_is_refused() {
         &mut line,
     )
     .unwrap();
-    assert!(line.contains("cellvm-testguest: up"), "{line}");
+    assert!(line.contains("cellvm-testguest: running checks"), "{line}");
     let id = unique("tapbusy");
     let dir = std::env::temp_dir().join(format!("cellvm-jailer-{id}"));
     let vm = spec(
         &dir,
-        "name = \"busy\"\nmemory_mib = 64\ncmdline = \"tests=none\"\nnets = [{ tap = \"cvex0\" }]\n",
+        "name = \"busy\"\nmemory_mib = 64\ncmdline = \"tests=serial\"\nnets = [{ tap = \"cvex0\" }]\n",
     );
     let out = launch_with(&test_policy(&netns.name), &id, &vm, &[]);
     let _ = holder.kill();
@@ -678,7 +708,7 @@ fn ksm_in_the_spec_reaches_the_vmm() {
     assert_nothing_left(&id);
     let bad = spec(
         &dir.join("bad"),
-        "name = \"merge\"\nmemory_mib = 64\ncmdline = \"tests=none\"\nksm = true\nrng = true\n",
+        "name = \"merge\"\nmemory_mib = 64\ncmdline = \"tests=serial\"\nksm = true\nrng = true\n",
     );
     let out = launch_with(&policy, &id, &bad, &[]);
     assert_eq!(out.code, Some(2), "{}\n{}", out.stdout, out.stderr);

@@ -55,7 +55,7 @@ fn spec_with_devices(id: &str, disk: &Path, secs: u32) -> PathBuf {
     std::fs::write(
         &p,
         format!(
-            "name = \"cells\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=none hold={secs}\"\nrng = true\ndisks = [{{ path = \"{}\" }}]\nnets = [{{ tap = \"cvex0\" }}]\n",
+            "name = \"cells\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=serial hold={secs}\"\nrng = true\ndisks = [{{ path = \"{}\" }}]\nnets = [{{ tap = \"cvex0\" }}]\n",
             disk.display()
         ),
     )
@@ -204,7 +204,7 @@ fn no_cell_holds_the_operators_terminal_or_shares_its_session() {
     let mut out = String::new();
     std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("cellvm-testguest: up"), "{out}");
+    assert!(out.contains("cellvm-testguest: running checks"), "{out}");
     assert_nothing_left(&id);
     let _ = std::fs::remove_file(&disk);
 }
@@ -388,7 +388,7 @@ fn a_cells_stderr_reaches_the_operator_prefixed_with_its_origin() {
     // The VMM refuses mergeable RAM with a device, on its stderr.
     std::fs::write(
         &vm,
-        "name = \"merge\"\nmemory_mib = 64\ncmdline = \"tests=none\"\nksm = true\nrng = true\n",
+        "name = \"merge\"\nmemory_mib = 64\ncmdline = \"tests=serial\"\nksm = true\nrng = true\n",
     )
     .unwrap();
     let args = launch_args(&policy, &id, &vm);

@@ -467,7 +467,7 @@ fn start_holding(id: &str, disk: &Path, readonly: bool, secs: u32) -> std::proce
         &dir,
         "vm.toml",
         &format!(
-            "name = \"hold\"\nmemory_mib = 64\ncmdline = \"tests=none hold={secs}\"\ndisks = [{{ path = \"{}\", readonly = {readonly} }}]\n",
+            "name = \"hold\"\nmemory_mib = 64\ncmdline = \"tests=serial hold={secs}\"\ndisks = [{{ path = \"{}\", readonly = {readonly} }}]\n",
             disk.display()
         ),
     );
@@ -721,7 +721,7 @@ fn a_kill_of_the_jailer_at_any_step_is_completed_by_gc() {
         &dir,
         "vm.toml",
         &format!(
-            "name = \"kill\"\nmemory_mib = 64\ncmdline = \"tests=none hold=1\"\nrng = true\ndisks = [{{ path = \"{}\", readonly = true }}]\n",
+            "name = \"kill\"\nmemory_mib = 64\ncmdline = \"tests=serial hold=1\"\nrng = true\ndisks = [{{ path = \"{}\", readonly = true }}]\n",
             img.display()
         ),
     );

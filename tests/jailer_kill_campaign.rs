@@ -156,7 +156,7 @@ fn campaign_random_sigkills_then_gc_leave_nothing_behind() {
     std::fs::write(
         &spec,
         format!(
-            "name = \"killc\"\nmemory_mib = 64\ncmdline = \"tests=none hold=2\"\nrng = true\ndisks = [{{ path = \"{}\" }}]\n",
+            "name = \"killc\"\nmemory_mib = 64\ncmdline = \"tests=serial hold=2\"\nrng = true\ndisks = [{{ path = \"{}\" }}]\n",
             disk.display()
         ),
     )

@@ -119,7 +119,7 @@ fn start_with(id: &str, disks: &[(&Image, bool)], extra: &str) -> Vm {
     std::fs::write(
         &vm,
         format!(
-            "name = \"hold\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=none hold=60\"\ndisks = [{}]\n{extra}",
+            "name = \"hold\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=serial hold=60\"\ndisks = [{}]\n{extra}",
             disks.join(", ")
         ),
     )

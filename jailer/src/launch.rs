@@ -484,23 +484,18 @@ fn vmm_argv(plan: &Plan, opts: &Options, ctx: &VmmContext) -> Vec<String> {
     }
     // The API on the socket the jailer made; a reset ends the VMM with status 3, and
     // the supervisor rebuilds the VM.
-    if VMM_CONTROL_FLAGS {
-        argv.extend([
-            "--api-fd".into(),
-            ctx.api_fd.to_string(),
-            "--identity".into(),
-            ctx.identity.clone(),
-            "--reset-exit-code".into(),
-            EXIT_RESET.to_string(),
-        ]);
-    }
+    argv.extend([
+        "--api-fd".into(),
+        ctx.api_fd.to_string(),
+        "--identity".into(),
+        ctx.identity.clone(),
+        "--reset-exit-code".into(),
+        EXIT_RESET.to_string(),
+    ]);
     // Each device: the VMM's end of a connection its backend cell already holds.
     for ((d, fd), pid) in plan.devices.iter().zip(ctx.device_fds).zip(ctx.device_pids) {
-        let pid = if VMM_CONTROL_FLAGS {
-            format!(",pid={pid}")
-        } else {
-            String::new()
-        };
+        // The backend's host pid, shown by vm.info.
+        let pid = format!(",pid={pid}");
         match d {
             Device::Blk { queues, .. } => {
                 argv.extend(["--disk".into(), format!("fd={fd},queues={queues}{pid}")])
@@ -511,10 +506,6 @@ fn vmm_argv(plan: &Plan, opts: &Options, ctx: &VmmContext) -> Vec<String> {
     }
     argv
 }
-
-/// Whether the VMM takes `--api-fd`, `--identity`, `--reset-exit-code` and `,pid=`
-/// (the control-plane flags); until it does, the sockets exist but no API answers.
-const VMM_CONTROL_FLAGS: bool = false;
 
 /// The VMM's status for a guest reset (`--reset-exit-code`): the VM is rebuilt.
 pub const EXIT_RESET: i32 = 3;

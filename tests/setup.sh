@@ -4,7 +4,8 @@
 set -eu
 need=""
 for pkg in qemu-system-x86 qemu-utils iproute2 xz-utils zstd lz4 binutils gcc make \
-    selinux-policy-dev selinux-policy-default checkpolicy semodule-utils setools strace attr; do
+    selinux-policy-dev selinux-policy-default checkpolicy semodule-utils setools strace attr \
+    libvirt-daemon-system libvirt-clients; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
 done
 if [ -n "$need" ]; then
@@ -16,6 +17,13 @@ fi
 if [ ! -c /dev/kvm ]; then
     echo "setup: /dev/kvm is missing: cellvm needs KVM" >&2
     exit 1
+fi
+# libvirt (the benchmark's control-plane peer) runs QEMU as libvirt-qemu, group kvm.
+# Without udev nothing gives /dev/kvm the owner and mode Debian's udev rule gives it
+# (root:kvm 0660); cellvm's cells never use this node (the jailer makes their own).
+if getent group kvm >/dev/null && [ "$(stat -c %G:%a /dev/kvm)" != "kvm:660" ]; then
+    chgrp kvm /dev/kvm
+    chmod 0660 /dev/kvm
 fi
 # The example tenant's image directory and the disk its example VM spec names (a sparse
 # 64 MiB raw image), for the README's launch command and the jailer tests.

@@ -6,6 +6,9 @@
 //! (tests/yardstick/yardstick.S) and for the built-in test guest with `tests=none`: `cellvm run` against
 //! QEMU's microvm booting the same ELF. Wall time, CPU time (user + system of the
 //! child, from wait4) and peak RSS.
+//!
+//! Scenario 7 (control plane, `control.rs`): the API, pause/resume, launch --detach and
+//! `cellvmctl list` against libvirt driving QEMU; `--control-plane-only` runs it alone.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -13,6 +16,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use serde::Serialize;
+
+mod control;
 
 #[derive(Parser)]
 #[command(about = "cellvm benchmarks side by side with real peers")]
@@ -29,6 +34,9 @@ struct Args {
     /// Only scenarios 1 and 2 (start-up and jailed launch), then the table.
     #[arg(long)]
     launch_only: bool,
+    /// Only scenario 7 (control plane against libvirt), then the table.
+    #[arg(long)]
+    control_plane_only: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -714,6 +722,14 @@ fn main() {
     assert!(st.success());
 
     let mut rows = Vec::new();
+    if args.control_plane_only {
+        let report = control_plane(&root, &bin, &guest, &work, args.quick, &mut rows);
+        print_table(runs, &rows);
+        print_lines(&report);
+        write_json(args.json.as_deref(), &rows);
+        let _ = std::fs::remove_dir_all(&work);
+        return;
+    }
     compare(
         "1. start-up, yardstick",
         &cellvm(&bin, Some(&tiny), None),
@@ -1120,7 +1136,10 @@ fn main() {
         }
     }
 
+    let control = control_plane(&root, &bin, &guest, &work, args.quick, &mut rows);
+
     print_table(runs, &rows);
+    print_lines(&control);
     println!("peers: scenarios 1 and 5: qemu microvm; scenario 2: the same cellvm run without the jailer");
     println!("jailer supervisor RSS while a VM runs: {supervisor_rss} KiB");
     println!(
@@ -1132,11 +1151,73 @@ fn main() {
     for l in &density_lines {
         println!("{l}");
     }
-    if let Some(path) = args.json {
-        std::fs::write(&path, serde_json::to_string_pretty(&rows).unwrap())
+    write_json(args.json.as_deref(), &rows);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+fn write_json(path: Option<&Path>, rows: &[Row]) {
+    if let Some(path) = path {
+        std::fs::write(path, serde_json::to_string_pretty(rows).unwrap())
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
-    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Scenario 7: its rows into `rows`; its goal and note lines returned for printing.
+fn control_plane(
+    root: &Path,
+    bin: &Path,
+    guest: &Path,
+    work: &Path,
+    quick: bool,
+    rows: &mut Vec<Row>,
+) -> control::Report {
+    let status = Command::new("cargo")
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "cellvmctl",
+            "-p",
+            "cellvm-jailer",
+        ])
+        .current_dir(root)
+        .status()
+        .expect("cargo build");
+    let ctl = bin.with_file_name("cellvmctl");
+    assert!(
+        status.success() && ctl.exists(),
+        "cannot build {}",
+        ctl.display()
+    );
+    // The example tenant with room for a thousand VMs (uids of their own).
+    let policy = work.join("tenant-control.toml");
+    let example = std::fs::read_to_string(root.join("policy/tenants/example.toml")).unwrap();
+    std::fs::write(
+        &policy,
+        example.replace(
+            "uid_range = [200000, 200999]",
+            "uid_range = [400000, 409999]",
+        ),
+    )
+    .unwrap();
+    let report = control::run(&control::Setup {
+        ctl: &ctl,
+        policy: &policy,
+        guest_elf: guest,
+        work,
+        quick,
+    });
+    for (scenario, metric, a, peer, b) in &report.rows {
+        rows.push(row(scenario, metric, a.clone(), peer, b.clone()));
+    }
+    report
+}
+
+fn print_lines(report: &control::Report) {
+    for l in report.goals.iter().chain(&report.notes) {
+        println!("{l}");
+    }
 }
 
 /// The side-by-side table of every row measured.

@@ -24,8 +24,21 @@ fn quick_mode_runs_every_scenario_against_its_peer() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(
         rows.len(),
-        30,
-        "5 comparisons x 3 metrics (the jailed launch with and without devices), the launch rate, RSS and PSS with and without devices, 4 block rows, 2 net rows, 4 density rows"
+        37,
+        "5 comparisons x 3 metrics (the jailed launch with and without devices), the launch rate, RSS and PSS with and without devices, 4 block rows, 2 net rows, 4 density rows, 7 control-plane rows"
+    );
+    // Scenario 7 against libvirt: the API, pause and resume, the shell, list.
+    let control: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| r["scenario"].as_str().unwrap().starts_with("7. "))
+        .collect();
+    assert_eq!(control.len(), 7);
+    assert!(control
+        .iter()
+        .any(|r| r["peer_name"] == "virsh dominfo (one session)" && r["metric"] == "us p99"));
+    assert!(
+        table.contains("goal vm.info median: ") && table.contains("goal pause -> paused: "),
+        "{table}"
     );
     assert_eq!(
         rows.iter()

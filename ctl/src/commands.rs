@@ -1,0 +1,515 @@
+//! Each verb of cellvmctl: what it asks the registry, the API or the supervisor, and
+//! what it prints. Each returns the process's exit status or an error (whose exit
+//! status `Error::exit_code` gives).
+
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::host::{escape_line, is_root, Error, Host, Info};
+use crate::{console, stats, table};
+
+/// How long a single API request may take (shutdown waits longer: its own timeout).
+pub const API_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `list` waits for one VM's answer before showing it as `unknown`.
+pub const LIST_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long destroy and shutdown wait for the supervisor to remove the registry entry.
+pub const GONE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The exit status of a shutdown whose guest did not power off in time (as timeout(1)
+/// and the supervisor's own timed-out status).
+pub const TIMED_OUT: i32 = 124;
+
+/// One line of `list`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Row {
+    pub id: String,
+    pub tenant: String,
+    pub state: String,
+    pub reason: String,
+    pub vcpus: Option<u64>,
+    pub memory_mib: Option<u64>,
+    pub uptime_ms: Option<u64>,
+    pub supervisor: Option<u32>,
+    pub api_socket: String,
+}
+
+/// Every VM of the registry, each asked for its `vm.info` (in parallel, each bounded by
+/// `timeout`). A VM whose supervisor runs but whose API does not answer is `unknown`;
+/// one whose supervisor is gone is `ended` (shown with `all`), as are VMs the API
+/// reports `ended`.
+pub fn list_rows(host: &Host, all: bool, timeout: Duration) -> Result<Vec<Row>, Error> {
+    let scan = host.scan()?;
+    let entries = scan.entries;
+    let rows: Vec<std::sync::Mutex<Option<Row>>> = entries
+        .iter()
+        .map(|_| std::sync::Mutex::new(None))
+        .collect();
+    let next = AtomicUsize::new(0);
+    let workers = entries.len().clamp(1, 16);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(e) = entries.get(i) else { break };
+                let mut row = Row {
+                    id: e.id.clone(),
+                    tenant: e.tenant.clone(),
+                    state: "unknown".into(),
+                    reason: String::new(),
+                    vcpus: None,
+                    memory_mib: None,
+                    uptime_ms: None,
+                    supervisor: Some(e.supervisor),
+                    api_socket: host.api_socket(&e.id).display().to_string(),
+                };
+                if !e.is_live() {
+                    row.state = "ended".into();
+                    row.reason = "supervisor gone".into();
+                } else {
+                    match host.info(&e.id, timeout) {
+                        Ok((_, info)) => {
+                            row.state = if info.state.is_empty() {
+                                "unknown".into()
+                            } else {
+                                info.state
+                            };
+                            row.reason = info.reason;
+                            row.vcpus = Some(info.vcpus);
+                            row.memory_mib = Some(info.memory_mib);
+                            row.uptime_ms = Some(info.uptime_ms);
+                        }
+                        Err(err) => row.reason = err.to_string(),
+                    }
+                }
+                *rows[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(row);
+            });
+        }
+    });
+    let mut out: Vec<Row> = rows
+        .into_iter()
+        .filter_map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .filter(|r| all || r.state != "ended")
+        .collect();
+    if all {
+        for b in scan.broken {
+            out.push(Row {
+                id: b.id.clone(),
+                tenant: String::new(),
+                state: "unknown".into(),
+                reason: format!("registry entry cannot be read: {}", b.why),
+                vcpus: None,
+                memory_mib: None,
+                uptime_ms: None,
+                supervisor: b.supervisor.map(|(p, _)| p),
+                api_socket: host.api_socket(&b.id).display().to_string(),
+            });
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+fn dash<T: ToString>(v: Option<T>) -> String {
+    v.map_or("-".into(), |v| v.to_string())
+}
+
+pub fn list(host: &Host, all: bool, json: bool) -> Result<i32, Error> {
+    let rows = list_rows(host, all, LIST_TIMEOUT)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        );
+        return Ok(0);
+    }
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                escape_line(&r.id),
+                escape_line(&r.tenant),
+                escape_line(&r.state),
+                dash(r.vcpus),
+                r.memory_mib.map_or("-".into(), |m| format!("{m} MiB")),
+                r.uptime_ms.map_or("-".into(), table::uptime),
+                dash(r.supervisor),
+            ]
+        })
+        .collect();
+    let _ = out.write_all(
+        table::render(
+            &[
+                "Id",
+                "Tenant",
+                "State",
+                "vCPUs",
+                "Memory",
+                "Uptime",
+                "Supervisor",
+            ],
+            &cells,
+        )
+        .as_bytes(),
+    );
+    Ok(0)
+}
+
+pub fn info(host: &Host, id: &str, json: bool) -> Result<i32, Error> {
+    let vm = host.find(id)?;
+    let (mut value, info) = host.info(id, API_TIMEOUT)?;
+    let sock = host.api_socket(id);
+    let console = host.vm_dir(id).join(crate::host::CONSOLE_SOCKET);
+    let supervisor = vm.entry.as_ref().map(|e| e.supervisor);
+    if json {
+        if let Some(o) = value.as_object_mut() {
+            o.insert("api_socket".into(), sock.display().to_string().into());
+            o.insert(
+                "console_socket".into(),
+                console.display().to_string().into(),
+            );
+            o.insert(
+                "run_dir".into(),
+                host.vm_dir(id).display().to_string().into(),
+            );
+            o.insert(
+                "supervisor".into(),
+                supervisor.map_or(serde_json::Value::Null, |p| p.into()),
+            );
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+        return Ok(0);
+    }
+    print!("{}", info_text(&info, &sock, &console, supervisor));
+    Ok(0)
+}
+
+fn info_text(info: &Info, sock: &Path, console: &Path, supervisor: Option<u32>) -> String {
+    let state = if info.reason.is_empty() {
+        info.state.clone()
+    } else {
+        format!("{} ({})", info.state, info.reason)
+    };
+    let mut pairs = vec![
+        ("Id", escape_line(&info.id)),
+        ("Tenant", escape_line(&info.tenant)),
+        ("State", escape_line(&state)),
+        ("vCPUs", info.vcpus.to_string()),
+        ("Memory", format!("{} MiB", info.memory_mib)),
+        ("Uptime", table::uptime(info.uptime_ms)),
+        ("Label", escape_line(&info.label)),
+        ("Cgroup", escape_line(&info.cgroup)),
+        ("API socket", sock.display().to_string()),
+        ("Console", console.display().to_string()),
+        ("Supervisor", dash(supervisor)),
+    ];
+    for d in &info.devices {
+        pairs.push((
+            "Device",
+            escape_line(&format!(
+                "{} {} pid {} {}",
+                d.id,
+                d.kind,
+                dash(d.pid),
+                d.state
+            )),
+        ));
+    }
+    table::fields(&pairs)
+}
+
+/// A request with no body and no answer to show: pause, resume, power-button, reboot.
+pub fn simple(host: &Host, id: &str, endpoint: &str, done: &str) -> Result<i32, Error> {
+    host.find(id)?;
+    host.call(id, "PUT", endpoint, None, API_TIMEOUT)?;
+    println!("VM {id} {done}");
+    Ok(0)
+}
+
+pub fn shutdown(host: &Host, id: &str, timeout_s: u64) -> Result<i32, Error> {
+    host.find(id)?;
+    let body = format!("{{\"timeout_ms\":{}}}", timeout_s.saturating_mul(1000));
+    let wait = Duration::from_secs(timeout_s) + Duration::from_secs(5);
+    let answer = host.call(id, "PUT", "vm.shutdown", Some(body.as_bytes()), wait);
+    let result = match answer {
+        Ok(r) => r
+            .json()
+            .and_then(|v| v.get("result")?.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        // The VMM exits once the guest powered off; had the answer been lost on the
+        // way, the VM is gone all the same.
+        Err(Error::Http { .. }) if host.wait_gone(id, Duration::from_secs(5))? => {
+            "powered-off".into()
+        }
+        Err(e) => return Err(e),
+    };
+    match result.as_str() {
+        "powered-off" => {
+            if !host.wait_gone(id, GONE_TIMEOUT)? && is_root() {
+                return Err(Error::Vm {
+                    id: id.into(),
+                    what: format!(
+                        "the guest powered off, but its registry entry is still there after {} s",
+                        GONE_TIMEOUT.as_secs()
+                    ),
+                });
+            }
+            println!("VM {id} powered off");
+            Ok(0)
+        }
+        "timed-out" => {
+            eprintln!(
+                "cellvmctl: vm {id}: timed out: the guest did not power off within {timeout_s} s; it is still running (`cellvmctl destroy {id}` ends it)"
+            );
+            Ok(TIMED_OUT)
+        }
+        other => Err(Error::Vm {
+            id: id.into(),
+            what: format!("vm.shutdown answered {:?}", escape_line(other)),
+        }),
+    }
+}
+
+/// SIGUSR1 to the supervisor (through a pidfd opened before its start time is checked,
+/// so a reused pid cannot be hit), then waits until it has removed the registry entry.
+pub fn destroy(host: &Host, id: &str) -> Result<i32, Error> {
+    if !is_root() {
+        return Err(Error::Denied(
+            "destroy signals the VM's supervisor: root only".into(),
+        ));
+    }
+    let vm = host.find(id)?;
+    let entry = vm.entry.expect("root finds VMs through the registry");
+    // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, entry.supervisor as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(Error::NotRunning {
+            id: id.into(),
+            why: format!(
+                "supervisor {}: {}",
+                entry.supervisor,
+                std::io::Error::last_os_error()
+            ),
+        });
+    }
+    // SAFETY: fd is the new pidfd, owned by nothing else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    if cellvm_jailer::registry::process_start_time(entry.supervisor) != Some(entry.supervisor_start)
+    {
+        return Err(Error::NotRunning {
+            id: id.into(),
+            why: format!(
+                "pid {} is no longer its supervisor (another start time)",
+                entry.supervisor
+            ),
+        });
+    }
+    use std::os::fd::AsRawFd;
+    // SAFETY: pidfd_send_signal on our pidfd with no siginfo.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGUSR1,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::Vm {
+            id: id.into(),
+            what: format!(
+                "SIGUSR1 to supervisor {}: {}",
+                entry.supervisor,
+                std::io::Error::last_os_error()
+            ),
+        });
+    }
+    if !host.wait_gone(id, GONE_TIMEOUT)? {
+        return Err(Error::Vm {
+            id: id.into(),
+            what: format!(
+                "SIGUSR1 sent to supervisor {}, but its registry entry is still there after {} s",
+                entry.supervisor,
+                GONE_TIMEOUT.as_secs()
+            ),
+        });
+    }
+    println!("VM {id} destroyed");
+    Ok(0)
+}
+
+#[derive(Serialize)]
+struct StatsJson<'a> {
+    id: &'a str,
+    #[serde(flatten)]
+    cgroup: &'a stats::CgroupStats,
+    counters: serde_json::Value,
+}
+
+pub fn stats(host: &Host, id: &str, json: bool) -> Result<i32, Error> {
+    host.find(id)?;
+    let (_, info) = host.info(id, API_TIMEOUT)?;
+    if !info.cgroup.is_empty() && !stats::claims_own_cgroup(&info.cgroup, id) {
+        eprintln!(
+            "cellvmctl: vm {id}: vm.info names cgroup {:?}, not the jailer's {}; the jailer's is read",
+            escape_line(&info.cgroup),
+            stats::relative(id).display()
+        );
+    }
+    let cg = stats::read(Path::new("/sys/fs/cgroup"), id);
+    let counters = host
+        .call(id, "GET", "vm.counters", None, API_TIMEOUT)?
+        .json()
+        .unwrap_or(serde_json::Value::Null);
+    if json {
+        let j = StatsJson {
+            id,
+            cgroup: &cg,
+            counters,
+        };
+        println!("{}", serde_json::to_string_pretty(&j).unwrap_or_default());
+        return Ok(0);
+    }
+    let mut pairs = vec![
+        (
+            "CPU time".to_string(),
+            cg.cpu_ns.map_or("-".into(), |ns| {
+                format!("{:.3} s ({})", ns as f64 / 1e9, cg.cpu_source)
+            }),
+        ),
+        (
+            "Memory".to_string(),
+            format!(
+                "{} (max {})",
+                cg.memory_bytes.map_or("-".into(), table::mib),
+                cg.memory_max_bytes.map_or("-".into(), table::mib)
+            ),
+        ),
+        ("Processes".to_string(), cg.processes.to_string()),
+        ("Cgroup".to_string(), cg.cgroup.clone()),
+    ];
+    for (group, key) in [("vcpus", "vCPU"), ("devices", "Device")] {
+        for item in counters
+            .get(group)
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let name = match (item.get("id"), item.get("kind")) {
+                (Some(i), Some(k)) => format!("{key} {} ({})", plain(i), plain(k)),
+                (Some(i), None) => format!("{key} {}", plain(i)),
+                _ => key.to_string(),
+            };
+            let mut nums = Vec::new();
+            stats::flatten("", item, &mut nums);
+            nums.retain(|(k, _)| k != "id");
+            nums.sort();
+            let text: Vec<String> = nums.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            pairs.push((name, escape_line(&text.join(" "))));
+        }
+    }
+    let refs: Vec<(&str, String)> = pairs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    print!("{}", table::fields(&refs));
+    Ok(0)
+}
+
+fn plain(v: &serde_json::Value) -> String {
+    escape_line(&match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
+}
+
+pub fn console(host: &Host, id: &str) -> Result<i32, Error> {
+    host.find(id)?;
+    console::attach(host, id)?;
+    Ok(0)
+}
+
+/// The jailer next to this program, else `cellvm-jailer` on PATH.
+pub fn jailer_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .map(|p| p.with_file_name("cellvm-jailer"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("cellvm-jailer"))
+}
+
+/// Replaces this process with `cellvm-jailer launch --detach`: it returns once the
+/// guest runs, printing the VM id, with the jailer's own exit status.
+pub fn launch(
+    host: &Host,
+    policy: &Path,
+    vm: &Path,
+    id: Option<&str>,
+    default_run_dir: bool,
+) -> Error {
+    use std::os::unix::process::CommandExt;
+    if let Some(id) = id {
+        if let Err(e) = crate::host::check_id(id) {
+            return e;
+        }
+    }
+    let jailer = jailer_binary();
+    let mut cmd = std::process::Command::new(&jailer);
+    cmd.args(["launch", "--detach", "--policy"])
+        .arg(policy)
+        .arg("--vm")
+        .arg(vm);
+    if let Some(id) = id {
+        cmd.args(["--id", id]);
+    }
+    if !default_run_dir {
+        cmd.arg("--run-dir").arg(&host.run_dir);
+    }
+    let e = cmd.exec();
+    Error::Other(format!("{}: {e}", jailer.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_shows_state_with_reason_and_every_device() {
+        let info = Info {
+            id: "vm1".into(),
+            state: "paused".into(),
+            reason: "user".into(),
+            vcpus: 2,
+            memory_mib: 64,
+            devices: vec![crate::host::Device {
+                id: "dev0".into(),
+                kind: "blk".into(),
+                pid: Some(77),
+                state: "connected".into(),
+            }],
+            ..Info::default()
+        };
+        let t = info_text(
+            &info,
+            Path::new("/run/cellvm/vm/vm1/api.sock"),
+            Path::new("/c"),
+            Some(5),
+        );
+        assert!(t.contains("State:          paused (user)\n"), "{t}");
+        assert!(
+            t.contains("API socket:     /run/cellvm/vm/vm1/api.sock\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("Device:         dev0 blk pid 77 connected\n"),
+            "{t}"
+        );
+        assert!(t.contains("Supervisor:     5\n"), "{t}");
+    }
+}

@@ -456,6 +456,16 @@ fn shutdown_of_a_guest_that_ignores_the_button_times_out_and_conflicts_meanwhile
     );
     let jobs = vm.request("GET", "/api/v1/vm.jobs", "").json();
     assert_eq!(jobs["jobs"][0]["state"], "timed-out", "{jobs}");
+    // A finished job's duration stays what it was.
+    let took = jobs["jobs"][0]["elapsed_ms"].as_u64().unwrap();
+    assert!((1500..5000).contains(&took), "{jobs}");
+    std::thread::sleep(Duration::from_millis(100));
+    let again = vm.request("GET", "/api/v1/vm.jobs", "").json();
+    assert_eq!(
+        again["jobs"][0]["elapsed_ms"].as_u64(),
+        Some(took),
+        "{again}"
+    );
     // The caller may then destroy; here a reboot: 204, then the reset exit code.
     let r = vm.request("PUT", "/api/v1/vm.reboot", "");
     assert_eq!(r.status, 204, "{}", r.body);

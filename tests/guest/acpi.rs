@@ -159,3 +159,196 @@ impl Tables {
 fn is_rsdp(addr: u64) -> bool {
     read_phys::<[u8; 8]>(addr) == Some(*b"RSD PTR ")
 }
+
+/// The Generic Event Device (`_HID "ACPI0013"`) as the DSDT describes it: the first
+/// interrupt of its `_CRS` and the OperationRegion inside it (its status register).
+#[derive(Clone, Copy)]
+pub struct Ged {
+    pub gsi: u32,
+    pub edge: bool,
+    pub active_low: bool,
+    /// OperationRegion space: 0 SystemMemory, 1 SystemIO.
+    pub space: u8,
+    pub address: u64,
+    pub len: u64,
+}
+
+impl Ged {
+    /// Reads the status register (the first byte of the region). Reading clears it.
+    pub fn read_status(&self) -> Option<u8> {
+        match self.space {
+            0 => read_phys::<u8>(self.address),
+            1 if self.address <= 0xffff => Some(crate::hw::inb(self.address as u16)),
+            _ => None,
+        }
+    }
+}
+
+impl Table {
+    /// The table's bytes, through the identity map.
+    fn bytes(&self) -> Option<&'static [u8]> {
+        if self.addr.checked_add(self.len as u64)? > crate::hw::MAPPED_LIMIT {
+            return None;
+        }
+        // SAFETY: the range lies in the identity-mapped [0, 4 GiB) (checked above), and the
+        // VMM does not change the ACPI tables after boot.
+        Some(unsafe { core::slice::from_raw_parts(self.addr as *const u8, self.len as usize) })
+    }
+}
+
+impl Tables {
+    /// Finds the GED in the DSDT's AML.
+    pub fn ged(&self) -> Option<Ged> {
+        let aml = self.dsdt()?.bytes()?.get(36..)?;
+        let hid = find(aml, b"\x08_HID\x0dACPI0013\x00", 0)?;
+        // The innermost Device whose body holds that _HID.
+        let mut body = None;
+        let mut at = 0;
+        while let Some(i) = find(aml, &[0x5b, 0x82], at) {
+            at = i + 1;
+            if let Some((start, end)) = device_body(aml, i) {
+                if (start..end).contains(&hid) {
+                    body = Some((start, end));
+                }
+            }
+        }
+        let (start, end) = body?;
+        let dev = &aml[start..end];
+        let (gsi, edge, active_low) = crs_interrupt(dev)?;
+        let (space, address, len) = op_region(dev)?;
+        Some(Ged { gsi, edge, active_low, space, address, len })
+    }
+}
+
+impl Tables {
+    /// SLP_TYP for S5: the first element of the DSDT's `Name (_S5_, Package () {...})`.
+    pub fn s5_sleep_type(&self) -> Option<u8> {
+        let aml = self.dsdt()?.bytes()?.get(36..)?;
+        let at = find(aml, b"\x08_S5_\x12", 0)? + 6;
+        let (_, taken) = pkg_length(aml, at)?;
+        // PkgLength, NumElements, then the first element.
+        let (value, _) = integer(aml, at + taken + 1)?;
+        u8::try_from(value).ok()
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    (from..hay.len().checked_sub(needle.len())? + 1).find(|&i| hay[i..].starts_with(needle))
+}
+
+/// A PkgLength at `at`: (the length it encodes, the bytes it takes).
+fn pkg_length(aml: &[u8], at: usize) -> Option<(usize, usize)> {
+    let lead = *aml.get(at)?;
+    let extra = (lead >> 6) as usize;
+    if extra == 0 {
+        return Some(((lead & 0x3f) as usize, 1));
+    }
+    let mut len = (lead & 0x0f) as usize;
+    for k in 0..extra {
+        len |= (*aml.get(at + 1 + k)? as usize) << (4 + 8 * k);
+    }
+    Some((len, 1 + extra))
+}
+
+/// Bytes taken by the NameString at `at` (root/parent prefixes, then one, two or N segments).
+fn name_string(aml: &[u8], at: usize) -> Option<usize> {
+    let mut i = at;
+    while matches!(aml.get(i)?, b'\\' | b'^') {
+        i += 1;
+    }
+    let segs = match *aml.get(i)? {
+        0x00 => return Some(i + 1 - at),
+        0x2e => {
+            i += 1;
+            2
+        }
+        0x2f => {
+            i += 2;
+            *aml.get(i - 1)? as usize
+        }
+        _ => 1,
+    };
+    let end = i + 4 * segs;
+    aml.get(i..end)?.iter().all(|&c| c == b'_' || c.is_ascii_uppercase() || c.is_ascii_digit()).then_some(end - at)
+}
+
+/// The body of the Device whose DeviceOp is at `at`: (start, end) in `aml`, after its name.
+fn device_body(aml: &[u8], at: usize) -> Option<(usize, usize)> {
+    let (len, taken) = pkg_length(aml, at + 2)?;
+    let end = (at + 2).checked_add(len)?;
+    let name = name_string(aml, at + 2 + taken)?;
+    let start = at + 2 + taken + name;
+    (start <= end && end <= aml.len()).then_some((start, end))
+}
+
+/// An AML integer constant at `at`: (value, bytes taken).
+fn integer(aml: &[u8], at: usize) -> Option<(u64, usize)> {
+    let le = |n: usize| -> Option<u64> {
+        let b = aml.get(at + 1..at + 1 + n)?;
+        Some(b.iter().rev().fold(0u64, |v, &x| (v << 8) | x as u64))
+    };
+    match *aml.get(at)? {
+        0x00 => Some((0, 1)),
+        0x01 => Some((1, 1)),
+        0xff => Some((u64::MAX, 1)),
+        0x0a => Some((le(1)?, 2)),
+        0x0b => Some((le(2)?, 3)),
+        0x0c => Some((le(4)?, 5)),
+        0x0e => Some((le(8)?, 9)),
+        _ => None,
+    }
+}
+
+/// `Name (_CRS, Buffer {...})` in `dev`: its first interrupt (extended or legacy IRQ
+/// descriptor) as (GSI, edge-triggered, active-low).
+fn crs_interrupt(dev: &[u8]) -> Option<(u32, bool, bool)> {
+    let at = find(dev, b"\x08_CRS\x11", 0)? + 6;
+    let (len, taken) = pkg_length(dev, at)?;
+    let buf_end = (at + len).min(dev.len());
+    let (size, int_len) = integer(dev, at + taken)?;
+    let data = dev.get(at + taken + int_len..buf_end)?;
+    let data = &data[..(size as usize).min(data.len())];
+    let mut i = 0;
+    while let Some(&tag) = data.get(i) {
+        if tag & 0x80 == 0 {
+            let (kind, n) = ((tag >> 3) & 0x0f, (tag & 7) as usize);
+            if kind == 0x04 && n >= 2 {
+                // IRQ descriptor: a 16-bit mask (ISA semantics: edge, active-high unless
+                // the optional flags byte says otherwise).
+                let mask = u16::from_le_bytes([*data.get(i + 1)?, *data.get(i + 2)?]);
+                let flags = if n >= 3 { *data.get(i + 3)? } else { 1 };
+                return (mask != 0).then(|| (mask.trailing_zeros(), flags & 1 != 0, flags & 8 != 0));
+            }
+            if kind == 0x0f {
+                return None; // end tag
+            }
+            i += 1 + n;
+        } else {
+            let n = u16::from_le_bytes([*data.get(i + 1)?, *data.get(i + 2)?]) as usize;
+            if tag == 0x89 && n >= 6 {
+                let flags = *data.get(i + 3)?;
+                let gsi = u32::from_le_bytes(data.get(i + 5..i + 9)?.try_into().ok()?);
+                return Some((gsi, flags & 2 != 0, flags & 4 != 0));
+            }
+            i += 3 + n;
+        }
+    }
+    None
+}
+
+/// `OperationRegion (NAME, space, offset, length)` in `dev`: (space, offset, length).
+fn op_region(dev: &[u8]) -> Option<(u8, u64, u64)> {
+    let mut from = 0;
+    while let Some(i) = find(dev, &[0x5b, 0x80], from) {
+        from = i + 1;
+        let Some(name) = name_string(dev, i + 2) else { continue };
+        let at = i + 2 + name;
+        let Some(&space) = dev.get(at) else { continue };
+        let Some((offset, n)) = integer(dev, at + 1) else { continue };
+        let Some((len, _)) = integer(dev, at + 1 + n) else { continue };
+        if len > 0 {
+            return Some((space, offset, len));
+        }
+    }
+    None
+}

@@ -9,6 +9,13 @@
 //! `hold=SECONDS` (stay up that long before ending), `expect_mem=MiB` and
 //! `expect_cpus=N` (what the e820, madt and smp checks compare against), `ecam=0xADDR`
 //! (the PCI ECAM, for VMMs that have no MCFG table).
+//!
+//! `ticks` in `tests=` (after any other checks named there): print `tick N` (N = 1, 2,
+//! ...) every 50 ms of guest time, forever, while watching the ACPI power button (the
+//! Generic Event Device the DSDT describes); on a press print
+//! `TEST power-button PASS gsi=G status=S` and power off through \_S5. With the word
+//! `ignore-power-button` on the command line a press prints `power-button ignored` and
+//! the ticks go on.
 #![no_std]
 #![no_main]
 
@@ -34,6 +41,10 @@ const OPT_IN: [&str; 10] = ["console", "virtio", "blk", "blkbad", "msix", "intx"
 
 /// The vector the irq check programs the serial's IOAPIC pin with.
 const IRQ_VECTOR: u8 = 0x41;
+/// The vector `ticks` programs the GED's IOAPIC pin with.
+const GED_VECTOR: u8 = 0x42;
+/// Guest time between two `tick` lines.
+const TICK_MS: u64 = 50;
 
 /// Size of the legacy hole between 640 KiB and 1 MiB that the VMM leaves out of RAM.
 const LEGACY_HOLE: u64 = 0x10_0000 - 0xa_0000;
@@ -49,12 +60,16 @@ struct Args<'a> {
     expect_cpus: Option<u64>,
     ecam: Option<u64>,
     bench_ms: u64,
+    ignore_power_button: bool,
 }
 
 impl<'a> Args<'a> {
     fn parse(cmdline: &'a str) -> Self {
-        let mut args = Args { cmdline, tests: None, hold_secs: 0, expect_mem_mib: None, expect_cpus: None, ecam: None, bench_ms: 2000 };
+        let mut args = Args { cmdline, tests: None, hold_secs: 0, expect_mem_mib: None, expect_cpus: None, ecam: None, bench_ms: 2000, ignore_power_button: false };
         for word in cmdline.split_ascii_whitespace() {
+            if word == "ignore-power-button" {
+                args.ignore_power_button = true;
+            }
             let Some((key, value)) = word.split_once('=') else { continue };
             match key {
                 "tests" => args.tests = Some(value),
@@ -67,6 +82,11 @@ impl<'a> Args<'a> {
             }
         }
         args
+    }
+
+    /// Whether `check` is named in `tests=` (opt-in checks and modes).
+    fn named(&self, check: &str) -> bool {
+        self.tests.is_some_and(|l| l.split(',').any(|t| t == check))
     }
 
     fn selected(&self, check: &str) -> bool {
@@ -117,8 +137,11 @@ pub extern "C" fn guest_main() -> ! {
     for check in CHECKS.iter().filter(|c| args.selected(c)) {
         run_check(check, &args, info, tables.as_ref(), &mut report);
     }
-    for check in OPT_IN.iter().filter(|c| args.tests.is_some_and(|l| l.split(',').any(|t| t == **c))) {
+    for check in OPT_IN.iter().filter(|c| args.named(c)) {
         run_check(check, &args, info, tables.as_ref(), &mut report);
+    }
+    if args.named("ticks") {
+        ticks(&args, tables.as_ref(), &mut report.serial);
     }
     let (passed, failed) = (report.passed, report.failed);
     let _ = writeln!(report.serial, "cellvm-testguest: done, {passed} passed, {failed} failed");
@@ -309,6 +332,88 @@ fn check_e820(args: &Args, info: Option<StartInfo>, r: &mut Report) {
         ok.then_some(()).ok_or(()),
         format_args!("ram={ram:#x} top={top:#x} expected_top={expected_top:#x} sorted={sorted} map={}", map.as_str()),
     );
+}
+
+/// The `ticks` mode: never returns, except by powering off on a power-button press.
+///
+/// The GED's IOAPIC pin is routed to `GED_VECTOR` before the first line; with interrupts
+/// off the vector then shows (and stays) in the LAPIC's IRR, polled every millisecond.
+/// Once it has shown, or where the IRR cannot be read (x2APIC mode), the GED's status
+/// register is read at every tick instead. A press latched before the pin was routed
+/// (whose edge the masked pin lost) is found by one status read right after routing.
+/// A status register reading all-ones (no device there) is reported once and then left
+/// alone. After a stall (the VM paused) the ticks resume at the period, without catching
+/// up.
+fn ticks(args: &Args, tables: Option<&acpi::Tables>, serial: &mut Serial) -> ! {
+    let ged = tables.and_then(|t| t.ged());
+    let irr_readable = hw::xapic_mmio_available();
+    let routed = ged.is_some_and(|g| hw::route_irq(g.gsi, GED_VECTOR, g.edge, g.active_low));
+    match ged {
+        Some(g) => {
+            let space = if g.space == 1 { "io" } else { "mem" };
+            let _ = writeln!(
+                serial,
+                "cellvm-testguest: ticks every {TICK_MS} ms; power button: GED gsi={} status={space}:{:#x} routed={routed} irr={irr_readable}",
+                g.gsi, g.address
+            );
+        }
+        None => {
+            let _ = writeln!(serial, "TEST power-button FAIL no GED (ACPI0013) with an interrupt and an OperationRegion in the DSDT");
+        }
+    }
+    let mut irq_seen = !(routed && irr_readable);
+    let mut answers = true;
+    let mut on_status = |status: u8, serial: &mut Serial| {
+        if status == 0 || !answers {
+            return;
+        }
+        let gsi = ged.map(|g| g.gsi).unwrap_or(0);
+        if status == 0xff {
+            // All-ones: what an address no device claims reads as.
+            answers = false;
+            let _ = writeln!(serial, "TEST power-button FAIL gsi={gsi} status=0xff: no device answers at the GED's status register");
+            return;
+        }
+        if args.ignore_power_button {
+            let _ = writeln!(serial, "power-button ignored");
+        } else {
+            let _ = writeln!(serial, "TEST power-button PASS gsi={gsi} status={status:#x}");
+            hw::power_off(tables);
+        }
+    };
+    if let Some(status) = ged.and_then(|g| g.read_status()) {
+        on_status(status, serial);
+    }
+    let hz = hw::tsc_hz();
+    let (period, poll) = (hz / 1000 * TICK_MS, hz / 1000);
+    let mut next = hw::rdtsc().saturating_add(period);
+    let mut n = 0u64;
+    loop {
+        let now = hw::rdtsc();
+        if now >= next {
+            n += 1;
+            let _ = writeln!(serial, "tick {n}");
+            next = next.saturating_add(period);
+            if now >= next {
+                next = now.saturating_add(period);
+            }
+            if irq_seen {
+                if let Some(status) = ged.and_then(|g| g.read_status()) {
+                    on_status(status, serial);
+                }
+            }
+        }
+        if !irq_seen && hw::irr_pending(GED_VECTOR) {
+            irq_seen = true;
+            if let Some(status) = ged.and_then(|g| g.read_status()) {
+                on_status(status, serial);
+            }
+        }
+        let until = hw::rdtsc().saturating_add(poll).min(next);
+        while hw::rdtsc() < until {
+            core::hint::spin_loop();
+        }
+    }
 }
 
 fn hold(secs: u64) {

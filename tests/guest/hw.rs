@@ -247,6 +247,47 @@ pub fn xapic_mmio_available() -> bool {
 
 const IOAPIC_BASE: u64 = 0xfec0_0000;
 
+fn ioapic_write(reg: u32, value: u32) {
+    write_phys::<u32>(IOAPIC_BASE, reg);
+    write_phys::<u32>(IOAPIC_BASE + 0x10, value);
+}
+
+fn ioapic_read(reg: u32) -> u32 {
+    write_phys::<u32>(IOAPIC_BASE, reg);
+    read_phys::<u32>(IOAPIC_BASE + 0x10).unwrap_or(0xffff_ffff)
+}
+
+/// This CPU's APIC id, from the LAPIC's ID register (CPUID at CPL 3 is not virtualized
+/// on PVM hosts).
+fn own_apic_id() -> u32 {
+    read_phys::<u32>(LAPIC_BASE + 0x20).unwrap_or(0) >> 24
+}
+
+/// Routes IOAPIC `pin` to `vector` on this CPU (fixed delivery, physical destination),
+/// software-enabling the LAPIC. False if the IOAPIC has no such pin.
+pub fn route_irq(pin: u32, vector: u8, edge: bool, active_low: bool) -> bool {
+    let pins = ((ioapic_read(0x01) >> 16) & 0xff) + 1;
+    if pin >= pins || pins > 240 {
+        return false;
+    }
+    write_phys::<u32>(LAPIC_BASE + 0xf0, 0x1ff); // software-enable the LAPIC
+    ioapic_write(0x10 + 2 * pin + 1, own_apic_id() << 24); // destination: this CPU
+    let flags = if edge { 0 } else { 1 << 15 } | if active_low { 1 << 13 } else { 0 };
+    ioapic_write(0x10 + 2 * pin, vector as u32 | flags); // unmasked
+    true
+}
+
+pub fn mask_irq(pin: u32) {
+    ioapic_write(0x10 + 2 * pin, 1 << 16);
+}
+
+/// Whether `vector` is pending in this CPU's LAPIC IRR. With interrupts off it stays
+/// there once raised: nothing at CPL 3 can accept it.
+pub fn irr_pending(vector: u8) -> bool {
+    let irr = LAPIC_BASE + 0x200 + (vector as u64 / 32) * 0x10;
+    read_phys::<u32>(irr).unwrap_or(0) & (1 << (vector % 32)) != 0
+}
+
 /// The serial interrupt end to end, with interrupts off: program IOAPIC pin 4 with
 /// `vector` for this CPU, enable the UART's transmitter-empty interrupt (which it raises
 /// at once, the THR being empty), and wait for the vector to show in the LAPIC's IRR.
@@ -254,30 +295,21 @@ pub fn serial_irq_reaches_lapic(vector: u8) -> Result<u32, &'static str> {
     if !xapic_mmio_available() {
         return Err("the LAPICs are in x2APIC mode: IRR is not readable from CPL 3");
     }
-    let own_id = read_phys::<u32>(LAPIC_BASE + 0x20).unwrap_or(0) >> 24;
-    write_phys::<u32>(LAPIC_BASE + 0xf0, 0x1ff); // software-enable the LAPIC
-    let ioapic = |reg: u32, value: u32| {
-        write_phys::<u32>(IOAPIC_BASE, reg);
-        write_phys::<u32>(IOAPIC_BASE + 0x10, value);
-    };
-    ioapic(0x10 + 2 * 4 + 1, own_id << 24); // destination: this CPU
-    ioapic(0x10 + 2 * 4, vector as u32); // fixed, physical, edge, unmasked
-    let irr = LAPIC_BASE + 0x200 + (vector as u64 / 32) * 0x10;
-    let bit = 1u32 << (vector % 32);
-    if read_phys::<u32>(irr).unwrap_or(0) & bit != 0 {
+    route_irq(4, vector, true, false);
+    if irr_pending(vector) {
         return Err("vector already pending before the UART raised anything");
     }
     outb(0x3f9, 0x02); // IER: THR empty
     let mut result = Err("vector never appeared in the LAPIC IRR");
     for spins in 0..1_000_000u32 {
-        if read_phys::<u32>(irr).unwrap_or(0) & bit != 0 {
+        if irr_pending(vector) {
             result = Ok(spins);
             break;
         }
         core::hint::spin_loop();
     }
     outb(0x3f9, 0x00);
-    ioapic(0x10 + 2 * 4, 1 << 16); // mask the pin again
+    mask_irq(4); // mask the pin again
     result
 }
 
@@ -337,15 +369,17 @@ pub fn start_aps(madt: &crate::acpi::Madt) -> ApStart {
 }
 
 /// Ends the VM: QEMU's isa-debug-exit (a port no other VMM claims), then the ACPI sleep
-/// control register the FADT names (S5), then the i8042 reset line; whichever the VMM
-/// implements first.
+/// control register the FADT names (with the DSDT's \_S5 sleep type), then the i8042
+/// reset line; whichever the VMM implements first.
 pub fn power_off(tables: Option<&crate::acpi::Tables>) -> ! {
-    const S5: u8 = (5 << 2) | (1 << 5); // SLP_TYP = 5, SLP_EN
+    // SLP_TYP from the DSDT's \_S5 package (5 where there is none), and SLP_EN.
+    let slp_typ = tables.and_then(|t| t.s5_sleep_type()).unwrap_or(5);
+    let s5: u8 = ((slp_typ & 7) << 2) | (1 << 5);
     outb(0xf4, 0);
     if let Some(reg) = tables.and_then(|t| t.sleep_control_reg()) {
         match reg.space {
-            0 => write_phys::<u8>(reg.address, S5),
-            1 if reg.address <= 0xffff => outb(reg.address as u16, S5),
+            0 => write_phys::<u8>(reg.address, s5),
+            1 if reg.address <= 0xffff => outb(reg.address as u16, s5),
             _ => {}
         }
     }

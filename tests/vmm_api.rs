@@ -49,14 +49,21 @@ struct Vm {
 
 impl Vm {
     fn start(tag: &str, code: &[u8], extra: &[&str]) -> Vm {
+        Vm::start_with(tag, Some(code), extra)
+    }
+
+    /// `code`: a hand-built guest; None: the built-in test guest.
+    fn start_with(tag: &str, code: Option<&[u8]>, extra: &[&str]) -> Vm {
         let dir = scratch_dir(&format!("api-{tag}"));
-        let elf = dir.join("guest.elf");
-        std::fs::write(&elf, pvh_elf(code)).unwrap();
         let (sock, serial) = (dir.join("api.sock"), dir.join("serial.out"));
         let mut cmd = cellvm();
-        cmd.args(["run", "--memory", "64", "--kernel"])
-            .arg(&elf)
-            .arg("--serial")
+        cmd.args(["run", "--memory", "64"]);
+        if let Some(code) = code {
+            let elf = dir.join("guest.elf");
+            std::fs::write(&elf, pvh_elf(code)).unwrap();
+            cmd.arg("--kernel").arg(&elf);
+        }
+        cmd.arg("--serial")
             .arg(format!("file={}", serial.display()))
             .arg("--api-socket")
             .arg(&sock)
@@ -110,6 +117,18 @@ impl Vm {
         let r = self.request("GET", "/api/v1/vm.info", "");
         assert_eq!(r.status, 200, "{}", r.body);
         r.json()
+    }
+
+    fn console(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned()
+    }
+
+    /// The built-in test guest's `tick N` lines so far.
+    fn guest_ticks(&self) -> usize {
+        self.console()
+            .lines()
+            .filter(|l| l.starts_with("tick "))
+            .count()
     }
 
     fn ticks(&self) -> u64 {
@@ -244,6 +263,68 @@ fn vcpu_threads(pid: u32) -> Vec<(String, String)> {
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The built-in test guest's `ticks` mode (a tick line every 50 ms, the GED power button
+/// handled through its interrupt): pause stops the ticks, resume goes on, shutdown is
+/// seen by the guest, which powers off; with `ignore-power-button` the shutdown times out.
+#[test]
+fn the_built_in_test_guest_pauses_resumes_and_powers_off_on_the_button() {
+    let mut vm = Vm::start_with("builtin", None, &["--cmdline", "tests=ticks"]);
+    let wait_ticks = |vm: &Vm, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while vm.guest_ticks() < n {
+            assert!(Instant::now() < deadline, "{}", vm.console());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_ticks(&vm, 2);
+    assert_eq!(vm.request("PUT", "/api/v1/vm.pause", "").status, 204);
+    let paused_at = vm.guest_ticks();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        vm.guest_ticks(),
+        paused_at,
+        "ticks while paused: {}",
+        vm.console()
+    );
+    assert_eq!(vm.request("PUT", "/api/v1/vm.resume", "").status, 204);
+    wait_ticks(&vm, paused_at + 3);
+    let r = vm.request("PUT", "/api/v1/vm.shutdown", "{\"timeout_ms\":10000}");
+    assert_eq!(
+        (r.status, r.json()["result"].as_str()),
+        (200, Some("powered-off")),
+        "{}",
+        r.body
+    );
+    let (code, err) = vm.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        vm.console().contains("TEST power-button PASS"),
+        "{}",
+        vm.console()
+    );
+
+    let vm = Vm::start_with(
+        "builtin-ignore",
+        None,
+        &["--cmdline", "tests=ticks ignore-power-button"],
+    );
+    wait_ticks(&vm, 2);
+    let r = vm.request("PUT", "/api/v1/vm.shutdown", "{\"timeout_ms\":1000}");
+    assert_eq!(
+        (r.status, r.json()["result"].as_str()),
+        (200, Some("timed-out")),
+        "{}",
+        r.body
+    );
+    assert!(
+        vm.console().contains("power-button ignored"),
+        "{}",
+        vm.console()
+    );
+    let n = vm.guest_ticks();
+    wait_ticks(&vm, n + 2);
 }
 
 #[test]
@@ -456,6 +537,16 @@ fn shutdown_of_a_guest_that_ignores_the_button_times_out_and_conflicts_meanwhile
     );
     let jobs = vm.request("GET", "/api/v1/vm.jobs", "").json();
     assert_eq!(jobs["jobs"][0]["state"], "timed-out", "{jobs}");
+    // A finished job's duration stays what it was.
+    let took = jobs["jobs"][0]["elapsed_ms"].as_u64().unwrap();
+    assert!((1500..5000).contains(&took), "{jobs}");
+    std::thread::sleep(Duration::from_millis(100));
+    let again = vm.request("GET", "/api/v1/vm.jobs", "").json();
+    assert_eq!(
+        again["jobs"][0]["elapsed_ms"].as_u64(),
+        Some(took),
+        "{again}"
+    );
     // The caller may then destroy; here a reboot: 204, then the reset exit code.
     let r = vm.request("PUT", "/api/v1/vm.reboot", "");
     assert_eq!(r.status, 204, "{}", r.body);

@@ -35,6 +35,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("virtio_pci", virtio_pci),
     ("vhost_user_frontend", vhost_user_frontend),
     ("vhost_user_backend", vhost_user_backend),
+    ("api_http", api_http),
 ];
 
 const FUZZ_MEM: u64 = 16 << 20;
@@ -647,4 +648,68 @@ pub fn vhost_user_backend(data: &[u8]) {
     let _ = vmm.shutdown(std::net::Shutdown::Both);
     let _ = drain.join();
     drop(vmm);
+}
+
+/// The API's HTTP parser and router on arbitrary bytes, as one connection's stream:
+/// requests are taken off the front until it needs more or refuses. Every answer must be
+/// a well-formed response (its head parses back, its length matches, an error body is
+/// `{"error": ...}`), a request must use some of the input and no more, and any prefix of
+/// a complete request must be incomplete, not something else.
+pub fn api_http(data: &[u8]) {
+    use crate::api::http::{parse, Action, Parsed};
+    use crate::api::{Op, Response};
+    fn check(r: &Response) {
+        let bytes = r.to_bytes(false);
+        let mut headers = [httparse::EMPTY_HEADER; 8];
+        let mut resp = httparse::Response::new(&mut headers);
+        let head = match resp.parse(&bytes) {
+            Ok(httparse::Status::Complete(n)) => n,
+            other => panic!("response head does not parse: {other:?}"),
+        };
+        assert_eq!(resp.code, Some(r.status));
+        assert_eq!(&bytes[head..], &r.body[..]);
+        if r.status >= 400 {
+            let v: serde_json::Value = serde_json::from_slice(&r.body).expect("error body JSON");
+            assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()));
+        }
+    }
+    let mut rest = data;
+    for _ in 0..64 {
+        match parse(rest) {
+            Parsed::Partial => {
+                assert!(rest.len() <= crate::api::http::MAX_HEAD + crate::api::http::MAX_BODY);
+                return;
+            }
+            Parsed::Reject(r) => {
+                assert!([400, 413, 431, 501].contains(&r.status), "{r:?}");
+                check(&r);
+                return;
+            }
+            Parsed::Request {
+                action, consumed, ..
+            } => {
+                assert!(consumed > 0 && consumed <= rest.len());
+                for cut in [consumed / 2, consumed - 1] {
+                    assert_eq!(
+                        parse(&rest[..cut]),
+                        Parsed::Partial,
+                        "prefix {cut} of {consumed}"
+                    );
+                }
+                match action {
+                    Action::Respond(r) => {
+                        assert!([400, 404, 405].contains(&r.status), "{r:?}");
+                        check(&r);
+                    }
+                    Action::Op(Op::Shutdown { timeout_ms }) => {
+                        assert!(
+                            (1..=crate::api::http::MAX_SHUTDOWN_TIMEOUT_MS).contains(&timeout_ms)
+                        )
+                    }
+                    _ => {}
+                }
+                rest = &rest[consumed..];
+            }
+        }
+    }
 }

@@ -84,6 +84,68 @@ fn ticks_mode_finds_the_ged_in_the_dsdt_and_ticks_every_50_ms() {
     );
 }
 
+/// A stopped VM (as a paused one) sees its TSC jump on resume: the guest prints one tick
+/// and goes on at the period, instead of a burst of the ticks it missed.
+#[test]
+fn ticks_resume_at_the_period_after_the_vm_was_stopped() {
+    let mut child = common::cellvm()
+        .args(["run", "--memory", "64", "--cmdline", "tests=ticks"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cellvm");
+    let pid = child.id() as i32;
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx
+                .send((Instant::now(), line.trim_end().to_string()))
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let next_tick = |rx: &std::sync::mpsc::Receiver<(Instant, String)>| loop {
+        let (at, line) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a tick within 20 s");
+        if let Some(n) = line.strip_prefix("tick ") {
+            break (at, n.parse::<u64>().unwrap());
+        }
+    };
+    while next_tick(&rx).1 < 3 {}
+    // SAFETY: kill(2) on the child this test spawned and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    std::thread::sleep(Duration::from_millis(600));
+    // Whatever was printed before the stop took effect.
+    while rx.try_recv().is_ok() {}
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let (first_at, first) = next_tick(&rx);
+    let after: Vec<(Instant, u64)> = (0..3).map(|_| next_tick(&rx)).collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    let numbers: Vec<u64> = after.iter().map(|t| t.1).collect();
+    assert_eq!(
+        numbers,
+        [first + 1, first + 2, first + 3],
+        "one number per line"
+    );
+    // 600 ms stopped is 12 periods: a catch-up would print them all at once.
+    let burst = after
+        .iter()
+        .filter(|(at, _)| *at - first_at < Duration::from_millis(25))
+        .count();
+    assert!(
+        burst <= 1,
+        "{burst} ticks within 25 ms of the first after the stop"
+    );
+}
+
 #[test]
 fn hold_and_the_default_checks_do_not_tick() {
     let out = common::run(

@@ -21,6 +21,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("virtio_pci", cellvm::fuzzing::virtio_pci),
     ("vhost_user_frontend", cellvm::fuzzing::vhost_user_frontend),
     ("vhost_user_backend", cellvm::fuzzing::vhost_user_backend),
+    ("api_http", cellvm::fuzzing::api_http),
     ("tenant_policy", cellvm_jailer::fuzzing::tenant_policy),
     ("mcs_label", cellvm_jailer::fuzzing::mcs_label),
 ];

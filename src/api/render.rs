@@ -92,7 +92,11 @@ pub fn jobs(s: &Status) -> Response {
                 "id": j.id,
                 "kind": j.kind,
                 "state": j.state,
-                "elapsed_ms": j.started.elapsed().as_millis() as u64,
+                "elapsed_ms": j
+                    .finished
+                    .unwrap_or_else(std::time::Instant::now)
+                    .duration_since(j.started)
+                    .as_millis() as u64,
                 "timeout_ms": j.timeout_ms,
             })
         })

@@ -185,6 +185,52 @@ mod tests {
         }
     }
 
+    /// The API thread serves sockets it was given: accept4, reads and sends pass; it
+    /// cannot open a path, make a socket, connect anywhere, run a vCPU or start a
+    /// process. (Positive control: the same open, socket and connect calls succeed or
+    /// fail with an errno, never a signal, without the filter.)
+    #[test]
+    fn the_api_thread_serves_its_sockets_and_nothing_else() {
+        let root = c"/".as_ptr() as usize;
+        let open = move || sys(libc::SYS_openat, libc::AT_FDCWD as usize, root, 0, 0);
+        let socket = || sys(libc::SYS_socket, libc::AF_UNIX as usize, 1, 0, 0);
+        let connect = || sys(libc::SYS_connect, 0, 0, 0, 0);
+        let accept = || sys(libc::SYS_accept4, usize::MAX >> 33, 0, 0, 0);
+        let send = || sys(libc::SYS_sendto, usize::MAX >> 33, 0, 0, 0);
+        // The positive control, here without a filter: a descriptor, or an errno.
+        for call in [&open as &dyn Fn() -> i64, &socket] {
+            let fd = call();
+            assert!(fd >= 0);
+            sys(libc::SYS_close, fd as usize, 0, 0, 0);
+        }
+        assert_eq!(connect(), -1);
+        for (what, call) in [
+            ("openat", &open as &dyn Fn() -> i64),
+            ("socket", &socket),
+            ("connect", &connect),
+        ] {
+            assert_eq!(
+                in_child("vmm", "api", call),
+                Err(libc::SIGSYS),
+                "api: {what}"
+            );
+        }
+        for (what, call) in [("accept4", &accept as &dyn Fn() -> i64), ("sendto", &send)] {
+            // A bad descriptor: EBADF, the call itself allowed.
+            assert_eq!(in_child("vmm", "api", call), Ok(1), "api: {what}");
+        }
+        let kvm_run = || sys(libc::SYS_ioctl, 0, 0xae80, 0, 0);
+        assert_eq!(
+            in_child("vmm", "api", kvm_run),
+            Err(libc::SIGSYS),
+            "api: KVM_RUN"
+        );
+        // The vCPU profile has it (on fd 0: an errno, not a signal).
+        assert_eq!(in_child("vmm", "vcpu", kvm_run), Ok(1), "vcpu: KVM_RUN");
+        let fork = || sys(libc::SYS_fork, 0, 0, 0, 0);
+        assert_eq!(in_child("vmm", "api", fork), Err(libc::SIGSYS), "api: fork");
+    }
+
     /// prctl only names threads, fcntl only duplicates, madvise only drops pages, futex
     /// has no priority-inheritance operations: in every backend profile.
     #[test]

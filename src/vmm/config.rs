@@ -189,6 +189,9 @@ impl std::str::FromStr for RngSpec {
             });
         }
         let what = format!("rng {s:?}");
+        if s.split(',').any(|p| !p.contains('=')) {
+            return Err(format!("{what}: expected on, socket=PATH or fd=N[,pid=P]"));
+        }
         let (backend, pid) = device_fields(s, &what, "on, socket=PATH or fd=N", |_, _| {
             Err(format!("{what}: expected on, socket=PATH or fd=N[,pid=P]"))
         })?;

@@ -210,7 +210,7 @@ struct Transition {
     waiting: Vec<u64>,
 }
 
-/// A built VM: guest memory, devices, vCPU threads (started, parked until `run`), and
+/// A built VM: guest memory, devices, vCPU threads (already running the guest), and
 /// what the API reads.
 pub struct Vm {
     status: Arc<Status>,
@@ -228,7 +228,7 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Builds the VM; its vCPU threads start parked (state created).
+    /// Builds the VM and starts its vCPU threads (state created until `run` serves it).
     pub fn create(cfg: VmConfig, opts: RunOptions) -> Result<Vm, Error> {
         let api_fd = opts.api.as_ref().map(api_listener).transpose()?;
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
@@ -423,9 +423,9 @@ impl Vm {
         let seccomp = cfg.seccomp.unwrap_or_default();
         let mut vcpus = Vec::with_capacity(cpus as usize);
         for (id, fd) in fds.into_iter().enumerate() {
+            // Runs at once (no parked start: a handoff less on the way to the guest);
+            // what it reports waits in the mailbox until the main loop runs.
             let shared = Arc::new(vcpu::Shared::new(id as u32, main.clone()));
-            // Parked at its first look at the flag, until `run` resumes it.
-            shared.request_pause();
             let ctx = vcpu::Context {
                 pio: pio.clone(),
                 mmio: mmio.clone(),
@@ -529,12 +529,9 @@ impl Vm {
         crate::seccomp::install("vmm", "main", self.seccomp).map_err(Error::Seccomp)?;
 
         let n = self.vcpus.len();
-        let mut parked = vec![true; n];
+        let mut parked = vec![false; n];
         let mut stopped = vec![false; n];
         self.status.set(State::Running, Reason::Booted);
-        for v in &self.vcpus {
-            v.shared.request_resume();
-        }
         let mut transition: Option<Transition> = None;
         // The shutdown job waiting, its waiters and its deadline.
         let mut shutdown: Option<(u64, Vec<u64>, Instant)> = None;
@@ -757,6 +754,7 @@ impl Vm {
                             kind: "shutdown",
                             state: "running",
                             started: Instant::now(),
+                            finished: None,
                             timeout_ms: *timeout_ms,
                         },
                     );
@@ -785,6 +783,7 @@ impl Vm {
     fn finish_job(&self, id: u64, result: &'static str) {
         if let Some(j) = self.status.lifecycle().jobs.iter_mut().find(|j| j.id == id) {
             j.state = result;
+            j.finished = Some(Instant::now());
         }
     }
 

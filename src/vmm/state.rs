@@ -82,6 +82,8 @@ pub struct Job {
     /// running, powered-off, timed-out.
     pub state: &'static str,
     pub started: Instant,
+    /// When it finished (None while it runs).
+    pub finished: Option<Instant>,
     pub timeout_ms: u64,
 }
 

@@ -220,6 +220,18 @@ impl Tables {
     }
 }
 
+impl Tables {
+    /// SLP_TYP for S5: the first element of the DSDT's `Name (_S5_, Package () {...})`.
+    pub fn s5_sleep_type(&self) -> Option<u8> {
+        let aml = self.dsdt()?.bytes()?.get(36..)?;
+        let at = find(aml, b"\x08_S5_\x12", 0)? + 6;
+        let (_, taken) = pkg_length(aml, at)?;
+        // PkgLength, NumElements, then the first element.
+        let (value, _) = integer(aml, at + taken + 1)?;
+        u8::try_from(value).ok()
+    }
+}
+
 fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
     (from..hay.len().checked_sub(needle.len())? + 1).find(|&i| hay[i..].starts_with(needle))
 }

@@ -369,15 +369,17 @@ pub fn start_aps(madt: &crate::acpi::Madt) -> ApStart {
 }
 
 /// Ends the VM: QEMU's isa-debug-exit (a port no other VMM claims), then the ACPI sleep
-/// control register the FADT names (S5), then the i8042 reset line; whichever the VMM
-/// implements first.
+/// control register the FADT names (with the DSDT's \_S5 sleep type), then the i8042
+/// reset line; whichever the VMM implements first.
 pub fn power_off(tables: Option<&crate::acpi::Tables>) -> ! {
-    const S5: u8 = (5 << 2) | (1 << 5); // SLP_TYP = 5, SLP_EN
+    // SLP_TYP from the DSDT's \_S5 package (5 where there is none), and SLP_EN.
+    let slp_typ = tables.and_then(|t| t.s5_sleep_type()).unwrap_or(5);
+    let s5: u8 = ((slp_typ & 7) << 2) | (1 << 5);
     outb(0xf4, 0);
     if let Some(reg) = tables.and_then(|t| t.sleep_control_reg()) {
         match reg.space {
-            0 => write_phys::<u8>(reg.address, S5),
-            1 if reg.address <= 0xffff => outb(reg.address as u16, S5),
+            0 => write_phys::<u8>(reg.address, s5),
+            1 if reg.address <= 0xffff => outb(reg.address as u16, s5),
             _ => {}
         }
     }

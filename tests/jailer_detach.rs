@@ -519,11 +519,21 @@ fn stat_field(pid: u32, n: usize) -> String {
 #[test]
 fn detach_prints_the_id_once_the_guest_runs_and_the_supervisor_goes_on_alone() {
     let id = unique("detach");
+    // A descriptor the caller leaves open across exec (not close-on-exec).
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two descriptors into the array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let leaked = std::fs::read_link(format!("/proc/self/fd/{}", fds[1])).unwrap();
     let (out, pid) = detach(
         &example_policy(),
         &id,
         &guest("detach", "tests=serial hold=60"),
     );
+    // SAFETY: closing the two descriptors made above.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert_eq!(out.stdout, format!("{id}\n"));
     let (code, body) = api(&id, "GET", "/api/v1/vm.info");
@@ -535,6 +545,14 @@ fn detach_prints_the_id_once_the_guest_runs_and_the_supervisor_goes_on_alone() {
     assert!(body.contains(&format!("cellvm/{id}")), "the cgroup: {body}");
     let pid = pid.expect("the supervisor's pid in the registry");
     assert_eq!(stat_field(pid, 6), pid.to_string(), "a session of its own");
+    let held: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .collect();
+    assert!(
+        !held.contains(&leaked),
+        "the supervisor holds the caller's {leaked:?}: {held:?}"
+    );
     for fd in [0, 1] {
         let t = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
         assert_eq!(t, Path::new("/dev/null"), "fd {fd}");
@@ -615,6 +633,8 @@ fn a_reboot_rebuilds_the_vm_in_fresh_cells_under_the_same_entry() {
     let api_ino = std::fs::metadata(run_dir(&id).join("api.sock"))
         .unwrap()
         .ino();
+    // The first boot's output whole before the reboot (a reset cuts a line short).
+    holds(&run_dir(&id).join("console.log"), "TEST serial PASS");
     let (code, body) = api(&id, "PUT", "/api/v1/vm.reboot");
     assert_eq!(code, 204, "{body}");
     let start = Instant::now();
@@ -798,5 +818,33 @@ fn the_systemd_unit_runs_a_vm_that_systemctl_stop_shuts_down_gracefully() {
     assert_eq!(wait_code(&mut main), Some(0), "{console}");
     assert!(t.elapsed() < Duration::from_secs(stop), "{:?}", t.elapsed());
     assert!(console.contains("TEST power-button PASS"), "{console}");
+    assert_nothing_left(&id);
+}
+
+/// A guest that resets at once, over and over (tests=none ends with a keyboard-
+/// controller reset when it finds no ACPI tables to power off with): the VM is built
+/// again each time, then ended after 20 resets within a minute, with the reason.
+#[test]
+fn a_boot_loop_is_rebuilt_then_ended_with_the_reason() {
+    let id = unique("bootloop");
+    let mut c = launch_cmd(&example_policy(), &id, &guest("bootloop", "tests=none"));
+    c.stdin(Stdio::null());
+    let out = common::run(c, LIMIT);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert_eq!(
+        out.stderr
+            .matches("the guest reset; the VM is built again")
+            .count(),
+        20,
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("the guest reset 21 times within 60 s; the VM is ended"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.stdout.matches("cellvm-testguest: up").count(), 21);
     assert_nothing_left(&id);
 }

@@ -514,6 +514,10 @@ fn vmm_argv(plan: &Plan, opts: &Options, ctx: &VmmContext) -> Vec<String> {
     argv
 }
 
+/// More guest resets than this within RESET_WINDOW end the VM (a boot loop).
+const MAX_RESETS: usize = 20;
+const RESET_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The VMM's status for a guest reset (`--reset-exit-code`): the VM is rebuilt.
 pub const EXIT_RESET: i32 = 3;
 
@@ -840,10 +844,28 @@ fn build_and_supervise(
     }
     // A guest reset ends the VMM with EXIT_RESET: the whole VM is built again, fresh
     // cells under the same entry (uids, MCS pair), cgroup, run directory and sockets.
+    // A guest that resets over and over (a boot loop) ends the VM instead.
+    let mut resets: std::collections::VecDeque<std::time::Instant> = Default::default();
     let ending = loop {
         let ending = run_once(&shared, entry, &mut relay, &mut ctl);
         match ending {
             Ok(Ending::Exited(EXIT_RESET)) if !ctl.stopping() && opts.probe.is_none() => {
+                let now = std::time::Instant::now();
+                resets.push_back(now);
+                while resets
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) > RESET_WINDOW)
+                {
+                    resets.pop_front();
+                }
+                if resets.len() > MAX_RESETS {
+                    break Err(setup(format!(
+                        "vm {}: the guest reset {} times within {} s; the VM is ended, not built again",
+                        plan.id,
+                        resets.len(),
+                        RESET_WINDOW.as_secs()
+                    )));
+                }
                 eprintln!(
                     "cellvm-jailer: vm {}: the guest reset; the VM is built again in fresh cells",
                     plan.id

@@ -230,6 +230,15 @@ fn detached(opts: &launch::Options) -> i32 {
                 libc::close(null);
             }
         }
+        // Nothing of the caller's but stdio (a pipe it reads to its end, say): the
+        // supervisor outlives it.
+        {
+            use std::os::fd::AsRawFd;
+            if let Err(e) = cellvm_jailer::identity::close_inherited_fds(&[w.as_raw_fd()]) {
+                let _ = write!(std::fs::File::from(w), "E{}\n{e}", launch::EXIT_SETUP);
+                std::process::exit(launch::EXIT_SETUP);
+            }
+        }
         let mut notify = Some(std::fs::File::from(w));
         let (code, failure) = match launch::launch(opts, &mut notify) {
             Ok(code) => (

@@ -786,6 +786,15 @@ fn keep_alive_and_pipelined_requests_on_one_connection() {
     assert!(r.head.contains("Connection: close"));
     let mut rest = Vec::new();
     assert_eq!(s.read_to_end(&mut rest).unwrap(), 0);
+    // An operation the main loop runs is answered first, then the connection closes.
+    let mut s = vm.connect();
+    s.write_all(b"PUT /api/v1/vm.pause HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let r = read_reply(&mut s);
+    assert_eq!(r.status, 204);
+    assert!(r.head.contains("Connection: close"));
+    assert_eq!(s.read_to_end(&mut rest).unwrap(), 0);
+    assert_eq!(vm.info()["state"], "paused");
 }
 
 #[test]

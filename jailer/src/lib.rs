@@ -165,6 +165,8 @@ pub mod fuzzing {
             probe: None,
             probe_binary: None,
             probe_in: "vmm".into(),
+            probe_path: None,
+            detach: false,
             seccomp: "kill".into(),
             without: Vec::new(),
         }

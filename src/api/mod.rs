@@ -403,7 +403,9 @@ impl Server {
             conn.flush_note = false;
             self.main.post(MainMsg::Flushed(id));
         }
-        if done_writing && (conn.close || (conn.eof && !conn.inflight)) {
+        // A connection that asked to close is closed once its operation has answered,
+        // never while the main loop still runs it.
+        if done_writing && !conn.inflight && (conn.close || conn.eof) {
             self.drop_conn(id);
             return;
         }

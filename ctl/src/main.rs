@@ -50,8 +50,8 @@ enum Verb {
     /// timeout passes (exit 124; the VM still runs: `destroy` ends it).
     Shutdown {
         id: String,
-        /// Seconds to wait for the guest.
-        #[arg(long, default_value_t = 30)]
+        /// Seconds to wait for the guest (1 to 3600, the API's bound).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout: u64,
     },
     /// Press the VM's ACPI power button once and return.

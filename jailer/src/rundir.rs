@@ -82,6 +82,24 @@ fn root_dir(dir: &Path, mode: u32) -> Result<(), Error> {
     fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(io(dir))
 }
 
+/// As `root_dir`, but an existing directory whose mode is one of `keep` is left as
+/// it is: no chmod, so nothing another launch set concurrently is undone.
+fn root_dir_keeping(dir: &Path, mode: u32, keep: &[u32]) -> Result<(), Error> {
+    match fs::DirBuilder::new().mode(mode).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io(dir)(e)),
+    }
+    let m = fs::symlink_metadata(dir).map_err(io(dir))?;
+    if !m.is_dir() || m.uid() != 0 {
+        return Err(Error::NotOurs(dir.display().to_string()));
+    }
+    if keep.contains(&(m.mode() & 0o7777)) {
+        return Ok(());
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(io(dir))
+}
+
 /// A VM's run directory, made by `create` (still root's alone) and opened to the
 /// tenant's group by `publish`.
 pub struct RunDir {
@@ -99,11 +117,10 @@ impl RunDir {
             root_dir(run_dir, 0o711)?;
             root_dir(&base, 0o711)?;
         } else {
-            // Kept 0711 if another VM's group needs it; never made wider.
-            let keep = fs::symlink_metadata(&base)
-                .map(|m| m.mode() & 0o777 == 0o711)
-                .unwrap_or(false);
-            root_dir(&base, if keep { 0o711 } else { 0o700 })?;
+            // Made 0700 if new; left 0711 if another VM's group needs it (a chmod
+            // here could race a grouped launch opening it and shut its group out);
+            // anything wider is narrowed.
+            root_dir_keeping(&base, 0o700, &[0o700, 0o711])?;
         }
         let path = path(run_dir, id);
         crate::gc::remove_tree(&path)?;

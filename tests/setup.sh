@@ -5,7 +5,7 @@ set -eu
 need=""
 for pkg in qemu-system-x86 qemu-utils iproute2 xz-utils zstd lz4 binutils gcc make \
     selinux-policy-dev selinux-policy-default checkpolicy semodule-utils setools strace attr \
-    libvirt-daemon-system libvirt-clients; do
+    libvirt-daemon-system libvirt-clients acpica-tools; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
 done
 if [ -n "$need" ]; then

@@ -821,13 +821,13 @@ fn the_systemd_unit_runs_a_vm_that_systemctl_stop_shuts_down_gracefully() {
     assert_nothing_left(&id);
 }
 
-/// A guest that resets at once, over and over (tests=none ends with a keyboard-
-/// controller reset when it finds no ACPI tables to power off with): the VM is built
-/// again each time, then ended after 20 resets within a minute, with the reason.
+/// A guest that resets at once, over and over (`tests=none reset` ends with a
+/// keyboard-controller reset): the VM is built again each time, then ended after 20
+/// resets within a minute, with the reason.
 #[test]
 fn a_boot_loop_is_rebuilt_then_ended_with_the_reason() {
     let id = unique("bootloop");
-    let mut c = launch_cmd(&example_policy(), &id, &guest("bootloop", "tests=none"));
+    let mut c = launch_cmd(&example_policy(), &id, &guest("bootloop", "tests=none reset"));
     c.stdin(Stdio::null());
     let out = common::run(c, LIMIT);
     assert_eq!(out.code, Some(1), "{}", out.stderr);

@@ -5,7 +5,8 @@
 //! (boot information, command line, e820 map, ACPI tables, vCPUs), prints one line per
 //! check on COM1 (`TEST <name> PASS|FAIL <detail>`), and ends the VM.
 //!
-//! Command line: `tests=a,b,...` (default: all; `none`: boot, print one line, end),
+//! Command line: `tests=a,b,...` (default: all; `none`: boot, print one line, end; with
+//! the word `reset` it ends with a keyboard-controller reset, a reboot, instead),
 //! `hold=SECONDS` (stay up that long before ending), `expect_mem=MiB` and
 //! `expect_cpus=N` (what the e820, madt and smp checks compare against), `ecam=0xADDR`
 //! (the PCI ECAM, for VMMs that have no MCFG table).
@@ -61,14 +62,18 @@ struct Args<'a> {
     ecam: Option<u64>,
     bench_ms: u64,
     ignore_power_button: bool,
+    reset: bool,
 }
 
 impl<'a> Args<'a> {
     fn parse(cmdline: &'a str) -> Self {
-        let mut args = Args { cmdline, tests: None, hold_secs: 0, expect_mem_mib: None, expect_cpus: None, ecam: None, bench_ms: 2000, ignore_power_button: false };
+        let mut args = Args { cmdline, tests: None, hold_secs: 0, expect_mem_mib: None, expect_cpus: None, ecam: None, bench_ms: 2000, ignore_power_button: false, reset: false };
         for word in cmdline.split_ascii_whitespace() {
             if word == "ignore-power-button" {
                 args.ignore_power_button = true;
+            }
+            if word == "reset" {
+                args.reset = true;
             }
             let Some((key, value)) = word.split_once('=') else { continue };
             match key {
@@ -127,6 +132,10 @@ pub extern "C" fn guest_main() -> ! {
     if args.tests == Some("none") {
         let _ = writeln!(serial, "cellvm-testguest: up");
         hold(args.hold_secs);
+        if args.reset {
+            // `reset`: end with a keyboard-controller reset instead (a reboot).
+            hw::outb(0x64, 0xfe);
+        }
         // Through \_S5 like every other ending: a keyboard-controller reset would be a
         // reboot, which a jailed VM answers by rebuilding itself.
         let tables = info.and_then(|i| acpi::Tables::locate(i.rsdp_paddr));

@@ -827,7 +827,11 @@ fn the_systemd_unit_runs_a_vm_that_systemctl_stop_shuts_down_gracefully() {
 #[test]
 fn a_boot_loop_is_rebuilt_then_ended_with_the_reason() {
     let id = unique("bootloop");
-    let mut c = launch_cmd(&example_policy(), &id, &guest("bootloop", "tests=none reset"));
+    let mut c = launch_cmd(
+        &example_policy(),
+        &id,
+        &guest("bootloop", "tests=none reset"),
+    );
     c.stdin(Stdio::null());
     let out = common::run(c, LIMIT);
     assert_eq!(out.code, Some(1), "{}", out.stderr);

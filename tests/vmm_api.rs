@@ -554,6 +554,57 @@ fn shutdown_of_a_guest_that_ignores_the_button_times_out_and_conflicts_meanwhile
     assert_eq!(code, Some(3), "{err}");
 }
 
+/// A running job can be cancelled by its id: the shutdown stops waiting, its waiter is
+/// told, the VM runs again and may be shut down anew; a job that is not running is 404.
+#[test]
+fn a_shutdown_job_is_cancelled_by_its_id_and_the_vm_runs_on() {
+    let vm = Vm::start("cancel", &ticker(false), &[]);
+    let sock = vm.sock.clone();
+    let waiter = std::thread::spawn(move || {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let t = Instant::now();
+        send(
+            &mut s,
+            "PUT",
+            "/api/v1/vm.shutdown",
+            "{\"timeout_ms\":60000}",
+        );
+        (read_reply(&mut s), t.elapsed())
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while vm.info()["state"] != "shutting-down" {
+        assert!(Instant::now() < deadline, "no shutdown job");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let jobs = vm.request("GET", "/api/v1/vm.jobs", "").json();
+    let id = jobs["jobs"][0]["id"].as_u64().expect("a job id");
+    assert_eq!(jobs["jobs"][0]["state"], "running", "{jobs}");
+    let r = vm.request("PUT", "/api/v1/vm.jobs.cancel", "");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.error().starts_with("id:"), "{}", r.body);
+    let r = vm.request(
+        "PUT",
+        "/api/v1/vm.jobs.cancel",
+        &format!("{{\"id\":{}}}", id + 1),
+    );
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = vm.request("PUT", "/api/v1/vm.jobs.cancel", &format!("{{\"id\":{id}}}"));
+    assert_eq!(r.status, 204, "{}", r.body);
+    let (reply, took) = waiter.join().unwrap();
+    assert_eq!(reply.json()["result"], "cancelled", "{}", reply.body);
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    assert_eq!(vm.info()["state"], "running");
+    let jobs = vm.request("GET", "/api/v1/vm.jobs", "").json();
+    assert_eq!(jobs["jobs"][0]["state"], "cancelled", "{jobs}");
+    let r = vm.request("PUT", "/api/v1/vm.jobs.cancel", &format!("{{\"id\":{id}}}"));
+    assert_eq!(r.status, 404, "a finished job: {}", r.body);
+    // Not blocked any more: pause is served again.
+    assert_eq!(vm.request("PUT", "/api/v1/vm.pause", "").status, 204);
+    assert_eq!(vm.request("PUT", "/api/v1/vm.resume", "").status, 204);
+    vm.assert_ticking();
+}
+
 #[test]
 fn sigterm_is_one_press_of_the_power_button() {
     let mut vm = Vm::start("sigterm", &ticker(true), &[]);
@@ -908,7 +959,7 @@ fn the_server_matches_api_openapi_yaml() {
         "the state table is in the description"
     );
     let paths = doc["paths"].as_object().unwrap();
-    assert_eq!(paths.len(), 9);
+    assert_eq!(paths.len(), 10);
     let vm = Vm::start("openapi", &ticker(false), &[]);
     let methods = ["GET", "PUT", "POST", "DELETE", "PATCH"];
     for (path, ops) in paths {

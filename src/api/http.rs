@@ -22,6 +22,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/api/v1/vm.info", "GET"),
     ("/api/v1/vm.counters", "GET"),
     ("/api/v1/vm.jobs", "GET"),
+    ("/api/v1/vm.jobs.cancel", "PUT"),
     ("/api/v1/vm.pause", "PUT"),
     ("/api/v1/vm.resume", "PUT"),
     ("/api/v1/vm.power-button", "PUT"),
@@ -169,6 +170,12 @@ struct ShutdownBody {
     timeout_ms: Option<u64>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    id: u64,
+}
+
 /// A body error: `field: message` where the message names one.
 fn body_error(e: serde_json::Error, field: Option<&str>) -> Response {
     let text = e.to_string();
@@ -207,6 +214,10 @@ fn action(path: &str, body: &[u8]) -> Result<Action, Response> {
         "/api/v1/vm.resume" => none(body).map(|_| Action::Op(Op::Resume))?,
         "/api/v1/vm.power-button" => none(body).map(|_| Action::Op(Op::PowerButton))?,
         "/api/v1/vm.reboot" => none(body).map(|_| Action::Op(Op::Reboot))?,
+        "/api/v1/vm.jobs.cancel" => match decode::<CancelBody>(body, Some("id"))? {
+            Some(b) => Action::Op(Op::Cancel { job: b.id }),
+            None => return Err(Response::error(400, "id: the job to cancel is required")),
+        },
         "/api/v1/vm.shutdown" => {
             let b = decode::<ShutdownBody>(body, Some("timeout_ms"))?;
             let timeout_ms = b

@@ -36,8 +36,14 @@ pub enum Op {
     Pause,
     Resume,
     PowerButton,
-    Shutdown { timeout_ms: u64 },
+    Shutdown {
+        timeout_ms: u64,
+    },
     Reboot,
+    /// Ends a running job early (today: a shutdown's wait).
+    Cancel {
+        job: u64,
+    },
 }
 
 impl Op {
@@ -48,6 +54,7 @@ impl Op {
             Op::PowerButton => "vm.power-button",
             Op::Shutdown { .. } => "vm.shutdown",
             Op::Reboot => "vm.reboot",
+            Op::Cancel { .. } => "vm.jobs.cancel",
         }
     }
 }

@@ -770,6 +770,23 @@ impl Vm {
                 Some((_, waiters, _)) => waiters.push(conn),
                 None => self.reply(conn, conflict(state, &call.op), false),
             },
+            (Op::Cancel { job }, _) => match shutdown {
+                Some((id, _, _)) if *id == *job => {
+                    // The guest may still power off later; the wait for it ends here.
+                    let (id, waiters, _) = shutdown.take().expect("matched");
+                    self.finish_job(id, "cancelled");
+                    self.status.set(State::Running, Reason::PowerButton);
+                    for waiter in waiters {
+                        self.reply(waiter, shutdown_result("cancelled"), false);
+                    }
+                    self.reply(conn, Response::no_content(), false);
+                }
+                _ => self.reply(
+                    conn,
+                    Response::error(404, &format!("id: no running job {job}")),
+                    false,
+                ),
+            },
             (Op::Reboot, State::Running | State::Paused) if pending.is_none() => {
                 self.status.set(State::Ended, Reason::Reset);
                 self.reply(conn, Response::no_content(), true);

@@ -79,7 +79,7 @@ impl Reason {
 pub struct Job {
     pub id: u64,
     pub kind: &'static str,
-    /// running, powered-off, timed-out.
+    /// running, powered-off, timed-out, ended, cancelled.
     pub state: &'static str,
     pub started: Instant,
     /// When it finished (None while it runs).

@@ -70,16 +70,7 @@ fn gid_in(text: &str, group: &str) -> Option<u32> {
 /// Makes `dir` a directory of root's with `mode`, creating it if missing; a symlink or
 /// a directory of another owner is refused.
 fn root_dir(dir: &Path, mode: u32) -> Result<(), Error> {
-    match fs::DirBuilder::new().mode(mode).create(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io(dir)(e)),
-    }
-    let m = fs::symlink_metadata(dir).map_err(io(dir))?;
-    if !m.is_dir() || m.uid() != 0 {
-        return Err(Error::NotOurs(dir.display().to_string()));
-    }
-    fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(io(dir))
+    root_dir_keeping(dir, mode, &[])
 }
 
 /// As `root_dir`, but an existing directory whose mode is one of `keep` is left as

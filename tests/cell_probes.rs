@@ -5,7 +5,7 @@
 //! control, which must succeed (or fail for a different, stated reason).
 
 mod common;
-use common::{bin, repo};
+use common::{bin, repo, test_policy};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,25 +26,6 @@ fn scratch() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cellvm-cell-probes-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// The example tenant policy plus `allow_test_switches`, with its taps in the network
-/// namespace `netns` (one the test made) instead of the example's.
-fn test_policy(netns: &str) -> PathBuf {
-    let p = scratch().join(format!("tenant-{netns}.toml"));
-    let example = std::fs::read_to_string(repo("policy/tenants/example.toml")).unwrap();
-    let text = example
-        .replace(
-            "seccomp_off_allowed = false",
-            "seccomp_off_allowed = false\nallow_test_switches = true",
-        )
-        .replace(
-            "tap_netns = \"cellvm-example\"",
-            &format!("tap_netns = \"{netns}\""),
-        );
-    assert!(text.contains("allow_test_switches") && text.contains(netns));
-    std::fs::write(&p, text).unwrap();
-    p
 }
 
 /// The example's image directory (tests/setup.sh makes it and its disk).

@@ -3,7 +3,7 @@
 //! inside each cell are in cell_probes.rs.)
 
 mod common;
-use common::{bin, repo};
+use common::{bin, repo, test_policy};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -29,27 +29,6 @@ fn spec(dir: &Path, body: &str) -> PathBuf {
 
 fn launch(id: &str, vm: &Path, extra: &[&str]) -> common::Outcome {
     launch_with(&repo("policy/tenants/example.toml"), id, vm, extra)
-}
-
-/// The example tenant policy plus `allow_test_switches` (for the probes), with its taps
-/// in the network namespace `netns` (one the test made) instead of the example's.
-fn test_policy(netns: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cellvm-jailer-policy-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(format!("tenant-{netns}.toml"));
-    let example = std::fs::read_to_string(repo("policy/tenants/example.toml")).unwrap();
-    let text = example
-        .replace(
-            "seccomp_off_allowed = false",
-            "seccomp_off_allowed = false\nallow_test_switches = true",
-        )
-        .replace(
-            "tap_netns = \"cellvm-example\"",
-            &format!("tap_netns = \"{netns}\""),
-        );
-    assert!(text.contains("allow_test_switches") && text.contains(netns));
-    std::fs::write(&p, text).unwrap();
-    p
 }
 
 /// `cellvm-jailer launch --id ID --policy P --vm V`.

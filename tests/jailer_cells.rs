@@ -4,7 +4,7 @@
 //! layer (a chroot) that refuses new user namespaces without seccomp.
 
 mod common;
-use common::{bin, repo};
+use common::{bin, test_policy};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,26 +14,6 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 fn unique(name: &str) -> String {
     format!("t-{name}-{}", std::process::id())
-}
-
-/// The example tenant policy plus `allow_test_switches`, its taps in `netns`.
-fn test_policy(netns: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cellvm-cells-policy-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(format!("tenant-{netns}.toml"));
-    let text = std::fs::read_to_string(repo("policy/tenants/example.toml"))
-        .unwrap()
-        .replace(
-            "seccomp_off_allowed = false",
-            "seccomp_off_allowed = false\nallow_test_switches = true",
-        )
-        .replace(
-            "tap_netns = \"cellvm-example\"",
-            &format!("tap_netns = \"{netns}\""),
-        );
-    assert!(text.contains("allow_test_switches") && text.contains(netns));
-    std::fs::write(&p, text).unwrap();
-    p
 }
 
 /// A disk image of `size` bytes of this test process's own, in the example tenant's

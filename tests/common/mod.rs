@@ -340,3 +340,24 @@ pub fn bin(name: &str) -> PathBuf {
 pub fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
+
+/// The example tenant policy plus `allow_test_switches`, with its taps in the network
+/// namespace `netns` (one the test made) instead of the example's.
+pub fn test_policy(netns: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cellvm-test-policy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(format!("tenant-{netns}.toml"));
+    let text = std::fs::read_to_string(repo("policy/tenants/example.toml"))
+        .unwrap()
+        .replace(
+            "seccomp_off_allowed = false",
+            "seccomp_off_allowed = false\nallow_test_switches = true",
+        )
+        .replace(
+            "tap_netns = \"cellvm-example\"",
+            &format!("tap_netns = \"{netns}\""),
+        );
+    assert!(text.contains("allow_test_switches") && text.contains(netns));
+    std::fs::write(&p, text).unwrap();
+    p
+}

@@ -61,13 +61,7 @@ fn tenant(name: &str, uids: [u32; 2], cats: [u16; 2], extra: &str) -> PathBuf {
 }
 
 fn spec(name: &str, cmdline: &str) -> PathBuf {
-    let p = scratch().join(format!("vm-{name}.toml"));
-    std::fs::write(
-        &p,
-        format!("name = \"{name}\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"{cmdline}\"\n"),
-    )
-    .unwrap();
-    p
+    common::guest_spec(&scratch(), name, cmdline)
 }
 
 fn launch(policy: &Path, vm: &Path, id: &str) -> Child {

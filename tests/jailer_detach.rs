@@ -54,15 +54,8 @@ fn example_policy() -> PathBuf {
     policy("plain", "")
 }
 
-/// A VM spec of the test guest with `cmdline` (no devices).
 fn guest(name: &str, cmdline: &str) -> PathBuf {
-    let p = scratch().join(format!("vm-{name}.toml"));
-    std::fs::write(
-        &p,
-        format!("name = \"guest\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"{cmdline}\"\n"),
-    )
-    .unwrap();
-    p
+    common::guest_spec(&scratch(), name, cmdline)
 }
 
 fn launch_cmd(policy: &Path, id: &str, vm: &Path) -> Command {

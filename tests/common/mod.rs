@@ -361,3 +361,15 @@ pub fn test_policy(netns: &str) -> PathBuf {
     std::fs::write(&p, text).unwrap();
     p
 }
+
+/// A VM spec in `dir` of the built-in test guest with `cmdline`: 1 vCPU, 64 MiB, no
+/// devices.
+pub fn guest_spec(dir: &Path, name: &str, cmdline: &str) -> PathBuf {
+    let p = dir.join(format!("vm-{name}.toml"));
+    std::fs::write(
+        &p,
+        format!("name = \"{name}\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"{cmdline}\"\n"),
+    )
+    .unwrap();
+    p
+}

@@ -91,14 +91,7 @@ impl Drop for ProbeSpec {
 }
 
 fn assert_nothing_left(id: &str) {
-    for p in [
-        format!("/srv/cellvm/{id}"),
-        format!("/run/cellvm/vms/{id}"),
-        format!("/sys/fs/cgroup/memory/cellvm/{id}"),
-        format!("/sys/fs/cgroup/pids/cellvm/{id}"),
-    ] {
-        assert!(!Path::new(&p).exists(), "{p} was left behind");
-    }
+    common::assert_cell_gone(id);
 }
 
 fn launch(policy: &Path, id: &str, extra: &[&str]) -> common::Outcome {

@@ -150,18 +150,7 @@ fn processes_of(uid: u32) -> Vec<u32> {
 }
 
 fn assert_nothing_left(id: &str, uid: u32) {
-    for p in [
-        format!("/run/cellvm/vm/{id}"),
-        format!("/run/cellvm/vms/{id}"),
-        format!("/srv/cellvm/{id}"),
-        format!("/sys/fs/cgroup/memory/cellvm/{id}"),
-        format!("/sys/fs/cgroup/pids/cellvm/{id}"),
-        format!("/sys/fs/cgroup/cpu/cellvm/{id}"),
-        format!("/sys/fs/cgroup/blkio/cellvm/{id}"),
-        format!("/sys/fs/cgroup/cellvm/{id}"),
-    ] {
-        assert!(!Path::new(&p).exists(), "{p} was left behind");
-    }
+    common::assert_cell_gone(id);
     assert_eq!(
         processes_of(uid),
         Vec::<u32>::new(),

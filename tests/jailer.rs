@@ -51,20 +51,7 @@ fn launch_with(policy: &Path, id: &str, vm: &Path, extra: &[&str]) -> common::Ou
 }
 
 fn assert_nothing_left(id: &str) {
-    for p in [
-        format!("/run/cellvm/vms/{id}-dev0"),
-        format!("/run/cellvm/vms/{id}-dev1"),
-        format!("/run/cellvm/vms/{id}-dev2"),
-        format!("/srv/cellvm/{id}"),
-        format!("/run/cellvm/vms/{id}"),
-        format!("/sys/fs/cgroup/memory/cellvm/{id}"),
-        format!("/sys/fs/cgroup/pids/cellvm/{id}"),
-        format!("/sys/fs/cgroup/cpu/cellvm/{id}"),
-        format!("/sys/fs/cgroup/blkio/cellvm/{id}"),
-        format!("/sys/fs/cgroup/cellvm/{id}"),
-    ] {
-        assert!(!Path::new(&p).exists(), "{p} was left behind");
-    }
+    common::assert_cell_gone(id);
 }
 
 /// The example VM spec with a writable disk of its own, removed when dropped: a

@@ -131,18 +131,7 @@ fn mode(p: &Path) -> (u32, u32, u32) {
 }
 
 fn assert_nothing_left(id: &str) {
-    for p in [
-        format!("/run/cellvm/vm/{id}"),
-        format!("/run/cellvm/vms/{id}"),
-        format!("/srv/cellvm/{id}"),
-        format!("/sys/fs/cgroup/memory/cellvm/{id}"),
-        format!("/sys/fs/cgroup/pids/cellvm/{id}"),
-        format!("/sys/fs/cgroup/cpu/cellvm/{id}"),
-        format!("/sys/fs/cgroup/blkio/cellvm/{id}"),
-        format!("/sys/fs/cgroup/cellvm/{id}"),
-    ] {
-        assert!(!Path::new(&p).exists(), "{p} was left behind");
-    }
+    common::assert_cell_gone(id);
 }
 
 /// `cellvm-probe connect-other-vm-socket --path P` outside any cell, as `uid`:`gid`

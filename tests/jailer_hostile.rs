@@ -84,17 +84,7 @@ fn assert_refused(out: &common::Outcome, expect: &str) {
 /// Nothing of cell `id` is left: registry entry (and a temporary one), jail tree,
 /// cgroups in every hierarchy.
 fn assert_nothing_left(id: &str) {
-    let mut paths = vec![
-        format!("/run/cellvm/vms/{id}"),
-        format!("/run/cellvm/vms/.{id}.tmp"),
-        format!("/srv/cellvm/{id}"),
-    ];
-    for ctrl in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
-        paths.push(format!("{}/cellvm/{id}", ctrl.path().display()));
-    }
-    for p in paths {
-        assert!(!Path::new(&p).exists(), "{p} was left behind");
-    }
+    common::assert_cell_gone(id);
 }
 
 #[test]

@@ -373,3 +373,23 @@ pub fn guest_spec(dir: &Path, name: &str, cmdline: &str) -> PathBuf {
     .unwrap();
     p
 }
+
+/// Asserts that nothing of VM `id`'s cell is left on the host: its registry entry (and
+/// any temporary one), run directory, jail, and its cgroup in every hierarchy.
+pub fn assert_cell_gone(id: &str) {
+    let mut paths = vec![
+        format!("/run/cellvm/vms/{id}"),
+        format!("/run/cellvm/vms/.{id}.tmp"),
+        format!("/run/cellvm/vm/{id}"),
+        format!("/srv/cellvm/{id}"),
+        format!("/sys/fs/cgroup/cellvm/{id}"),
+    ];
+    // Entries of a layout where each backend had one of its own.
+    paths.extend((0..3).map(|n| format!("/run/cellvm/vms/{id}-dev{n}")));
+    for ctrl in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        paths.push(format!("{}/cellvm/{id}", ctrl.path().display()));
+    }
+    for p in paths {
+        assert!(!Path::new(&p).exists(), "{p} was left behind");
+    }
+}

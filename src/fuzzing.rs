@@ -36,6 +36,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("vhost_user_frontend", vhost_user_frontend),
     ("vhost_user_backend", vhost_user_backend),
     ("api_http", api_http),
+    ("qcow2_image", qcow2_image),
 ];
 
 const FUZZ_MEM: u64 = 16 << 20;
@@ -312,6 +313,63 @@ pub fn blk_chains(data: &[u8]) {
     serve_queue(data, &mut |m, chain| disk.serve_chain(m, chain));
 }
 
+/// A qcow2 image from arbitrary bytes through the real engine (`block::Qcow2`, the one
+/// the blk backend serves): the first 64 bytes are eight requests of 8 bytes each (kind,
+/// sector, length in sectors, flags), the rest is the image file, in a memfd, opened
+/// writable with no backing file. Opening may fail; a request may fail; nothing may
+/// panic, and a read after a write that succeeded sees what was written.
+pub fn qcow2_image(data: &[u8]) {
+    use block::{DiskImage, Slice};
+    use std::os::unix::fs::FileExt;
+    if data.len() < 64 {
+        return;
+    }
+    let (ops, image) = data.split_at(64);
+    let file = scratch_file(0);
+    file.write_all_at(image, 0).expect("fill the memfd");
+    let Ok(img) = block::Qcow2::open(file, false, false, Vec::new()) else {
+        return;
+    };
+    let sectors = img.size() / 512;
+    if sectors == 0 {
+        return;
+    }
+    let mut buf = vec![0u8; 16 * 512];
+    for op in ops.chunks_exact(8) {
+        let sector = u32::from_le_bytes([op[1], op[2], op[3], op[4]]) as u64 % sectors;
+        let count = ((op[5] as u64 % 16) + 1).min(sectors - sector);
+        let (offset, len) = (sector * 512, count * 512);
+        let n = len as usize;
+        match op[0] % 5 {
+            0 => {
+                let _ = img.read(offset, &[Slice::from(&mut buf[..n])]);
+            }
+            1 => {
+                for (i, b) in buf[..n].iter_mut().enumerate() {
+                    *b = op[6] ^ i as u8;
+                }
+                // Whether the bytes read back are those written is not asserted: a
+                // hostile image's refcounts may hand out a cluster its own metadata
+                // uses, and the guest then reads its image's corruption back. What
+                // must hold for the host is that neither call panics, hangs, or
+                // grows the file past its bound (the storage layer refuses that).
+                if img.write(offset, &[Slice::from(&mut buf[..n])]).is_ok() {
+                    let _ = img.read(offset, &[Slice::from(&mut buf[..n])]);
+                }
+            }
+            2 => {
+                let _ = img.discard(offset, len);
+            }
+            3 => {
+                let _ = img.write_zeroes(offset, len, op[7] & 1 == 1);
+            }
+            _ => {
+                let _ = img.flush();
+            }
+        }
+    }
+}
+
 /// virtio-rng requests from arbitrary guest memory.
 pub fn rng_chains(data: &[u8]) {
     serve_queue(data, &mut |m, chain| {
@@ -382,9 +440,10 @@ pub fn net_tx_chains(data: &[u8]) {
 
 /// virtio-net receive: frames (lengths from the input) waiting on the "tap", receive
 /// chains from arbitrary guest memory, served by the backend's real receive loop
-/// (buffers put back when the tap runs dry, notifications with or without EVENT_IDX).
+/// (buffers put back when the tap runs dry, notifications with or without EVENT_IDX,
+/// with or without mergeable receive buffers).
 pub fn net_rx_chains(data: &[u8]) {
-    use crate::backend::net::{process_rx, HDR_LEN};
+    use crate::backend::net::{process_rx_with, HDR_LEN};
     use std::os::fd::AsRawFd;
     use vhost_user_backend::{VringRwLock, VringT};
     use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
@@ -417,7 +476,8 @@ pub fn net_rx_chains(data: &[u8]) {
     vring.set_enabled(true);
     let event_idx = flags & 1 == 1;
     vring.set_queue_event_idx(event_idx);
-    let _ = process_rx(&vring, &mem, event_idx, tap.as_raw_fd());
+    // Flag bit 1: VIRTIO_NET_F_MRG_RXBUF negotiated (frames spread over chains).
+    let _ = process_rx_with(&vring, &mem, event_idx, tap.as_raw_fd(), flags & 2 == 2);
     // Whatever the chains were, no used length exceeds the longest frame. (Unless the
     // guest pointed a receive buffer at its own used ring, or used indirect tables that
     // might: then the ring holds frame bytes, which is the guest's own business.)

@@ -88,6 +88,11 @@ struct RunArgs {
     /// The exit status after a guest reset or vm.reboot (default 0).
     #[arg(long, default_value_t = 0)]
     reset_exit_code: u8,
+    /// Write the ACPI tables a VM with this configuration gets into the existing
+    /// directory DIR (rsdp.dat, xsdt.dat, facp.dat, dsdt.dat, apic.dat, mcfg.dat) and
+    /// exit without running a guest.
+    #[arg(long, value_name = "DIR")]
+    dump_acpi: Option<PathBuf>,
 }
 
 extern "C" fn on_sigterm(_: libc::c_int) {
@@ -140,6 +145,15 @@ fn run(args: RunArgs) -> Result<i32, (String, i32)> {
         ksm: args.ksm.then_some(true),
         allow_executable_ram: args.allow_executable_ram.then_some(true),
     };
+    if let Some(dir) = &args.dump_acpi {
+        let cfg = from_file.merge(flags);
+        let files = cellvm::arch::x86_64::acpi::dump_tables(dir, cfg.cpus(), cfg.memory_mib())
+            .map_err(|e| (e.to_string(), e.exit_code()))?;
+        for f in files {
+            println!("{}", f.display());
+        }
+        return Ok(0);
+    }
     let opts = cellvm::vmm::RunOptions {
         api: match (args.api_fd, args.api_socket) {
             (Some(fd), _) => Some(cellvm::vmm::ApiListen::Fd(fd)),

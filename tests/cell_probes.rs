@@ -35,7 +35,6 @@ const IMAGES: &str = "/var/lib/cellvm/images/example";
 /// directory: the "kernel" of the probe spec, so `/kernel` in the VMM's jail is a file
 /// that execve would run if nothing stopped it.
 fn executable_kernel() -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     let p = Path::new(IMAGES).join(format!("probe-kernel-{}", std::process::id()));
     // Copies left by earlier runs of this test binary (whose pid is gone) go.
     for e in std::fs::read_dir(IMAGES).into_iter().flatten().flatten() {
@@ -46,10 +45,7 @@ fn executable_kernel() -> PathBuf {
             }
         }
     }
-    if !p.exists() {
-        std::fs::copy(bin("cellvm-probe"), &p).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    common::executable_copy("cellvm-probe", &p);
     p
 }
 
@@ -352,11 +348,7 @@ fn outside(name: &str, role: &str, uid: Option<u32>, hardening: bool, extra: &[&
     use std::os::unix::process::CommandExt;
     // A copy any user may run (the build tree need not be readable by them).
     let probe = scratch().join("cellvm-probe");
-    if !probe.exists() {
-        let tmp = scratch().join(format!("cellvm-probe.{name}"));
-        std::fs::copy(bin("cellvm-probe"), &tmp).unwrap();
-        std::fs::rename(&tmp, &probe).unwrap();
-    }
+    common::executable_copy("cellvm-probe", &probe);
     let mut c = Command::new(&probe);
     c.args([
         name,

@@ -164,11 +164,7 @@ fn as_user(groups: &[u32], args: &[&str]) -> Output {
     let groups = groups.to_vec();
     // A copy any user may run (the build tree need not be readable by them).
     let copy = scratch().join("cellvmctl");
-    if !copy.exists() {
-        let tmp = scratch().join("cellvmctl.tmp");
-        std::fs::copy(bin("cellvmctl"), &tmp).unwrap();
-        std::fs::rename(&tmp, &copy).unwrap();
-    }
+    common::executable_copy("cellvmctl", &copy);
     let mut cmd = Command::new(&copy);
     cmd.args(args).stdin(Stdio::null());
     // SAFETY: only async-signal-safe calls between fork and exec.
@@ -320,8 +316,46 @@ fn two_tenants_three_background_vms_listed_paused_resumed_shut_down_and_destroye
     assert!(seen.contains("TEST power-button PASS"), "{seen}");
     assert_nothing_left(&b1, uid_b1);
 
-    // A guest that ignores the button: timed out (exit 124, still running), then
-    // destroy leaves nothing.
+    // A guest that ignores the button: its shutdown is a job `jobs` shows, and `cancel`
+    // ends it early (the shutdown says so, exit 1; the VM runs on).
+    let waiting = ctl()
+        .args(["shutdown", &a2, "--timeout", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut job = None;
+    wait_for("a running shutdown job", Duration::from_secs(10), || {
+        let o = run(&["jobs", &a2, "--json"]);
+        let jobs: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        job = jobs.as_array().and_then(|a| {
+            a.iter()
+                .find(|j| j["kind"] == "shutdown" && j["state"] == "running")
+                .and_then(|j| j["id"].as_u64())
+        });
+        job.is_some()
+    });
+    let job = job.unwrap().to_string();
+    let o = run(&["jobs", &a2]);
+    assert!(text(&o).0.contains("shutdown"), "{:?}", text(&o));
+    let o = run(&["cancel", &a2, &job]);
+    assert_eq!(text(&o).0, format!("VM {a2}: job {job} cancelled\n"));
+    let o = waiting.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{:?}", text(&o));
+    assert!(
+        text(&o).1.contains("the shutdown was cancelled"),
+        "{:?}",
+        text(&o)
+    );
+    let o = run(&["jobs", &a2, "--json"]);
+    assert!(text(&o).0.contains("\"cancelled\""), "{:?}", text(&o));
+    assert_eq!(state_of(&a2).unwrap().1, "running");
+    // Cancelling it again: no running job of that id (the API's 404, exit 1).
+    let o = run(&["cancel", &a2, &job]);
+    assert_eq!(o.status.code(), Some(1), "{:?}", text(&o));
+    assert!(text(&o).1.contains("404"), "{:?}", text(&o));
+
+    // Then timed out (exit 124, still running), and destroy leaves nothing.
     let uid_a2 = vm_uid(&a2);
     let o = run(&["shutdown", &a2, "--timeout", "2"]);
     let (_, err) = text(&o);

@@ -140,11 +140,7 @@ fn connect_as(path: &Path, ids: Option<(u32, u32)>) -> String {
     use std::os::unix::process::CommandExt;
     // A copy any user may run (the build tree need not be readable by them).
     let probe = scratch().join("cellvm-probe");
-    if !probe.exists() {
-        let tmp = scratch().join("cellvm-probe.tmp");
-        std::fs::copy(bin("cellvm-probe"), &tmp).unwrap();
-        std::fs::rename(&tmp, &probe).unwrap();
-    }
+    common::executable_copy("cellvm-probe", &probe);
     let mut c = Command::new(&probe);
     c.args([
         "connect-other-vm-socket",
@@ -329,6 +325,78 @@ fn stuck_console_readers_stop_neither_the_guest_nor_the_supervisor() {
     assert_nothing_left(&id);
 }
 
+/// The data path goes between the guest and each backend without the VMM; vm.counters
+/// and /metrics still say what moved, from the page of counters each backend shares
+/// with its VMM. The guest's blk and rng checks make a known set of requests: the
+/// counts are exactly theirs (a VMM that only counted its own exits would see none).
+#[test]
+fn each_backends_counts_of_the_data_path_reach_vm_counters_exactly() {
+    let id = unique("backendcounts");
+    let dir = scratch();
+    // The image the guest's blk check reads: byte o of the first 64 sectors is
+    // ((o / 512) * 31) ^ o, as tests/guest/devices.rs expects.
+    let disk = Path::new("/var/lib/cellvm/images/example").join(format!("{id}.img"));
+    let mut bytes = vec![0u8; 1 << 20];
+    for (o, b) in bytes.iter_mut().enumerate().take(64 * 512) {
+        *b = ((o / 512) as u8).wrapping_mul(31) ^ (o as u8);
+    }
+    std::fs::write(&disk, &bytes).unwrap();
+    let spec = dir.join("vm-backendcounts.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"counts\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=blk,rng hold=60\"\nrng = true\ndisks = [{{ path = \"{}\" }}]\n",
+            disk.display()
+        ),
+    )
+    .unwrap();
+    let mut vm = start(&example_policy(), &id, &spec);
+    let log = run_dir(&id).join("console.log");
+    let text = holds(&log, "2 passed, 0 failed");
+    assert!(text.contains("TEST blk PASS"), "{text}");
+    assert!(
+        text.contains("TEST rng PASS used=Some(64),Some(64)"),
+        "{text}"
+    );
+    let (code, body) = api(&id, "GET", "/api/v1/vm.counters");
+    assert_eq!(code, 200, "{body}");
+    let c: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let device = |name: &str| {
+        c["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == name)
+            .unwrap_or_else(|| panic!("no {name}: {c}"))
+            .clone()
+    };
+    // blk: GET_ID, read 4 KiB, write 4 KiB, read it back, flush, discard, write
+    // zeroes, read 8 KiB, a read past the end (I/O error), an unknown type (unsupported).
+    assert_eq!(
+        device("disk0")["backend"],
+        serde_json::json!({"requests": 10, "errors": 2, "bytes_to_guest": 16384, "bytes_from_guest": 4096}),
+        "{c}"
+    );
+    // rng: two fills of 64 bytes.
+    assert_eq!(
+        device("rng")["backend"],
+        serde_json::json!({"requests": 2, "errors": 0, "bytes_to_guest": 128, "bytes_from_guest": 0}),
+        "{c}"
+    );
+    let (code, metrics) = api(&id, "GET", "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains(
+            "cellvm_device_backend_total{device=\"disk0\",kind=\"blk\",counter=\"bytes_from_guest\"} 4096"
+        ),
+        "{metrics}"
+    );
+    signal(vm.id(), libc::SIGUSR1);
+    assert_eq!(wait_code(&mut vm), Some(137));
+    assert_nothing_left(&id);
+    let _ = std::fs::remove_file(&disk);
+}
+
 /// console.log holds what the guest wrote, while it runs.
 #[test]
 fn console_log_receives_the_guest_output_while_it_runs() {
@@ -341,6 +409,38 @@ fn console_log_receives_the_guest_output_while_it_runs() {
     let log = run_dir(&id).join("console.log");
     let text = holds(&log, "1 passed, 0 failed");
     assert!(text.contains("TEST serial PASS"), "{text}");
+    signal(vm.id(), libc::SIGUSR1);
+    assert_eq!(wait_code(&mut vm), Some(137));
+    assert_nothing_left(&id);
+}
+
+/// What a console.sock reader types reaches the guest's COM1 through the supervisor
+/// and the VMM: the ticks guest echoes each line back, and the echo shows in
+/// console.log and on the typist's own stream.
+#[test]
+fn console_input_from_a_reader_reaches_the_guest() {
+    let id = unique("typing");
+    let mut vm = start(&example_policy(), &id, &guest("typing", "tests=ticks"));
+    let dir = run_dir(&id);
+    appears(&dir.join("console.sock"));
+    let log = dir.join("console.log");
+    holds(&log, "tick 2");
+    let mut typist = UnixStream::connect(dir.join("console.sock")).unwrap();
+    typist
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    typist.write_all(b"hello cell\r").unwrap();
+    let text = holds(&log, "echo: hello cell");
+    assert!(!text.contains("FAIL"), "{text}");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("echo: hello cell") {
+        let n = typist
+            .read(&mut buf)
+            .expect("the typist's stream carries the echo");
+        assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
     signal(vm.id(), libc::SIGUSR1);
     assert_eq!(wait_code(&mut vm), Some(137));
     assert_nothing_left(&id);
@@ -397,9 +497,14 @@ fn gc_removes_the_run_directory_of_a_supervisor_that_died() {
     );
     let dir = run_dir(&id);
     holds(&dir.join("console.log"), "running checks");
+    // Checked while the cell runs: once its supervisor is dead, a sibling test's launch
+    // may reclaim the directory at any moment.
+    assert!(
+        dir.join("api.sock").exists(),
+        "the running VM has its run directory"
+    );
     vm.kill().unwrap(); // SIGKILL: no cleanup runs
     vm.wait().unwrap();
-    assert!(dir.join("api.sock").exists(), "left for gc to reclaim");
     gc_until_gone(&id);
 }
 

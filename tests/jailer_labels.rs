@@ -7,13 +7,14 @@
 //! and, for a read-only image two VMs share, only once the second one ends.
 
 mod common;
-use common::{bin, repo};
+use common::{bin, repo, HeldVm};
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(60);
+
 /// The example tenant's image directory (tests/setup.sh makes it).
 const IMAGES: &str = "/var/lib/cellvm/images/example";
 const ORIGINAL: &str = "system_u:object_r:var_lib_t:s0";
@@ -97,18 +98,12 @@ impl Drop for Image {
 }
 
 /// A held VM (the built-in guest, `hold=60`) with these disks: (image, readonly).
-struct Vm {
-    id: String,
-    jailer: Option<Child>,
-    vmm: u32,
-}
-
-fn start(id: &str, disks: &[(&Image, bool)]) -> Vm {
+fn start(id: &str, disks: &[(&Image, bool)]) -> HeldVm {
     start_with(id, disks, "")
 }
 
 /// As `start`, with more lines of VM spec (`extra`).
-fn start_with(id: &str, disks: &[(&Image, bool)], extra: &str) -> Vm {
+fn start_with(id: &str, disks: &[(&Image, bool)], extra: &str) -> HeldVm {
     let dir = std::env::temp_dir().join(format!("cellvm-labels-{id}"));
     std::fs::create_dir_all(&dir).unwrap();
     let disks: Vec<String> = disks
@@ -124,87 +119,7 @@ fn start_with(id: &str, disks: &[(&Image, bool)], extra: &str) -> Vm {
         ),
     )
     .unwrap();
-    let jailer = Command::new(bin("cellvm-jailer"))
-        .args(["launch", "--id", id, "--policy"])
-        .arg(repo("policy/tenants/example.toml"))
-        .arg("--vm")
-        .arg(&vm)
-        .arg("--vmm")
-        .arg(bin("cellvm"))
-        .arg("--device-binary")
-        .arg(bin("cellvm-device"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // The VMM is the cell's last process: once it runs, every label has been set.
-    let procs = format!("/sys/fs/cgroup/pids/cellvm/{id}/cgroup.procs");
-    let started = Instant::now();
-    let vmm = loop {
-        let text = std::fs::read_to_string(&procs).unwrap_or_default();
-        let found = text
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .find(|p| {
-                std::fs::read_link(format!("/proc/{p}/exe"))
-                    .map(|e| e.file_name() == Some("cellvm".as_ref()))
-                    .unwrap_or(false)
-            });
-        if let Some(p) = found {
-            break p;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "vm {id}: the VMM never appeared in its cgroup"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Vm {
-        id: id.into(),
-        jailer: Some(jailer),
-        vmm,
-    }
-}
-
-impl Vm {
-    /// The MCS pair the registry gave this VM.
-    fn pair(&self) -> String {
-        let entry = std::fs::read_to_string(format!("/run/cellvm/vms/{}", self.id)).unwrap();
-        entry
-            .lines()
-            .find_map(|l| l.strip_prefix("mcs="))
-            .unwrap()
-            .to_string()
-    }
-
-    /// Ends the VM by SIGKILL of its VMM and waits for the supervisor's cleanup.
-    fn end(&mut self) {
-        // SAFETY: kill(2) on a pid read from this VM's cgroup.
-        unsafe { libc::kill(self.vmm as i32, libc::SIGKILL) };
-        let mut jailer = self.jailer.take().unwrap();
-        let started = Instant::now();
-        while jailer.try_wait().unwrap().is_none() {
-            assert!(started.elapsed() < LIMIT, "the jailer did not end");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// SIGKILL of the supervisor: nothing of its own cleanup runs.
-    fn kill_supervisor(&mut self) {
-        let mut jailer = self.jailer.take().unwrap();
-        jailer.kill().unwrap();
-        jailer.wait().unwrap();
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if let Some(mut j) = self.jailer.take() {
-            let _ = j.kill();
-            let _ = j.wait();
-        }
-        let _ = Command::new(bin("cellvm-jailer")).arg("gc").output();
-    }
+    HeldVm::launch(id, &repo("policy/tenants/example.toml"), &vm)
 }
 
 fn gc() {
@@ -220,6 +135,7 @@ fn record(id: &str) -> PathBuf {
 
 #[test]
 fn a_running_vms_writable_disk_has_its_pair_and_a_read_only_one_none_until_it_ends() {
+    let _turn = common::launch_turn();
     let rw = Image::new("rw", Some(ORIGINAL));
     let ro = Image::new("ro", None);
     let id = unique("run");
@@ -259,6 +175,7 @@ fn a_running_vms_writable_disk_has_its_pair_and_a_read_only_one_none_until_it_en
 
 #[test]
 fn gc_restores_the_labels_of_a_vm_whose_supervisor_was_killed() {
+    let _turn = common::launch_turn();
     let rw = Image::new("orphan", Some(ORIGINAL));
     let id = unique("orphan");
     let mut vm = start(&id, &[(&rw, false)]);
@@ -278,6 +195,7 @@ fn gc_restores_the_labels_of_a_vm_whose_supervisor_was_killed() {
 
 #[test]
 fn a_read_only_image_two_vms_share_is_restored_only_when_the_second_ends() {
+    let _turn = common::launch_turn();
     let shared = Image::new("shared", Some(ORIGINAL));
     let mut a = start(&unique("share-a"), &[(&shared, true)]);
     let mut b = start(&unique("share-b"), &[(&shared, true)]);
@@ -296,6 +214,7 @@ fn a_read_only_image_two_vms_share_is_restored_only_when_the_second_ends() {
 
 #[test]
 fn a_kernel_and_initrd_are_shared_content_while_the_vm_runs_and_restored_after() {
+    let _turn = common::launch_turn();
     // A PVH kernel that spins (`jmp $`): the VM runs until it is ended.
     let kernel = Image::with("kernel", Some(ORIGINAL), &common::pvh_elf(&[0xeb, 0xfe]));
     let initrd = Image::with("initrd", None, b"initrd");

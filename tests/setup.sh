@@ -2,17 +2,30 @@
 # Installs what cellvm's build, tests and demo need on a fresh Debian machine (root,
 # Rust toolchain present). Idempotent: installs only what is missing.
 set -eu
-need=""
-for pkg in qemu-system-x86 qemu-utils iproute2 xz-utils zstd lz4 binutils gcc make \
+packages="qemu-system-x86 qemu-utils iproute2 xz-utils zstd lz4 binutils gcc make \
     selinux-policy-dev selinux-policy-default checkpolicy semodule-utils setools strace attr \
-    libvirt-daemon-system libvirt-clients acpica-tools; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
-done
-if [ -n "$need" ]; then
+    libvirt-daemon-system libvirt-clients acpica-tools"
+missing() {
+    need=""
+    for pkg in $packages; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
+    done
+}
+# Two rounds: apt may remove a package to install another (Debian 12's qemu-system-x86
+# removes a newer qemu-utils from backports, and qemu-img with it); the second round
+# puts back the version that fits.
+for round in 1 2; do
+    missing
+    [ -n "$need" ] || break
     echo "setup: installing$need"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
+    [ "$round" = 2 ] || apt-get update -qq
     apt-get install -y -qq --no-install-recommends $need >/dev/null
+done
+missing
+if [ -n "$need" ]; then
+    echo "setup: still missing after install:$need" >&2
+    exit 1
 fi
 if [ ! -c /dev/kvm ]; then
     echo "setup: /dev/kvm is missing: cellvm needs KVM" >&2

@@ -6,10 +6,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{cellvm, run, scratch_dir};
+use common::{cellvm, run, scratch_dir, wait_for, Daemon};
 
 /// The image the guest's `blk` check expects: 1 MiB, byte `o` of the first 64 sectors
 /// is `pattern(o)` (the same function as tests/guest/devices.rs).
@@ -277,6 +277,172 @@ fn net_frames_cross_a_tap_in_a_namespace_the_test_creates() {
     assert!(stream == want, "the TSO payload arrived changed");
 }
 
+/// Sends, from inside namespace `ns` until `stop` is set, one 64 KiB TCP segment every
+/// 100 ms through the tap as a GSO packet (an AF_PACKET socket with PACKET_VNET_HDR):
+/// 10.77.0.1:7780 -> 10.77.0.2:40001, gso_size 1448, payload byte i = (i % 253) ^ 0xa7
+/// (tests/guest/net.rs, `netgso`). Returns how many sends the kernel took.
+fn send_gso_segments(
+    ns: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u32> {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns file");
+        // SAFETY: setns of this thread only, on a namespace descriptor we opened.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        // SAFETY: socket(2) with constant arguments.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                (libc::ETH_P_IP as u16).to_be() as i32,
+            )
+        };
+        assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+        let on: libc::c_int = 1;
+        // PACKET_VNET_HDR (15): every packet starts with a struct virtio_net_hdr.
+        // SAFETY: the option value is a live c_int of the length given.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_PACKET,
+                15,
+                (&on as *const libc::c_int).cast(),
+                4,
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "PACKET_VNET_HDR: {}",
+            std::io::Error::last_os_error()
+        );
+        let name = std::ffi::CString::new(common::TAP).unwrap();
+        // SAFETY: a NUL-terminated name we own.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert!(ifindex > 0, "no {} in the namespace", common::TAP);
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: binds our socket to a sockaddr_ll that lives across the call.
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+
+        const PAYLOAD: usize = 65000;
+        let mut p = vec![0u8; 10 + 14 + 20 + 20 + PAYLOAD];
+        // virtio_net_hdr: NEEDS_CSUM, GSO_TCPV4, hdr_len 54, gso_size 1448,
+        // csum_start 34, csum_offset 16.
+        p[0] = 1;
+        p[1] = 1;
+        p[2..4].copy_from_slice(&54u16.to_le_bytes());
+        p[4..6].copy_from_slice(&1448u16.to_le_bytes());
+        p[6..8].copy_from_slice(&34u16.to_le_bytes());
+        p[8..10].copy_from_slice(&16u16.to_le_bytes());
+        let e = 10;
+        p[e..e + 6].copy_from_slice(&[0x02, 0, 0x0a, 0x4d, 0, 0x02]);
+        p[e + 6..e + 12].copy_from_slice(&[0x02, 0, 0x0a, 0x4d, 0, 0x01]);
+        p[e + 12..e + 14].copy_from_slice(&0x0800u16.to_be_bytes());
+        let ip = e + 14;
+        p[ip] = 0x45;
+        p[ip + 2..ip + 4].copy_from_slice(&((40 + PAYLOAD) as u16).to_be_bytes());
+        p[ip + 6] = 0x40; // DF
+        p[ip + 8] = 64;
+        p[ip + 9] = 6;
+        p[ip + 12..ip + 16].copy_from_slice(&[10, 77, 0, 1]);
+        p[ip + 16..ip + 20].copy_from_slice(&[10, 77, 0, 2]);
+        let sum = |b: &[u8], mut acc: u32| {
+            for c in b.chunks(2) {
+                acc += (c[0] as u32) << 8 | *c.get(1).unwrap_or(&0) as u32;
+            }
+            while acc > 0xffff {
+                acc = (acc & 0xffff) + (acc >> 16);
+            }
+            acc as u16
+        };
+        let c = !sum(&p[ip..ip + 20], 0);
+        p[ip + 10..ip + 12].copy_from_slice(&c.to_be_bytes());
+        let t = ip + 20;
+        p[t..t + 2].copy_from_slice(&7780u16.to_be_bytes());
+        p[t + 2..t + 4].copy_from_slice(&40001u16.to_be_bytes());
+        p[t + 4..t + 8].copy_from_slice(&1u32.to_be_bytes());
+        p[t + 12] = 5 << 4;
+        p[t + 13] = 0x18; // PSH, ACK
+        p[t + 14..t + 16].copy_from_slice(&65535u16.to_be_bytes());
+        for i in 0..PAYLOAD {
+            p[t + 20 + i] = (i % 253) as u8 ^ 0xa7;
+        }
+        // The pseudo-header sum, left for whoever finishes the checksum.
+        let mut pseudo = [0u8; 12];
+        pseudo[..4].copy_from_slice(&[10, 77, 0, 1]);
+        pseudo[4..8].copy_from_slice(&[10, 77, 0, 2]);
+        pseudo[9] = 6;
+        pseudo[10..12].copy_from_slice(&((20 + PAYLOAD) as u16).to_be_bytes());
+        let c = sum(&pseudo, 0);
+        p[t + 16..t + 18].copy_from_slice(&c.to_be_bytes());
+        let mut sent = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            // SAFETY: send from a buffer we own, of its length.
+            let n = unsafe { libc::send(fd, p.as_ptr().cast(), p.len(), 0) };
+            if n == p.len() as isize {
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(fd) };
+        sent
+    })
+}
+
+/// VIRTIO_NET_F_MRG_RXBUF and GUEST_TSO4: a 64 KiB TCP segment the host kernel hands the
+/// tap whole reaches the guest as one frame spread over several 4 KiB receive buffers,
+/// its GSO header and payload intact.
+#[test]
+fn a_64k_segment_reaches_the_guest_whole_in_mergeable_buffers() {
+    let ns = common::NetNs::new("gso");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = send_gso_segments(&ns.name, stop.clone());
+    let mut cmd = cellvm();
+    cmd.args([
+        "run",
+        "--net",
+        &format!("tap={},mac=02:00:0a:4d:00:02", common::TAP),
+        "--cmdline",
+        "tests=netgso",
+    ]);
+    ns.wrap(&mut cmd);
+    let out = run(cmd, Duration::from_secs(60));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = sender.join().unwrap();
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert!(sent > 0, "the kernel took none of the GSO sends");
+    let line = out.passed("netgso");
+    // 12-byte header + Ethernet + IPv4 + TCP + 65,000 payload bytes = 65,066 bytes:
+    // 16 buffers of 4 KiB; gso_type 1 (TCPV4) with the sender's MSS.
+    for want in [
+        "frame_bytes=65066 buffers=16 chains=16",
+        "gso_type=1 gso_size=1448 payload_ok=true",
+    ] {
+        assert!(line.contains(want), "{want:?} not in {line}");
+    }
+    let features = line
+        .split("features=0x")
+        .nth(1)
+        .and_then(|f| u64::from_str_radix(f.split(' ').next()?, 16).ok())
+        .unwrap();
+    assert_ne!(features & (1 << 15), 0, "MRG_RXBUF negotiated: {line}");
+    assert_ne!(features & (1 << 7), 0, "GUEST_TSO4 negotiated: {line}");
+}
+
 #[test]
 fn bad_net_arguments_are_refused_before_anything_runs() {
     for (args, expect) in [
@@ -341,25 +507,6 @@ fn bad_net_arguments_are_refused_before_anything_runs() {
         assert_eq!(out.code, Some(2), "{args:?}: {}", out.stderr);
         assert!(out.stderr.contains(expect), "{args:?}: {}", out.stderr);
     }
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(path: &Path) {
-    for _ in 0..500 {
-        if path.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("{} never appeared", path.display());
 }
 
 fn storage_daemon(img: &Path, sock: &Path) -> Daemon {

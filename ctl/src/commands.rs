@@ -5,13 +5,12 @@
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::host::{escape_line, is_root, Error, Host, Info};
-use crate::{console, stats, table};
+use crate::host::{answered, api_target, escape_line, info_of, is_root, Error, Host, Info};
+use crate::{console, fanout, stats, table};
 
 /// How long a single API request may take (shutdown waits longer: its own timeout).
 pub const API_TIMEOUT: Duration = Duration::from_secs(2);
@@ -37,61 +36,65 @@ pub struct Row {
     pub api_socket: String,
 }
 
-/// Every VM of the registry, each asked for its `vm.info` (in parallel, each bounded by
-/// `timeout`). A VM whose supervisor runs but whose API does not answer is `unknown`;
-/// one whose supervisor is gone is `ended` (shown with `all`), as are VMs the API
-/// reports `ended`.
+/// The largest `vm.info` body `list` reads from one VM.
+const LIST_MAX_BODY: usize = 64 * 1024;
+
+/// Every VM of the registry, each asked for its `vm.info` (all at once on one thread,
+/// bounded by `timeout` together). A VM whose supervisor runs but whose API does not
+/// answer is `unknown`; one whose supervisor is gone is `ended` (shown with `all`), as
+/// are VMs the API reports `ended`.
 pub fn list_rows(host: &Host, all: bool, timeout: Duration) -> Result<Vec<Row>, Error> {
     let scan = host.scan()?;
     let entries = scan.entries;
-    let rows: Vec<std::sync::Mutex<Option<Row>>> = entries
-        .iter()
-        .map(|_| std::sync::Mutex::new(None))
+    let live: Vec<usize> = (0..entries.len())
+        .filter(|&i| entries[i].is_live())
         .collect();
-    let next = AtomicUsize::new(0);
-    let workers = entries.len().clamp(1, 16);
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(e) = entries.get(i) else { break };
-                let mut row = Row {
-                    id: e.id.clone(),
-                    tenant: e.tenant.clone(),
-                    state: "unknown".into(),
-                    reason: String::new(),
-                    vcpus: None,
-                    memory_mib: None,
-                    uptime_ms: None,
-                    supervisor: Some(e.supervisor),
-                    api_socket: host.api_socket(&e.id).display().to_string(),
-                };
-                if !e.is_live() {
-                    row.state = "ended".into();
-                    row.reason = "supervisor gone".into();
-                } else {
-                    match host.info(&e.id, timeout) {
-                        Ok((_, info)) => {
-                            row.state = if info.state.is_empty() {
-                                "unknown".into()
-                            } else {
-                                info.state
-                            };
-                            row.reason = info.reason;
-                            row.vcpus = Some(info.vcpus);
-                            row.memory_mib = Some(info.memory_mib);
-                            row.uptime_ms = Some(info.uptime_ms);
-                        }
-                        Err(err) => row.reason = err.to_string(),
-                    }
+    let sockets: Vec<PathBuf> = live
+        .iter()
+        .map(|&i| host.api_socket(&entries[i].id))
+        .collect();
+    let target = api_target("vm.info");
+    let mut answers = fanout::get_all(&sockets, &target, timeout, LIST_MAX_BODY)
+        .into_iter()
+        .zip(live.iter().zip(&sockets));
+    let mut next = answers.next();
+    let mut rows = Vec::with_capacity(entries.len());
+    for (i, e) in entries.iter().enumerate() {
+        let mut row = Row {
+            id: e.id.clone(),
+            tenant: e.tenant.clone(),
+            state: "ended".into(),
+            reason: "supervisor gone".into(),
+            vcpus: None,
+            memory_mib: None,
+            uptime_ms: None,
+            supervisor: Some(e.supervisor),
+            api_socket: host.api_socket(&e.id).display().to_string(),
+        };
+        if let Some((answer, (_, sock))) = next.take_if(|(_, (at, _))| **at == i) {
+            next = answers.next();
+            match answered(&e.id, sock, "GET", &target, answer).and_then(|r| info_of(&e.id, r)) {
+                Ok((_, info)) => {
+                    row.state = if info.state.is_empty() {
+                        "unknown".into()
+                    } else {
+                        info.state
+                    };
+                    row.reason = info.reason;
+                    row.vcpus = Some(info.vcpus);
+                    row.memory_mib = Some(info.memory_mib);
+                    row.uptime_ms = Some(info.uptime_ms);
                 }
-                *rows[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(row);
-            });
+                Err(err) => {
+                    row.state = "unknown".into();
+                    row.reason = err.to_string();
+                }
+            }
         }
-    });
+        rows.push(row);
+    }
     let mut out: Vec<Row> = rows
         .into_iter()
-        .filter_map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
         .filter(|r| all || r.state != "ended")
         .collect();
     if all {
@@ -265,6 +268,10 @@ pub fn shutdown(host: &Host, id: &str, timeout_s: u64) -> Result<i32, Error> {
             println!("VM {id} powered off");
             Ok(0)
         }
+        "cancelled" => {
+            eprintln!("cellvmctl: vm {id}: the shutdown was cancelled; the VM is still running");
+            Ok(1)
+        }
         "timed-out" => {
             eprintln!(
                 "cellvmctl: vm {id}: timed out: the guest did not power off within {timeout_s} s; it is still running (`cellvmctl destroy {id}` ends it)"
@@ -280,6 +287,76 @@ pub fn shutdown(host: &Host, id: &str, timeout_s: u64) -> Result<i32, Error> {
 
 /// SIGUSR1 to the supervisor (through a pidfd opened before its start time is checked,
 /// so a reused pid cannot be hit), then waits until it has removed the registry entry.
+/// One job of `vm.jobs`, as the API describes it (fields it adds later are ignored).
+#[derive(Debug, Clone, serde::Deserialize, Serialize, PartialEq)]
+pub struct Job {
+    pub id: u64,
+    pub kind: String,
+    pub state: String,
+    #[serde(default)]
+    pub elapsed_ms: u64,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+struct Jobs {
+    jobs: Vec<Job>,
+}
+
+/// The jobs of `vm.jobs`, bounded: a VMM is untrusted and the API keeps a handful.
+pub fn job_list(host: &Host, id: &str) -> Result<Vec<Job>, Error> {
+    let r = host.call(id, "GET", "vm.jobs", None, API_TIMEOUT)?;
+    let jobs: Jobs = serde_json::from_slice(&r.body).map_err(|e| Error::Vm {
+        id: id.into(),
+        what: format!("vm.jobs: {e}"),
+    })?;
+    Ok(jobs.jobs.into_iter().take(1000).collect())
+}
+
+pub fn jobs(host: &Host, id: &str, json: bool) -> Result<i32, Error> {
+    host.find(id)?;
+    let jobs = job_list(host, id)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&jobs).unwrap_or_default()
+        );
+        return Ok(0);
+    }
+    let cells: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.to_string(),
+                escape_line(&j.kind),
+                escape_line(&j.state),
+                format!("{} ms", j.elapsed_ms),
+                j.timeout_ms.map_or("-".into(), |t| format!("{t} ms")),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(&["Job", "Kind", "State", "Elapsed", "Timeout"], &cells)
+    );
+    Ok(0)
+}
+
+pub fn cancel(host: &Host, id: &str, job: u64) -> Result<i32, Error> {
+    host.find(id)?;
+    let body = format!("{{\"id\":{job}}}");
+    host.call(
+        id,
+        "PUT",
+        "vm.jobs.cancel",
+        Some(body.as_bytes()),
+        API_TIMEOUT,
+    )?;
+    println!("VM {id}: job {job} cancelled");
+    Ok(0)
+}
+
 pub fn destroy(host: &Host, id: &str) -> Result<i32, Error> {
     if !is_root() {
         return Err(Error::Denied(

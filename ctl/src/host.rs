@@ -203,34 +203,19 @@ impl Host {
         timeout: Duration,
     ) -> Result<http::Response, Error> {
         let sock = self.api_socket(id);
-        let target = format!("/api/v1/{endpoint}");
-        let r = http::request(&sock, method, &target, body, timeout)
-            .map_err(|e| api_error(id, &sock, e))?;
-        if r.status >= 400 {
-            return Err(Error::Api {
-                id: id.into(),
-                what: format!("{method} {target}"),
-                status: r.status,
-                message: escape_line(&r.message()),
-            });
-        }
-        Ok(r)
+        let target = api_target(endpoint);
+        answered(
+            id,
+            &sock,
+            method,
+            &target,
+            http::request(&sock, method, &target, body, timeout),
+        )
     }
 
     /// `GET vm.info`, as the VMM's JSON object and as typed fields.
     pub fn info(&self, id: &str, timeout: Duration) -> Result<(serde_json::Value, Info), Error> {
-        let r = self.call(id, "GET", "vm.info", None, timeout)?;
-        let bad = |why: String| Error::Vm {
-            id: id.into(),
-            what: format!("vm.info: {why}"),
-        };
-        let value: serde_json::Value =
-            serde_json::from_slice(&r.body).map_err(|e| bad(format!("not JSON: {e}")))?;
-        if !value.is_object() {
-            return Err(bad("not a JSON object".into()));
-        }
-        let info: Info = serde_json::from_value(value.clone()).map_err(|e| bad(format!("{e}")))?;
-        Ok((value, info))
+        info_of(id, self.call(id, "GET", "vm.info", None, timeout)?)
     }
 
     /// Waits until the registry entry of `id` is gone (its supervisor cleaned up), at
@@ -250,6 +235,47 @@ impl Host {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+}
+
+/// The request target of an API endpoint.
+pub fn api_target(endpoint: &str) -> String {
+    format!("/api/v1/{endpoint}")
+}
+
+/// An exchange's outcome in the operator's words: a failed exchange as `api_error`
+/// says, an error status with the VMM's message.
+pub fn answered(
+    id: &str,
+    sock: &Path,
+    method: &str,
+    target: &str,
+    r: Result<http::Response, http::Error>,
+) -> Result<http::Response, Error> {
+    let r = r.map_err(|e| api_error(id, sock, e))?;
+    if r.status >= 400 {
+        return Err(Error::Api {
+            id: id.into(),
+            what: format!("{method} {target}"),
+            status: r.status,
+            message: escape_line(&r.message()),
+        });
+    }
+    Ok(r)
+}
+
+/// A `vm.info` answer as the VMM's JSON object and as typed fields.
+pub fn info_of(id: &str, r: http::Response) -> Result<(serde_json::Value, Info), Error> {
+    let bad = |why: String| Error::Vm {
+        id: id.into(),
+        what: format!("vm.info: {why}"),
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(&r.body).map_err(|e| bad(format!("not JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(bad("not a JSON object".into()));
+    }
+    let info: Info = serde_json::from_value(value.clone()).map_err(|e| bad(format!("{e}")))?;
+    Ok((value, info))
 }
 
 /// A failed API exchange in the operator's words: a socket that is not there or

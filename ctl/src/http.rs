@@ -92,24 +92,23 @@ fn remaining(path: &str, deadline: Instant, total: Duration) -> Result<Duration,
     Ok(left)
 }
 
-/// Connects to a Unix stream socket, waiting at most `timeout` (a full listen backlog
-/// makes a blocking connect wait for ever; this one retries a non-blocking connect).
-pub fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, Error> {
-    let shown = path.display().to_string();
-    let fail = |source: std::io::Error| Error::Connect {
-        path: shown.clone(),
-        source,
-    };
+/// The socket address of `path`, or ENAMETOOLONG for a path that does not fit.
+pub(crate) fn unix_addr(path: &Path) -> std::io::Result<libc::sockaddr_un> {
     let bytes = path.as_os_str().as_encoded_bytes();
     // SAFETY: an all-zero sockaddr_un is a valid (empty) address to fill in.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(fail(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG)));
+        return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
     }
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
     }
+    Ok(addr)
+}
+
+/// A new non-blocking, close-on-exec Unix stream socket.
+pub(crate) fn stream_socket() -> std::io::Result<OwnedFd> {
     // SAFETY: socket(2) with constant arguments; the result is checked.
     let fd = unsafe {
         libc::socket(
@@ -119,39 +118,56 @@ pub fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, Error> {
         )
     };
     if fd < 0 {
-        return Err(fail(std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: fd is a new descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let deadline = Instant::now() + timeout;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// One non-blocking connect of `fd` to `addr`: Ok(true) connected, Ok(false) the
+/// listener's backlog is full (it may drain: try again), else the error.
+pub(crate) fn try_connect(fd: &OwnedFd, addr: &libc::sockaddr_un) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
     loop {
-        use std::os::fd::AsRawFd;
         // SAFETY: addr is a valid sockaddr_un of the size passed.
         let rc = unsafe {
             libc::connect(
                 fd.as_raw_fd(),
-                &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+                addr as *const libc::sockaddr_un as *const libc::sockaddr,
                 std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
             )
         };
         if rc == 0 {
-            break;
+            return Ok(true);
         }
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EINTR) => continue,
-            // The listener's backlog is full: it may drain; wait a little and retry.
-            Some(libc::EAGAIN) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Some(libc::EAGAIN) => {
-                return Err(Error::Timeout {
-                    path: shown,
-                    ms: timeout.as_millis(),
-                })
-            }
-            _ => return Err(fail(e)),
+            Some(libc::EAGAIN) => return Ok(false),
+            _ => return Err(e),
         }
+    }
+}
+
+/// Connects to a Unix stream socket, waiting at most `timeout` (a full listen backlog
+/// makes a blocking connect wait for ever; this one retries a non-blocking connect).
+pub fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, Error> {
+    let shown = path.display().to_string();
+    let fail = |source: std::io::Error| Error::Connect {
+        path: shown.clone(),
+        source,
+    };
+    let addr = unix_addr(path).map_err(fail)?;
+    let fd = stream_socket().map_err(fail)?;
+    let deadline = Instant::now() + timeout;
+    while !try_connect(&fd, &addr).map_err(fail)? {
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout {
+                path: shown,
+                ms: timeout.as_millis(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
     let stream = UnixStream::from(fd);
     stream.set_nonblocking(false).map_err(fail)?;
@@ -257,54 +273,65 @@ impl Client {
         deadline: Instant,
         total: Duration,
     ) -> Result<Response, Error> {
-        let head_end = loop {
-            if let Some(at) = find(&self.pending, b"\r\n\r\n") {
-                break at;
-            }
-            if self.pending.len() > MAX_HEAD {
-                return Err(self.malformed(format!("head longer than {MAX_HEAD} bytes")));
-            }
-            if !self.fill(deadline, total)? {
-                return Err(Error::Closed {
-                    path: self.path.clone(),
-                });
-            }
-        };
-        if head_end + 4 > MAX_HEAD {
-            return Err(self.malformed(format!("head longer than {MAX_HEAD} bytes")));
-        }
-        let head = parse_head(&self.pending[..head_end]).map_err(|why| self.malformed(why))?;
-        self.pending.drain(..head_end + 4);
-        let no_body =
-            method == "HEAD" || head.status / 100 == 1 || matches!(head.status, 204 | 304);
-        let len = match (no_body, head.content_length) {
-            (true, _) => 0,
-            (false, Some(n)) => n,
-            (false, None) => {
-                return Err(self.malformed(format!("status {} without Content-Length", head.status)))
-            }
-        };
-        if len > MAX_BODY {
-            return Err(self.malformed(format!(
-                "Content-Length {len} exceeds the {MAX_BODY}-byte limit"
-            )));
-        }
-        while self.pending.len() < len {
-            if !self.fill(deadline, total)? {
-                return Err(Error::Closed {
-                    path: self.path.clone(),
-                });
+        loop {
+            match parse_response(&self.pending, method, MAX_BODY)
+                .map_err(|why| self.malformed(why))?
+            {
+                Some((response, used, close)) => {
+                    self.pending.drain(..used);
+                    self.closed |= close;
+                    return Ok(response);
+                }
+                None => {
+                    if !self.fill(deadline, total)? {
+                        return Err(Error::Closed {
+                            path: self.path.clone(),
+                        });
+                    }
+                }
             }
         }
-        let body: Vec<u8> = self.pending.drain(..len).collect();
-        if head.close {
-            self.closed = true;
-        }
-        Ok(Response {
-            status: head.status,
-            body,
-        })
     }
+}
+
+/// What `buf` holds of one response to `method`: `Ok(None)` while more bytes are
+/// needed, else the response, the bytes it took and whether the server closes the
+/// connection after it. A head over `MAX_HEAD` or a body over `max_body` is refused.
+pub(crate) fn parse_response(
+    buf: &[u8],
+    method: &str,
+    max_body: usize,
+) -> Result<Option<(Response, usize, bool)>, String> {
+    let Some(head_end) = find(buf, b"\r\n\r\n") else {
+        if buf.len() > MAX_HEAD {
+            return Err(format!("head longer than {MAX_HEAD} bytes"));
+        }
+        return Ok(None);
+    };
+    if head_end + 4 > MAX_HEAD {
+        return Err(format!("head longer than {MAX_HEAD} bytes"));
+    }
+    let head = parse_head(&buf[..head_end])?;
+    let no_body = method == "HEAD" || head.status / 100 == 1 || matches!(head.status, 204 | 304);
+    let len = match (no_body, head.content_length) {
+        (true, _) => 0,
+        (false, Some(n)) => n,
+        (false, None) => return Err(format!("status {} without Content-Length", head.status)),
+    };
+    if len > max_body {
+        return Err(format!(
+            "Content-Length {len} exceeds the {max_body}-byte limit"
+        ));
+    }
+    let start = head_end + 4;
+    if buf.len() - start < len {
+        return Ok(None);
+    }
+    let response = Response {
+        status: head.status,
+        body: buf[start..start + len].to_vec(),
+    };
+    Ok(Some((response, start + len, head.close)))
 }
 
 /// One request on a fresh connection, connect included within `timeout`.

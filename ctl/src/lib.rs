@@ -4,6 +4,7 @@
 
 pub mod commands;
 pub mod console;
+pub mod fanout;
 pub mod host;
 pub mod http;
 pub mod stats;

@@ -54,6 +54,19 @@ enum Verb {
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout: u64,
     },
+    /// The VM's long operations (a shutdown waiting for its guest): running ones, then
+    /// the last finished.
+    Jobs {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a running job early (a shutdown stops waiting; the VM keeps running).
+    Cancel {
+        id: String,
+        /// The job's id, from `cellvmctl jobs`.
+        job: u64,
+    },
     /// Press the VM's ACPI power button once and return.
     PowerButton { id: String },
     /// Reset the VM: the supervisor rebuilds it with fresh cells.
@@ -90,6 +103,8 @@ fn main() {
         Verb::Pause { id } => commands::simple(&host, id, "vm.pause", "paused"),
         Verb::Resume { id } => commands::simple(&host, id, "vm.resume", "resumed"),
         Verb::Shutdown { id, timeout } => commands::shutdown(&host, id, *timeout),
+        Verb::Jobs { id, json } => commands::jobs(&host, id, *json),
+        Verb::Cancel { id, job } => commands::cancel(&host, id, *job),
         Verb::PowerButton { id } => {
             commands::simple(&host, id, "vm.power-button", "power button pressed")
         }

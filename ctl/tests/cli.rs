@@ -395,6 +395,8 @@ fn every_verb_has_help() {
         "reboot",
         "destroy",
         "stats",
+        "jobs",
+        "cancel",
         "launch",
     ] {
         let o = ctl(Path::new("/nonexistent"), &[verb, "--help"]);

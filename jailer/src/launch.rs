@@ -2,7 +2,7 @@
 //! is built (DESIGN.md), then supervises the VMM and removes every trace of the cell.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -142,6 +142,13 @@ pub enum Device {
         readonly: bool,
         direct: bool,
         queues: u16,
+        /// The image's format, checked against its header.
+        format: block::header::Format,
+        /// The layers below a qcow2 top, nearest first, each opened read-only.
+        backing: Vec<crate::chain::Layer>,
+        /// RLIMIT_FSIZE of the backend's cell for a writable qcow2 top; None: the file's
+        /// length (it cannot grow).
+        fsize: Option<u64>,
     },
     Net {
         tap: String,
@@ -162,9 +169,22 @@ impl Device {
                 readonly,
                 direct,
                 queues,
+                format,
+                backing,
                 ..
             } => {
                 a.extend(["blk".into(), "--image-fd".into(), fd]);
+                // Raw is the backend's default: its command line stays as it was.
+                if *format != block::header::Format::Raw {
+                    a.extend(["--format".into(), format.to_string()]);
+                }
+                if !backing.is_empty() {
+                    let list: Vec<String> = backing
+                        .iter()
+                        .map(|l| format!("{}:{}", l.file.as_raw_fd(), l.format))
+                        .collect();
+                    a.extend(["--backing".into(), list.join(",")]);
+                }
                 a.extend([
                     "--queues".into(),
                     queues.to_string(),
@@ -195,6 +215,14 @@ impl Device {
             Device::Blk { .. } => "blk",
             Device::Net { .. } => "net",
             Device::Rng => "rng",
+        }
+    }
+
+    /// The descriptors of a disk's backing layers, kept across the backend's exec.
+    fn backing_fds(&self) -> Vec<i32> {
+        match self {
+            Device::Blk { backing, .. } => backing.iter().map(|l| l.file.as_raw_fd()).collect(),
+            _ => Vec::new(),
         }
     }
 
@@ -292,6 +320,8 @@ pub fn plan_for(policy: TenantPolicy, spec: VmSpec, opts: &Options) -> Result<Pl
         seen.push(((m.dev(), m.ino()), false));
     }
     let mut writable_bytes: u64 = 0;
+    // Every disk's backing layers, with the field that named them: read-only users.
+    let mut lower: Vec<((u64, u64), String)> = Vec::new();
     for (i, d) in spec.disks.iter().enumerate() {
         let refuse = |message: String| {
             refused(format!(
@@ -304,6 +334,11 @@ pub fn plan_for(policy: TenantPolicy, spec: VmSpec, opts: &Options) -> Result<Pl
         let image = match paths::open_disk(&policy, &d.path, !d.readonly) {
             Ok(image) => image,
             Err(e) => {
+                if let Some((_, by)) = lower.iter().find(|(s, _)| Some(*s) == id && !d.readonly) {
+                    return Err(refuse(format!(
+                        "the same image as a backing file of {by}; a writable image has one user"
+                    )));
+                }
                 if let Some(j) = seen.iter().position(|(s, _)| Some(*s) == id) {
                     return Err(refuse(format!(
                         "the same image as {}; a writable image has one user",
@@ -322,15 +357,42 @@ pub fn plan_for(policy: TenantPolicy, spec: VmSpec, opts: &Options) -> Result<Pl
                 image_name(j, kernel.is_some(), initrd.is_some())
             )));
         }
-        seen.push((image.id, !d.readonly));
-        if let Some(max) = policy.max_disk_bytes.filter(|m| image.size > *m) {
+        if let Some((_, by)) = lower.iter().find(|(s, _)| *s == image.id && !d.readonly) {
             return Err(refuse(format!(
-                "size = {} bytes exceeds the tenant limit max_disk_bytes = {max}",
-                image.size
+                "the same image as a backing file of {by}; a writable image has one user"
+            )));
+        }
+        seen.push((image.id, !d.readonly));
+        // The header checked against the claimed format, the backing chain resolved
+        // beneath the image directories, every layer opened read-only.
+        let at = paths::Beneath::of(&policy, &d.path);
+        let disk = crate::chain::resolve(
+            &policy,
+            d.format.block(),
+            &image,
+            at.as_ref(),
+            !d.readonly,
+            &d.path,
+        )
+        .map_err(|e| refuse(e.to_string()))?;
+        for l in &disk.backing {
+            if let Some(j) = seen.iter().position(|(s, w)| *s == l.id && *w) {
+                return Err(refuse(format!(
+                    "a backing file is the same image as {}, which is writable; a writable image has one user",
+                    image_name(j, kernel.is_some(), initrd.is_some())
+                )));
+            }
+            lower.push((l.id, format!("disks[{i}]")));
+        }
+        // A qcow2 disk's size is its virtual size, whatever its file's length.
+        let size = disk.virtual_size;
+        if let Some(max) = policy.max_disk_bytes.filter(|m| size > *m) {
+            return Err(refuse(format!(
+                "size = {size} bytes exceeds the tenant limit max_disk_bytes = {max}"
             )));
         }
         if !d.readonly {
-            writable_bytes = writable_bytes.saturating_add(image.size);
+            writable_bytes = writable_bytes.saturating_add(size);
             if let Some(max) = policy.max_total_disk_bytes.filter(|m| writable_bytes > *m) {
                 return Err(refuse(format!(
                     "writable disks of {writable_bytes} bytes in all exceed the tenant limit max_total_disk_bytes = {max}"
@@ -342,6 +404,9 @@ pub fn plan_for(policy: TenantPolicy, spec: VmSpec, opts: &Options) -> Result<Pl
             readonly: d.readonly,
             direct: d.direct,
             queues: d.queues,
+            format: disk.format,
+            backing: disk.backing,
+            fsize: disk.fsize,
         });
     }
     if spec.rng {
@@ -426,6 +491,8 @@ struct VmmContext<'a> {
     identity: String,
     device_fds: &'a [RawFd],
     device_pids: &'a [u32],
+    /// Each backend's page of counters, which the VMM maps read-only.
+    counter_fds: &'a [RawFd],
 }
 
 /// `--identity id=..,tenant=..,label=..,cgroup=..`: every value is the jailer's own (an
@@ -500,15 +567,16 @@ fn vmm_argv(plan: &Plan, opts: &Options, ctx: &VmmContext) -> Vec<String> {
         EXIT_RESET.to_string(),
     ]);
     // Each device: the VMM's end of a connection its backend cell already holds.
-    for ((d, fd), pid) in plan.devices.iter().zip(ctx.device_fds).zip(ctx.device_pids) {
-        // The backend's host pid, shown by vm.info.
-        let pid = format!(",pid={pid}");
+    let devices = plan.devices.iter().zip(ctx.device_fds);
+    for ((d, fd), (pid, page)) in devices.zip(ctx.device_pids.iter().zip(ctx.counter_fds)) {
+        // The backend's host pid, shown by vm.info, and the page of its counters.
+        let started = format!(",pid={pid},counters={page}");
         match d {
             Device::Blk { queues, .. } => {
-                argv.extend(["--disk".into(), format!("fd={fd},queues={queues}{pid}")])
+                argv.extend(["--disk".into(), format!("fd={fd},queues={queues}{started}")])
             }
-            Device::Rng => argv.push(format!("--rng=fd={fd}{pid}")),
-            Device::Net { .. } => argv.extend(["--net".into(), format!("fd={fd}{pid}")]),
+            Device::Rng => argv.push(format!("--rng=fd={fd}{started}")),
+            Device::Net { .. } => argv.extend(["--net".into(), format!("fd={fd}{started}")]),
         }
     }
     argv
@@ -584,8 +652,53 @@ fn connected_listener(dir: &Path, n: usize) -> Result<(OwnedFd, OwnedFd), String
     Ok((OwnedFd::from(listener), OwnedFd::from(stream)))
 }
 
+/// The size of a backend's page of counters (`cellvm::backend::counters::PAGE`; the VMM
+/// refuses a smaller one). The jailer does not link the VMM's crate, so it makes the page
+/// itself: seven lines of memfd and seals, no knowledge of what the page holds.
+const COUNTERS_PAGE: libc::off_t = 4096;
+
+/// The page of counters backend `n` keeps and its VMM reads: a memfd of one page,
+/// sealed against shrinking and growing before either cell holds it, so neither can
+/// make the other's next access fault. Its layout is the VMM's business
+/// (`cellvm::backend::counters`); the jailer only makes it and hands it to both.
+fn counters_page() -> Result<OwnedFd, String> {
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | libc::MFD_NOEXEC_SEAL;
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"cellvm-counters".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(format!(
+            "counters memfd: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: a fresh descriptor that this function owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ftruncate and fcntl on our own descriptor, no pointers.
+    let ok = unsafe {
+        libc::ftruncate(fd.as_raw_fd(), COUNTERS_PAGE) == 0
+            && libc::fcntl(
+                fd.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+            ) == 0
+    };
+    if !ok {
+        return Err(format!(
+            "counters memfd: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(fd)
+}
+
 /// `cellvm-device ...` for backend `n` (or, test-only, the probe that takes its place).
-fn backend_argv(plan: &Plan, n: usize, listener: &OwnedFd, opts: &Options) -> Vec<String> {
+fn backend_argv(
+    plan: &Plan,
+    n: usize,
+    listener: &OwnedFd,
+    page: &OwnedFd,
+    opts: &Options,
+) -> Vec<String> {
     let device = &plan.devices[n];
     let seccomp = if opts.without.iter().any(|w| w == "seccomp") {
         "off"
@@ -610,7 +723,12 @@ fn backend_argv(plan: &Plan, n: usize, listener: &OwnedFd, opts: &Options) -> Ve
         }
         _ => {
             let mut a = device.argv(n, seccomp);
-            a.extend(["--listen-fd".into(), listener.as_raw_fd().to_string()]);
+            a.extend([
+                "--listen-fd".into(),
+                listener.as_raw_fd().to_string(),
+                "--counters-fd".into(),
+                page.as_raw_fd().to_string(),
+            ]);
             a
         }
     }
@@ -646,6 +764,7 @@ fn backend_cell<'a>(
     n: usize,
     uid: u32,
     listener: &OwnedFd,
+    page: &OwnedFd,
     stdio: [RawFd; 3],
 ) -> Result<CellSpec<'a>, Failure> {
     let plan = s.plan;
@@ -655,14 +774,19 @@ fn backend_cell<'a>(
         .as_ref()
         .ok_or_else(|| setup("no device binary was opened"))?;
     let fsize = match device {
+        // A writable qcow2 image grows as the guest writes, up to its header's bound.
+        Device::Blk {
+            fsize: Some(limit), ..
+        } => *limit,
         Device::Blk { image, .. } => image
             .metadata()
             .map_err(|e| setup(format!("disks: {e}")))?
             .len(),
         _ => 0,
     };
-    let mut keep = vec![listener.as_raw_fd()];
+    let mut keep = vec![listener.as_raw_fd(), page.as_raw_fd()];
     keep.extend(device.passed_fd());
+    keep.extend(device.backing_fds());
     Ok(CellSpec {
         name: format!("dev{n} {}", device.kind()),
         tenant: plan.policy.name.clone(),
@@ -677,12 +801,13 @@ fn backend_cell<'a>(
         limits: identity::Limits {
             nofile: 64,
             nproc: plan.policy.cgroup.pids_max as u64,
-            // The image cannot grow: a write past its end fails with EFBIG.
+            // A raw image cannot grow: a write past its end fails with EFBIG; a qcow2
+            // image grows no further than writing its whole virtual disk needs.
             fsize,
         },
         landlock: s.landlock(Rules::DenyAllButExec),
         exec,
-        argv: backend_argv(plan, n, listener, s.opts),
+        argv: backend_argv(plan, n, listener, page, s.opts),
         keep,
         stdio,
         signals: &s.signals,
@@ -700,6 +825,7 @@ fn vmm_cell<'a>(
 ) -> CellSpec<'a> {
     let plan = s.plan;
     let mut keep = ctx.device_fds.to_vec();
+    keep.extend(ctx.counter_fds);
     if s.opts.probe.is_none() {
         keep.push(ctx.api_fd);
     }
@@ -803,6 +929,13 @@ fn build_and_supervise(
             } => files.push((image, selinux::SHARED_IMAGE_LABEL.into(), true)),
             Device::Blk { image, .. } => files.push((image, entry.mcs.image_label(), false)),
             _ => {}
+        }
+        // Backing layers are read by the backend only: the shared read-only label, no
+        // categories, refcounted with every other VM that reads them.
+        if let Device::Blk { backing, .. } = d {
+            for l in backing {
+                files.push((&l.file, selinux::SHARED_IMAGE_LABEL.into(), true));
+            }
         }
     }
     for (f, l, shared) in files {
@@ -926,9 +1059,11 @@ fn run_once(
     let mut cells = Cells(Vec::new());
     let mut logs = Vec::new();
     let mut vmm_ends = Vec::new();
+    let mut pages = Vec::new();
     let mut console_out = None;
     for (n, &uid) in entry.device_uids.iter().enumerate() {
         let (listener, vmm_end) = connected_listener(&shared.jail, n).map_err(setup)?;
+        let page = counters_page().map_err(setup)?;
         let (err_w, log) = log_pipe(name, &format!("dev{n} {}", plan.devices[n].kind()))?;
         // Test-only: a probe in a backend's cell reports on its stdout.
         let out = if probe_in_backend && probe_dev == Some(n) {
@@ -943,17 +1078,18 @@ fn run_once(
             out.as_ref().map_or(null.as_raw_fd(), |w| w.as_raw_fd()),
             err_w.as_raw_fd(),
         ];
-        let spec = backend_cell(shared, n, uid, &listener, stdio)?;
+        let spec = backend_cell(shared, n, uid, &listener, &page, stdio)?;
         cells.0.push(cell::start(&shared.cgroup, &spec)?);
         logs.push(log);
         vmm_ends.push(vmm_end);
+        pages.push(page);
     }
     if probe_in_backend {
         // Test-only: the probe runs in a backend's cell; no VMM.
         let Some(target) = probe_dev else {
             return Err(Error::NoProbeTarget(opts.probe_in.clone()).into());
         };
-        drop(vmm_ends);
+        drop((vmm_ends, pages));
         cells.exec()?;
         let pid = cells.0.remove(target).pid;
         relay.attach(None, console_out, logs);
@@ -969,16 +1105,18 @@ fn run_once(
     logs.push(log);
     let device_fds: Vec<RawFd> = vmm_ends.iter().map(|f| f.as_raw_fd()).collect();
     let device_pids: Vec<u32> = cells.0.iter().map(|c| c.pid).collect();
+    let counter_fds: Vec<RawFd> = pages.iter().map(|f| f.as_raw_fd()).collect();
     let ctx = VmmContext {
         api_fd: shared.api.as_raw_fd(),
         identity: identity(plan, entry, &shared.cgroup),
         device_fds: &device_fds,
         device_pids: &device_pids,
+        counter_fds: &counter_fds,
     };
     let stdio = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
     let spec = vmm_cell(shared, &trees, entry, &ctx, stdio);
     let mut vmm = cell::start(&shared.cgroup, &spec)?;
-    drop((in_r, out_w, err_w, vmm_ends));
+    drop((in_r, out_w, err_w, vmm_ends, pages));
     relay.attach(Some(in_w), Some(out_r), logs);
     // Every cell exec'd, or the launch ends here (the backends are killed with it).
     let built = cells.exec().and_then(|_| vmm.exec());
@@ -1065,5 +1203,37 @@ pub fn cleanup(opts: &Options, entry: &Entry) {
         if let Err(e) = reg.remove(&entry.id) {
             eprintln!("cellvm-jailer: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Neither cell can resize the page it shares with the other (a shrink would turn
+    /// the other's next access into a SIGBUS), nor lift the seals.
+    #[test]
+    fn the_counters_page_is_one_page_sealed_against_resizing() {
+        let page = counters_page().unwrap();
+        let fd = page.as_raw_fd();
+        // SAFETY: fcntl(F_GET_SEALS) on our own descriptor, no pointers.
+        let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        assert_eq!(seals & want, want, "seals {seals:#x}");
+        assert_eq!(
+            std::fs::File::from(page.try_clone().unwrap())
+                .metadata()
+                .unwrap()
+                .len(),
+            COUNTERS_PAGE as u64
+        );
+        for size in [0, 2048, 8192] {
+            // SAFETY: ftruncate on our own descriptor, no pointers.
+            let r = unsafe { libc::ftruncate(fd, size) };
+            assert_eq!(r, -1, "resized to {size}");
+        }
+        // SAFETY: as above.
+        let r = unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+        assert_eq!(r, -1, "a seal was added after F_SEAL_SEAL");
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod cell;
 pub mod cgroup;
+pub mod chain;
 pub mod console;
 pub mod gc;
 pub mod identity;
@@ -18,7 +19,8 @@ pub mod selinux;
 pub mod supervise;
 pub mod tap;
 
-/// Entry points for the fuzz targets (fuzz/fuzz_targets/tenant_policy.rs, mcs_label.rs),
+/// Entry points for the fuzz targets (fuzz/fuzz_targets/tenant_policy.rs, mcs_label.rs,
+/// qcow2_header.rs),
 /// replayed by `cargo test` like the VMM's. Behind the `fuzzing` feature: never in the
 /// shipped jailer.
 #[cfg(feature = "fuzzing")]
@@ -67,6 +69,14 @@ pub mod fuzzing {
     /// FIFO, a directory, links out, a block node. Made once, the same every run, so the
     /// corpus can name them.
     pub const SANDBOX: &str = "/tmp/cellvm-fuzz-plan";
+
+    /// One user of the sandbox at a time: a plan locks the disks it opens as a VM
+    /// would, and a chain check running beside it in another thread (the tests, the
+    /// corpus replay) would find them held by "another VM".
+    fn sandbox_turn() -> std::sync::MutexGuard<'static, ()> {
+        static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        TURN.lock().unwrap_or_else(|p| p.into_inner())
+    }
 
     fn sandbox() -> &'static Path {
         static MADE: OnceLock<PathBuf> = OnceLock::new();
@@ -142,6 +152,7 @@ pub mod fuzzing {
     /// bounded). A refusal is one clean line; an accepted plan holds nothing the policy
     /// does not grant, checked on the descriptors themselves.
     fn plan_in_sandbox(policy: TenantPolicy, spec: VmSpec) {
+        let _turn = sandbox_turn();
         let root = sandbox();
         if !confined(&policy) {
             return;
@@ -205,12 +216,43 @@ pub mod fuzzing {
         let mut total: u64 = 0;
         let disks = plan.devices.iter().filter_map(|d| match d {
             Device::Blk {
-                image, readonly, ..
-            } => Some((image, *readonly)),
+                image,
+                readonly,
+                format,
+                backing,
+                ..
+            } => Some((image, *readonly, *format, backing)),
             _ => None,
         });
-        for ((image, readonly), d) in disks.zip(&spec.disks) {
+        for ((image, readonly, format, backing), d) in disks.zip(&spec.disks) {
             let (path, meta, mode) = opened(image);
+            assert_eq!(format, d.format.block(), "{path:?}: format");
+            // The header agrees with the format; a qcow2 disk's size is its virtual size.
+            let head = crate::chain::read_head(image, meta.len()).expect("pread");
+            assert_eq!(block::header::detect(&head), format, "{path:?}: magic");
+            let size = match format {
+                block::header::Format::Raw => meta.len(),
+                block::header::Format::Qcow2 => {
+                    let h = block::header::parse(&head).expect("an accepted header parses");
+                    assert_eq!(
+                        h.refusal(!readonly),
+                        None,
+                        "{path:?}: served though refused"
+                    );
+                    h.size
+                }
+            };
+            assert!(backing.len() <= policy.max_chain_depth as usize);
+            for l in backing {
+                let (lpath, lmeta, lmode) = opened(&l.file);
+                assert!(lmeta.file_type().is_file(), "{lpath:?}: not a file");
+                assert_eq!(lmode, libc::O_RDONLY, "{lpath:?}: a backing layer writable");
+                assert!(
+                    dirs.iter().any(|dir| lpath.starts_with(dir)),
+                    "{lpath:?} outside {dirs:?}"
+                );
+                assert!(!writable.contains(&(lmeta.dev(), lmeta.ino())));
+            }
             assert_eq!(readonly, d.readonly);
             assert_eq!(mode == libc::O_RDONLY, readonly, "{path:?}: access mode");
             let block = meta.file_type().is_block_device();
@@ -239,12 +281,12 @@ pub mod fuzzing {
                 );
                 assert!(!all.contains(&id), "{path:?}: a writable image shared");
                 writable.push(id);
-                total = total.saturating_add(meta.len());
+                total = total.saturating_add(size);
             } else {
                 assert!(!writable.contains(&id), "{path:?}: a writable image shared");
             }
             all.push(id);
-            assert!(policy.max_disk_bytes.is_none_or(|m| meta.len() <= m));
+            assert!(policy.max_disk_bytes.is_none_or(|m| size <= m));
         }
         assert!(policy.max_total_disk_bytes.is_none_or(|m| total <= m));
     }
@@ -305,6 +347,7 @@ pub mod fuzzing {
         if !confined(&policy) {
             return None;
         }
+        let _turn = sandbox_turn();
         let root = sandbox();
         let opts = sandbox_options(root);
         Some(
@@ -312,6 +355,145 @@ pub mod fuzzing {
                 .map(drop)
                 .map_err(|f| f.message),
         )
+    }
+
+    /// Arbitrary bytes as the head of a tenant's qcow2 image: the header parse, the
+    /// refusal (read-only and writable), the file-size bounds, and the chain check the
+    /// jailer runs on it (`chain::resolve`, on a memfd holding the bytes, placed in the
+    /// sandbox's image directory so its backing names resolve among the sandbox's files
+    /// and never outside it). Nothing may panic; a refusal is one clean line; an accepted
+    /// image's chain holds only read-only regular files beneath the directory.
+    pub fn qcow2_header(data: &[u8]) {
+        use block::header::{self, Format};
+        let data = &data[..data.len().min(header::HEADER_READ_MAX)];
+        let parsed = header::parse(data);
+        match &parsed {
+            Err(e) => assert_clean(&e.to_string()),
+            Ok(h) => {
+                assert_eq!(header::detect(data), Format::Qcow2);
+                assert!((9..=21).contains(&h.cluster_bits) && h.refcount_order <= 6);
+                assert!(h.size <= i64::MAX as u64);
+                if let Some(b) = &h.backing {
+                    assert!(!b.name.is_empty() && b.name.len() <= 1023);
+                }
+                for writable in [false, true] {
+                    if let Some(why) = h.refusal(writable) {
+                        assert_clean(&why);
+                    }
+                }
+                assert!(h.refusal(false).is_none() || h.refusal(true).is_some());
+                let (max, growth) = (h.max_file_bytes(), h.max_growth_bytes());
+                assert!(
+                    max >= h.size && growth >= h.size,
+                    "{max} {growth} {}",
+                    h.size
+                );
+            }
+        }
+        let _turn = sandbox_turn();
+        let Some((policy, top, at)) = qcow2_sandbox(data) else {
+            return;
+        };
+        let images = at.dir.clone();
+        let canonical = std::fs::canonicalize(&images).unwrap_or(images);
+        for (claimed, writable) in [
+            (Format::Qcow2, false),
+            (Format::Qcow2, true),
+            (Format::Raw, false),
+        ] {
+            match crate::chain::resolve(
+                &policy,
+                claimed,
+                &top,
+                Some(&at),
+                writable,
+                Path::new("top"),
+            ) {
+                Err(e) => assert_clean(&e.to_string()),
+                Ok(disk) => {
+                    assert_eq!(header::detect(data), claimed);
+                    assert!(disk.backing.len() <= 3);
+                    assert_eq!(disk.fsize.is_some(), writable && claimed == Format::Qcow2);
+                    if claimed == Format::Qcow2 {
+                        let Ok(h) = &parsed else {
+                            panic!("an unparsable header was accepted");
+                        };
+                        assert_eq!(h.refusal(writable), None);
+                        assert_eq!(disk.virtual_size, h.size);
+                    }
+                    for l in &disk.backing {
+                        let path =
+                            std::fs::read_link(format!("/proc/self/fd/{}", l.file.as_raw_fd()))
+                                .expect("an open descriptor has a path");
+                        assert!(path.starts_with(&canonical), "{path:?} outside the sandbox");
+                        assert!(l.file.metadata().is_ok_and(|m| m.file_type().is_file()));
+                        // SAFETY: F_GETFL on a descriptor we hold.
+                        let mode = unsafe { libc::fcntl(l.file.as_raw_fd(), libc::F_GETFL) };
+                        assert_eq!(mode & libc::O_ACCMODE, libc::O_RDONLY);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The fuzz policy (the sandbox's image directory, qcow2 allowed, depth 3), the bytes
+    /// in a memfd as the top, and where the top pretends to lie: `images/dir/top.qcow2`.
+    fn qcow2_sandbox(
+        data: &[u8],
+    ) -> Option<(TenantPolicy, crate::paths::Image, crate::paths::Beneath)> {
+        let root = sandbox();
+        let images = root.join("images");
+        let Ok(policy) = TenantPolicy::parse(&format!(
+            "name = \"fuzz\"\nmax_vcpus = 1\nmax_memory_mib = 64\nimage_dirs = [\"{}\"]\n\
+             uid_range = [300000, 300009]\nmcs_categories = [10, 20]\n\
+             disk_formats = [\"raw\", \"qcow2\"]\nmax_chain_depth = 3\n\
+             max_disk_bytes = 1073741824\n\
+             [cgroup]\ncpu_percent = 100\nmemory_overhead_mib = 64\npids_max = 32\n",
+            images.display()
+        )) else {
+            panic!("the fuzz policy parses");
+        };
+        // SAFETY: memfd_create with a NUL-terminated name; the fd is checked and owned.
+        let fd = unsafe { libc::memfd_create(c"qcow2-header".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: a fresh descriptor, owned from here on.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        if std::io::Write::write_all(&mut &file, data).is_err() {
+            return None;
+        }
+        let Ok(meta) = file.metadata() else {
+            return None;
+        };
+        let top = crate::paths::Image {
+            file,
+            size: meta.len(),
+            id: (meta.dev(), meta.ino()),
+            block_device: false,
+        };
+        let at = crate::paths::Beneath {
+            dir: images.clone(),
+            rel: PathBuf::from("dir/top.qcow2"),
+        };
+        Some((policy, top, at))
+    }
+
+    /// What the jailer's chain check makes of the bytes as a read-only qcow2 disk in the
+    /// sandbox: the number of backing layers, or the refusal.
+    pub fn qcow2_outcome(data: &[u8]) -> Result<usize, String> {
+        let _turn = sandbox_turn();
+        let (policy, top, at) = qcow2_sandbox(data).ok_or("no memfd")?;
+        crate::chain::resolve(
+            &policy,
+            block::header::Format::Qcow2,
+            &top,
+            Some(&at),
+            false,
+            Path::new("top"),
+        )
+        .map(|d| d.backing.len())
+        .map_err(|e| e.to_string())
     }
 
     /// MCS pair parsing: whatever parses prints back to the same text and labels.
@@ -331,6 +513,38 @@ pub mod fuzzing {
 
     #[cfg(test)]
     mod tests {
+        /// The qcow2_header seeds (heads of images qemu-img made) reach the chain check,
+        /// which serves the good ones and refuses each hostile one for its own reason.
+        #[test]
+        fn the_qcow2_corpus_drives_the_chain_check_to_each_outcome() {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../fuzz/corpus/qcow2_header");
+            let expect: [(&str, Result<usize, &str>); 9] = [
+                ("plain", Ok(0)),
+                ("v2", Ok(0)),
+                ("bm", Ok(0)),
+                ("over-inner", Ok(1)),
+                ("over-escape", Err("escapes")),
+                (
+                    "over-absolute",
+                    Err("not inside any of the allowed directories"),
+                ),
+                ("over-mismatch", Err("is named as qcow2 but is raw")),
+                ("luks", Err("crypt_method = 2 (LUKS)")),
+                ("short", Err("bytes needed")),
+            ];
+            for (name, want) in expect {
+                let data = std::fs::read(dir.join(name)).unwrap();
+                let got = super::qcow2_outcome(&data);
+                match (want, &got) {
+                    (Ok(n), Ok(m)) if n == *m => {}
+                    (Err(why), Err(m)) if m.contains(why) => {}
+                    _ => panic!("{name}: expected {want:?}, got {got:?}"),
+                }
+                super::qcow2_header(&data);
+            }
+        }
+
         /// The corpus's plan-* inputs reach the planner, which accepts the good one and
         /// refuses each hostile one for its own reason: the target drives the file
         /// opening, not just the check.

@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::policy::{shown_path, TenantPolicy};
+use crate::policy::{shown, shown_path, TenantPolicy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -160,6 +160,124 @@ fn open_any_beneath(dirs: &[PathBuf], path: &Path, writable: bool) -> Result<Fil
                 source: err,
             }
         }
+    })
+}
+
+/// Where an image lies: an allowed image directory and the path beneath it, kept as it
+/// was resolved (not normalised), so a relative backing name is resolved by the kernel
+/// from the same place QEMU would resolve it.
+#[derive(Clone, Debug)]
+pub struct Beneath {
+    pub dir: PathBuf,
+    pub rel: PathBuf,
+}
+
+impl Beneath {
+    /// Where a path the spec names lies, if inside an image directory.
+    pub fn of(policy: &TenantPolicy, path: &Path) -> Option<Beneath> {
+        let dir = allowed_dir(&policy.image_dirs, path)?;
+        let rel = path.strip_prefix(dir).ok()?.to_path_buf();
+        Some(Beneath {
+            dir: dir.clone(),
+            rel,
+        })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(&self.rel)
+    }
+}
+
+/// Opens the backing file `name` that the image at `referrer` names: read-only, never
+/// blocking, a regular file only, with the image owner's credentials if the policy names
+/// one, and not yet locked (`lock_reader`, once the caller knows it is no loop). A relative name is relative to the referrer's directory,
+/// as QEMU resolves it; an absolute one must lie lexically inside an image directory.
+/// Either way openat2 resolves it with RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS from that
+/// image directory, so neither `..` nor a symlink can lead out. `referrer` None: the
+/// referring image is a block device, which has no directory to be relative to.
+pub fn open_backing(
+    policy: &TenantPolicy,
+    referrer: Option<&Beneath>,
+    name: &str,
+) -> Result<(Beneath, Image), Error> {
+    let name_path = Path::new(name);
+    let at = if name_path.is_absolute() {
+        Beneath::of(policy, name_path)
+    } else {
+        referrer.map(|r| Beneath {
+            dir: r.dir.clone(),
+            rel: r.rel.parent().unwrap_or(Path::new("")).join(name_path),
+        })
+    };
+    let Some(at) = at else {
+        return Err(Error::NotAllowed {
+            path: shown(name),
+            dirs: policy.image_dirs.clone(),
+        });
+    };
+    let (dir, rel, path) = (&at.dir, &at.rel, at.path());
+    let shown = || shown_path(&path);
+    let io = |source| Error::Io {
+        path: shown_path(&path),
+        source,
+    };
+    let file = as_owner(policy.image_owner, || {
+        let dir_fd = File::open(dir).map_err(|e| Error::Io {
+            path: shown_path(dir),
+            source: e,
+        })?;
+        openat2(
+            dir_fd.as_raw_fd(),
+            rel,
+            false,
+            libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS,
+        )
+        .map_err(|err| {
+            if matches!(err.raw_os_error(), Some(libc::EXDEV) | Some(libc::ELOOP)) {
+                Error::Escapes {
+                    path: shown(),
+                    dir: shown_path(dir),
+                }
+            } else if err.raw_os_error() == Some(libc::ENXIO) {
+                Error::NotAFile {
+                    path: shown(),
+                    kind: "a socket (or a device without a driver)",
+                }
+            } else {
+                io(err)
+            }
+        })
+    })?;
+    let meta = file.metadata().map_err(io)?;
+    if meta.mode() & libc::S_IFMT != libc::S_IFREG {
+        return Err(Error::NotAFile {
+            path: shown(),
+            kind: kind(meta.mode()),
+        });
+    }
+    Ok((
+        at,
+        Image {
+            size: meta.len(),
+            id: (meta.dev(), meta.ino()),
+            file,
+            block_device: false,
+        },
+    ))
+}
+
+/// Locks an opened backing layer as a reader (shared with other readers, refused while
+/// any writer holds it), as `open_disk` locks a read-only disk.
+pub fn lock_reader(image: &Image, path: &Path) -> Result<(), Error> {
+    lock(&image.file, false).map_err(|e| match e {
+        LockError::Held(holder) => Error::Locked {
+            path: shown_path(path),
+            holder,
+        },
+        LockError::Io(source) => Error::Io {
+            path: shown_path(path),
+            source,
+        },
     })
 }
 
@@ -368,6 +486,53 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", d.join("images/abs")).unwrap();
         std::os::unix::fs::symlink("../vmlinux", d.join("images/sub/in")).unwrap();
         d
+    }
+
+    fn policy_for(images: &Path) -> TenantPolicy {
+        TenantPolicy::parse(&format!(
+            "name = \"acme\"\nmax_vcpus = 1\nmax_memory_mib = 64\nimage_dirs = [\"{}\"]\n\
+             uid_range = [300000, 300009]\nmcs_categories = [10, 20]\n\
+             [cgroup]\ncpu_percent = 100\nmemory_overhead_mib = 64\npids_max = 32\n",
+            images.display()
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn backing_names_resolve_from_the_referrer_and_never_leave_the_image_dir() {
+        let d = std::env::temp_dir().join(format!("cellvm-paths-backing-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("images/vm1")).unwrap();
+        std::fs::write(d.join("images/base.img"), b"b").unwrap();
+        std::fs::write(d.join("images/vm1/near.img"), b"n").unwrap();
+        std::fs::write(d.join("secret"), b"s").unwrap();
+        std::os::unix::fs::symlink("../../secret", d.join("images/vm1/out")).unwrap();
+        let policy = policy_for(&d.join("images"));
+        let top = Beneath::of(&policy, &d.join("images/vm1/top.qcow2")).unwrap();
+        let open = |name: &str| open_backing(&policy, Some(&top), name).map(|(at, _)| at.path());
+        assert_eq!(open("near.img").unwrap(), d.join("images/vm1/near.img"));
+        assert_eq!(
+            open("../base.img").unwrap(),
+            d.join("images/vm1/../base.img")
+        );
+        let abs = d.join("images/base.img");
+        assert_eq!(open(abs.to_str().unwrap()).unwrap(), abs);
+        assert!(matches!(open("../../secret"), Err(Error::Escapes { .. })));
+        assert!(matches!(open("out"), Err(Error::Escapes { .. })));
+        assert!(matches!(
+            open(d.join("secret").to_str().unwrap()),
+            Err(Error::NotAllowed { .. })
+        ));
+        assert!(matches!(
+            open(d.join("images/../secret").to_str().unwrap()),
+            Err(Error::NotAllowed { .. })
+        ));
+        assert!(matches!(open("."), Err(Error::NotAFile { .. })));
+        assert!(matches!(
+            open_backing(&policy, None, "near.img"),
+            Err(Error::NotAllowed { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

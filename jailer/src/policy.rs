@@ -79,6 +79,13 @@ pub struct TenantPolicy {
     /// The largest total apparent size of one VM's writable disks, in bytes.
     #[serde(default)]
     pub max_total_disk_bytes: Option<u64>,
+    /// The image formats the tenant's disks may have. For qcow2 the virtual size (from
+    /// the header) is what max_disk_bytes and max_total_disk_bytes bound.
+    #[serde(default = "raw_only")]
+    pub disk_formats: Vec<DiskFormat>,
+    /// How many backing layers a qcow2 disk may have below its top (0: none).
+    #[serde(default = "eight")]
+    pub max_chain_depth: u32,
     /// A host group whose members may use the VMs' API and console sockets (the run
     /// directory becomes 0750 root:G, the sockets 0660 root:G). None: root alone.
     #[serde(default)]
@@ -92,6 +99,43 @@ pub struct TenantPolicy {
 
 fn thirty() -> u64 {
     30
+}
+
+fn raw_only() -> Vec<DiskFormat> {
+    vec![DiskFormat::Raw]
+}
+
+fn eight() -> u32 {
+    8
+}
+
+/// The most backing layers a policy may allow below a disk's top: each is a descriptor
+/// the disk's backend holds (its cell's nofile limit is 64).
+pub const MAX_CHAIN_DEPTH: u32 = 32;
+
+/// A disk image format, as the VM spec and the tenant policy name it.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    #[default]
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// The same format as the block crate names it.
+    pub fn block(self) -> block::header::Format {
+        match self {
+            DiskFormat::Raw => block::header::Format::Raw,
+            DiskFormat::Qcow2 => block::header::Format::Qcow2,
+        }
+    }
+}
+
+impl std::fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.block().fmt(f)
+    }
 }
 
 /// The longest graceful stop a policy may ask for.
@@ -152,8 +196,12 @@ fn one_queue() -> u16 {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
-    /// A raw image beneath one of the tenant's image directories.
+    /// An image beneath one of the tenant's image directories (or a granted block device).
     pub path: PathBuf,
+    /// The image's format: the jailer checks it against the image's header, and a qcow2
+    /// disk's backing chain is resolved beneath the tenant's image directories.
+    #[serde(default)]
+    pub format: DiskFormat,
     #[serde(default)]
     pub readonly: bool,
     /// O_DIRECT: the backend bypasses the host page cache.
@@ -424,6 +472,15 @@ impl TenantPolicy {
                 self.stop_timeout_s
             ));
         }
+        if self.disk_formats.is_empty() {
+            return bad("disk_formats must name at least one format (raw, qcow2)".into());
+        }
+        if self.max_chain_depth > MAX_CHAIN_DEPTH {
+            return bad(format!(
+                "max_chain_depth {} must be at most {MAX_CHAIN_DEPTH}",
+                self.max_chain_depth
+            ));
+        }
         if let Some([uid, gid]) = self.image_owner {
             if uid == 0 || gid == 0 {
                 return bad(
@@ -601,6 +658,19 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
                 shown_path(&d.path),
                 "violates",
                 allowed,
+            );
+        }
+        if !policy.disk_formats.contains(&d.format) {
+            let allowed: Vec<String> = policy
+                .disk_formats
+                .iter()
+                .map(|f| format!("\"{f}\""))
+                .collect();
+            return violation(
+                &format!("disks[{i}].format"),
+                format!("\"{}\"", d.format),
+                "violates",
+                format!("the tenant's disk_formats [{}]", allowed.join(", ")),
             );
         }
         if !(1..=MAX_DISK_QUEUES).contains(&d.queues) {
@@ -903,6 +973,60 @@ mod tests {
             &POLICY.replace("uid_range", "image_owner = [0, 0]\nuid_range")
         )
         .is_err());
+    }
+
+    #[test]
+    fn disk_formats_default_to_raw_and_bound_the_spec() {
+        let p =
+            TenantPolicy::parse(&POLICY.replace("uid_range", "max_disks = 1\nuid_range")).unwrap();
+        assert_eq!(p.disk_formats, vec![DiskFormat::Raw]);
+        assert_eq!(p.max_chain_depth, 8);
+        check(&p, &spec("disks = [{ path = \"/srv/images/acme/d.img\" }]")).unwrap();
+        let r = check(
+            &p,
+            &spec("disks = [{ path = \"/srv/images/acme/d.qcow2\", format = \"qcow2\" }]"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            r,
+            "tenant acme: vm web1: disks[0].format = \"qcow2\" violates the tenant's disk_formats [\"raw\"]"
+        );
+        let q = TenantPolicy::parse(&POLICY.replace(
+            "uid_range",
+            "max_disks = 1\ndisk_formats = [\"raw\", \"qcow2\"]\nuid_range",
+        ))
+        .unwrap();
+        check(
+            &q,
+            &spec("disks = [{ path = \"/srv/images/acme/d.qcow2\", format = \"qcow2\" }]"),
+        )
+        .unwrap();
+        assert!(VmSpec::parse(
+            "name = \"a\"\nmemory_mib = 1\ndisks = [{ path = \"/x\", format = \"vmdk\" }]"
+        )
+        .is_err());
+        for bad in [
+            "disk_formats = []",
+            "max_chain_depth = 33",
+            "disk_formats = [\"vmdk\"]",
+        ] {
+            assert!(
+                TenantPolicy::parse(&POLICY.replace("uid_range", &format!("{bad}\nuid_range")))
+                    .is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_example_policy_grants_the_qcow2_example_spec() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let p = TenantPolicy::load(&root.join("policy/tenants/example.toml")).unwrap();
+        assert!(p.disk_formats.contains(&DiskFormat::Qcow2));
+        let s = VmSpec::load(&root.join("policy/vms/example-qcow2.toml")).unwrap();
+        assert_eq!(s.disks[0].format, DiskFormat::Qcow2);
+        check(&p, &s).unwrap();
     }
 
     #[test]

@@ -148,7 +148,14 @@ fn live(pid: u32, start: u64) -> bool {
 
 /// Field 22 of /proc/PID/stat: start time in clock ticks, to tell a reused pid apart.
 pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    use std::io::Read;
+    // One read: procfs hands the whole line (a few hundred bytes) to a buffer this size.
+    let mut buf = [0u8; 4096];
+    let n = fs::File::open(format!("/proc/{pid}/stat"))
+        .ok()?
+        .read(&mut buf)
+        .ok()?;
+    let stat = std::str::from_utf8(buf.get(..n)?).ok()?;
     let after_comm = stat.get(stat.rfind(')')? + 2..)?;
     after_comm.split_whitespace().nth(19)?.parse().ok()
 }
@@ -410,7 +417,8 @@ fn read_small(path: &Path) -> Result<String, String> {
     if !f.metadata().map_err(|e| e.to_string())?.is_file() {
         return Err("not a regular file".into());
     }
-    let mut bytes = Vec::new();
+    // Room for the whole entry up front: one read and the one that sees its end.
+    let mut bytes = Vec::with_capacity(4097);
     f.take(4097)
         .read_to_end(&mut bytes)
         .map_err(|e| e.to_string())?;

@@ -71,13 +71,21 @@ pub fn counters(s: &Status) -> Response {
             for (k, n) in d.snapshot() {
                 o[k] = n.into();
             }
+            if let Some(page) = &d.backend {
+                let counts: Map<String, Value> = page
+                    .read()
+                    .into_iter()
+                    .map(|(k, n)| (k.to_string(), n.into()))
+                    .collect();
+                o["backend"] = counts.into();
+            }
             o
         })
         .collect();
     let body = json!({
         "vcpus": vcpus,
         "devices": devices,
-        "note": "device counters are what the VMM sees: BAR and PCI config accesses (vCPU exits) and INTx raises it relays; with vhost-user, queue notifications, MSI-X interrupts and the data itself go between the guest and the backend without the VMM",
+        "note": "a device's top-level counters are what the VMM sees: BAR and PCI config accesses (vCPU exits) and INTx raises it relays; with vhost-user the data path goes between the guest and the backend without the VMM, and `backend` holds what the backend reports of it (requests, errors, bytes) on the page it shares with the VMM",
     });
     Response::json(200, body.to_string())
 }
@@ -181,6 +189,21 @@ pub fn metrics(s: &Status) -> Response {
             let _ = writeln!(
                 t,
                 "cellvm_device_events_total{{device=\"{}\",kind=\"{}\",event=\"{what}\"}} {n}",
+                label(&d.id),
+                d.kind
+            );
+        }
+    }
+    let _ = writeln!(
+        t,
+        "# HELP cellvm_device_backend_total What each device's backend reports of the data path (requests, errors, bytes to and from the guest)."
+    );
+    let _ = writeln!(t, "# TYPE cellvm_device_backend_total counter");
+    for d in &s.devices {
+        for (what, n) in d.backend.iter().flat_map(|p| p.read()) {
+            let _ = writeln!(
+                t,
+                "cellvm_device_backend_total{{device=\"{}\",kind=\"{}\",counter=\"{what}\"}} {n}",
                 label(&d.id),
                 d.kind
             );

@@ -1,27 +1,29 @@
-//! `cellvm-device blk`: a virtio-blk device model on a raw image.
+//! `cellvm-device blk`: a virtio-blk device model over one [`block::DiskImage`].
 //!
-//! Requests go straight between the image and guest RAM with preadv/pwritev on the
-//! descriptors' own buffers (no copies). FLUSH is fdatasync, so a write the guest saw
-//! flushed survives the backend being killed. DISCARD punches holes, WRITE_ZEROES
-//! zeroes ranges (unmapping them when the driver allows it); both fall back to writing
-//! zeroes where the file system cannot.
+//! The request code here knows no file format: it checks each request against the disk's
+//! size and block size and moves data only through the seam, handing it the guest's own
+//! buffers (vm-memory slices). A raw image reads and writes them straight with
+//! preadv/pwritev (no copies); a qcow2 image goes through its mapping first. FLUSH makes
+//! every completed write durable, so a write the guest saw flushed survives the backend
+//! being killed. DISCARD and WRITE_ZEROES leave their ranges reading as zeroes (giving
+//! the space back where the format can).
 //!
-//! With `--direct` the image is read and written with O_DIRECT (no host page cache):
+//! With `--direct` a raw image is read and written with O_DIRECT (no host page cache):
 //! the device then advertises the file system's O_DIRECT offset alignment as its block
-//! size, and guest buffers that are not aligned in memory go through an aligned bounce
-//! buffer.
+//! size.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+use block::DiskImage;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use super::{io_vectors, segments, Memory, QueueState, Segment, MAX_QUEUE_SIZE};
+use super::counters::{self, Slot};
+use super::{segments, Memory, QueueState, Segment, MAX_QUEUE_SIZE};
 
 pub const SECTOR: u64 = 512;
 
@@ -50,87 +52,55 @@ const WRITE_ZEROES_UNMAP: u32 = 1;
 /// Largest single discard / write-zeroes range the device advertises (sectors).
 const MAX_RANGE_SECTORS: u32 = 1 << 22;
 
-/// The image and what the device knows about it. Shared by every queue's thread;
-/// pread/pwrite need no lock.
+/// The disk and what the device knows about it. Shared by every queue's thread; the
+/// image does its own locking.
 pub struct Disk {
-    pub file: File,
+    pub image: Box<dyn DiskImage>,
     pub sectors: u64,
     pub readonly: bool,
     pub id: [u8; ID_BYTES],
-    /// O_DIRECT alignment (memory, file offset), when the image is opened that way.
-    pub direct: Option<(usize, u64)>,
 }
 
-/// statx's STATX_DIOALIGN (Linux 6.1): the O_DIRECT alignments of a file.
-const STATX_DIOALIGN: u32 = 0x2000;
-
 impl Disk {
+    /// A raw image file as the disk.
     pub fn new(file: File, readonly: bool, id: &str) -> std::io::Result<Disk> {
-        let bytes = file.metadata()?.len();
+        Ok(Disk::with_image(
+            Box::new(block::Raw::new(file)?),
+            readonly,
+            id,
+        ))
+    }
+
+    /// Any image behind the seam as the disk.
+    pub fn with_image(image: Box<dyn DiskImage>, readonly: bool, id: &str) -> Disk {
         let mut raw = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         raw[..n].copy_from_slice(&id.as_bytes()[..n]);
-        Ok(Disk {
-            file,
-            sectors: bytes / SECTOR,
+        Disk {
+            sectors: image.size() / SECTOR,
+            image,
             readonly,
             id: raw,
-            direct: None,
-        })
-    }
-
-    /// Switches the image to O_DIRECT, with the alignments its file system reports.
-    pub fn set_direct(&mut self) -> std::io::Result<()> {
-        let fd = self.file.as_raw_fd();
-        // SAFETY: an all-zero statx is a valid buffer for the kernel to fill.
-        let mut st: libc::statx = unsafe { std::mem::zeroed() };
-        // SAFETY: statx of our descriptor (empty path, AT_EMPTY_PATH) into `st`.
-        let rc = unsafe {
-            libc::statx(
-                fd,
-                c"".as_ptr(),
-                libc::AT_EMPTY_PATH,
-                STATX_DIOALIGN,
-                &mut st,
-            )
-        };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
         }
-        if st.stx_mask & STATX_DIOALIGN == 0 || st.stx_dio_mem_align == 0 {
-            return Err(std::io::Error::other(
-                "the image's file system does not support O_DIRECT",
-            ));
-        }
-        let offset_align = (st.stx_dio_offset_align as u64).max(SECTOR);
-        if !offset_align.is_power_of_two() || offset_align > 4096 {
-            return Err(std::io::Error::other(format!(
-                "O_DIRECT offset alignment {offset_align} is not a block size the device can advertise"
-            )));
-        }
-        // SAFETY: fcntl on our descriptor, no pointers.
-        unsafe {
-            let fl = libc::fcntl(fd, libc::F_GETFL);
-            if fl < 0 || libc::fcntl(fd, libc::F_SETFL, fl | libc::O_DIRECT) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        self.direct = Some((st.stx_dio_mem_align as usize, offset_align));
-        Ok(())
     }
 
     /// The block size the device advertises.
     pub fn block_size(&self) -> u64 {
-        self.direct.map_or(SECTOR, |d| d.1)
+        self.image.block_size()
     }
 
     /// Serves one request chain; returns the bytes written into guest buffers
     /// (data and status) for the used ring.
-    pub fn serve_chain<M: GuestMemoryBackend>(&self, mem: &M, chain: DescriptorChain<&M>) -> u32 {
+    pub fn serve_chain(
+        &self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> u32 {
         let segs = match segments(mem, chain, MAX_QUEUE_SIZE) {
             Ok(s) => s,
             Err(e) => {
                 crate::warn_limited(format_args!("blk: request dropped: {e:?}"));
+                counters::failed();
                 return 0;
             }
         };
@@ -140,6 +110,7 @@ impl Disk {
         };
         if segs.len() < 2 || !last.writable || last.len == 0 {
             crate::warn_limited(format_args!("blk: request without a status byte dropped"));
+            counters::failed();
             return 0;
         }
         let status_at = GuestAddress(last.addr.0 + last.len as u64 - 1);
@@ -165,15 +136,19 @@ impl Disk {
                 Err(_) => (S_IOERR, 0),
             }
         };
+        counters::add(Slot::Requests, 1);
+        if status != S_OK {
+            counters::add(Slot::Errors, 1);
+        }
         match mem.write_obj(status, status_at) {
             Ok(()) => written + 1,
             Err(_) => 0,
         }
     }
 
-    fn request<M: GuestMemoryBackend>(
+    fn request(
         &self,
-        mem: &M,
+        mem: &GuestMemoryMmap,
         kind: u32,
         sector: u64,
         data: &[Segment],
@@ -201,12 +176,20 @@ impl Disk {
                     return (S_IOERR, 0);
                 }
                 match self.transfer(mem, sector * SECTOR, data, write) {
-                    Ok(()) => (S_OK, if write { 0 } else { len as u32 }),
+                    Ok(()) => {
+                        let moved = if write {
+                            Slot::BytesFromGuest
+                        } else {
+                            Slot::BytesToGuest
+                        };
+                        counters::add(moved, len);
+                        (S_OK, if write { 0 } else { len as u32 })
+                    }
                     Err(e) => {
-                        log::warn!(
+                        crate::warn_limited(format_args!(
                             "blk: {} at sector {sector}: {e}",
                             if write { "write" } else { "read" }
-                        );
+                        ));
                         (S_IOERR, 0)
                     }
                 }
@@ -215,11 +198,12 @@ impl Disk {
                 if self.readonly {
                     return (S_OK, 0);
                 }
-                // SAFETY: fdatasync on a descriptor we own.
-                if unsafe { libc::fdatasync(self.file.as_raw_fd()) } == 0 {
-                    (S_OK, 0)
-                } else {
-                    (S_IOERR, 0)
+                match self.image.flush() {
+                    Ok(()) => (S_OK, 0),
+                    Err(e) => {
+                        crate::warn_limited(format_args!("blk: flush: {e}"));
+                        (S_IOERR, 0)
+                    }
                 }
             }
             T_GET_ID => {
@@ -248,140 +232,30 @@ impl Disk {
             .is_some_and(|end| end <= self.sectors)
     }
 
-    /// One preadv/pwritev over the guest's buffers, repeated until done.
-    fn transfer<M: GuestMemoryBackend>(
+    /// The guest's buffers, as slices of guest RAM, through the seam.
+    fn transfer(
         &self,
-        mem: &M,
-        mut offset: u64,
-        data: &[Segment],
-        write: bool,
-    ) -> std::io::Result<()> {
-        let (mut iov, guards) = io_vectors(mem, data)?;
-        if let Some((mem_align, _)) = self.direct {
-            let aligned = iov
-                .iter()
-                .all(|v| v.iov_base as usize % mem_align == 0 && v.iov_len % mem_align == 0);
-            if !aligned {
-                drop(guards);
-                return self.bounce(mem, offset, data, write, mem_align);
-            }
-        }
-        let mut first = 0;
-        while first < iov.len() {
-            let n = iov.len() - first;
-            let iovcnt = n.min(libc::UIO_MAXIOV as usize) as libc::c_int;
-            // SAFETY: every iovec points into a guest RAM mapping checked by get_slice
-            // and kept alive by `guards`; the kernel reads or writes only those bytes.
-            let done = unsafe {
-                if write {
-                    libc::pwritev(
-                        self.file.as_raw_fd(),
-                        iov[first..].as_ptr(),
-                        iovcnt,
-                        offset as i64,
-                    )
-                } else {
-                    libc::preadv(
-                        self.file.as_raw_fd(),
-                        iov[first..].as_ptr(),
-                        iovcnt,
-                        offset as i64,
-                    )
-                }
-            };
-            if done < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if done == 0 {
-                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
-            }
-            offset += done as u64;
-            let mut left = done as usize;
-            while left > 0 && first < iov.len() {
-                let v = &mut iov[first];
-                if left >= v.iov_len {
-                    left -= v.iov_len;
-                    first += 1;
-                } else {
-                    // SAFETY: advancing within the same buffer by fewer than its length.
-                    v.iov_base = unsafe { (v.iov_base as *mut u8).add(left) } as *mut libc::c_void;
-                    v.iov_len -= left;
-                    left = 0;
-                }
-            }
-        }
-        drop(guards);
-        Ok(())
-    }
-
-    /// O_DIRECT with guest buffers that are not aligned in memory: through an aligned
-    /// host buffer, one chunk at a time.
-    fn bounce<M: GuestMemoryBackend>(
-        &self,
-        mem: &M,
+        mem: &GuestMemoryMmap,
         offset: u64,
         data: &[Segment],
         write: bool,
-        align: usize,
     ) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        const CHUNK: usize = 1 << 20;
-        let total: usize = data.iter().map(|s| s.len as usize).sum();
-        let layout = std::alloc::Layout::from_size_align(CHUNK, align.max(4096))
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        // SAFETY: a non-zero-sized layout; freed below on every path.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(std::io::Error::from(std::io::ErrorKind::OutOfMemory));
+        let mut bufs = Vec::with_capacity(data.len());
+        for s in data.iter().filter(|s| s.len > 0) {
+            bufs.push(
+                mem.get_slice(s.addr, s.len as usize)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+            );
         }
-        // SAFETY: `ptr` holds CHUNK bytes we own until the dealloc below.
-        let buf = unsafe { std::slice::from_raw_parts_mut(ptr, CHUNK) };
-        let result = (|| {
-            let mut done = 0usize;
-            let (mut seg, mut seg_off) = (0usize, 0usize);
-            while done < total {
-                let n = (total - done).min(CHUNK);
-                if !write {
-                    self.file
-                        .read_exact_at(&mut buf[..n], offset + done as u64)?;
-                }
-                // Copy between the chunk and the guest's segments.
-                let mut at = 0;
-                while at < n {
-                    let s = &data[seg];
-                    let k = (s.len as usize - seg_off).min(n - at);
-                    let addr = GuestAddress(s.addr.0 + seg_off as u64);
-                    let r = if write {
-                        mem.read_slice(&mut buf[at..at + k], addr)
-                    } else {
-                        mem.write_slice(&buf[at..at + k], addr)
-                    };
-                    r.map_err(|e| std::io::Error::other(e.to_string()))?;
-                    at += k;
-                    seg_off += k;
-                    if seg_off == s.len as usize {
-                        seg += 1;
-                        seg_off = 0;
-                    }
-                }
-                if write {
-                    self.file.write_all_at(&buf[..n], offset + done as u64)?;
-                }
-                done += n;
-            }
-            Ok(())
-        })();
-        // SAFETY: allocated above with this layout.
-        unsafe { std::alloc::dealloc(ptr, layout) };
-        result
+        if write {
+            self.image.write(offset, &bufs)
+        } else {
+            self.image.read(offset, &bufs)
+        }
     }
 
     /// DISCARD and WRITE_ZEROES: a list of 16-byte {sector, num_sectors, flags}.
-    fn ranges<M: GuestMemoryBackend>(&self, mem: &M, kind: u32, data: &[Segment]) -> u8 {
+    fn ranges(&self, mem: &GuestMemoryMmap, kind: u32, data: &[Segment]) -> u8 {
         if data.iter().any(|s| s.writable) {
             return S_IOERR;
         }
@@ -415,34 +289,26 @@ impl Disk {
             if count > MAX_RANGE_SECTORS || !self.in_range(sector, count as u64) {
                 return S_IOERR;
             }
-            let (offset, len) = ((sector * SECTOR) as i64, (count as u64 * SECTOR) as i64);
-            let mode = if kind == T_DISCARD || flags & WRITE_ZEROES_UNMAP != 0 {
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            let (offset, len) = (sector * SECTOR, count as u64 * SECTOR);
+            let r = if kind == T_DISCARD {
+                self.image.discard(offset, len)
             } else {
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                self.image
+                    .write_zeroes(offset, len, flags & WRITE_ZEROES_UNMAP != 0)
             };
-            // SAFETY: fallocate on a descriptor we own; range checked above.
-            let ok = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset, len) } == 0;
-            if !ok && self.write_zeroes(offset as u64, len as u64).is_err() {
+            if let Err(e) = r {
+                crate::warn_limited(format_args!(
+                    "blk: {} at sector {sector}: {e}",
+                    if kind == T_DISCARD {
+                        "discard"
+                    } else {
+                        "write zeroes"
+                    }
+                ));
                 return S_IOERR;
             }
         }
         S_OK
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        // Page-aligned, so the same buffer serves O_DIRECT.
-        #[repr(C, align(4096))]
-        struct Zeroes([u8; 1 << 16]);
-        static ZEROES: Zeroes = Zeroes([0; 1 << 16]);
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(ZEROES.0.len() as u64) as usize;
-            self.file.write_all_at(&ZEROES.0[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
     }
 
     /// virtio_blk_config, as far as `num_queues`.. the write-zeroes fields.
@@ -477,6 +343,18 @@ impl BlkBackend {
             queue_size,
             state: QueueState::default(),
         })
+    }
+}
+
+impl BlkBackend {
+    /// Makes what the disk holds durable: when the VMM hangs up, before the process ends
+    /// (a qcow2 image's metadata caches may hold what the guest wrote since its last
+    /// FLUSH).
+    pub fn flush(&self) -> std::io::Result<()> {
+        if self.disk.readonly {
+            return Ok(());
+        }
+        self.disk.image.flush()
     }
 }
 
@@ -562,9 +440,10 @@ mod tests {
             .write(true)
             .open(&path)
             .unwrap();
-        let mut disk = Disk::new(file, false, "t").unwrap();
-        disk.set_direct()
+        let mut raw = block::Raw::new(file).unwrap();
+        raw.set_direct()
             .expect("O_DIRECT on the temp directory's file system");
+        let disk = Disk::with_image(Box::new(raw), false, "t");
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
         // A read of sectors 8..16 into two buffers at odd addresses.
         let bs = disk.block_size() as u32;

@@ -9,6 +9,7 @@
 //! the backend never crashes on what a guest writes into its rings.
 
 pub mod blk;
+pub mod counters;
 pub mod net;
 pub mod rng;
 

@@ -5,6 +5,8 @@
 //! (IFF_VNET_HDR), so checksum and segmentation offloads pass through untouched: what
 //! the guest asks the host to finish (HOST_TSO, CSUM), the kernel finishes; what the
 //! guest accepts unfinished (GUEST_CSUM, GUEST_TSO), the tap is told it may deliver.
+//! With mergeable receive buffers (MRG_RXBUF) one frame, up to a whole 64 KiB GSO
+//! segment, is read into as many of the guest's receive chains as it needs.
 //!
 //! The backend holds only the tap's descriptor: it opens no device, has no network of
 //! its own, and cannot reconfigure the interface beyond its offload flags.
@@ -18,6 +20,7 @@ use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
+use super::counters::{self, Slot};
 use super::{io_vectors, segments, Memory, QueueState, MAX_QUEUE_SIZE};
 
 /// virtio-net feature bits (virtio 1.2, 5.1.3).
@@ -28,12 +31,15 @@ pub const F_GUEST_TSO4: u64 = 1 << 7;
 pub const F_GUEST_TSO6: u64 = 1 << 8;
 pub const F_HOST_TSO4: u64 = 1 << 11;
 pub const F_HOST_TSO6: u64 = 1 << 12;
+pub const F_MRG_RXBUF: u64 = 1 << 15;
 pub const F_STATUS: u64 = 1 << 16;
 
 /// The virtio 1.x header (with num_buffers) in front of every frame.
 pub const HDR_LEN: usize = 12;
 /// The largest frame a guest may send: a 64 KiB GSO packet with its Ethernet header.
 pub const MAX_FRAME: usize = 65536 + 14;
+/// Room a mergeable receive gathers beyond MAX_FRAME: an 802.1Q tag.
+const VLAN_TAG: usize = 4;
 const LINK_UP: u16 = 1;
 
 /// Queue indices and the epoll token of the tap (0..=2 are the queues and the exit
@@ -271,22 +277,27 @@ pub fn tx_chain<M: GuestMemoryBackend>(mem: &M, chain: DescriptorChain<&M>, fd: 
         Ok(s) => s,
         Err(e) => {
             crate::warn_limited(format_args!("net: frame dropped: {e:?}"));
+            counters::failed();
             return 0;
         }
     };
     let len: u64 = segs.iter().map(|s| s.len as u64).sum();
     if segs.iter().any(|s| s.writable) {
         crate::warn_limited(format_args!("net: frame dropped: a device-writable buffer"));
+        counters::failed();
         return 0;
     }
     if len < (HDR_LEN + 14) as u64 || len > (HDR_LEN + MAX_FRAME) as u64 {
         crate::warn_limited(format_args!("net: frame of {len} bytes dropped"));
+        counters::failed();
         return 0;
     }
     let Ok((iov, guards)) = io_vectors(mem, &segs) else {
+        counters::failed();
         return 0;
     };
     if iov.len() > libc::UIO_MAXIOV as usize {
+        counters::failed();
         return 0;
     }
     // SAFETY: as in rx_chain; the kernel only reads these bytes.
@@ -297,8 +308,139 @@ pub fn tx_chain<M: GuestMemoryBackend>(mem: &M, chain: DescriptorChain<&M>, fd: 
             "net: frame dropped: {}",
             std::io::Error::last_os_error()
         ));
+        counters::failed();
+    } else {
+        counters::add(Slot::Requests, 1);
+        counters::add(
+            Slot::BytesFromGuest,
+            (n as u64).saturating_sub(HDR_LEN as u64),
+        );
     }
     0
+}
+
+/// A receive chain popped for a mergeable frame: its head and checked segments.
+struct RxChain {
+    head: u16,
+    segs: Vec<super::Segment>,
+    room: u64,
+}
+
+/// What one mergeable receive came to.
+enum Merged {
+    /// A frame went into the first `used.len()` chains: (head, bytes) for each.
+    Filled(Vec<(u16, u32)>),
+    /// The tap is drained: every chain went back to the ring.
+    Drained,
+    /// A frame was dropped (too big for the chains there were): the chains went back.
+    Dropped,
+    /// No usable chain was available.
+    NoBuffers,
+}
+
+/// Receives one frame with VIRTIO_NET_F_MRG_RXBUF: pops chains until they hold the
+/// largest frame (or the ring runs out), reads the frame straight into all of them with
+/// one readv, sets num_buffers in the first one's header to the number of chains the
+/// frame filled, and puts the chains it did not need back. A chain that is malformed,
+/// read-only or shorter than the header is used empty (only as the first one popped, so
+/// that the chains a frame fills stay adjacent in the used ring).
+fn rx_mergeable(
+    vring: &VringRwLock,
+    m: &GuestMemoryMmap,
+    fd: RawFd,
+    used: &mut bool,
+) -> std::io::Result<Merged> {
+    let mut chains: Vec<RxChain> = Vec::new();
+    let (mut room, mut nsegs) = (0u64, 0usize);
+    while room < (HDR_LEN + MAX_FRAME + VLAN_TAG) as u64 {
+        let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(m);
+        let Some(chain) = chain else { break };
+        let head = chain.head_index();
+        let segs = segments(m, chain, MAX_QUEUE_SIZE).ok().filter(|segs| {
+            segs.iter().all(|s| s.writable)
+                && segs.iter().map(|s| s.len as u64).sum::<u64>() >= HDR_LEN as u64
+        });
+        let fits = segs.as_ref().is_some_and(|s| {
+            nsegs + s.iter().filter(|s| s.len > 0).count() <= libc::UIO_MAXIOV as usize
+        });
+        match segs {
+            Some(segs) if fits => {
+                let len: u64 = segs.iter().map(|s| s.len as u64).sum();
+                nsegs += segs.iter().filter(|s| s.len > 0).count();
+                room += len;
+                chains.push(RxChain {
+                    head,
+                    segs,
+                    room: len,
+                });
+            }
+            // Full of segments already, or a bad chain after good ones: it waits for the
+            // next frame, where it comes first.
+            _ if !chains.is_empty() => {
+                vring.get_mut().get_queue_mut().go_to_previous_position();
+                break;
+            }
+            _ => {
+                crate::warn_limited(format_args!(
+                    "net: receive buffer dropped: malformed, read-only part or shorter than the header"
+                ));
+                vring
+                    .add_used(head, 0)
+                    .map_err(|e| std::io::Error::other(format!("add_used: {e}")))?;
+                *used = true;
+            }
+        }
+    }
+    if chains.is_empty() {
+        return Ok(Merged::NoBuffers);
+    }
+    let put_back = |k: usize| {
+        for _ in 0..k {
+            vring.get_mut().get_queue_mut().go_to_previous_position();
+        }
+    };
+    let all: Vec<super::Segment> = chains.iter().flat_map(|c| c.segs.iter().copied()).collect();
+    let Ok((iov, guards)) = io_vectors(m, &all) else {
+        // Not seen (segments() checked the same ranges); the first chain is used empty,
+        // so the next pass makes progress.
+        put_back(chains.len() - 1);
+        return Ok(Merged::Filled(vec![(chains[0].head, 0)]));
+    };
+    // SAFETY: every iovec points into guest RAM checked by io_vectors and kept mapped by
+    // `guards`; the kernel writes at most their lengths (fewer than UIO_MAXIOV of them).
+    let n = unsafe { libc::readv(fd, iov.as_ptr(), iov.len() as libc::c_int) };
+    drop(guards);
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        put_back(chains.len());
+        return Ok(match e.raw_os_error() {
+            Some(libc::EAGAIN) => Merged::Drained,
+            Some(libc::EFAULT) | Some(libc::EINVAL) => {
+                crate::warn_limited(format_args!(
+                    "net: frame larger than the receive buffers available dropped"
+                ));
+                Merged::Dropped
+            }
+            _ => {
+                crate::warn_limited(format_args!("net: tap read: {e}"));
+                Merged::Drained
+            }
+        });
+    }
+    let mut left = n as u64;
+    let mut filled = Vec::new();
+    for c in &chains {
+        if left == 0 && !filled.is_empty() {
+            break;
+        }
+        let take = left.min(c.room);
+        filled.push((c.head, take as u32));
+        left -= take;
+    }
+    let count = filled.len() as u16;
+    let _ = super::write_at(m, &chains[0].segs, 10, &count.to_le_bytes());
+    put_back(chains.len() - filled.len());
+    Ok(Merged::Filled(filled))
 }
 
 /// Serves the receive queue until the tap is drained or the guest's buffers run out.
@@ -309,6 +451,18 @@ pub fn process_rx(
     event_idx: bool,
     fd: RawFd,
 ) -> std::io::Result<()> {
+    process_rx_with(vring, mem, event_idx, fd, false)
+}
+
+/// process_rx, with `mergeable`: VIRTIO_NET_F_MRG_RXBUF negotiated, so that one frame
+/// may fill several chains.
+pub fn process_rx_with(
+    vring: &VringRwLock,
+    mem: &Memory,
+    event_idx: bool,
+    fd: RawFd,
+    mergeable: bool,
+) -> std::io::Result<()> {
     let guard = mem.memory();
     let m: &GuestMemoryMmap = &guard;
     loop {
@@ -316,25 +470,69 @@ pub fn process_rx(
             let _ = vring.disable_notification();
         }
         let (mut used_any, mut drained) = (false, false);
-        loop {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(m);
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let len = match rx_chain(m, chain, fd) {
-                Rx::Filled(n) => n,
-                Rx::Bad => 0,
-                Rx::Empty => {
-                    vring.get_mut().get_queue_mut().go_to_previous_position();
+        if mergeable {
+            loop {
+                match rx_mergeable(vring, m, fd, &mut used_any) {
+                    Ok(Merged::Filled(chains)) => {
+                        let bytes: u64 = chains.iter().map(|&(_, len)| len as u64).sum();
+                        counters::add(Slot::Requests, 1);
+                        counters::add(Slot::BytesToGuest, bytes.saturating_sub(HDR_LEN as u64));
+                        for (head, len) in chains {
+                            if let Err(e) = vring.add_used(head, len) {
+                                log::warn!("net: add_used: {e}");
+                                drained = true;
+                                break;
+                            }
+                        }
+                        used_any = true;
+                        if drained {
+                            break;
+                        }
+                    }
+                    Ok(Merged::Dropped) => counters::failed(),
+                    Ok(Merged::NoBuffers) => break,
+                    Ok(Merged::Drained) => {
+                        drained = true;
+                        break;
+                    }
+                    Err(e) => {
+                        log::warn!("net: {e}");
+                        drained = true;
+                        break;
+                    }
+                }
+            }
+        } else {
+            loop {
+                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(m);
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let len = match rx_chain(m, chain, fd) {
+                    Rx::Filled(n) => {
+                        counters::add(Slot::Requests, 1);
+                        counters::add(
+                            Slot::BytesToGuest,
+                            (n as usize).saturating_sub(HDR_LEN) as u64,
+                        );
+                        n
+                    }
+                    Rx::Bad => {
+                        counters::failed();
+                        0
+                    }
+                    Rx::Empty => {
+                        vring.get_mut().get_queue_mut().go_to_previous_position();
+                        drained = true;
+                        break;
+                    }
+                };
+                if let Err(e) = vring.add_used(head, len) {
+                    log::warn!("net: add_used: {e}");
                     drained = true;
                     break;
                 }
-            };
-            if let Err(e) = vring.add_used(head, len) {
-                log::warn!("net: add_used: {e}");
-                drained = true;
-                break;
+                used_any = true;
             }
-            used_any = true;
         }
         if used_any && vring.needs_notification().unwrap_or(true) {
             vring.signal_used_queue()?;
@@ -354,6 +552,8 @@ pub struct NetBackend {
     tap: Tap,
     mac: [u8; 6],
     state: QueueState,
+    /// VIRTIO_NET_F_MRG_RXBUF negotiated.
+    mergeable: std::sync::atomic::AtomicBool,
 }
 
 impl NetBackend {
@@ -362,6 +562,7 @@ impl NetBackend {
             tap,
             mac,
             state: QueueState::default(),
+            mergeable: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -399,6 +600,7 @@ impl VhostUserBackend for NetBackend {
 
     fn features(&self) -> u64 {
         super::COMMON_FEATURES
+            | F_MRG_RXBUF
             | F_CSUM
             | F_GUEST_CSUM
             | F_GUEST_TSO4
@@ -410,6 +612,10 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn acked_features(&self, features: u64) {
+        self.mergeable.store(
+            features & F_MRG_RXBUF != 0,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if let Err(e) = self.tap.set_offload(features) {
             log::warn!("net: TUNSETOFFLOAD: {e}");
         }
@@ -461,7 +667,13 @@ impl NetBackend {
         if !vring.get_ref().is_enabled() {
             return Ok(());
         }
-        process_rx(vring, &mem, self.state.event_idx(), self.tap.fd.as_raw_fd())
+        process_rx_with(
+            vring,
+            &mem,
+            self.state.event_idx(),
+            self.tap.fd.as_raw_fd(),
+            self.mergeable.load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 }
 
@@ -497,6 +709,116 @@ mod tests {
             let e = Tap::open(bad).err().expect("refused");
             assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{bad:?}");
         }
+    }
+
+    /// A receive queue of `n` one-descriptor chains of `buf` bytes each (chain i at
+    /// 0x10000 + i * buf), all available; the datagram socket stands in for the tap.
+    fn rx_queue(n: u16, buf: u32) -> (Memory, VringRwLock) {
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+        let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        for i in 0..n as u64 {
+            // Descriptor: addr, len, flags WRITE (2), next.
+            let d = 0x1000 + i * 16;
+            ram.write_obj(0x1_0000 + i * buf as u64, GuestAddress(d))
+                .unwrap();
+            ram.write_obj(buf, GuestAddress(d + 8)).unwrap();
+            ram.write_obj(2u16, GuestAddress(d + 12)).unwrap();
+            ram.write_obj(i as u16, GuestAddress(0x3000 + 4 + i * 2))
+                .unwrap();
+        }
+        ram.write_obj(0u16, GuestAddress(0x3000)).unwrap();
+        ram.write_obj(n, GuestAddress(0x3002)).unwrap();
+        let mem = GuestMemoryAtomic::new(ram);
+        let vring = VringRwLock::new(mem.clone(), 256).unwrap();
+        vring.set_queue_size(256);
+        vring.set_queue_info(0x1000, 0x3000, 0x4000).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        (mem, vring)
+    }
+
+    fn frame_pair() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair fills two descriptors we then own.
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_DGRAM | libc::SOCK_NONBLOCK,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0);
+        // SAFETY: fresh descriptors nobody else owns.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    /// The used ring: (head, length) of each entry, and the frames' bytes by chain.
+    fn used(mem: &Memory) -> Vec<(u32, u32)> {
+        use vm_memory::{Bytes, GuestAddress};
+        let m = mem.memory();
+        let idx: u16 = m.read_obj(GuestAddress(0x4002)).unwrap();
+        (0..idx as u64)
+            .map(|i| {
+                let at = 0x4004 + i * 8;
+                (
+                    m.read_obj(GuestAddress(at)).unwrap(),
+                    m.read_obj(GuestAddress(at + 4)).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_mergeable_receive_spreads_a_large_frame_over_chains_and_counts_them() {
+        use vm_memory::{Bytes, GuestAddress};
+        let (ours, theirs) = frame_pair();
+        let (mem, vring) = rx_queue(40, 4096);
+        // A 64 KiB segment (header included) and then a small frame.
+        let big: Vec<u8> = (0..HDR_LEN + 65_000).map(|i| (i % 251) as u8).collect();
+        let small = vec![0x5au8; HDR_LEN + 60];
+        for f in [&big, &small] {
+            // SAFETY: send from a buffer we own, of its length.
+            let n = unsafe { libc::send(theirs.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+            assert_eq!(n as usize, f.len());
+        }
+        process_rx_with(&vring, &mem, false, ours.as_raw_fd(), true).unwrap();
+        let entries = used(&mem);
+        let chains = big.len().div_ceil(4096);
+        assert_eq!(chains, 16);
+        let mut want: Vec<(u32, u32)> = (0..chains as u32)
+            .map(|i| (i, (big.len() as u32 - i * 4096).min(4096)))
+            .collect();
+        want.push((chains as u32, small.len() as u32));
+        assert_eq!(entries, want);
+        // The bytes landed in order across the chains; num_buffers counts them.
+        let m = mem.memory();
+        let mut got = vec![0u8; big.len()];
+        m.read_slice(&mut got, GuestAddress(0x1_0000)).unwrap();
+        let num_buffers = u16::from_le_bytes([got[10], got[11]]);
+        assert_eq!(num_buffers as usize, chains);
+        assert_eq!(&got[12..], &big[12..]);
+        let second: u16 = m
+            .read_obj(GuestAddress(0x1_0000 + chains as u64 * 4096 + 10))
+            .unwrap();
+        assert_eq!(second, 1);
+        // The chains it did not need are still available: the next frame takes them.
+        let f = [1u8; 100];
+        // SAFETY: as above.
+        unsafe { libc::send(theirs.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+        process_rx_with(&vring, &mem, false, ours.as_raw_fd(), true).unwrap();
+        assert_eq!(used(&mem).last(), Some(&(chains as u32 + 1, 100)));
+    }
+
+    #[test]
+    fn without_mergeable_buffers_a_frame_never_spans_chains() {
+        let (ours, theirs) = frame_pair();
+        let (mem, vring) = rx_queue(8, 4096);
+        let f = vec![7u8; 3000];
+        // SAFETY: send from a buffer we own, of its length.
+        unsafe { libc::send(theirs.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+        process_rx(&vring, &mem, false, ours.as_raw_fd()).unwrap();
+        assert_eq!(used(&mem), [(0, 3000)]);
     }
 
     #[test]

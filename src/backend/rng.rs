@@ -20,6 +20,8 @@ pub fn serve_chain<M: GuestMemoryBackend>(mem: &M, chain: DescriptorChain<&M>) -
         Ok(s) => s,
         Err(e) => {
             crate::warn_limited(format_args!("rng: request dropped: {e:?}"));
+            // Counted as a request (by the caller) that failed.
+            super::counters::add(super::counters::Slot::Errors, 1);
             return 0;
         }
     };
@@ -99,7 +101,10 @@ impl VhostUserBackend for RngBackend {
     ) -> std::io::Result<()> {
         self.state
             .handle_kick(device_event, evset, vrings, |m: &GuestMemoryMmap, chain| {
-                serve_chain(m, chain)
+                let n = serve_chain(m, chain);
+                super::counters::add(super::counters::Slot::Requests, 1);
+                super::counters::add(super::counters::Slot::BytesToGuest, n as u64);
+                n
             })
     }
 }

@@ -5,11 +5,18 @@
 //!
 //! ```text
 //! cellvm-device blk (--socket PATH | --listen-fd N) (--image PATH | --image-fd N)
+//!                   [--format raw|qcow2] [--backing FD:FMT,...]
 //!                   [--readonly] [--direct] [--queues N] [--id SERIAL] [--seccomp MODE]
 //! cellvm-device net (--socket PATH | --listen-fd N) (--tap NAME | --tap-fd N)
 //!                   [--mac MAC] [--seccomp MODE]
 //! cellvm-device rng (--socket PATH | --listen-fd N) [--seccomp MODE]
 //! ```
+//! `--format` (default raw) says what the image is; a raw image's header is never looked
+//! at. A qcow2 image's header is checked and what cellvm does not implement refused (exit
+//! 2, on stderr); `--backing` lists its chain, nearest layer first, as inherited
+//! read-only descriptors: nothing is opened by name.
+//! Every kind takes `--counters-fd N`: a sealed one-page memfd its VMM reads, where the
+//! backend counts requests, errors and bytes (`cellvm::backend::counters`).
 //! MODE is kill (default), log or off. Each serves one vhost-user connection and exits
 //! when the VMM hangs up.
 
@@ -21,10 +28,12 @@ use cellvm::seccomp::Mode;
 
 const USAGE: &str = "usage:
   cellvm-device blk (--socket PATH | --listen-fd N) (--image PATH | --image-fd N)
+                    [--format raw|qcow2] [--backing FD:FMT,...]
                     [--readonly] [--direct] [--queues N] [--id SERIAL] [--seccomp MODE]
   cellvm-device net (--socket PATH | --listen-fd N) (--tap NAME | --tap-fd N) [--mac MAC]
                     [--seccomp MODE]
   cellvm-device rng (--socket PATH | --listen-fd N) [--seccomp MODE]
+Every kind: [--counters-fd N], the page of counters its VMM reads.
 MODE: kill (default), log or off.";
 
 /// A usage error: the message and exit status 2.
@@ -99,6 +108,15 @@ impl Opts {
         })
     }
 
+    /// `--counters-fd N`: maps the page of counters the VMM reads (backend::counters).
+    fn counters(&self) -> Result<(), Usage> {
+        let Some(v) = self.value("counters-fd") else {
+            return Ok(());
+        };
+        let fd = self.fd("counters-fd", v)?;
+        backend::counters::attach(fd).map_err(|e| (format!("--counters-fd {fd}: {e}"), 2))
+    }
+
     fn seccomp(&self) -> Result<Mode, Usage> {
         match self.value("seccomp").unwrap_or("kill") {
             "kill" => Ok(Mode::Kill),
@@ -111,7 +129,7 @@ impl Opts {
     }
 }
 
-const COMMON: [&str; 3] = ["socket", "listen-fd", "seccomp"];
+const COMMON: [&str; 4] = ["socket", "listen-fd", "seccomp", "counters-fd"];
 
 fn keys(extra: &[&'static str]) -> Vec<&'static str> {
     COMMON.iter().chain(extra).copied().collect()
@@ -132,25 +150,118 @@ fn blk(opts: &Opts) -> Result<(), Usage> {
             })?,
     };
     let readonly = opts.flag("readonly");
+    let format = match opts.value("format") {
+        None => block::header::Format::Raw,
+        Some(f) => f
+            .parse()
+            .map_err(|_| usage(format!("--format {f}: expected raw or qcow2")))?,
+    };
+    let backing = match opts.value("backing") {
+        None => Vec::new(),
+        Some(_) if format == block::header::Format::Raw => {
+            return Err(usage(
+                "--backing needs --format qcow2 (a raw image has no backing file)",
+            ))
+        }
+        Some(list) => backing_layers(opts, list)?,
+    };
     let file = match opts.one_of("image", "image-fd")? {
         (true, path) => std::fs::OpenOptions::new()
             .read(true)
             .write(!readonly)
             .open(path)
             .map_err(|e| (format!("{path}: {e}"), 2))?,
-        // SAFETY: the descriptor was handed to this process to own.
-        (false, fd) => unsafe { std::fs::File::from_raw_fd(opts.fd("image-fd", fd)?) },
+        (false, fd) => owned_file(opts.fd("image-fd", fd)?, "--image-fd")?,
     };
+    // A write past RLIMIT_FSIZE (the jailer sets it to what the image may grow to) fails
+    // that request with EFBIG instead of killing the backend.
+    // SAFETY: setting a signal's disposition to ignore; no handler runs.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let direct = opts.flag("direct");
+    let image: Box<dyn block::DiskImage> = match format {
+        // A raw image's header is never looked at: its bytes are the guest's.
+        block::header::Format::Raw => {
+            let mut raw = block::Raw::new(file).map_err(|e| (format!("image: {e}"), 2))?;
+            if direct {
+                raw.set_direct()
+                    .map_err(|e| (format!("image: O_DIRECT: {e}"), 2))?;
+            }
+            Box::new(raw)
+        }
+        block::header::Format::Qcow2 => Box::new(
+            block::Qcow2::open(file, readonly, direct, backing)
+                .map_err(|e| (format!("qcow2 {e}"), 2))?,
+        ),
+    };
+    opts.counters()?;
     let id = opts.value("id").unwrap_or("cellvm");
-    let mut disk =
-        backend::blk::Disk::new(file, readonly, id).map_err(|e| (format!("image: {e}"), 2))?;
-    if opts.flag("direct") {
-        disk.set_direct()
-            .map_err(|e| (format!("image: O_DIRECT: {e}"), 2))?;
-    }
+    let disk = backend::blk::Disk::with_image(image, readonly, id);
     let b = backend::blk::BlkBackend::new(disk, queues as usize, 256);
-    backend::serve("cellvm-blk", b, opts.socket()?, "blk", opts.seccomp()?, &[])
-        .map_err(|e| (e.to_string(), 1))
+    let served = backend::serve(
+        "cellvm-blk",
+        b.clone(),
+        opts.socket()?,
+        "blk",
+        opts.seccomp()?,
+        &[],
+    )
+    .map_err(|e| (e.to_string(), 1));
+    // The connection is over; the worker threads may still hold the disk, so it is
+    // flushed here rather than dropped.
+    b.flush()
+        .map_err(|e| (format!("image: flush at exit: {e}"), 1))?;
+    served
+}
+
+/// An inherited descriptor, checked to be open, as a file this process owns.
+fn owned_file(fd: i32, what: &str) -> Result<std::fs::File, Usage> {
+    // SAFETY: fcntl(F_GETFD) only checks the descriptor exists.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err((format!("{what} {fd}: not an open descriptor"), 2));
+    }
+    // SAFETY: the descriptor was handed to this process to own; the caller takes each
+    // number once.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// The most layers `--backing` may list.
+const MAX_BACKING: usize = 32;
+
+/// `--backing FD:FMT,...`: the chain below the top, nearest first, each an open
+/// read-only descriptor and its format. No number twice, none of the other descriptors.
+fn backing_layers(opts: &Opts, list: &str) -> Result<Vec<block::Layer>, Usage> {
+    let mut seen: Vec<i32> = ["image-fd", "listen-fd", "counters-fd"]
+        .iter()
+        .filter_map(|k| opts.value(k).and_then(|v| v.parse().ok()))
+        .collect();
+    let mut pairs = Vec::new();
+    for item in list.split(',') {
+        let bad = || {
+            usage(format!(
+                "--backing {item:?}: expected FD:FORMAT (raw or qcow2)"
+            ))
+        };
+        let (fd, fmt) = item.split_once(':').ok_or_else(bad)?;
+        let fd: i32 = fd.parse().ok().filter(|fd| *fd >= 0).ok_or_else(bad)?;
+        let format: block::header::Format = fmt.parse().map_err(|_| bad())?;
+        if seen.contains(&fd) {
+            return Err(usage(format!("--backing: descriptor {fd} given twice")));
+        }
+        seen.push(fd);
+        pairs.push((fd, format));
+    }
+    if pairs.len() > MAX_BACKING {
+        return Err(usage(format!("--backing: more than {MAX_BACKING} layers")));
+    }
+    pairs
+        .into_iter()
+        .map(|(fd, format)| {
+            Ok(block::Layer {
+                file: owned_file(fd, "--backing")?,
+                format,
+            })
+        })
+        .collect()
 }
 
 fn net(opts: &Opts) -> Result<(), Usage> {
@@ -167,6 +278,7 @@ fn net(opts: &Opts) -> Result<(), Usage> {
         }
     }
     .map_err(|e| (format!("tap: {e}"), 2))?;
+    opts.counters()?;
     let b = backend::net::NetBackend::new(tap, mac);
     let listener = b.tap_listener();
     backend::serve(
@@ -181,6 +293,7 @@ fn net(opts: &Opts) -> Result<(), Usage> {
 }
 
 fn rng(opts: &Opts) -> Result<(), Usage> {
+    opts.counters()?;
     backend::serve(
         "cellvm-rng",
         backend::rng::RngBackend::new(),
@@ -200,7 +313,7 @@ fn run(args: &[String]) -> Result<u8, Usage> {
         "blk" => blk(&Opts::parse(
             rest,
             &["readonly", "direct"],
-            &keys(&["image", "image-fd", "queues", "id"]),
+            &keys(&["image", "image-fd", "format", "backing", "queues", "id"]),
         )?)
         .map(|_| 0),
         "net" => net(&Opts::parse(rest, &[], &keys(&["tap", "tap-fd", "mac"]))?).map(|_| 0),

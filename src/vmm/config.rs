@@ -52,11 +52,14 @@ pub enum Backend {
     Fd(i32),
 }
 
-/// A virtio-blk disk: `path=IMG[,readonly=on][,queues=N]`, `socket=PATH[,queues=N]` or
-/// `fd=N[,queues=N]`.
+/// A virtio-blk disk: `path=IMG[,format=raw|qcow2][,readonly=on][,direct=on][,queues=N]`,
+/// `socket=PATH[,queues=N]` or `fd=N[,queues=N]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskSpec {
     pub image: Option<PathBuf>,
+    /// What `path=` holds (default raw); a qcow2 image's backing chain comes from its
+    /// headers.
+    pub format: block::header::Format,
     pub readonly: bool,
     /// O_DIRECT in the backend (no host page cache).
     pub direct: bool,
@@ -64,27 +67,39 @@ pub struct DiskSpec {
     pub backend: Backend,
     /// The backend's host pid (`pid=`), only reported by `vm.info`.
     pub pid: Option<u32>,
+    /// The backend's page of counters (`counters=FD`, backend::counters).
+    pub counters: Option<i32>,
 }
 
 /// The largest number of queues a disk may have.
 pub const MAX_DISK_QUEUES: u16 = 16;
 
-/// Walks the `KEY=VALUE,...` of a device spec: backend keys (`socket=`, `fd=`) and the
-/// backend's `pid=` here, the rest through `field`, which says whether its key named the
+/// Walks the `KEY=VALUE,...` of a device spec: backend keys (`socket=`, `fd=`), the
+/// backend's `pid=` and `counters=` here, the rest through `field`, which says whether its key named the
 /// device's source. Exactly one source is allowed (`sources` names them for the error).
 fn device_fields(
     s: &str,
     what: &str,
     sources: &str,
     mut field: impl FnMut(&str, &str) -> Result<bool, String>,
-) -> Result<(Backend, Option<u32>), String> {
-    let (mut backend, mut count, mut pid) = (Backend::Spawn, 0, None);
+) -> Result<(Backend, Option<u32>, Option<i32>), String> {
+    let (mut backend, mut count, mut pid, mut counters) = (Backend::Spawn, 0, None, None);
     for part in s.split(',') {
         let (key, value) = part
             .split_once('=')
             .ok_or_else(|| format!("{what}: {part:?} is not KEY=VALUE"))?;
         if key == "pid" {
             pid = Some(parse_pid(value, what)?);
+        } else if key == "counters" {
+            counters = Some(
+                value
+                    .parse()
+                    .ok()
+                    .filter(|fd: &i32| *fd >= 3)
+                    .ok_or_else(|| {
+                        format!("{what}: counters={value}: expected a descriptor number >= 3")
+                    })?,
+            );
         } else if let Some(b) = parse_backend(key, value, what)? {
             backend = b;
             count += 1;
@@ -95,12 +110,12 @@ fn device_fields(
     if count != 1 {
         return Err(format!("{what}: give exactly one of {sources}"));
     }
-    if pid.is_some() && backend == Backend::Spawn {
+    if (pid.is_some() || counters.is_some()) && backend == Backend::Spawn {
         return Err(format!(
-            "{what}: pid= names a backend started elsewhere (fd= or socket=)"
+            "{what}: pid= and counters= describe a backend started elsewhere (fd= or socket=)"
         ));
     }
-    Ok((backend, pid))
+    Ok((backend, pid, counters))
 }
 
 fn parse_pid(value: &str, what: &str) -> Result<u32, String> {
@@ -130,44 +145,53 @@ impl std::str::FromStr for DiskSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let what = format!("disk {s:?}");
         let (mut image, mut readonly, mut direct, mut queues) = (None, false, false, 1);
+        let mut format = None;
         let on_off = |key: &str, value: &str| match value {
             "on" | "true" => Ok(true),
             "off" | "false" => Ok(false),
             _ => Err(format!("{what}: {key}={value}: expected on or off")),
         };
-        let (backend, pid) = device_fields(s, &what, "path=, socket= or fd=", |key, value| {
-            match key {
-                "path" if !value.is_empty() => {
-                    image = Some(PathBuf::from(value));
-                    return Ok(true);
+        let (backend, pid, counters) =
+            device_fields(s, &what, "path=, socket= or fd=", |key, value| {
+                match key {
+                    "path" if !value.is_empty() => {
+                        image = Some(PathBuf::from(value));
+                        return Ok(true);
+                    }
+                    "readonly" => readonly = on_off(key, value)?,
+                    "format" => {
+                        format = Some(value.parse().map_err(|_| {
+                            format!("{what}: format={value}: expected raw or qcow2")
+                        })?)
+                    }
+                    "direct" => direct = on_off(key, value)?,
+                    "queues" => {
+                        queues = value
+                            .parse()
+                            .ok()
+                            .filter(|q| (1..=MAX_DISK_QUEUES).contains(q))
+                            .ok_or_else(|| {
+                                format!("{what}: queues={value}: expected 1 to {MAX_DISK_QUEUES}")
+                            })?
+                    }
+                    _ => return Err(format!("{what}: unknown or empty key {key:?}")),
                 }
-                "readonly" => readonly = on_off(key, value)?,
-                "direct" => direct = on_off(key, value)?,
-                "queues" => {
-                    queues = value
-                        .parse()
-                        .ok()
-                        .filter(|q| (1..=MAX_DISK_QUEUES).contains(q))
-                        .ok_or_else(|| {
-                            format!("{what}: queues={value}: expected 1 to {MAX_DISK_QUEUES}")
-                        })?
-                }
-                _ => return Err(format!("{what}: unknown or empty key {key:?}")),
-            }
-            Ok(false)
-        })?;
-        if (readonly || direct) && backend != Backend::Spawn {
+                Ok(false)
+            })?;
+        if (readonly || direct || format.is_some()) && backend != Backend::Spawn {
             return Err(format!(
-                "{what}: readonly= and direct= belong to the backend that owns the image"
+                "{what}: readonly=, direct= and format= belong to the backend that owns the image"
             ));
         }
         Ok(DiskSpec {
             image,
+            format: format.unwrap_or(block::header::Format::Raw),
             readonly,
             direct,
             queues,
             backend,
             pid,
+            counters,
         })
     }
 }
@@ -177,6 +201,7 @@ impl std::str::FromStr for DiskSpec {
 pub struct RngSpec {
     pub backend: Backend,
     pub pid: Option<u32>,
+    pub counters: Option<i32>,
 }
 
 impl std::str::FromStr for RngSpec {
@@ -186,16 +211,22 @@ impl std::str::FromStr for RngSpec {
             return Ok(RngSpec {
                 backend: Backend::Spawn,
                 pid: None,
+                counters: None,
             });
         }
         let what = format!("rng {s:?}");
         if s.split(',').any(|p| !p.contains('=')) {
             return Err(format!("{what}: expected on, socket=PATH or fd=N[,pid=P]"));
         }
-        let (backend, pid) = device_fields(s, &what, "on, socket=PATH or fd=N", |_, _| {
-            Err(format!("{what}: expected on, socket=PATH or fd=N[,pid=P]"))
-        })?;
-        Ok(RngSpec { backend, pid })
+        let (backend, pid, counters) =
+            device_fields(s, &what, "on, socket=PATH or fd=N", |_, _| {
+                Err(format!("{what}: expected on, socket=PATH or fd=N[,pid=P]"))
+            })?;
+        Ok(RngSpec {
+            backend,
+            pid,
+            counters,
+        })
     }
 }
 
@@ -206,6 +237,7 @@ pub struct NetSpec {
     pub mac: Option<String>,
     pub backend: Backend,
     pub pid: Option<u32>,
+    pub counters: Option<i32>,
 }
 
 impl std::str::FromStr for NetSpec {
@@ -213,21 +245,23 @@ impl std::str::FromStr for NetSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let what = format!("net {s:?}");
         let (mut tap, mut mac) = (None, None);
-        let (backend, pid) = device_fields(s, &what, "tap=, socket= or fd=", |key, value| {
-            match key {
-                "tap" if !value.is_empty() && value.len() <= 15 && !value.contains('/') => {
-                    tap = Some(value.to_string());
-                    return Ok(true);
+        let (backend, pid, counters) =
+            device_fields(s, &what, "tap=, socket= or fd=", |key, value| {
+                match key {
+                    "tap" if !value.is_empty() && value.len() <= 15 && !value.contains('/') => {
+                        tap = Some(value.to_string());
+                        return Ok(true);
+                    }
+                    "tap" => return Err(format!("{what}: tap={value:?}: 1 to 15 bytes, no '/'")),
+                    "mac" => {
+                        crate::backend::net::parse_mac(value)
+                            .map_err(|e| format!("{what}: {e}"))?;
+                        mac = Some(value.to_string());
+                    }
+                    _ => return Err(format!("{what}: unknown or empty key {key:?}")),
                 }
-                "tap" => return Err(format!("{what}: tap={value:?}: 1 to 15 bytes, no '/'")),
-                "mac" => {
-                    crate::backend::net::parse_mac(value).map_err(|e| format!("{what}: {e}"))?;
-                    mac = Some(value.to_string());
-                }
-                _ => return Err(format!("{what}: unknown or empty key {key:?}")),
-            }
-            Ok(false)
-        })?;
+                Ok(false)
+            })?;
         if mac.is_some() && backend != Backend::Spawn {
             return Err(format!(
                 "{what}: mac= belongs to the backend that owns the tap"
@@ -238,6 +272,7 @@ impl std::str::FromStr for NetSpec {
             mac,
             backend,
             pid,
+            counters,
         })
     }
 }
@@ -390,17 +425,30 @@ mod tests {
             d,
             DiskSpec {
                 image: Some("/img".into()),
+                format: block::header::Format::Raw,
                 readonly: true,
                 direct: true,
                 queues: 4,
                 backend: Backend::Spawn,
                 pid: None,
+                counters: None,
             }
         );
+        let q: DiskSpec = "path=/i.qcow2,format=qcow2".parse().unwrap();
+        assert_eq!(q.format, block::header::Format::Qcow2);
+        assert!("path=/i,format=vmdk".parse::<DiskSpec>().is_err());
+        assert!("socket=/s,format=qcow2".parse::<DiskSpec>().is_err());
         let d: DiskSpec = "socket=/run/x.sock".parse().unwrap();
         assert_eq!(d.backend, Backend::Socket("/run/x.sock".into()));
         assert_eq!("fd=5".parse::<DiskSpec>().unwrap().backend, Backend::Fd(5));
         assert!("fd=5,direct=on".parse::<DiskSpec>().is_err());
+        assert_eq!(
+            "fd=5,counters=6".parse::<DiskSpec>().unwrap().counters,
+            Some(6)
+        );
+        assert!("path=/i,counters=6".parse::<DiskSpec>().is_err());
+        assert!("fd=5,counters=1".parse::<DiskSpec>().is_err());
+        assert!("fd=5,counters=x".parse::<NetSpec>().is_err());
         assert!("path=/i,direct=maybe".parse::<DiskSpec>().is_err());
         for bad in [
             "",

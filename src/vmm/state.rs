@@ -160,10 +160,18 @@ pub struct DeviceCounters {
     pub intx_raised: AtomicU64,
     /// The backend's vhost-user connection hung up.
     pub failed: AtomicBool,
+    /// What the backend counts of the data path itself (requests, errors, bytes), read
+    /// from the page it shares with the VMM; None for a backend reached by a bare socket.
+    pub backend: Option<crate::backend::counters::Reader>,
 }
 
 impl DeviceCounters {
-    pub fn new(id: String, kind: &'static str, pid: Option<u32>) -> Self {
+    pub fn new(
+        id: String,
+        kind: &'static str,
+        pid: Option<u32>,
+        backend: Option<crate::backend::counters::Reader>,
+    ) -> Self {
         DeviceCounters {
             id,
             kind,
@@ -174,6 +182,7 @@ impl DeviceCounters {
             config_writes: AtomicU64::new(0),
             intx_raised: AtomicU64::new(0),
             failed: AtomicBool::new(false),
+            backend,
         }
     }
 

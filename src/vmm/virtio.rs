@@ -3,7 +3,7 @@
 //! virtio-pci function on the PCI bus with its BAR on the MMIO bus and its notify
 //! registers as KVM ioeventfds.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -18,6 +18,7 @@ use super::config::{Backend, VmConfig};
 use super::state::DeviceCounters;
 use super::Error;
 use crate::arch::x86_64::layout;
+use crate::backend::counters;
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::ioapic::IoApic;
 use crate::devices::pci::{PciFunction, PciRoot};
@@ -73,8 +74,9 @@ impl BusDevice for CountedBar {
 /// Starts `cellvm-device ARGS` on a fresh listening socket whose only connection is
 /// already queued: the returned stream. The socket's path exists for an instant in a
 /// private directory and is gone before the backend runs.
-/// `pass`, if given, becomes the backend's descriptor 4 (a tap the VMM opened).
-fn spawn_backend(args: &[String], pass: Option<&OwnedFd>) -> Result<(UnixStream, Child), Error> {
+/// `pass` become the backend's descriptors 4, 5, ... in order (a tap, an image and its
+/// backing layers the VMM opened).
+fn spawn_backend(args: &[String], pass: &[RawFd]) -> Result<(UnixStream, Child), Error> {
     let fail =
         |what: &str, e: std::io::Error| Error::Device(format!("starting backend ({what}): {e}"));
     let base = std::env::temp_dir().join(format!("cellvm-{}-", std::process::id()));
@@ -101,17 +103,33 @@ fn spawn_backend(args: &[String], pass: Option<&OwnedFd>) -> Result<(UnixStream,
     let exe = std::env::current_exe()
         .map_err(|e| fail("current_exe", e))?
         .with_file_name("cellvm-device");
-    let fd = listener.as_raw_fd();
-    let extra = pass.map(|p| p.as_raw_fd());
+    // Every source above the targets (3 and 4..), so no dup2 below overwrites a source
+    // it has yet to copy.
+    let high = |fd: RawFd| -> Result<OwnedFd, Error> {
+        // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we hold; the result is ours.
+        let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 64) };
+        if new < 0 {
+            return Err(fail("dup", std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh descriptor nobody else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(new) })
+    };
+    let sources: Vec<OwnedFd> = std::iter::once(listener.as_raw_fd())
+        .chain(pass.iter().copied())
+        .map(high)
+        .collect::<Result<_, _>>()?;
+    let raw: Vec<RawFd> = sources.iter().map(|f| f.as_raw_fd()).collect();
     let mut cmd = Command::new(&exe);
     cmd.args(args).args(["--listen-fd", "3"]);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0
-                || extra.is_some_and(|e| libc::dup2(e, 4) < 0)
-                || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0
-            {
+            for (i, &fd) in raw.iter().enumerate() {
+                if libc::dup2(fd, 3 + i as RawFd) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -123,19 +141,32 @@ fn spawn_backend(args: &[String], pass: Option<&OwnedFd>) -> Result<(UnixStream,
     Ok((stream, child))
 }
 
+/// Connects to a device's backend, starting it first where the VMM does; with it, the
+/// backend's page of counters: one the VMM makes for a backend it starts, the one
+/// `counters=FD` names for a backend started elsewhere, none for a bare socket.
 fn connect(
     backend: &Backend,
+    counters_fd: Option<RawFd>,
     spawn: impl FnOnce() -> Vec<String>,
-    pass: Option<&OwnedFd>,
+    pass: &[OwnedFd],
     children: &mut Vec<Child>,
-) -> Result<UnixStream, Error> {
+) -> Result<(UnixStream, Option<counters::Reader>), Error> {
+    let page_error = |e: std::io::Error| Error::Device(format!("backend counters: {e}"));
     match backend {
         Backend::Spawn => {
-            let (stream, child) = spawn_backend(&spawn(), pass)?;
+            let page = counters::create().map_err(page_error)?;
+            let reader = counters::Reader::new(page.as_raw_fd()).map_err(page_error)?;
+            // The page goes after the listener (3) and the passed descriptors (4..).
+            let mut args = spawn();
+            args.extend(["--counters-fd".into(), (4 + pass.len()).to_string()]);
+            let mut all: Vec<RawFd> = pass.iter().map(|p| p.as_raw_fd()).collect();
+            all.push(page.as_raw_fd());
+            let (stream, child) = spawn_backend(&args, &all)?;
             children.push(child);
-            Ok(stream)
+            Ok((stream, Some(reader)))
         }
         Backend::Socket(p) => UnixStream::connect(p)
+            .map(|s| (s, None))
             .map_err(|e| Error::Invalid(format!("backend socket {}: {e}", p.display()))),
         Backend::Fd(fd) => {
             // SAFETY: fcntl(F_GETFD) only checks the descriptor exists.
@@ -144,9 +175,105 @@ fn connect(
                     "backend fd={fd}: not an open descriptor"
                 )));
             }
+            let reader = match counters_fd {
+                Some(c) => {
+                    let r = counters::Reader::new(c)
+                        .map_err(|e| Error::Invalid(format!("backend counters={c}: {e}")))?;
+                    // The mapping stays; the descriptor is not needed for it.
+                    // SAFETY: the descriptor was handed to this process to own.
+                    drop(unsafe { OwnedFd::from_raw_fd(c) });
+                    Some(r)
+                }
+                None => None,
+            };
             // SAFETY: the descriptor was handed to this process to own (fd=N).
-            Ok(unsafe { UnixStream::from_raw_fd(*fd) })
+            Ok((unsafe { UnixStream::from_raw_fd(*fd) }, reader))
         }
+    }
+}
+
+/// The deepest backing chain `cellvm run` follows.
+pub const MAX_CHAIN_DEPTH: usize = 16;
+
+/// Opens a disk image and, for qcow2, its backing chain as its headers name it: each
+/// name relative to the directory of the image naming it (as qemu resolves them), every
+/// layer with an explicit format (never probed), at most [`MAX_CHAIN_DEPTH`] below the
+/// top, no file twice. The top is opened writable unless `readonly`, every other layer
+/// read-only. A layer said to be raw must not carry the qcow2 magic and one said to be
+/// qcow2 must; each qcow2 header must pass `refusal`.
+pub fn open_chain(
+    top: &Path,
+    format: block::header::Format,
+    readonly: bool,
+) -> Result<Vec<(OwnedFd, block::header::Format)>, String> {
+    use block::header::{self, Format};
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let mut out: Vec<(OwnedFd, Format)> = Vec::new();
+    let mut seen = Vec::new();
+    let (mut path, mut fmt, mut writable) = (top.to_path_buf(), format, !readonly);
+    loop {
+        let name = path.display().to_string();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(&path)
+            .map_err(|e| {
+                if out.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("backing file {name}: {e}")
+                }
+            })?;
+        let meta = file.metadata().map_err(|e| format!("{name}: {e}"))?;
+        if seen.contains(&(meta.dev(), meta.ino())) {
+            return Err(format!("backing chain loops back to {name}"));
+        }
+        seen.push((meta.dev(), meta.ino()));
+        let n = meta.len().min(header::HEADER_READ_MAX as u64) as usize;
+        let mut bytes = vec![0u8; n];
+        file.read_exact_at(&mut bytes, 0)
+            .map_err(|e| format!("{name}: reading the header: {e}"))?;
+        let found = header::detect(&bytes);
+        if found != fmt {
+            return Err(format!(
+                "{name}: format = {fmt} but the image is {found}{}",
+                if found == Format::Qcow2 {
+                    " (say format=qcow2)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        out.push((file.into(), fmt));
+        if fmt == Format::Raw {
+            return Ok(out);
+        }
+        let h = header::parse(&bytes).map_err(|e| format!("{name}: {e}"))?;
+        if let Some(why) = h.refusal(writable) {
+            return Err(format!("{name}: {why}"));
+        }
+        let Some(b) = h.backing else {
+            return Ok(out);
+        };
+        let Some(next) = b.format else {
+            return Err(format!(
+                "{name}: names the backing file {:?} without its format (qemu-img rebase -u -F FMT)",
+                b.name
+            ));
+        };
+        if out.len() > MAX_CHAIN_DEPTH {
+            return Err(format!(
+                "backing chain deeper than {MAX_CHAIN_DEPTH} layers below the top"
+            ));
+        }
+        let named = Path::new(&b.name);
+        path = if named.is_absolute() {
+            named.to_path_buf()
+        } else {
+            path.parent().unwrap_or(Path::new(".")).join(named)
+        };
+        fmt = next;
+        writable = false;
     }
 }
 
@@ -183,23 +310,48 @@ pub fn attach(
     let mut children = Vec::new();
     let mut wanted = Vec::new();
     for (i, disk) in cfg.disks.iter().flatten().enumerate() {
-        if let (Backend::Spawn, Some(image)) = (&disk.backend, &disk.image) {
-            // Fail on a bad path here, with exit status 2, not in the backend.
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(!disk.readonly)
-                .open(image)
-                .map_err(|e| Error::Invalid(format!("disk {}: {e}", image.display())))?;
+        // The VMM opens the image and every layer of its chain (a bad path fails here,
+        // with exit status 2, not in the backend) and hands the backend descriptors.
+        let layers = match (&disk.backend, &disk.image) {
+            (Backend::Spawn, Some(image)) => open_chain(image, disk.format, disk.readonly)
+                .map_err(|e| Error::Invalid(format!("disk {}: {e}", image.display())))?,
+            _ => Vec::new(),
+        };
+        if let (true, Some((top, _))) = (disk.direct, layers.first()) {
+            // The descriptor the backend inherits is O_DIRECT from its first moment (the
+            // backend checks the file system's alignments and sets it again).
+            // SAFETY: fcntl on a descriptor we own, no pointers.
+            let ok = unsafe {
+                let fl = libc::fcntl(top.as_raw_fd(), libc::F_GETFL);
+                fl >= 0 && libc::fcntl(top.as_raw_fd(), libc::F_SETFL, fl | libc::O_DIRECT) == 0
+            };
+            if !ok {
+                return Err(Error::Invalid(format!(
+                    "disk {}: O_DIRECT: {}",
+                    disk.image.as_deref().unwrap_or(Path::new("")).display(),
+                    std::io::Error::last_os_error()
+                )));
+            }
         }
-        let stream = connect(
+        let (stream, page) = connect(
             &disk.backend,
+            disk.counters,
             || {
-                let image = disk.image.as_deref().unwrap_or(Path::new(""));
                 let mut a = vec![
                     "blk".to_string(),
-                    "--image".into(),
-                    image.display().to_string(),
+                    "--image-fd".into(),
+                    "4".into(),
+                    "--format".into(),
+                    disk.format.to_string(),
                 ];
+                if layers.len() > 1 {
+                    let list: Vec<String> = layers[1..]
+                        .iter()
+                        .enumerate()
+                        .map(|(k, (_, f))| format!("{}:{f}", 5 + k))
+                        .collect();
+                    a.extend(["--backing".into(), list.join(",")]);
+                }
                 a.extend([
                     "--queues".into(),
                     disk.queues.to_string(),
@@ -214,7 +366,11 @@ pub fn attach(
                 }
                 a
             },
-            None,
+            &layers
+                .iter()
+                .map(|(f, _)| f.try_clone())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Error::Device(format!("disk{i}: dup: {e}")))?,
             &mut children,
         )?;
         let pid = disk.pid.or(children
@@ -227,20 +383,22 @@ pub fn attach(
             TYPE_BLOCK,
             disk.queues as usize,
             pid,
+            page,
         ));
     }
     if let Some(rng) = &cfg.rng {
-        let stream = connect(
+        let (stream, page) = connect(
             &rng.backend,
+            rng.counters,
             || vec!["rng".to_string()],
-            None,
+            &[],
             &mut children,
         )?;
         let pid = rng.pid.or(children
             .last()
             .filter(|_| rng.backend == Backend::Spawn)
             .map(Child::id));
-        wanted.push(("rng".to_string(), stream, TYPE_RNG, 1, pid));
+        wanted.push(("rng".to_string(), stream, TYPE_RNG, 1, pid, page));
     }
     for (i, net) in cfg.nets.iter().flatten().enumerate() {
         // The VMM opens the tap (in its own network namespace) and hands the backend
@@ -253,8 +411,9 @@ pub fn attach(
             ),
             _ => None,
         };
-        let stream = connect(
+        let (stream, page) = connect(
             &net.backend,
+            net.counters,
             || {
                 let mut a = vec!["net".to_string(), "--tap-fd".into(), "4".into()];
                 if let Some(mac) = &net.mac {
@@ -262,24 +421,24 @@ pub fn attach(
                 }
                 a
             },
-            tap.as_ref(),
+            tap.as_slice(),
             &mut children,
         )?;
         let pid = net.pid.or(children
             .last()
             .filter(|_| net.backend == Backend::Spawn)
             .map(Child::id));
-        wanted.push((format!("net{i}"), stream, TYPE_NET, 2, pid));
+        wanted.push((format!("net{i}"), stream, TYPE_NET, 2, pid, page));
     }
     let (mut counters, mut connections) = (Vec::new(), Vec::new());
-    for (n, (name, stream, ty, queues, pid)) in wanted.into_iter().enumerate() {
+    for (n, (name, stream, ty, queues, pid, page)) in wanted.into_iter().enumerate() {
         let slot = n as u8 + 1;
         let kind = match ty {
             TYPE_BLOCK => "blk",
             TYPE_NET => "net",
             _ => "rng",
         };
-        let count = Arc::new(DeviceCounters::new(name.clone(), kind, pid));
+        let count = Arc::new(DeviceCounters::new(name.clone(), kind, pid, page));
         connections.push(
             stream
                 .try_clone()

@@ -393,3 +393,172 @@ pub fn assert_cell_gone(id: &str) {
         assert!(!Path::new(&p).exists(), "{p} was left behind");
     }
 }
+
+/// A child process killed and reaped when the test lets go of it (a peer such as
+/// qemu-storage-daemon).
+pub struct Daemon(pub std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits up to 5 s for `path` to exist (a socket a peer binds).
+pub fn wait_for(path: &Path) {
+    for _ in 0..500 {
+        if path.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{} never appeared", path.display());
+}
+
+/// A VM held running under the real jailer (its guest waiting in `hold=`) for tests
+/// that look at it from outside, with its VMM's pid.
+pub struct HeldVm {
+    pub id: String,
+    jailer: Option<std::process::Child>,
+    pub vmm: u32,
+}
+
+impl HeldVm {
+    /// Launches `vm` under `policy` as `id` and returns once the VMM runs: it is the
+    /// cell's last process, so by then every label has been set.
+    pub fn launch(id: &str, policy: &Path, vm: &Path) -> HeldVm {
+        let jailer = Command::new(bin("cellvm-jailer"))
+            .args(["launch", "--id", id, "--policy"])
+            .arg(policy)
+            .arg("--vm")
+            .arg(vm)
+            .arg("--vmm")
+            .arg(bin("cellvm"))
+            .arg("--device-binary")
+            .arg(bin("cellvm-device"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let procs = format!("/sys/fs/cgroup/pids/cellvm/{id}/cgroup.procs");
+        let started = Instant::now();
+        let vmm = loop {
+            let text = std::fs::read_to_string(&procs).unwrap_or_default();
+            let found = text
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .find(|p: &u32| {
+                    std::fs::read_link(format!("/proc/{p}/exe"))
+                        .map(|e| e.file_name() == Some("cellvm".as_ref()))
+                        .unwrap_or(false)
+                });
+            if let Some(p) = found {
+                break p;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "vm {id}: the VMM never appeared in its cgroup"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        HeldVm {
+            id: id.into(),
+            jailer: Some(jailer),
+            vmm,
+        }
+    }
+
+    /// The MCS pair the registry gave this VM.
+    pub fn pair(&self) -> String {
+        let entry = std::fs::read_to_string(format!("/run/cellvm/vms/{}", self.id)).unwrap();
+        entry
+            .lines()
+            .find_map(|l| l.strip_prefix("mcs="))
+            .unwrap()
+            .to_string()
+    }
+
+    /// Ends the VM by SIGKILL of its VMM and waits (60 s at most) for the supervisor's
+    /// cleanup.
+    pub fn end(&mut self) {
+        // SAFETY: kill(2) on a pid read from this VM's cgroup.
+        unsafe { libc::kill(self.vmm as i32, libc::SIGKILL) };
+        let mut jailer = self.jailer.take().unwrap();
+        let started = Instant::now();
+        while jailer.try_wait().unwrap().is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the jailer did not end"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL of the supervisor: nothing of its own cleanup runs.
+    pub fn kill_supervisor(&mut self) {
+        let mut jailer = self.jailer.take().unwrap();
+        jailer.kill().unwrap();
+        jailer.wait().unwrap();
+    }
+}
+
+impl Drop for HeldVm {
+    fn drop(&mut self) {
+        if let Some(mut j) = self.jailer.take() {
+            let _ = j.kill();
+            let _ = j.wait();
+        }
+        let _ = Command::new(bin("cellvm-jailer")).arg("gc").output();
+    }
+}
+
+/// A copy of the workspace binary `name` at `dest`, mode 0755, for tests that run it as
+/// another user or from a tenant's directory. The bytes are written by a child `install`
+/// process, never by this one: a write descriptor held here would be inherited by any
+/// child another test thread forks at that moment, and exec of the copy would then fail
+/// with ETXTBSY until that child execs.
+pub fn executable_copy(name: &str, dest: &Path) {
+    if dest.exists() {
+        return;
+    }
+    static COPIES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = dest.file_name().unwrap().to_string_lossy();
+    let tmp = dest.with_file_name(format!(".{file}.{}.{n}", std::process::id()));
+    let status = Command::new("install")
+        .arg("-m")
+        .arg("0755")
+        .arg(bin(name))
+        .arg(&tmp)
+        .status()
+        .expect("run install");
+    assert!(status.success(), "install {name} to {}", tmp.display());
+    std::fs::rename(&tmp, dest).unwrap();
+}
+
+/// Every launch reclaims dead cells first (entries, labels, jails): a test that looks at
+/// what a killed supervisor left takes a turn that its file's other launching tests take
+/// too, so no sibling's launch reclaims it under the test.
+pub fn launch_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURNS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs a QEMU tool (`qemu-img`, `qemu-io`) in `cwd`. A LUKS image's creation measures
+/// PBKDF2 speed from the thread's CPU time and fails ("Unable to get accurate CPU usage")
+/// when a loaded host charges its first round no tick; that one failure is tried again.
+pub fn qemu_tool(name: &str, args: &[&str], cwd: &Path) -> std::process::Output {
+    for _ in 0..10 {
+        let out = Command::new(name)
+            .args(args)
+            .current_dir(cwd)
+            .output()
+            .unwrap_or_else(|e| panic!("{name} (tests/setup.sh installs it): {e}"));
+        if !String::from_utf8_lossy(&out.stderr).contains("Unable to get accurate CPU usage") {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{name} {args:?}: PBKDF2 could not be timed in 10 tries");
+}

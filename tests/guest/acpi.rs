@@ -352,3 +352,137 @@ fn op_region(dev: &[u8]) -> Option<(u8, u64, u64)> {
     }
     None
 }
+
+/// One address range of the PCI host bridge's `_CRS`.
+#[derive(Clone, Copy, Default)]
+pub struct Window {
+    /// Address space descriptor resource type: 0 memory, 1 I/O, 2 bus numbers.
+    pub kind: u8,
+    pub min: u64,
+    pub max: u64,
+}
+
+/// The PCI host bridge (`_HID` PNP0A08) as the DSDT describes it: its `_CRS` windows,
+/// whether it claims the configuration ports 0xCF8-0xCFF, and its `_PRT`.
+pub struct PciHost {
+    pub windows: [Window; 8],
+    pub nwindows: usize,
+    pub config_ports: bool,
+    /// `_PRT` entries: (address 0xSSSSFFFF, pin 0-3, GSI), GSI-form entries only.
+    pub prt: [(u32, u8, u32); 128],
+    pub nprt: usize,
+}
+
+impl PciHost {
+    pub fn windows(&self) -> &[Window] {
+        &self.windows[..self.nwindows]
+    }
+
+    /// The GSI `_PRT` routes INTx `pin` (1 = INTA .. 4 = INTD, as config 0x3d says) of
+    /// device `slot` to.
+    pub fn route(&self, slot: u32, pin: u32) -> Option<u32> {
+        let want = (slot << 16 | 0xffff, pin.checked_sub(1)? as u8);
+        self.prt[..self.nprt].iter().find(|e| (e.0, e.1) == want).map(|e| e.2)
+    }
+
+    /// Whether [start, start + len) lies inside one memory window.
+    pub fn in_memory_window(&self, start: u64, len: u64) -> bool {
+        let Some(last) = start.checked_add(len.saturating_sub(1)) else { return false };
+        self.windows().iter().any(|w| w.kind == 0 && w.min <= start && last <= w.max)
+    }
+}
+
+impl Tables {
+    /// Finds the PCI host bridge in the DSDT and reads its `_CRS` and `_PRT`.
+    pub fn pci_host(&self) -> Option<PciHost> {
+        let aml = self.dsdt()?.bytes()?.get(36..)?;
+        // Name (_HID, EisaId ("PNP0A08")).
+        let dev = device_holding(aml, b"\x08_HID\x0c\x41\xd0\x0a\x08")?;
+        let mut host = PciHost { windows: [Window::default(); 8], nwindows: 0, config_ports: false, prt: [(0, 0, 0); 128], nprt: 0 };
+        let data = crs_data(dev)?;
+        let mut i = 0;
+        while let Some(&tag) = data.get(i) {
+            if tag & 0x80 == 0 {
+                let (kind, n) = ((tag >> 3) & 0x0f, (tag & 7) as usize);
+                if kind == 0x0f {
+                    break;
+                }
+                if kind == 0x08 && n == 7 {
+                    let min = u16::from_le_bytes([*data.get(i + 2)?, *data.get(i + 3)?]);
+                    host.config_ports |= min == 0xcf8 && *data.get(i + 7)? == 8;
+                }
+                i += 1 + n;
+                continue;
+            }
+            let n = u16::from_le_bytes([*data.get(i + 1)?, *data.get(i + 2)?]) as usize;
+            let width = match tag {
+                0x88 => 2,
+                0x87 => 4,
+                0x8a => 8,
+                _ => 0,
+            };
+            if width != 0 && host.nwindows < host.windows.len() {
+                let field = |k: usize| -> Option<u64> {
+                    let at = i + 6 + k * width;
+                    let b = data.get(at..at + width)?;
+                    Some(b.iter().rev().fold(0u64, |v, &x| (v << 8) | x as u64))
+                };
+                host.windows[host.nwindows] = Window { kind: *data.get(i + 3)?, min: field(1)?, max: field(2)? };
+                host.nwindows += 1;
+            }
+            i += 3 + n;
+        }
+        // Name (_PRT, Package (N) { Package (4) { address, pin, source, index } ... }).
+        let at = find(dev, b"\x08_PRT\x12", 0)? + 6;
+        let (len, taken) = pkg_length(dev, at)?;
+        let end = at.checked_add(len)?.min(dev.len());
+        let count = *dev.get(at + taken)? as usize;
+        let mut p = at + taken + 1;
+        for _ in 0..count {
+            if p >= end || *dev.get(p)? != 0x12 {
+                return None;
+            }
+            let (elen, etaken) = pkg_length(dev, p + 1)?;
+            let mut q = p + 1 + etaken + 1; // past PkgLength and NumElements
+            let mut v = [0u64; 4];
+            for x in v.iter_mut() {
+                let (value, n) = integer(dev, q)?;
+                *x = value;
+                q += n;
+            }
+            if v[2] == 0 && host.nprt < host.prt.len() {
+                host.prt[host.nprt] = (v[0] as u32, v[1] as u8, v[3] as u32);
+                host.nprt += 1;
+            }
+            p += 1 + elen;
+        }
+        Some(host)
+    }
+}
+
+/// The body of the (last, innermost) Device in `aml` whose body holds `needle`.
+fn device_holding<'a>(aml: &'a [u8], needle: &[u8]) -> Option<&'a [u8]> {
+    let hit = find(aml, needle, 0)?;
+    let mut body = None;
+    let mut at = 0;
+    while let Some(i) = find(aml, &[0x5b, 0x82], at) {
+        at = i + 1;
+        if let Some((start, end)) = device_body(aml, i) {
+            if (start..end).contains(&hit) {
+                body = Some((start, end));
+            }
+        }
+    }
+    let (start, end) = body?;
+    Some(&aml[start..end])
+}
+
+/// The resource data of `Name (_CRS, Buffer {...})` in `dev`.
+fn crs_data(dev: &[u8]) -> Option<&[u8]> {
+    let at = find(dev, b"\x08_CRS\x11", 0)? + 6;
+    let (len, taken) = pkg_length(dev, at)?;
+    let buf_end = at.checked_add(len)?.min(dev.len());
+    let (size, int_len) = integer(dev, at + taken)?;
+    let data = dev.get(at + taken + int_len..buf_end)?;
+    Some(&data[..(size as usize).min(data.len())])
+}

@@ -11,12 +11,16 @@
 //! `expect_cpus=N` (what the e820, madt and smp checks compare against), `ecam=0xADDR`
 //! (the PCI ECAM, for VMMs that have no MCFG table).
 //!
+//! `platform` in `tests=`: the DSDT's PCI host bridge against bus 0 and the e820 map.
+//!
 //! `ticks` in `tests=` (after any other checks named there): print `tick N` (N = 1, 2,
 //! ...) every 50 ms of guest time, forever, while watching the ACPI power button (the
 //! Generic Event Device the DSDT describes); on a press print
 //! `TEST power-button PASS gsi=G status=S` and power off through \_S5. With the word
 //! `ignore-power-button` on the command line a press prints `power-button ignored` and
-//! the ticks go on.
+//! the ticks go on. Bytes arriving on COM1 meanwhile are echoed as lines
+//! `echo: <bytes>` (printable ASCII as is, others as `\xNN`), one per `\r` or `\n` or
+//! 64 bytes.
 #![no_std]
 #![no_main]
 
@@ -38,7 +42,11 @@ const CHECKS: [&str; 9] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "mad
 /// `console` reads a line typed on the VMM's standard input; `virtio`, `blk`, `msix`,
 /// `rng` and `net` need the devices (`blk` also an image laid out as tests/virtio.rs
 /// makes it, `net` a tap whose host end is 10.77.0.1/24).
-const OPT_IN: [&str; 10] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench", "netbench"];
+/// `platform` compares the DSDT's PCI host bridge (`_CRS` windows, `_PRT`) with the
+/// functions on bus 0 and the e820 map.
+/// `netgso` waits for a 64 KiB TCP segment the host sends whole (mergeable receive
+/// buffers, guest TSO).
+const OPT_IN: [&str; 12] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench", "netbench", "platform", "netgso"];
 
 /// The vector the irq check programs the serial's IOAPIC pin with.
 const IRQ_VECTOR: u8 = 0x41;
@@ -259,6 +267,7 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
             None => r.line(name, Err(()), format_args!("no MADT to find the APs")),
         },
         "pci" => check_pci(tables, r),
+        "platform" => check_platform(info, tables, r),
         "virtio" => devices::check_virtio(r),
         "blk" => devices::check_blk(r),
         "blkbad" => devices::check_blkbad(r),
@@ -268,6 +277,7 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
         "rng" => devices::check_rng(r),
         "net" => net::check_net(r),
         "netbench" => net::check_netbench(r, args.bench_ms),
+        "netgso" => net::check_netgso(r),
         "console" => {
             let mut line = hw::Buf::<80>::new();
             let complete = r.serial.read_line(&mut line, 10);
@@ -316,6 +326,78 @@ fn check_pci(tables: Option<&acpi::Tables>, r: &mut Report) {
     let bridge = hw::inl(0xcfc) != 0xffff_ffff;
     let ok = agree && found >= 1 && bridge;
     r.line("pci", ok.then_some(()).ok_or(()), format_args!("ecam={ecam:#x} cf8_and_ecam_agree={agree} functions={found}: {}", list.as_str()));
+}
+
+/// The PCI host bridge as the DSDT describes it, against what the guest finds: its bus
+/// range holds bus 0 and it claims ports 0xCF8-0xCFF; no e820 RAM lies in a memory
+/// window; every function's memory BARs (sized by the usual all-ones probe) lie inside
+/// one, and every function's INTx pin is routed by `_PRT` to the GSI its interrupt line
+/// register names (what the VMM raises).
+fn check_platform(info: Option<StartInfo>, tables: Option<&acpi::Tables>, r: &mut Report) {
+    let Some(host) = tables.and_then(|t| t.pci_host()) else {
+        r.line("platform", Err(()), format_args!("no PNP0A08 host bridge with a _CRS and a _PRT in the DSDT"));
+        return;
+    };
+    let mut text = hw::Buf::<512>::new();
+    let mut ok = host.config_ports;
+    let mut bus0 = false;
+    for w in host.windows() {
+        let kind = match w.kind {
+            0 => "mem",
+            1 => "io",
+            2 => "bus",
+            _ => "?",
+        };
+        bus0 |= w.kind == 2 && w.min == 0;
+        let _ = write!(text, "{kind}={:#x}-{:#x} ", w.min, w.max);
+    }
+    ok &= bus0;
+    let mut ram_in_window = false;
+    if let Some(i) = info {
+        for e in i.memmap().filter(|e| e.kind == 1) {
+            let last = e.addr.saturating_add(e.size.saturating_sub(1));
+            ram_in_window |= host.windows().iter().any(|w| w.kind == 0 && e.addr <= w.max && w.min <= last);
+        }
+    } else {
+        ok = false;
+    }
+    ok &= !ram_in_window;
+    let _ = write!(text, "config_ports={} prt={} ram_in_window={ram_in_window} functions:", host.config_ports, host.nprt);
+    let mut functions = 0;
+    for slot in 1..32u32 {
+        if virtio::cfg_read(slot, 0) == 0xffff_ffff {
+            continue;
+        }
+        functions += 1;
+        let _ = write!(text, " {slot:02x}.0");
+        let mut index = 0;
+        while index < 6 {
+            let reg = 0x10 + 4 * index;
+            let low = virtio::cfg_read(slot, reg);
+            let wide = low & 0x7 == 0x4;
+            if low & 1 == 0 && low != 0 {
+                let high = if wide { virtio::cfg_read(slot, reg + 4) as u64 } else { 0 };
+                let addr = high << 32 | (low & !0xf) as u64;
+                virtio::cfg_write(slot, reg, 0xffff_ffff);
+                let mask = virtio::cfg_read(slot, reg) & !0xf;
+                virtio::cfg_write(slot, reg, low);
+                let size = (!mask).wrapping_add(1) as u64;
+                let inside = host.in_memory_window(addr, size);
+                ok &= inside;
+                let _ = write!(text, " bar{index}={addr:#x}+{size:#x}{}", if inside { "" } else { "(outside)" });
+            }
+            index += if wide { 2 } else { 1 };
+        }
+        let reg = virtio::cfg_read(slot, 0x3c);
+        let (line, pin) = (reg & 0xff, (reg >> 8) & 0xff);
+        if (1..=4).contains(&pin) {
+            let gsi = host.route(slot, pin);
+            ok &= gsi == Some(line);
+            let _ = write!(text, " INT{}->prt:{gsi:?} line={line}", (b'A' + pin as u8 - 1) as char);
+        }
+    }
+    ok &= functions > 0;
+    r.line("platform", ok.then_some(()).ok_or(()), format_args!("{}", text.as_str()));
 }
 
 fn check_e820(args: &Args, info: Option<StartInfo>, r: &mut Report) {
@@ -400,7 +482,11 @@ fn ticks(args: &Args, tables: Option<&acpi::Tables>, serial: &mut Serial) -> ! {
     let (period, poll) = (hz / 1000 * TICK_MS, hz / 1000);
     let mut next = hw::rdtsc().saturating_add(period);
     let mut n = 0u64;
+    let mut echo = Echo { bytes: [0; ECHO_MAX], len: 0, after_cr: false };
     loop {
+        while let Some(byte) = serial.try_read() {
+            echo.push(byte, serial);
+        }
         let now = hw::rdtsc();
         if now >= next {
             n += 1;
@@ -425,6 +511,44 @@ fn ticks(args: &Args, tables: Option<&acpi::Tables>, serial: &mut Serial) -> ! {
         while hw::rdtsc() < until {
             core::hint::spin_loop();
         }
+    }
+}
+
+/// Bytes `ticks` collects from COM1 before echoing them without a line end.
+const ECHO_MAX: usize = 64;
+
+/// `ticks` echoes what arrives on COM1: `echo: <bytes>` once a `\r` or `\n` arrives (the
+/// `\n` of a `\r\n` pair adds no empty line) or ECHO_MAX bytes collect; printable ASCII
+/// as is, every other byte as `\xNN`.
+struct Echo {
+    bytes: [u8; ECHO_MAX],
+    len: usize,
+    after_cr: bool,
+}
+
+impl Echo {
+    fn push(&mut self, byte: u8, serial: &mut Serial) {
+        let after_cr = core::mem::replace(&mut self.after_cr, byte == b'\r');
+        match byte {
+            b'\n' if after_cr && self.len == 0 => {}
+            b'\r' | b'\n' => self.flush(serial),
+            _ => {
+                self.bytes[self.len] = byte;
+                self.len += 1;
+                if self.len == ECHO_MAX {
+                    self.flush(serial);
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self, serial: &mut Serial) {
+        let _ = write!(serial, "echo: ");
+        for &b in &self.bytes[..self.len] {
+            let _ = if (0x20..0x7f).contains(&b) { write!(serial, "{}", b as char) } else { write!(serial, "\\x{b:02x}") };
+        }
+        let _ = writeln!(serial);
+        self.len = 0;
     }
 }
 

@@ -124,6 +124,11 @@ impl Serial {
         false
     }
 
+    /// A received byte, if one is waiting.
+    pub fn try_read(&mut self) -> Option<u8> {
+        (inb(self.base + 5) & 1 != 0).then(|| inb(self.base))
+    }
+
     fn put(&mut self, byte: u8) {
         // Wait (boundedly) for the transmit holding register to empty.
         for _ in 0..100_000 {

@@ -430,3 +430,119 @@ pub fn check_netbench(r: &mut Report, ms: u64) {
     let ok = done > 0 && left == 0;
     r.line("netbench", ok.then_some(()).ok_or(()), format_args!("fps={fps} mbps={mbps} frames={done} in_ms={elapsed_ms} frame_bytes={len}"));
 }
+
+const F_GUEST_TSO4: u64 = 1 << 7;
+const F_GUEST_TSO6: u64 = 1 << 8;
+const F_MRG_RXBUF: u64 = 1 << 15;
+/// Receive buffers for `netgso`: 4 KiB each, 40 of them (more than a 64 KiB segment
+/// needs, which no single one holds).
+const GSO_BUF: usize = 4096;
+const GSO_BUFS: usize = 40;
+/// What the host sends in `netgso` (tests/virtio.rs): one TCP segment of this many
+/// payload bytes from 10.77.0.1:GSO_SPORT to 10.77.0.2:GSO_DPORT, payload byte i being
+/// gso_byte(i), handed to the tap whole (gso_size GSO_MSS).
+pub const GSO_PAYLOAD: usize = 65000;
+const GSO_SPORT: u16 = 7780;
+const GSO_DPORT: u16 = 40001;
+
+fn gso_byte(i: usize) -> u8 {
+    (i % 253) as u8 ^ 0xa7
+}
+
+#[repr(C, align(4096))]
+struct GsoBufs([u8; GSO_BUFS * GSO_BUF]);
+static mut GSO_RX: GsoBufs = GsoBufs([0; GSO_BUFS * GSO_BUF]);
+
+fn gso_buf(i: usize) -> &'static mut [u8] {
+    let i = i % GSO_BUFS;
+    // SAFETY: GSO_RX is used only by this check; buffer i is the guest's while not posted.
+    unsafe { core::slice::from_raw_parts_mut((core::ptr::addr_of_mut!(GSO_RX) as *mut u8).add(i * GSO_BUF), GSO_BUF) }
+}
+
+fn post_gso(q: &mut Queue, i: usize, kick: bool) {
+    q.post(i as u16, &[(gso_buf(i).as_ptr() as u64, GSO_BUF as u32, true)], kick);
+}
+
+/// Mergeable receive buffers and guest TSO: negotiates MRG_RXBUF, GUEST_CSUM and
+/// GUEST_TSO4/6, posts 4 KiB buffers, and waits (20 s) for the host's 64 KiB TCP segment
+/// to arrive as one frame: num_buffers chains whose bytes, put together, are the whole
+/// segment with its GSO header (TCPV4, the MSS) and the payload intact. Smaller frames
+/// (the host's own IPv6 chatter, the segment cut up before the offloads were on) are
+/// counted and skipped.
+pub fn check_netgso(r: &mut Report) {
+    let d = match v::find(TYPE_NET, 0) {
+        Some(d) => d,
+        None => return r.line("netgso", Err(()), format_args!("no virtio-net function on bus 0")),
+    };
+    let wanted = F_MAC | F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6 | F_MRG_RXBUF;
+    let Ok(features) = d.negotiate(v::F_VERSION_1 | wanted, 0) else {
+        return r.line("netgso", Err(()), format_args!("device refused FEATURES_OK"));
+    };
+    let (Some(mut rxq), Some(_txq)) = (d.setup_queue(0, super::devices::ring(0), NO_VECTOR), d.setup_queue(1, super::devices::ring(1), NO_VECTOR)) else {
+        return r.line("netgso", Err(()), format_args!("queues smaller than the driver's"));
+    };
+    d.driver_ok();
+    for i in 0..GSO_BUFS {
+        post_gso(&mut rxq, i, i + 1 == GSO_BUFS);
+    }
+    let want_len = HDR + 14 + 20 + 20 + GSO_PAYLOAD;
+    let end = rdtsc() + 20_000 * (tsc_hz() / 1000).max(1);
+    let next = |q: &mut Queue| -> Option<(u32, u32)> {
+        while rdtsc() < end {
+            if let Some(e) = q.poll() {
+                return Some(e);
+            }
+            core::hint::spin_loop();
+        }
+        None
+    };
+    let (mut small, mut result) = (0u32, None);
+    while let Some((head, len)) = next(&mut rxq) {
+        let first = head as usize % GSO_BUFS;
+        let hdr: [u8; HDR] = gso_buf(first)[..HDR].try_into().unwrap_or([0; HDR]);
+        let buffers = u16::from_le_bytes([hdr[10], hdr[11]]) as usize;
+        // Walk the frame's chains: the header's, then buffers - 1 more, in used order.
+        let (mut total, mut chains, mut payload_ok, mut proto_ok) = (0usize, 0usize, true, true);
+        let mut entry = Some((head, len));
+        while let Some((h, l)) = entry {
+            let i = h as usize % GSO_BUFS;
+            let b = &gso_buf(i)[..(l as usize).min(GSO_BUF)];
+            for (k, &byte) in b.iter().enumerate() {
+                let at = total + k;
+                let (ip, tcp, payload) = (HDR + 14, HDR + 34, HDR + 54);
+                if at >= payload {
+                    payload_ok &= byte == gso_byte(at - payload);
+                } else if at == ip + 9 {
+                    proto_ok &= byte == 6;
+                } else if at == tcp || at == tcp + 2 {
+                    let port = if at == tcp { GSO_SPORT } else { GSO_DPORT };
+                    proto_ok &= b.get(k + 1).is_some_and(|&lo| u16::from_be_bytes([byte, lo]) == port);
+                }
+            }
+            total += b.len();
+            chains += 1;
+            post_gso(&mut rxq, i, false);
+            entry = if chains < buffers { next(&mut rxq) } else { None };
+        }
+        rxq.kick();
+        if total < want_len || !proto_ok {
+            small += 1;
+            continue;
+        }
+        let gso_size = u16::from_le_bytes([hdr[4], hdr[5]]);
+        result = Some((total, chains, buffers, hdr[0], hdr[1], gso_size, payload_ok));
+        break;
+    }
+    d.set_status(0);
+    match result {
+        Some((total, chains, buffers, flags, gso_type, gso_size, payload_ok)) => {
+            let ok = total == want_len && chains == buffers && buffers > 1 && gso_type == 1 && payload_ok && features & F_MRG_RXBUF != 0;
+            r.line(
+                "netgso",
+                ok.then_some(()).ok_or(()),
+                format_args!("features={features:#x} frame_bytes={total} buffers={buffers} chains={chains} hdr_flags={flags} gso_type={gso_type} gso_size={gso_size} payload_ok={payload_ok} smaller_frames={small}"),
+            )
+        }
+        None => r.line("netgso", Err(()), format_args!("features={features:#x} no {want_len}-byte frame within 20 s; smaller_frames={small}")),
+    }
+}

@@ -1,6 +1,8 @@
 //! ACPI tables: RSDP, XSDT, FADT (hardware-reduced, with reset and sleep registers),
-//! DSDT (the S5 sleep package, COM1, the power button and the Generic Event Device that
-//! presses it) and MADT (every vCPU and the IOAPIC).
+//! DSDT (the S5 sleep package, the PCI host bridge with its windows, INTx routing and
+//! `_OSC`, COM1, the i8042, the power button and the Generic Event Device that presses
+//! it), MADT (every vCPU, the IOAPIC, the ISA interrupt overrides) and MCFG.
+//! `cellvm run --dump-acpi DIR` writes the same bytes to files (dump_tables).
 //!
 //! Built with the rust-vmm `acpi_tables` crate; this module only decides what goes in
 //! them and where they live (the BIOS area, so a guest that scans for the RSDP finds it).
@@ -55,23 +57,166 @@ fn io_register(port: u16) -> GAS {
     )
 }
 
-fn dsdt() -> Vec<u8> {
+fn dsdt(ram_end: u64) -> Vec<u8> {
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     // \_S5_: SLP_TYP 5 is what the guest writes to the sleep control register to power off.
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&5u8, &0u8]));
+    sdt.append_slice(&bytes(&s5));
+    sdt.append_slice(&pci_host_bridge(ram_end));
+    sdt.append_slice(&com1());
+    sdt.append_slice(&i8042());
+    sdt.append_slice(&power_button());
+    sdt.append_slice(&ged());
+    sdt.update_checksum();
+    sdt.as_slice().to_vec()
+}
+
+/// `\_SB.COM1`: the 16550A at COM1_PORT (8 ports) on ISA IRQ 4 (the IOAPIC pin of the
+/// same number: edge-triggered, active-high).
+fn com1() -> Vec<u8> {
     let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
     let uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let io = aml::IO::new(layout::COM1_PORT, layout::COM1_PORT, 1, 8);
     let irq = aml::Interrupt::new(true, true, false, false, layout::COM1_IRQ);
     let resources = aml::ResourceTemplate::new(vec![&io, &irq]);
     let crs = aml::Name::new("_CRS".into(), &resources);
-    let com1 = aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]);
-    sdt.append_slice(&bytes(&s5));
-    sdt.append_slice(&bytes(&com1));
-    sdt.append_slice(&power_button());
-    sdt.append_slice(&ged());
-    sdt.update_checksum();
-    sdt.as_slice().to_vec()
+    bytes(&aml::Device::new(
+        "_SB_.COM1".into(),
+        vec![&hid, &uid, &crs],
+    ))
+}
+
+/// `\_SB.PS2K`: the i8042 keyboard controller, its data (0x60) and command/status (0x64)
+/// ports and ISA IRQ 1. The VMM's i8042 is there for its reset line (the FADT's reset
+/// register); it has no keyboard behind it, so IRQ 1 never fires.
+fn i8042() -> Vec<u8> {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let data = aml::IO::new(layout::I8042_PORT, layout::I8042_PORT, 1, 1);
+    let command = aml::IO::new(layout::I8042_PORT + 4, layout::I8042_PORT + 4, 1, 1);
+    let irq = aml::Interrupt::new(true, true, false, false, layout::I8042_IRQ);
+    let crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&data, &command, &irq]),
+    );
+    bytes(&aml::Device::new(
+        "_SB_.PS2K".into(),
+        vec![&hid, &uid, &crs],
+    ))
+}
+
+/// PCI Firmware Specification's `_OSC` UUID for PCI host bridges.
+const PCI_OSC_UUID: &str = "33DB4D5B-1FF7-401C-9657-7441C03DD766";
+/// `_OSC` control bits the OS may take (PCI Firmware Spec 3.3, 4.5.2): PME (2), AER (3)
+/// and the PCIe capability structure (4): nothing in the VMM handles them for the OS.
+/// Native hot plug (0), SHPC (1), LTR (5) and later bits are refused: there is no hot
+/// plug of any kind, no SHPC controller, no LTR.
+pub const PCI_OSC_GRANTED: u32 = 0x1c;
+/// `_OSC` status bits (first capabilities dword).
+const OSC_UNRECOGNIZED_UUID: u8 = 1 << 2;
+const OSC_UNRECOGNIZED_REVISION: u8 = 1 << 3;
+const OSC_CAPABILITIES_MASKED: u8 = 1 << 4;
+
+/// `\_SB.PCI0`: the PCIe host bridge of segment 0, bus 0 (src/devices/pci.rs).
+///
+/// `_CRS`: bus 0 only (what the ECAM and the MCFG cover); the configuration ports
+/// 0xCF8-0xCFF; the I/O window; the 32-bit memory window every BAR is placed in; the
+/// 64-bit window above RAM (layout.rs). `_PRT`: every slot's four INTx pins, each to the
+/// GSI the VMM raises for it (level-triggered, active-low, as GSI-form `_PRT` entries
+/// are). `_OSC`: grants PCI_OSC_GRANTED.
+fn pci_host_bridge(ram_end: u64) -> Vec<u8> {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+
+    let bus = aml::AddressSpace::<u16>::new_bus_number(0, 0);
+    let config = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let io = aml::AddressSpace::<u16>::new_io(layout::PCI_IO_START, layout::PCI_IO_END, None);
+    let mem32 = aml::AddressSpace::<u32>::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        layout::PCI_MMIO32_START as u32,
+        (layout::PCI_MMIO32_END - 1) as u32,
+        None,
+    );
+    let (start64, end64) = layout::pci_mmio64(ram_end);
+    let mem64 = aml::AddressSpace::<u64>::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        start64,
+        end64 - 1,
+        None,
+    );
+    let crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&bus, &config, &io, &mem32, &mem64]),
+    );
+
+    // _PRT: Package { Package { 0xSSSSFFFF, pin, 0, GSI } ... } for slots 1-31.
+    let routes: Vec<(u32, u8, u32)> = (1..32u8)
+        .flat_map(|slot| {
+            (0..4u8).map(move |pin| {
+                (
+                    (slot as u32) << 16 | 0xffff,
+                    pin,
+                    layout::pci_intx_gsi(slot, pin),
+                )
+            })
+        })
+        .collect();
+    let entries: Vec<aml::Package> = routes
+        .iter()
+        .map(|(addr, pin, gsi)| aml::Package::new(vec![addr, pin, &aml::ZERO, gsi]))
+        .collect();
+    let prt = aml::Name::new(
+        "_PRT".into(),
+        &aml::Package::new(entries.iter().map(|e| e as &dyn Aml).collect()),
+    );
+
+    let (cdw1, cdw2, cdw3) = (
+        aml::Path::new("CDW1"),
+        aml::Path::new("CDW2"),
+        aml::Path::new("CDW3"),
+    );
+    let create1 = aml::CreateDWordField::new(&cdw1, &aml::Arg(3), &aml::ZERO);
+    let create2 = aml::CreateDWordField::new(&cdw2, &aml::Arg(3), &4u8);
+    let create3 = aml::CreateDWordField::new(&cdw3, &aml::Arg(3), &8u8);
+    let uuid = aml::Uuid::new(PCI_OSC_UUID);
+    let is_pci = aml::Equal::new(&aml::Arg(0), &uuid);
+    let bad_revision = aml::NotEqual::new(&aml::Arg(1), &aml::ONE);
+    let flag_revision = aml::Or::new(&cdw1, &cdw1, &OSC_UNRECOGNIZED_REVISION);
+    let on_bad_revision = aml::If::new(&bad_revision, vec![&flag_revision]);
+    let asked = aml::Store::new(&aml::Local(0), &cdw3);
+    let grant = aml::And::new(&cdw3, &cdw3, &PCI_OSC_GRANTED);
+    let masked = aml::NotEqual::new(&aml::Local(0), &cdw3);
+    let flag_masked = aml::Or::new(&cdw1, &cdw1, &OSC_CAPABILITIES_MASKED);
+    let on_masked = aml::If::new(&masked, vec![&flag_masked]);
+    let on_pci = aml::If::new(
+        &is_pci,
+        vec![
+            &create2,
+            &create3,
+            &on_bad_revision,
+            &asked,
+            &grant,
+            &on_masked,
+        ],
+    );
+    let flag_uuid = aml::Or::new(&cdw1, &cdw1, &OSC_UNRECOGNIZED_UUID);
+    let otherwise = aml::Else::new(vec![&flag_uuid]);
+    let ret = aml::Return::new(&aml::Arg(3));
+    let osc = aml::Method::new(
+        "_OSC".into(),
+        4,
+        true,
+        vec![&create1, &on_pci, &otherwise, &ret],
+    );
+    bytes(&aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![&hid, &cid, &seg, &bbn, &uid, &crs, &prt, &osc],
+    ))
 }
 
 /// `\_SB.PWRB`: the control-method power button (the FADT's PWR_BUTTON flag says there is
@@ -157,6 +302,32 @@ impl Aml for LocalX2Apic {
     }
 }
 
+/// MADT structure type 2, Interrupt Source Override (ISA bus).
+#[repr(C, packed)]
+#[derive(Clone, Copy, zerocopy::IntoBytes, zerocopy::Immutable)]
+struct InterruptSourceOverride {
+    kind: u8,
+    length: u8,
+    bus: u8,
+    source: u8,
+    gsi: u32,
+    flags: u16,
+}
+
+impl Aml for InterruptSourceOverride {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(zerocopy::IntoBytes::as_bytes(self));
+    }
+}
+
+/// MPS INTI flags: polarity active-high (bits 1:0 = 01), trigger edge (bits 3:2 = 01).
+const INTI_EDGE_ACTIVE_HIGH: u16 = 0b0101;
+
+/// ISA IRQs stated explicitly in the MADT: the GED's (the event interrupt of this
+/// hardware-reduced platform, which has no SCI) and COM1's, each on the IOAPIC pin of the
+/// same number, edge-triggered and active-high as their `_CRS` say.
+const ISA_OVERRIDES: [u32; 2] = [layout::COM1_IRQ, layout::GED_IRQ];
+
 fn madt(cpus: u32) -> Result<Vec<u8>, Error> {
     let mut madt = MADT::new(
         OEM_ID,
@@ -192,6 +363,16 @@ fn madt(cpus: u32) -> Result<Vec<u8>, Error> {
         layout::IOAPIC_BASE as u32,
         0,
     ));
+    for irq in ISA_OVERRIDES {
+        madt.add_structure(InterruptSourceOverride {
+            kind: 2,
+            length: 10,
+            bus: 0,
+            source: irq as u8,
+            gsi: irq,
+            flags: INTI_EDGE_ACTIVE_HIGH,
+        });
+    }
     Ok(bytes(&madt))
 }
 
@@ -201,12 +382,21 @@ fn mcfg() -> Vec<u8> {
     bytes(&mcfg)
 }
 
-/// Writes every table into guest memory and returns the RSDP's address.
-pub fn create_tables(mem: &GuestMemoryMmap, cpus: u32) -> Result<GuestAddress, Error> {
+/// One table as the guest gets it: the file stem `--dump-acpi` writes it under (as
+/// ACPICA's acpidump -b names them), its guest-physical address and its bytes.
+pub struct Table {
+    pub name: &'static str,
+    pub addr: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// Every table for a VM of `cpus` vCPUs whose RAM ends at `ram_end`, laid out in the
+/// BIOS area: RSDP, DSDT, FADT, MADT, MCFG, XSDT.
+pub fn build_tables(cpus: u32, ram_end: u64) -> Result<Vec<Table>, Error> {
     let align = |x: u64| (x + 15) & !15;
     let rsdp_addr = layout::ACPI_START;
     let dsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
-    let dsdt = dsdt();
+    let dsdt = dsdt(ram_end);
     let fadt_addr = align(dsdt_addr + dsdt.len() as u64);
     let fadt = fadt(dsdt_addr);
     let madt_addr = align(fadt_addr + fadt.len() as u64);
@@ -227,18 +417,83 @@ pub fn create_tables(mem: &GuestMemoryMmap, cpus: u32) -> Result<GuestAddress, E
         ));
     }
     let rsdp = bytes(&Rsdp::new(OEM_ID, xsdt_addr));
-    for (addr, data) in [
-        (rsdp_addr, &rsdp),
-        (dsdt_addr, &dsdt),
-        (fadt_addr, &fadt),
-        (madt_addr, &madt),
-        (mcfg_addr, &mcfg),
-        (xsdt_addr, &xsdt),
-    ] {
-        mem.write_slice(data, GuestAddress(addr))
+    let t = |name, addr, bytes| Table { name, addr, bytes };
+    Ok(vec![
+        t("rsdp", rsdp_addr, rsdp),
+        t("dsdt", dsdt_addr, dsdt),
+        t("facp", fadt_addr, fadt),
+        t("apic", madt_addr, madt),
+        t("mcfg", mcfg_addr, mcfg),
+        t("xsdt", xsdt_addr, xsdt),
+    ])
+}
+
+/// Writes every table into guest memory and returns the RSDP's address. The 64-bit PCI
+/// window lies above the highest byte of `mem`.
+pub fn create_tables(mem: &GuestMemoryMmap, cpus: u32) -> Result<GuestAddress, Error> {
+    use vm_memory::GuestMemoryBackend;
+    let ram_end = mem.last_addr().0.saturating_add(1);
+    let tables = build_tables(cpus, ram_end)?;
+    for t in &tables {
+        mem.write_slice(&t.bytes, GuestAddress(t.addr))
             .map_err(Error::Write)?;
     }
-    Ok(GuestAddress(rsdp_addr))
+    Ok(GuestAddress(layout::ACPI_START))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    #[error("--dump-acpi {0}: {1}")]
+    Dir(String, String),
+    #[error("--dump-acpi {0}: cannot write {1}: {2}")]
+    Write(String, String, std::io::Error),
+    #[error("cpus = {0}: must be between 1 and {MAX_MADT_CPUS}")]
+    Cpus(u32),
+    #[error("memory = {0} MiB: must be between {min} and {max} MiB", min = layout::MIN_MEMORY_MIB, max = u64::MAX >> 21)]
+    Memory(u64),
+    #[error(transparent)]
+    Tables(#[from] Error),
+}
+
+impl DumpError {
+    /// 2 for a refused configuration or directory, 1 for a failed write.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            DumpError::Write(..) => 1,
+            _ => 2,
+        }
+    }
+}
+
+/// `cellvm run --dump-acpi DIR`: writes the tables a VM of `cpus` vCPUs and `memory_mib`
+/// MiB gets, one file per table (`<name>.dat`), into the existing directory `dir`.
+/// Returns the files written.
+pub fn dump_tables(
+    dir: &std::path::Path,
+    cpus: u32,
+    memory_mib: u64,
+) -> Result<Vec<std::path::PathBuf>, DumpError> {
+    let shown = dir.display().to_string();
+    if cpus == 0 || cpus > MAX_MADT_CPUS {
+        return Err(DumpError::Cpus(cpus));
+    }
+    if !(layout::MIN_MEMORY_MIB..=u64::MAX >> 21).contains(&memory_mib) {
+        return Err(DumpError::Memory(memory_mib));
+    }
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(DumpError::Dir(shown, "not a directory".into())),
+        Err(e) => return Err(DumpError::Dir(shown, e.to_string())),
+    }
+    let ram_end = layout::ram_end(memory_mib << 20);
+    let mut written = Vec::new();
+    for t in build_tables(cpus, ram_end)? {
+        let path = dir.join(format!("{}.dat", t.name));
+        std::fs::write(&path, &t.bytes)
+            .map_err(|e| DumpError::Write(shown.clone(), path.display().to_string(), e))?;
+        written.push(path);
+    }
+    Ok(written)
 }
 
 #[cfg(any(test, feature = "fuzzing"))]
@@ -333,7 +588,7 @@ mod tests {
 
     #[test]
     fn every_table_has_a_valid_checksum_and_length() {
-        for table in [dsdt(), fadt(0x1234), madt(4).unwrap(), mcfg()] {
+        for table in [dsdt(1 << 30), fadt(0x1234), madt(4).unwrap(), mcfg()] {
             assert_eq!(checksum(&table), 0, "table {:?}", &table[..4]);
             let len = u32::from_le_bytes(table[4..8].try_into().unwrap()) as usize;
             assert_eq!(len, table.len());
@@ -411,7 +666,7 @@ mod tests {
 
     #[test]
     fn dsdt_has_the_ged_with_its_interrupt_region_and_event_method() {
-        let t = dsdt();
+        let t = dsdt(1 << 30);
         let aml = &t[36..];
         let ged = device_body(aml, b"\x2e_SB_GED_");
         assert!(contains(ged, b"\x08_HID\x0dACPI0013\x00"), "_HID ACPI0013");
@@ -442,8 +697,112 @@ mod tests {
     }
 
     #[test]
+    fn dsdt_describes_the_pci_host_bridge_windows_and_routing() {
+        let ram_end = 6u64 << 30;
+        let t = dsdt(ram_end);
+        let pci = device_body(&t[36..], b"\x2e_SB_PCI0");
+        // EISAID("PNP0A08") and ("PNP0A03"), compressed.
+        assert!(contains(pci, b"\x08_HID\x0c\x41\xd0\x0a\x08"));
+        assert!(contains(pci, b"\x08_CID\x0c\x41\xd0\x0a\x03"));
+        assert!(contains(pci, b"\x08_SEG\x00") && contains(pci, b"\x08_BBN\x00"));
+        // WordBusNumber 0-0; IO 0xCF8 x 8; the 32-bit window; the 64-bit window.
+        assert!(contains(
+            pci,
+            &[0x88, 0x0d, 0, 2, 0x0c, 0, 0, 0, 0, 0, 0, 0]
+        ));
+        assert!(contains(pci, &[0x47, 1, 0xf8, 0x0c, 0xf8, 0x0c, 1, 8]));
+        let mut mem32 = vec![0x87, 0x17, 0, 0, 0x0c, 0x01, 0, 0, 0, 0];
+        mem32.extend_from_slice(&(layout::PCI_MMIO32_START as u32).to_le_bytes());
+        mem32.extend_from_slice(&(layout::PCI_MMIO32_END as u32 - 1).to_le_bytes());
+        assert!(contains(pci, &mem32), "32-bit window");
+        let (start, end) = layout::pci_mmio64(ram_end);
+        assert_eq!(start, 6 << 30);
+        let mut mem64 = vec![0x8a, 0x2b, 0, 0, 0x0c, 0x01];
+        mem64.extend_from_slice(&0u64.to_le_bytes());
+        mem64.extend_from_slice(&start.to_le_bytes());
+        mem64.extend_from_slice(&(end - 1).to_le_bytes());
+        assert!(contains(pci, &mem64), "64-bit window");
+        // _PRT: 31 slots x 4 pins; slot 9's INTA is GSI 16 again.
+        assert!(contains(pci, b"_PRT\x12"));
+        assert!(contains(
+            pci,
+            &[0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x09, 0x00, 0x00, 0x00, 0x0a, 0x10]
+        ));
+        assert!(contains(pci, b"_OSC\x0c"), "_OSC: 4 arguments, serialized");
+    }
+
+    #[test]
+    fn dsdt_has_com1_and_the_i8042_with_their_resources() {
+        let t = dsdt(1 << 30);
+        let com1 = device_body(&t[36..], b"\x2e_SB_COM1");
+        assert!(contains(com1, &[0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8]));
+        assert!(contains(com1, &[0x89, 6, 0, 0x03, 1, 4, 0, 0, 0]));
+        let kbd = device_body(&t[36..], b"\x2e_SB_PS2K");
+        assert!(contains(kbd, b"\x08_HID\x0c\x41\xd0\x03\x03"), "PNP0303");
+        assert!(contains(kbd, &[0x47, 1, 0x60, 0, 0x60, 0, 1, 1]));
+        assert!(contains(kbd, &[0x47, 1, 0x64, 0, 0x64, 0, 1, 1]));
+        assert!(contains(kbd, &[0x89, 6, 0, 0x03, 1, 1, 0, 0, 0]));
+    }
+
+    #[test]
+    fn madt_states_the_ged_and_com1_irqs_as_edge_active_high() {
+        let t = madt(2).unwrap();
+        let mut off = 44;
+        let mut overrides = Vec::new();
+        while off < t.len() {
+            if t[off] == 2 {
+                assert_eq!(t[off + 1], 10);
+                let gsi = u32::from_le_bytes(t[off + 4..off + 8].try_into().unwrap());
+                let flags = u16::from_le_bytes([t[off + 8], t[off + 9]]);
+                overrides.push((t[off + 2], t[off + 3] as u32, gsi, flags));
+            }
+            off += t[off + 1] as usize;
+        }
+        assert_eq!(
+            overrides,
+            [
+                (0, layout::COM1_IRQ, layout::COM1_IRQ, 5),
+                (0, layout::GED_IRQ, layout::GED_IRQ, 5)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_tables_in_guest_memory_are_the_ones_dumped() {
+        let mem_size = 64u64 << 20;
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_size)
+            .into_iter()
+            .map(|(s, l)| (GuestAddress(s), l as usize))
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges).unwrap();
+        let rsdp = create_tables(&mem, 3).unwrap();
+        let dir = std::env::temp_dir().join(format!("cellvm-acpi-dump-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = dump_tables(&dir, 3, 64).unwrap();
+        assert_eq!(files.len(), 6);
+        for t in build_tables(3, layout::ram_end(mem_size)).unwrap() {
+            let file = std::fs::read(dir.join(format!("{}.dat", t.name))).unwrap();
+            let mut in_guest = vec![0u8; file.len()];
+            mem.read_slice(&mut in_guest, GuestAddress(t.addr)).unwrap();
+            assert_eq!(file, in_guest, "{}", t.name);
+        }
+        assert_eq!(rsdp.0, layout::ACPI_START);
+        assert!(matches!(
+            dump_tables(&dir.join("missing"), 1, 64),
+            Err(DumpError::Dir(..))
+        ));
+        assert!(matches!(
+            dump_tables(&files[0], 1, 64),
+            Err(DumpError::Dir(..))
+        ));
+        assert!(matches!(dump_tables(&dir, 0, 64), Err(DumpError::Cpus(0))));
+        assert!(matches!(dump_tables(&dir, 1, 1), Err(DumpError::Memory(1))));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn dsdt_has_the_power_button_and_s5() {
-        let t = dsdt();
+        let t = dsdt(1 << 30);
         let aml = &t[36..];
         let pwrb = device_body(aml, b"\x2e_SB_PWRB");
         // EISAID("PNP0C0C") compressed: 0x41d00c0c stored big-endian-ish as AML does.
@@ -460,7 +819,7 @@ mod tests {
     fn dsdt_disassembles_and_recompiles_cleanly_with_iasl() {
         let dir = std::env::temp_dir().join(format!("cellvm-dsdt-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("dsdt.dat"), dsdt()).unwrap();
+        std::fs::write(dir.join("dsdt.dat"), dsdt(1 << 30)).unwrap();
         let run = |args: &[&str]| {
             let out = std::process::Command::new("iasl")
                 .args(args)
@@ -482,6 +841,10 @@ mod tests {
         for expected in [
             "ACPI0013",
             "PNP0C0C",
+            "PNP0A08",
+            "PNP0303",
+            "_PRT",
+            "_OSC",
             "Notify (\\_SB.PWRB, 0x80)",
             "_EVT",
             "SystemIO",

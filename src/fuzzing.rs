@@ -37,6 +37,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("vhost_user_backend", vhost_user_backend),
     ("api_http", api_http),
     ("qcow2_image", qcow2_image),
+    ("luks_header", luks_header),
 ];
 
 const FUZZ_MEM: u64 = 16 << 20;
@@ -327,7 +328,7 @@ pub fn qcow2_image(data: &[u8]) {
     let (ops, image) = data.split_at(64);
     let file = scratch_file(0);
     file.write_all_at(image, 0).expect("fill the memfd");
-    let Ok(img) = block::Qcow2::open(file, false, false, Vec::new()) else {
+    let Ok(img) = block::Qcow2::open(file, false, false, Vec::new(), None) else {
         return;
     };
     let sectors = img.size() / 512;
@@ -770,6 +771,26 @@ pub fn api_http(data: &[u8]) {
                 }
                 rest = &rest[consumed..];
             }
+        }
+    }
+}
+
+/// A LUKS1 header from arbitrary bytes, as the blk backend parses an encrypted qcow2
+/// image's before it derives any key (`block::luks::Header::parse`): the first 8 bytes
+/// are the encryption header area's length (little-endian), the rest the header. It may
+/// be refused; one that parses has bounded iteration counts and every active slot's key
+/// material inside the area, which is what the backend then reads.
+pub fn luks_header(data: &[u8]) {
+    if data.len() < 8 {
+        return;
+    }
+    let (len, header) = data.split_at(8);
+    let area = u64::from_le_bytes(len.try_into().expect("8 bytes"));
+    if let Ok(h) = block::luks::Header::parse(header, area) {
+        let material = h.material_len() as u64;
+        for slot in &h.slots {
+            assert!(slot.iterations >= 1 && slot.iterations <= block::luks::MAX_ITERATIONS);
+            assert!(slot.material_offset + material <= area);
         }
     }
 }

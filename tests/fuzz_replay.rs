@@ -23,6 +23,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("vhost_user_backend", cellvm::fuzzing::vhost_user_backend),
     ("api_http", cellvm::fuzzing::api_http),
     ("qcow2_image", cellvm::fuzzing::qcow2_image),
+    ("luks_header", cellvm::fuzzing::luks_header),
     ("tenant_policy", cellvm_jailer::fuzzing::tenant_policy),
     ("mcs_label", cellvm_jailer::fuzzing::mcs_label),
     ("img_check", cellvm_img::fuzzing::img_check),

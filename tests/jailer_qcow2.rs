@@ -350,7 +350,7 @@ fn an_encrypted_image_is_refused_never_served_as_ciphertext() {
         assert_refused(
             &example(),
             &spec(&d, &luks, "qcow2", readonly),
-            "crypt_method = 2 (LUKS): encrypted images are not served; refused",
+            "crypt_method = 2 (LUKS): the image is encrypted and no key was given (key_secret in the VM spec); refused",
             &[&luks],
         );
     }
@@ -434,6 +434,160 @@ fn the_virtual_size_is_what_the_disk_limits_bound() {
 }
 
 /// Byte `o` of the first 64 sectors the guest's `blk` check expects.
+/// A VM spec of one qcow2 disk with `key_secret` (written as given), the guest's blk
+/// checks running.
+fn keyed_spec(dir: &Dir, disk: &Path, key: &str) -> PathBuf {
+    let p = dir.outside.join("vm-keyed.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "name = \"q2\"\nvcpus = 1\nmemory_mib = 64\ncmdline = \"tests=serial,pci,virtio,blk\"\n\
+             disks = [{{ path = \"{}\", format = \"qcow2\", key_secret = {key} }}]\n",
+            disk.display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn an_encrypted_disk_is_served_with_the_key_its_policy_names_and_refused_otherwise() {
+    use std::os::unix::fs::PermissionsExt;
+    let _turn = common::launch_turn();
+    let d = Dir::new("luks-key");
+    let mut b = vec![0u8; 1 << 20];
+    for (o, x) in b.iter_mut().enumerate().take(64 * 512) {
+        *x = pattern(o);
+    }
+    let base = d.join("base.img");
+    std::fs::write(&base, &b).unwrap();
+    let secret = "secret,id=s0,data=open sesame";
+    let luks = d.create(
+        "qcow2",
+        "luks.qcow2",
+        &[
+            "--object",
+            secret,
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+            "-b",
+            "base.img",
+            "-F",
+            "raw",
+        ],
+        "1M",
+    );
+    let plain = d.create("qcow2", "plain.qcow2", &[], "1M");
+    let secrets = d.outside.join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    let key = secrets.join("disk.key");
+    std::fs::write(&key, "open sesame").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let keyed = policy_with(
+        &d,
+        "max_chain_depth = 8",
+        &format!(
+            "max_chain_depth = 8\nsecrets_dir = \"{}\"",
+            secrets.display()
+        ),
+    );
+    let before = sha(&luks);
+
+    // Refused: a policy with no secrets_dir; a name that is a path; a key the world can
+    // read; a symlink; a key for an image that is not encrypted; a wrong key.
+    let example_policy = example();
+    assert_refused(
+        &example_policy,
+        &keyed_spec(&d, &luks, "\"disk.key\""),
+        "disks[0].key_secret = \"disk.key\" violates the tenant policy, which names no secrets_dir",
+        &[&luks],
+    );
+    assert_refused(
+        &keyed,
+        &keyed_spec(&d, &luks, "\"../secrets/disk.key\""),
+        "violates a file name",
+        &[&luks],
+    );
+    let loose = secrets.join("loose.key");
+    std::fs::write(&loose, "open sesame").unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_refused(
+        &keyed,
+        &keyed_spec(&d, &luks, "\"loose.key\""),
+        "a disk key must be root's and readable by root alone",
+        &[&luks],
+    );
+    std::os::unix::fs::symlink(&key, secrets.join("link.key")).unwrap();
+    assert_refused(
+        &keyed,
+        &keyed_spec(&d, &luks, "\"link.key\""),
+        "escapes",
+        &[&luks],
+    );
+    assert_refused(
+        &keyed,
+        &keyed_spec(&d, &plain, "\"disk.key\""),
+        "a key was given, but the image is not encrypted",
+        &[&plain],
+    );
+    let wrong = secrets.join("wrong.key");
+    std::fs::write(&wrong, "open sesame\n").unwrap();
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let id = unique("luks-wrong");
+    let out = launch(&keyed, &id, &keyed_spec(&d, &luks, "\"wrong.key\""));
+    assert_ne!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("does not open any active LUKS key slot"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.test_lines().is_empty(), "the guest never ran");
+    common::assert_cell_gone(&id);
+    assert_eq!(sha(&luks), before, "the image is untouched");
+
+    // Served: the guest's blk checks pass on the encrypted overlay of the pattern.
+    let id = unique("luks");
+    let out = launch(&keyed, &id, &keyed_spec(&d, &luks, "\"disk.key\""));
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    out.passed("blk");
+    common::assert_cell_gone(&id);
+    // QEMU, with the same key, finds a clean image holding what the check leaves.
+    let opts = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=s0",
+        luks.display()
+    );
+    qemu_img(
+        &["check", "-q", "--object", secret, "--image-opts", &opts],
+        &d.path,
+    );
+    let flat = d.outside.join("flat.raw");
+    qemu_img(
+        &[
+            "convert",
+            "-q",
+            "--object",
+            secret,
+            "--image-opts",
+            &opts,
+            "-O",
+            "raw",
+            flat.to_str().unwrap(),
+        ],
+        &d.path,
+    );
+    let got = std::fs::read(&flat).unwrap();
+    for (o, g) in got.iter().enumerate().take(64 * 512) {
+        let want = match o / 512 {
+            16..=23 => 0xa5 ^ (o - 16 * 512) as u8,
+            32..=47 => 0,
+            _ => pattern(o),
+        };
+        assert_eq!(*g, want, "byte {o} (sector {})", o / 512);
+    }
+    assert_eq!(sha(&base), b, "the backing file is read-only");
+}
+
 fn pattern(o: usize) -> u8 {
     ((o / 512) as u8).wrapping_mul(31) ^ (o as u8)
 }

@@ -247,9 +247,21 @@ fn writes_to_an_image_with_internal_snapshots_leave_the_snapshots_intact() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `--object` and `--image-opts` for QEMU's tools on the LUKS image `img` (key "hunter2").
+const SECRET: &str = "secret,id=s0,data=hunter2";
+
+fn luks_opts(img: &Path) -> String {
+    format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=s0",
+        img.display()
+    )
+}
+
 #[test]
-fn an_encrypted_image_is_refused_by_the_vmm_and_by_the_backend_never_served() {
+fn an_encrypted_image_is_served_with_its_key_and_refused_without_it() {
     let dir = scratch_dir("qcow2-luks");
+    let base = write_raw(&dir, "base.raw", &base_bytes());
+    let expected = write_raw(&dir, "expected.raw", &after_blk(base_bytes()));
     let img = dir.join("luks.qcow2");
     qemu_img(&[
         "create",
@@ -257,22 +269,26 @@ fn an_encrypted_image_is_refused_by_the_vmm_and_by_the_backend_never_served() {
         "-f",
         "qcow2",
         "--object",
-        "secret,id=s0,data=hunter2",
+        SECRET,
         "-o",
         "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
         s(&img),
-        "1M",
     ]);
     let before = std::fs::read(&img).unwrap();
+    // Without its key the image is refused, by the VMM and by the backend's own guard
+    // (for a launcher that passed the image regardless): never served as ciphertext.
     let out = vm(&format!("path={},format=qcow2", img.display()), "tests=blk");
     assert_eq!(out.code, Some(2), "{}\n{}", out.stdout, out.stderr);
     assert!(
-        out.stderr.contains("crypt_method = 2 (LUKS)") && out.stderr.contains("not served"),
+        out.stderr.contains("crypt_method = 2 (LUKS)") && out.stderr.contains("no key was given"),
         "{}",
         out.stderr
     );
     assert!(out.test_lines().is_empty(), "the guest never ran");
-    // The backend's own guard, for a launcher that passed the image regardless.
     let mut cmd = common::cellvm_device();
     cmd.args(["blk", "--socket"])
         .arg(dir.join("never.sock"))
@@ -282,16 +298,53 @@ fn an_encrypted_image_is_refused_by_the_vmm_and_by_the_backend_never_served() {
     let out = run(cmd, Duration::from_secs(10));
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(
-        out.stderr
-            .contains("qcow2 image: crypt_method = 2 (LUKS): encrypted images are not served"),
+        out.stderr.contains(
+            "qcow2 image: crypt_method = 2 (LUKS): the image is encrypted and no key was given"
+        ),
         "{}",
         out.stderr
     );
     assert!(!dir.join("never.sock").exists(), "refused before listening");
+    // A wrong key (the right one with a newline, as `echo` writes it) opens nothing.
+    let wrong = write_raw(&dir, "wrong.key", b"hunter2\n");
+    let out = vm(
+        &format!(
+            "path={},format=qcow2,key={}",
+            img.display(),
+            wrong.display()
+        ),
+        "tests=blk",
+    );
+    assert_ne!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("does not open any active LUKS key slot"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(
         std::fs::read(&img).unwrap(),
         before,
         "the image is untouched"
+    );
+    // With its key: the guest's blk checks pass on the encrypted overlay of the pattern.
+    let key = write_raw(&dir, "luks.key", b"hunter2");
+    serve(&img, &format!(",key={},queues=2", key.display()));
+    // QEMU, decrypting with the same key, finds exactly what the guest wrote, and a
+    // consistent image; the file itself holds no plaintext of the guest's writes.
+    let opts = luks_opts(&img);
+    let raw = format!("driver=raw,file.filename={}", expected.display());
+    let out = qemu_img(&["compare", "--object", SECRET, "--image-opts", &opts, &raw]);
+    assert!(out.contains("Images are identical"), "{out}");
+    let out = qemu_img(&["check", "--object", SECRET, "--image-opts", &opts]);
+    assert!(out.contains("No errors were found"), "{out}");
+    let written: Vec<u8> = (0..512).map(|o| 0xa5 ^ o as u8).collect();
+    let file = std::fs::read(&img).unwrap();
+    assert!(!file.windows(512).any(|w| w == written.as_slice()));
+    assert_eq!(
+        std::fs::read(&base).unwrap(),
+        base_bytes(),
+        "the backing file is read-only"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -131,6 +131,22 @@ fn the_vmm_has_no_rule_on_any_disk_image_and_a_backend_uses_only_its_descriptor(
 }
 
 #[test]
+fn a_disk_key_is_read_by_the_backend_through_its_descriptor_and_by_no_vmm() {
+    let vmm = rules(&["-A", "-s", "cellvm_t", "-t", "cellvm_secret_t"]);
+    assert!(vmm.is_empty(), "cellvm_t reaches disk keys: {vmm:?}");
+    // Control: the backend reads the key it is handed, and may open none.
+    let blk = perms_on("cellvm_device_t", "cellvm_secret_t", "file");
+    assert!(blk.contains(&"read".into()), "{blk:?}");
+    assert!(!blk.contains(&"open".into()), "{blk:?}");
+    // The jailer opens it for the backend and never reads it.
+    let jailer = perms_on("cellvm_jailer_t", "cellvm_secret_t", "file");
+    assert!(
+        jailer.contains(&"open".into()) && !jailer.contains(&"read".into()),
+        "{jailer:?}"
+    );
+}
+
+#[test]
 fn a_backend_cannot_open_kvm() {
     let dev = rules(&["-A", "-s", "cellvm_device_t", "-t", "kvm_device_t"]);
     assert!(dev.is_empty(), "cellvm_device_t reaches /dev/kvm: {dev:?}");
@@ -325,6 +341,7 @@ fn the_file_contexts_label_every_binary_and_the_image_directories() {
         ("/usr/bin/cellvm", "cellvm_exec_t"),
         ("/usr/bin/cellvm-device", "cellvm_device_exec_t"),
         ("/var/lib/cellvm/images(/.*)?", "cellvm_image_t"),
+        ("/etc/cellvm/secrets(/.*)?", "cellvm_secret_t"),
     ] {
         assert!(
             fc.lines()

@@ -140,6 +140,9 @@ pub struct Qcow2Header {
     pub backing: Option<Backing>,
     pub external_data_file: Option<String>,
     pub has_bitmaps_extension: bool,
+    /// LUKS (crypt_method 2): where the encryption header lies in the file, and its
+    /// length (the full disk encryption extension; cluster-aligned, checked).
+    pub encryption_header: Option<(u64, u64)>,
 }
 
 /// Big-endian reads that cannot go out of bounds: the caller checked the length first, and
@@ -461,6 +464,7 @@ pub fn parse(bytes: &[u8]) -> Result<Qcow2Header, HeaderError> {
     let mut external_data_file = None;
     let mut has_bitmaps_extension = false;
     let mut seen_fde = false;
+    let mut encryption_header = None;
     let mut seen_feature_table = false;
     loop {
         if offset.saturating_add(8) > ext_end {
@@ -563,6 +567,7 @@ pub fn parse(bytes: &[u8]) -> Result<Qcow2Header, HeaderError> {
                     fde_len,
                     cluster_size,
                 )?;
+                encryption_header = Some((fde_offset, fde_len));
             }
             EXT_EXTERNAL_DATA_FILE => {
                 if external_data_file.is_some() {
@@ -628,6 +633,7 @@ pub fn parse(bytes: &[u8]) -> Result<Qcow2Header, HeaderError> {
         }),
         external_data_file,
         has_bitmaps_extension,
+        encryption_header,
     })
 }
 
@@ -637,13 +643,39 @@ impl Qcow2Header {
         1u64 << self.cluster_bits.min(21)
     }
 
-    /// Why cellvm refuses to serve this image (None: it may), naming the field or bit.
+    /// Why cellvm refuses to serve this image without a key (None: it may), naming the
+    /// field or bit. An encrypted image is always refused here: served without its key
+    /// it would hand the guest ciphertext.
     pub fn refusal(&self, writable: bool) -> Option<String> {
-        match self.crypt_method {
-            0 => {}
-            1 => return Some("crypt_method = 1 (AES): encrypted images are not served".into()),
-            2 => return Some("crypt_method = 2 (LUKS): encrypted images are not served".into()),
-            m => return Some(format!("crypt_method = {m} is unknown")),
+        self.refusal_keyed(writable, false)
+    }
+
+    /// As [`Qcow2Header::refusal`], for an image served with a key (`keyed`): a LUKS
+    /// image is served then, and an image that is not encrypted is refused (a key given
+    /// for it is a mistake in the spec).
+    pub fn refusal_keyed(&self, writable: bool, keyed: bool) -> Option<String> {
+        match (self.crypt_method, keyed) {
+            (0, false) | (2, true) => {}
+            (0, true) => {
+                return Some(
+                    "a key was given, but the image is not encrypted (crypt_method = 0)".into(),
+                )
+            }
+            (1, _) => {
+                return Some(
+                    "crypt_method = 1 (legacy AES): not served; re-encrypt it as LUKS \
+                     (qemu-img convert -O qcow2 -o encrypt.format=luks)"
+                        .into(),
+                )
+            }
+            (2, false) => {
+                return Some(
+                    "crypt_method = 2 (LUKS): the image is encrypted and no key was given \
+                     (key_secret in the VM spec)"
+                        .into(),
+                )
+            }
+            (m, _) => return Some(format!("crypt_method = {m} is unknown")),
         }
         let incompat = self.incompatible_features;
         if incompat & INCOMPAT_DIRTY != 0 {

@@ -18,8 +18,12 @@
 //! # What imago 0.2.6 lacks, and what cellvm does about it
 //!
 //! - **Encryption** (AES, LUKS): imago never looks at `crypt_method` and would serve
-//!   ciphertext. [`Qcow2::open`] parses every qcow2 layer's header with [`header`] first
-//!   and refuses what [`header::Qcow2Header::refusal`] names: encryption, the dirty and
+//!   ciphertext. [`Qcow2::open`] unlocks a LUKS top with the key it is given
+//!   ([`luks`]) and moves that image's data itself, decrypting and encrypting each
+//!   sector by its host offset (see `qcow2.rs`, "Encryption"). It parses every qcow2
+//!   layer's header with [`header`] first and refuses what
+//!   [`header::Qcow2Header::refusal_keyed`] names: legacy AES, LUKS without a key (or
+//!   below the top), a key for a plain image, the dirty and
 //!   corrupt bits, an external data file, extended L2, a compression type other than
 //!   zlib, unknown incompatible bits, and, for a writable top, persistent bitmaps (imago
 //!   clears the autoclear bits on a read-write open, which would silently invalidate
@@ -58,6 +62,8 @@ pub mod header;
 mod bounded;
 #[cfg(feature = "engine")]
 mod image;
+#[cfg(feature = "engine")]
+pub mod luks;
 #[cfg(feature = "engine")]
 mod qcow2;
 #[cfg(feature = "engine")]

@@ -10,7 +10,8 @@ use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, ShallowMapping};
 
 use crate::header::{self, Format, Qcow2Header};
-use crate::image::{DiskImage, OpenError, Slice};
+use crate::image::{DiskImage, OpenError, Slice, SECTOR};
+use crate::luks;
 
 type Storage = crate::bounded::Bounded;
 type Access = FormatAccess<Storage>;
@@ -38,6 +39,9 @@ pub struct Qcow2 {
     /// qcow2 v2 has no zero clusters, and imago no discard for it: zeroes are written as
     /// data.
     v2: bool,
+    /// LUKS: the unlocked data cipher. imago knows nothing of encryption, so an encrypted
+    /// image's data goes through `crypt` (see "Encryption" below).
+    crypt: Option<luks::Cipher>,
 }
 
 /// How messages name layer `i` of a chain (0: the top).
@@ -50,7 +54,12 @@ fn layer_name(i: usize) -> String {
 }
 
 /// Reads and checks a qcow2 layer's header before imago sees the file.
-fn checked_header(file: &File, i: usize, writable: bool) -> Result<Qcow2Header, OpenError> {
+fn checked_header(
+    file: &File,
+    i: usize,
+    writable: bool,
+    keyed: bool,
+) -> Result<Qcow2Header, OpenError> {
     let name = layer_name(i);
     let len = file
         .metadata()
@@ -61,7 +70,7 @@ fn checked_header(file: &File, i: usize, writable: bool) -> Result<Qcow2Header, 
     file.read_exact_at(&mut bytes, 0)
         .map_err(OpenError::io(format!("{name}: reading the header")))?;
     let h = header::parse(&bytes).map_err(|e| OpenError::Refused(format!("{name}: {e}")))?;
-    if let Some(why) = h.refusal(writable) {
+    if let Some(why) = h.refusal_keyed(writable, keyed) {
         return Err(OpenError::Refused(format!("{name}: {why}")));
     }
     check_bounds(&h, len).map_err(|why| OpenError::Refused(format!("{name}: {why}")))?;
@@ -173,6 +182,24 @@ fn check_bounds(h: &Qcow2Header, file_len: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// Unlocks the LUKS header at `area` (offset, length in the file) with `key`.
+fn unlock(file: &File, (at, len): (u64, u64), key: &[u8]) -> Result<luks::Cipher, OpenError> {
+    let refused = |e: luks::LuksError| OpenError::Refused(format!("image: {e}"));
+    let mut bytes = vec![0u8; luks::HEADER_LEN];
+    file.read_exact_at(&mut bytes, at)
+        .map_err(OpenError::io("image: reading the LUKS header"))?;
+    let h = luks::Header::parse(&bytes, len).map_err(refused)?;
+    let mut material = vec![0u8; h.material_len()];
+    for slot in &h.slots {
+        file.read_exact_at(&mut material, at + slot.material_offset)
+            .map_err(OpenError::io("image: reading LUKS key material"))?;
+        if let Some(cipher) = h.unlock_slot(slot, &material, key) {
+            return Ok(cipher);
+        }
+    }
+    Err(refused(luks::LuksError::WrongKey))
+}
+
 /// The layer as imago storage, bounded: reads end inside the file, writes below
 /// `max_len`.
 fn imago_file(file: File, name: &str, max_len: u64) -> Result<Storage, OpenError> {
@@ -193,11 +220,16 @@ impl Qcow2 {
     /// chain must be exactly what the headers name: a layer naming a backing file needs
     /// the next descriptor, of the format its header names if it names one; a layer
     /// naming none must be the last. Nothing is opened by name.
+    ///
+    /// `key` is the passphrase of a LUKS-encrypted top (the bytes of the secret file the
+    /// administrator wrote): given for an image that is not encrypted, or not given for
+    /// one that is, the open is refused. Only the top may be encrypted.
     pub fn open(
         top: File,
         readonly: bool,
         direct: bool,
         backing: Vec<Layer>,
+        key: Option<&[u8]>,
     ) -> Result<Qcow2, OpenError> {
         let formats: Vec<Format> = std::iter::once(Format::Qcow2)
             .chain(backing.iter().map(|l| l.format))
@@ -208,6 +240,7 @@ impl Qcow2 {
         let mut top_max = (0, 0);
         let mut v2 = false;
         let mut cluster_size = 0;
+        let mut crypt = None;
         for (i, file) in files.iter().enumerate() {
             let next = formats.get(i + 1).copied();
             if formats[i] == Format::Raw {
@@ -219,11 +252,19 @@ impl Qcow2 {
                 }
                 continue;
             }
-            let h = checked_header(file, i, i == 0 && !readonly)?;
+            let h = checked_header(file, i, i == 0 && !readonly, i == 0 && key.is_some())?;
             if i == 0 {
                 top_max = (h.max_file_bytes(), h.max_growth_bytes());
                 v2 = h.version == 2;
                 cluster_size = 1u64 << h.cluster_bits;
+                if let (Some(key), Some(area)) = (key, h.encryption_header) {
+                    if direct {
+                        return Err(OpenError::Refused(
+                            "image: direct=on is not supported for an encrypted image".into(),
+                        ));
+                    }
+                    crypt = Some(unlock(file, area, key)?);
+                }
             }
             match (&h.backing, next) {
                 (None, None) => {}
@@ -302,6 +343,7 @@ impl Qcow2 {
             top: punch,
             cluster_size,
             v2,
+            crypt,
         })
     }
 
@@ -361,6 +403,184 @@ impl Qcow2 {
     }
 }
 
+/// # Encryption
+///
+/// imago maps guest offsets to clusters and knows nothing of ciphers, so for a LUKS image
+/// cellvm moves the data itself: a read resolves each cluster's shallow mapping and
+/// decrypts what lies in the top file (lower layers are plaintext); a write to a cluster
+/// the top already owns (COPIED) is encrypted and written in place; a write anywhere
+/// else allocates the whole cluster under the exclusive lock (read the old plaintext,
+/// merge, encrypt for the new host offset, write, then make the mapping visible), so
+/// imago never copies plaintext or unencrypted zeroes into the image. Zeroes are
+/// written as encrypted data except for whole clusters, which become zero clusters.
+impl Qcow2 {
+    fn cipher(&self) -> Option<&luks::Cipher> {
+        self.crypt.as_ref()
+    }
+
+    /// Plaintext of `out.len()` bytes at the sector-aligned `offset`.
+    fn read_plain(
+        &self,
+        a: &Access,
+        c: &luks::Cipher,
+        offset: u64,
+        out: &mut [u8],
+    ) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < out.len() {
+            let at = offset + done as u64;
+            let (m, l) = a.get_shallow_mapping(at, (out.len() - done) as u64)?;
+            let n = (l as usize).min(out.len() - done);
+            if n == 0 {
+                out[done..].fill(0);
+                break;
+            }
+            let dst = &mut out[done..done + n];
+            match m {
+                ShallowMapping::Raw { offset: host, .. } => {
+                    self.top.read_exact_at(dst, host)?;
+                    c.decrypt(dst, host / SECTOR);
+                }
+                ShallowMapping::Indirect {
+                    layer, offset: o, ..
+                } => layer.read(&mut *dst, o)?,
+                ShallowMapping::Zero { .. } | ShallowMapping::Eof { .. } => dst.fill(0),
+                ShallowMapping::Special { .. } => {
+                    return Err(io::Error::other(
+                        "a compressed cluster in an encrypted image",
+                    ))
+                }
+                _ => return Err(io::Error::other("a cluster mapping cellvm does not know")),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` (within one cluster, at `at`) in place if the top owns the cluster;
+    /// false if the cluster must be allocated first.
+    fn write_in_place(
+        &self,
+        a: &Access,
+        c: &luks::Cipher,
+        at: u64,
+        data: &[u8],
+    ) -> io::Result<bool> {
+        let (m, l) = a.get_shallow_mapping(at, data.len() as u64)?;
+        match m {
+            ShallowMapping::Raw {
+                offset: host,
+                writable: true,
+                ..
+            } if l >= data.len() as u64 => {
+                let mut buf = data.to_vec();
+                c.encrypt(&mut buf, host / SECTOR);
+                self.top.write_all_at(&buf, host)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Encrypted writes, cluster by cluster.
+    fn write_encrypted(&self, c: &luks::Cipher, offset: u64, data: &[u8]) -> io::Result<()> {
+        aligned(offset, data.len() as u64)?;
+        let cs = self.cluster_size.max(SECTOR);
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = offset + done as u64;
+            let within = at % cs;
+            let n = ((cs - within) as usize).min(data.len() - done);
+            let chunk = &data[done..done + n];
+            if !self.write_in_place(&self.shared(), c, at, chunk)? {
+                let a = self.exclusive();
+                // Another writer may have allocated it while this one waited.
+                if !self.write_in_place(&a, c, at, chunk)? {
+                    let start = at - within;
+                    let len = cs.min(self.size - start) as usize;
+                    let mut plain = vec![0u8; len];
+                    self.read_plain(&a, c, start, &mut plain)?;
+                    plain[within as usize..within as usize + n].copy_from_slice(chunk);
+                    let mapping = a.prepare_data_mapping(start, len as u64, true)?;
+                    if mapping.length() < len as u64 {
+                        return Err(io::Error::other("a cluster mapped in pieces"));
+                    }
+                    let host = mapping.offset();
+                    c.encrypt(&mut plain, host / SECTOR);
+                    self.top.write_all_at(&plain, host)?;
+                    a.commit_data_mapping(mapping)?;
+                }
+            }
+            done += n;
+        }
+        self.shared().flush()
+    }
+
+    /// Zeroes as encrypted data.
+    fn zero_encrypted(&self, c: &luks::Cipher, offset: u64, len: u64) -> io::Result<()> {
+        let chunk = vec![0u8; self.cluster_size.clamp(SECTOR, 1 << 21) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64);
+            self.write_encrypted(c, offset + done, &chunk[..n as usize])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Zeroes on an encrypted image: whole clusters through `whole` (a discard or zero
+    /// clusters, which read as zeroes without decryption), the rest as encrypted data.
+    fn zero_range_encrypted(
+        &self,
+        c: &luks::Cipher,
+        offset: u64,
+        len: u64,
+        whole: impl FnOnce(u64, u64) -> io::Result<()>,
+    ) -> io::Result<()> {
+        aligned(offset, len)?;
+        let cs = self.cluster_size.max(SECTOR);
+        let end = offset + len;
+        let (first, last) = (offset.div_ceil(cs) * cs, end / cs * cs);
+        if self.v2 || first >= last {
+            return self.zero_encrypted(c, offset, len);
+        }
+        self.zero_encrypted(c, offset, first - offset)?;
+        whole(first, last - first)?;
+        self.zero_encrypted(c, last, end - last)
+    }
+}
+
+/// The cipher works on whole sectors; virtio-blk requests are whole sectors.
+fn aligned(offset: u64, len: u64) -> io::Result<()> {
+    if offset % SECTOR != 0 || len % SECTOR != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "an encrypted image takes whole 512-byte sectors",
+        ));
+    }
+    Ok(())
+}
+
+/// Copies guest buffers into one plaintext buffer.
+fn gather(bufs: &[Slice<'_>]) -> Vec<u8> {
+    let mut out = vec![0u8; bufs.iter().map(|b| b.len()).sum()];
+    let mut at = 0;
+    for b in bufs {
+        b.copy_to(&mut out[at..at + b.len()]);
+        at += b.len();
+    }
+    out
+}
+
+/// Copies one plaintext buffer out to guest buffers.
+fn scatter(data: &[u8], bufs: &[Slice<'_>]) {
+    let mut at = 0;
+    for b in bufs {
+        b.copy_from(&data[at..at + b.len()]);
+        at += b.len();
+    }
+}
+
 /// The same buffers, borrowed no longer than the slice of them (imago's conversion wants
 /// one lifetime for both).
 fn shorten<'a>(bufs: &'a [Slice<'_>]) -> &'a [Slice<'a>] {
@@ -377,12 +597,22 @@ impl DiskImage for Qcow2 {
     }
 
     fn read(&self, offset: u64, bufs: &[Slice<'_>]) -> io::Result<()> {
+        if let Some(c) = self.cipher() {
+            let mut plain = gather(bufs);
+            aligned(offset, plain.len() as u64)?;
+            self.read_plain(&self.shared(), c, offset, &mut plain)?;
+            scatter(&plain, bufs);
+            return Ok(());
+        }
         let bufs = shorten(bufs);
         let (vector, _mapped) = IoVectorMut::from_volatile_slice(bufs.iter());
         self.shared().readv(vector, offset)
     }
 
     fn write(&self, offset: u64, bufs: &[Slice<'_>]) -> io::Result<()> {
+        if let Some(c) = self.cipher() {
+            return self.write_encrypted(c, offset, &gather(bufs));
+        }
         let bufs = shorten(bufs);
         let (vector, _mapped) = IoVector::from_volatile_slice(bufs.iter());
         let a = self.shared();
@@ -399,9 +629,42 @@ impl DiskImage for Qcow2 {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if let Some(c) = self.cipher() {
+            return self.zero_range_encrypted(c, offset, len, |at, n| self.discard_clusters(at, n));
+        }
         if self.v2 {
             return self.zero_data(offset, len);
         }
+        self.discard_clusters(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if let Some(c) = self.cipher() {
+            return self.zero_range_encrypted(c, offset, len, |at, n| {
+                if unmap {
+                    self.discard_clusters(at, n)
+                } else {
+                    let a = self.shared();
+                    a.write_zeroes(at, n)?;
+                    a.flush()
+                }
+            });
+        }
+        if self.v2 {
+            self.zero_data(offset, len)
+        } else if unmap {
+            self.discard(offset, len)
+        } else {
+            let a = self.shared();
+            a.write_zeroes(offset, len)?;
+            a.flush()
+        }
+    }
+}
+
+impl Qcow2 {
+    /// Discards `offset..offset + len` (qcow2 v3), giving sole clusters' space back.
+    fn discard_clusters(&self, offset: u64, len: u64) -> io::Result<()> {
         // In chunks, so the list of clusters to give back stays small.
         const CHUNK: u64 = 64 << 20;
         let mut a = self.exclusive();
@@ -427,17 +690,5 @@ impl DiskImage for Qcow2 {
             done += n;
         }
         Ok(())
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
-        if self.v2 {
-            self.zero_data(offset, len)
-        } else if unmap {
-            self.discard(offset, len)
-        } else {
-            let a = self.shared();
-            a.write_zeroes(offset, len)?;
-            a.flush()
-        }
     }
 }

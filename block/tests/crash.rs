@@ -18,7 +18,7 @@ fn writer(path: &Path) -> ! {
         .write(true)
         .open(path)
         .unwrap();
-    let img = Qcow2::open(file, false, false, Vec::new()).unwrap();
+    let img = Qcow2::open(file, false, false, Vec::new(), None).unwrap();
     let blocks = img.size() / 4096;
     let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ std::process::id() as u64;
     let mut buf = vec![0u8; 4096];

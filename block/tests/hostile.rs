@@ -64,7 +64,7 @@ fn rw(path: &Path) -> File {
 }
 
 fn open(path: &Path) -> Result<Qcow2, OpenError> {
-    Qcow2::open(rw(path), false, false, Vec::new())
+    Qcow2::open(rw(path), false, false, Vec::new(), None)
 }
 
 fn refused(path: &Path) -> String {

@@ -130,6 +130,7 @@ pub fn resolve(
     top: &Image,
     at: Option<&Beneath>,
     writable: bool,
+    keyed: bool,
     top_path: &std::path::Path,
 ) -> Result<Disk, Error> {
     let path = shown_path(top_path);
@@ -159,7 +160,7 @@ pub fn resolve(
         });
     }
     let h = qcow2_header(&top.file, top.size, &path)?;
-    if let Some(reason) = h.refusal(writable) {
+    if let Some(reason) = h.refusal_keyed(writable, keyed) {
         return Err(Error::Refused { path, reason });
     }
     let fsize = writable.then(|| {

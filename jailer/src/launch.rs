@@ -149,6 +149,8 @@ pub enum Device {
         /// RLIMIT_FSIZE of the backend's cell for a writable qcow2 top; None: the file's
         /// length (it cannot grow).
         fsize: Option<u64>,
+        /// A LUKS top's key file (`key_secret`), for the backend to read.
+        key: Option<File>,
     },
     Net {
         tap: String,
@@ -171,6 +173,7 @@ impl Device {
                 queues,
                 format,
                 backing,
+                key,
                 ..
             } => {
                 a.extend(["blk".into(), "--image-fd".into(), fd]);
@@ -184,6 +187,9 @@ impl Device {
                         .map(|l| format!("{}:{}", l.file.as_raw_fd(), l.format))
                         .collect();
                     a.extend(["--backing".into(), list.join(",")]);
+                }
+                if let Some(k) = key {
+                    a.extend(["--key-fd".into(), k.as_raw_fd().to_string()]);
                 }
                 a.extend([
                     "--queues".into(),
@@ -218,10 +224,14 @@ impl Device {
         }
     }
 
-    /// The descriptors of a disk's backing layers, kept across the backend's exec.
+    /// The descriptors of a disk's backing layers and key, kept across the backend's exec.
     fn backing_fds(&self) -> Vec<i32> {
         match self {
-            Device::Blk { backing, .. } => backing.iter().map(|l| l.file.as_raw_fd()).collect(),
+            Device::Blk { backing, key, .. } => backing
+                .iter()
+                .map(|l| l.file.as_raw_fd())
+                .chain(key.as_ref().map(File::as_raw_fd))
+                .collect(),
             _ => Vec::new(),
         }
     }
@@ -372,9 +382,17 @@ pub fn plan_for(policy: TenantPolicy, spec: VmSpec, opts: &Options) -> Result<Pl
             &image,
             at.as_ref(),
             !d.readonly,
+            d.key_secret.is_some(),
             &d.path,
         )
         .map_err(|e| refuse(e.to_string()))?;
+        // The spec check made sure a key names a file and the policy a directory.
+        let key = match (&d.key_secret, &policy.secrets_dir) {
+            (Some(name), Some(dir)) => Some(
+                paths::open_secret(dir, name).map_err(|e| refuse(format!("key_secret: {e}")))?,
+            ),
+            _ => None,
+        };
         for l in &disk.backing {
             if let Some(j) = seen.iter().position(|(s, w)| *s == l.id && *w) {
                 return Err(refuse(format!(
@@ -407,6 +425,7 @@ pub fn plan_for(policy: TenantPolicy, spec: VmSpec, opts: &Options) -> Result<Pl
             format: disk.format,
             backing: disk.backing,
             fsize: disk.fsize,
+            key,
         });
     }
     if spec.rng {

@@ -407,6 +407,7 @@ pub mod fuzzing {
                 &top,
                 Some(&at),
                 writable,
+                false,
                 Path::new("top"),
             ) {
                 Err(e) => assert_clean(&e.to_string()),
@@ -489,6 +490,7 @@ pub mod fuzzing {
             block::header::Format::Qcow2,
             &top,
             Some(&at),
+            false,
             false,
             Path::new("top"),
         )

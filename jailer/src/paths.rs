@@ -35,6 +35,10 @@ pub enum Error {
     NotWritable { path: String, uid: u32, mode: u32 },
     #[error("{path}: in use: {holder} holds a lock on it (a writable image has one user; read-only users share)")]
     Locked { path: String, holder: &'static str },
+    #[error("{path}: a disk key must be root's and readable by root alone (owner uid {uid}, mode {mode:04o}; chmod 0400 or 0600)")]
+    SecretExposed { path: String, uid: u32, mode: u32 },
+    #[error("{path}: a disk key is 1 to {max} bytes, this one {len}")]
+    SecretSize { path: String, len: u64, max: u64 },
 }
 
 /// The allowed directory `path` lies in, lexically: absolute, no `..`, under `dir`.
@@ -161,6 +165,65 @@ fn open_any_beneath(dirs: &[PathBuf], path: &Path, writable: bool) -> Result<Fil
             }
         }
     })
+}
+
+/// The longest disk key file (the blk backend reads at most this many bytes).
+pub const MAX_SECRET_BYTES: u64 = 4096;
+
+/// Opens the disk key `name` (a bare file name the spec checked) in the tenant's
+/// `secrets_dir`: no symlink on the way (RESOLVE_NO_SYMLINKS), a regular file, root's,
+/// with no permission for group or others, 1 to 4096 bytes. The jailer never reads it:
+/// the descriptor goes to the disk's backend, which alone unlocks the image.
+pub fn open_secret(dir: &Path, name: &str) -> Result<File, Error> {
+    let path = dir.join(name);
+    let dir_fd = File::open(dir).map_err(|e| Error::Io {
+        path: shown_path(dir),
+        source: e,
+    })?;
+    let file = openat2(
+        dir_fd.as_raw_fd(),
+        Path::new(name),
+        false,
+        libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    )
+    .map_err(|err| {
+        if matches!(err.raw_os_error(), Some(libc::EXDEV) | Some(libc::ELOOP)) {
+            Error::Escapes {
+                path: shown_path(&path),
+                dir: shown_path(dir),
+            }
+        } else {
+            Error::Io {
+                path: shown_path(&path),
+                source: err,
+            }
+        }
+    })?;
+    let m = file.metadata().map_err(|e| Error::Io {
+        path: shown_path(&path),
+        source: e,
+    })?;
+    if m.mode() & libc::S_IFMT != libc::S_IFREG {
+        return Err(Error::NotAFile {
+            path: shown_path(&path),
+            kind: kind(m.mode()),
+        });
+    }
+    if m.uid() != 0 || m.mode() & 0o077 != 0 {
+        return Err(Error::SecretExposed {
+            path: shown_path(&path),
+            uid: m.uid(),
+            mode: m.mode() & 0o7777,
+        });
+    }
+    if m.len() == 0 || m.len() > MAX_SECRET_BYTES {
+        return Err(Error::SecretSize {
+            path: shown_path(&path),
+            len: m.len(),
+            max: MAX_SECRET_BYTES,
+        });
+    }
+    Ok(file)
 }
 
 /// Where an image lies: an allowed image directory and the path beneath it, kept as it

@@ -86,6 +86,11 @@ pub struct TenantPolicy {
     /// How many backing layers a qcow2 disk may have below its top (0: none).
     #[serde(default = "eight")]
     pub max_chain_depth: u32,
+    /// Where the administrator keeps this tenant's disk keys: a LUKS-encrypted qcow2
+    /// disk names one by `key_secret` (a file name in this directory). None: the
+    /// tenant's disks may not be encrypted.
+    #[serde(default)]
+    pub secrets_dir: Option<PathBuf>,
     /// A host group whose members may use the VMs' API and console sockets (the run
     /// directory becomes 0750 root:G, the sockets 0660 root:G). None: root alone.
     #[serde(default)]
@@ -209,6 +214,11 @@ pub struct DiskSpec {
     pub direct: bool,
     #[serde(default = "one_queue")]
     pub queues: u16,
+    /// A LUKS-encrypted qcow2 image's key: the name of a file in the tenant's
+    /// `secrets_dir`, whose bytes are the passphrase. The jailer passes it to the
+    /// disk's backend by descriptor and never reads it.
+    #[serde(default)]
+    pub key_secret: Option<String>,
 }
 
 /// A virtio-net device of a VM spec: a tap the tenant policy grants; its backend runs in
@@ -219,6 +229,11 @@ pub struct NetSpec {
     pub tap: String,
     /// The guest's MAC address; none: a random locally administered one.
     pub mac: Option<String>,
+}
+
+/// A disk key's name: one path component, no NUL.
+fn valid_secret_name(name: &str) -> bool {
+    (1..=255).contains(&name.len()) && name != "." && name != ".." && !name.contains(['/', '\0'])
 }
 
 /// A tap name the kernel accepts: 1-15 bytes of [A-Za-z0-9_.-].
@@ -418,6 +433,9 @@ impl TenantPolicy {
             return bad(format!(
                 "mcs_categories [{a}, {b}] must hold at least two categories within c0..c1023"
             ));
+        }
+        if let Some(d) = self.secrets_dir.as_ref().filter(|d| !d.is_absolute()) {
+            return bad(format!("secrets_dir {} is not absolute", shown_path(d)));
         }
         if let Some(d) = self.image_dirs.iter().find(|d| !d.is_absolute()) {
             return bad(format!(
@@ -672,6 +690,36 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
                 "violates",
                 format!("the tenant's disk_formats [{}]", allowed.join(", ")),
             );
+        }
+        if let Some(name) = &d.key_secret {
+            let field = format!("disks[{i}].key_secret");
+            if !valid_secret_name(name) {
+                return violation(
+                    &field,
+                    quoted(name),
+                    "violates",
+                    "a file name (1 to 255 bytes, no '/', not '.' or '..')".into(),
+                );
+            }
+            if policy.secrets_dir.is_none() {
+                return violation(
+                    &field,
+                    quoted(name),
+                    "violates",
+                    "the tenant policy, which names no secrets_dir".into(),
+                );
+            }
+            if d.format != DiskFormat::Qcow2 {
+                return violation(
+                    &field,
+                    quoted(name),
+                    "violates",
+                    format!(
+                        "format \"{}\": only an encrypted qcow2 disk takes a key",
+                        d.format
+                    ),
+                );
+            }
         }
         if !(1..=MAX_DISK_QUEUES).contains(&d.queues) {
             return violation(

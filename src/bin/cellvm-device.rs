@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cellvm-device blk (--socket PATH | --listen-fd N) (--image PATH | --image-fd N)
-//!                   [--format raw|qcow2] [--backing FD:FMT,...]
+//!                   [--format raw|qcow2] [--backing FD:FMT,...] [--key-fd N]
 //!                   [--readonly] [--direct] [--queues N] [--id SERIAL] [--seccomp MODE]
 //! cellvm-device net (--socket PATH | --listen-fd N) (--tap NAME | --tap-fd N)
 //!                   [--mac MAC] [--seccomp MODE]
@@ -14,7 +14,9 @@
 //! `--format` (default raw) says what the image is; a raw image's header is never looked
 //! at. A qcow2 image's header is checked and what cellvm does not implement refused (exit
 //! 2, on stderr); `--backing` lists its chain, nearest layer first, as inherited
-//! read-only descriptors: nothing is opened by name.
+//! read-only descriptors: nothing is opened by name. `--key-fd` is a LUKS-encrypted
+//! qcow2 image's key: the descriptor of a secret file, read once (its bytes are the
+//! passphrase) and closed before the image is opened.
 //! Every kind takes `--counters-fd N`: a sealed one-page memfd its VMM reads, where the
 //! backend counts requests, errors and bytes (`cellvm::backend::counters`).
 //! MODE is kill (default), log or off. Each serves one vhost-user connection and exits
@@ -28,7 +30,7 @@ use cellvm::seccomp::Mode;
 
 const USAGE: &str = "usage:
   cellvm-device blk (--socket PATH | --listen-fd N) (--image PATH | --image-fd N)
-                    [--format raw|qcow2] [--backing FD:FMT,...]
+                    [--format raw|qcow2] [--backing FD:FMT,...] [--key-fd N]
                     [--readonly] [--direct] [--queues N] [--id SERIAL] [--seccomp MODE]
   cellvm-device net (--socket PATH | --listen-fd N) (--tap NAME | --tap-fd N) [--mac MAC]
                     [--seccomp MODE]
@@ -165,6 +167,15 @@ fn blk(opts: &Opts) -> Result<(), Usage> {
         }
         Some(list) => backing_layers(opts, list)?,
     };
+    let mut key = match opts.value("key-fd") {
+        None => None,
+        Some(_) if format == block::header::Format::Raw => {
+            return Err(usage(
+                "--key-fd opens an encrypted qcow2 image (--format qcow2)",
+            ))
+        }
+        Some(fd) => Some(read_key(owned_file(opts.fd("key-fd", fd)?, "--key-fd")?)?),
+    };
     let file = match opts.one_of("image", "image-fd")? {
         (true, path) => std::fs::OpenOptions::new()
             .read(true)
@@ -189,10 +200,14 @@ fn blk(opts: &Opts) -> Result<(), Usage> {
             Box::new(raw)
         }
         block::header::Format::Qcow2 => Box::new(
-            block::Qcow2::open(file, readonly, direct, backing)
+            block::Qcow2::open(file, readonly, direct, backing, key.as_deref())
                 .map_err(|e| (format!("qcow2 {e}"), 2))?,
         ),
     };
+    // The passphrase has done its work (the master key lives on in the cipher).
+    if let Some(k) = key.as_mut() {
+        k.fill(0);
+    }
     opts.counters()?;
     let id = opts.value("id").unwrap_or("cellvm");
     let disk = backend::blk::Disk::with_image(image, readonly, id);
@@ -224,13 +239,37 @@ fn owned_file(fd: i32, what: &str) -> Result<std::fs::File, Usage> {
     Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
+/// A secret file's bytes, the passphrase exactly (no newline is taken off).
+fn read_key(file: std::fs::File) -> Result<Vec<u8>, Usage> {
+    use std::io::Read;
+    let mut key = Vec::new();
+    file.take(block::luks::MAX_KEY_LEN as u64 + 1)
+        .read_to_end(&mut key)
+        .map_err(|e| (format!("--key-fd: reading the key: {e}"), 2))?;
+    if key.is_empty() || key.len() > block::luks::MAX_KEY_LEN {
+        return Err((
+            format!(
+                "--key-fd: the key must be 1 to {} bytes, not {}",
+                block::luks::MAX_KEY_LEN,
+                if key.is_empty() {
+                    "empty".to_string()
+                } else {
+                    "longer".to_string()
+                }
+            ),
+            2,
+        ));
+    }
+    Ok(key)
+}
+
 /// The most layers `--backing` may list.
 const MAX_BACKING: usize = 32;
 
 /// `--backing FD:FMT,...`: the chain below the top, nearest first, each an open
 /// read-only descriptor and its format. No number twice, none of the other descriptors.
 fn backing_layers(opts: &Opts, list: &str) -> Result<Vec<block::Layer>, Usage> {
-    let mut seen: Vec<i32> = ["image-fd", "listen-fd", "counters-fd"]
+    let mut seen: Vec<i32> = ["image-fd", "listen-fd", "counters-fd", "key-fd"]
         .iter()
         .filter_map(|k| opts.value(k).and_then(|v| v.parse().ok()))
         .collect();
@@ -313,7 +352,9 @@ fn run(args: &[String]) -> Result<u8, Usage> {
         "blk" => blk(&Opts::parse(
             rest,
             &["readonly", "direct"],
-            &keys(&["image", "image-fd", "format", "backing", "queues", "id"]),
+            &keys(&[
+                "image", "image-fd", "format", "backing", "key-fd", "queues", "id",
+            ]),
         )?)
         .map(|_| 0),
         "net" => net(&Opts::parse(rest, &[], &keys(&["tap", "tap-fd", "mac"]))?).map(|_| 0),

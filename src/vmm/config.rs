@@ -52,7 +52,7 @@ pub enum Backend {
     Fd(i32),
 }
 
-/// A virtio-blk disk: `path=IMG[,format=raw|qcow2][,readonly=on][,direct=on][,queues=N]`,
+/// A virtio-blk disk: `path=IMG[,format=raw|qcow2][,key=SECRET][,readonly=on][,direct=on][,queues=N]`,
 /// `socket=PATH[,queues=N]` or `fd=N[,queues=N]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskSpec {
@@ -69,6 +69,8 @@ pub struct DiskSpec {
     pub pid: Option<u32>,
     /// The backend's page of counters (`counters=FD`, backend::counters).
     pub counters: Option<i32>,
+    /// A LUKS-encrypted qcow2 image's key: a file whose bytes are the passphrase.
+    pub key: Option<PathBuf>,
 }
 
 /// The largest number of queues a disk may have.
@@ -145,7 +147,7 @@ impl std::str::FromStr for DiskSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let what = format!("disk {s:?}");
         let (mut image, mut readonly, mut direct, mut queues) = (None, false, false, 1);
-        let mut format = None;
+        let (mut format, mut key_file) = (None, None);
         let on_off = |key: &str, value: &str| match value {
             "on" | "true" => Ok(true),
             "off" | "false" => Ok(false),
@@ -165,6 +167,7 @@ impl std::str::FromStr for DiskSpec {
                         })?)
                     }
                     "direct" => direct = on_off(key, value)?,
+                    "key" if !value.is_empty() => key_file = Some(PathBuf::from(value)),
                     "queues" => {
                         queues = value
                             .parse()
@@ -178,9 +181,16 @@ impl std::str::FromStr for DiskSpec {
                 }
                 Ok(false)
             })?;
-        if (readonly || direct || format.is_some()) && backend != Backend::Spawn {
+        if (readonly || direct || format.is_some() || key_file.is_some())
+            && backend != Backend::Spawn
+        {
             return Err(format!(
-                "{what}: readonly=, direct= and format= belong to the backend that owns the image"
+                "{what}: readonly=, direct=, format= and key= belong to the backend that owns the image"
+            ));
+        }
+        if key_file.is_some() && format != Some(block::header::Format::Qcow2) {
+            return Err(format!(
+                "{what}: key= opens a LUKS-encrypted qcow2 image (say format=qcow2)"
             ));
         }
         Ok(DiskSpec {
@@ -192,6 +202,7 @@ impl std::str::FromStr for DiskSpec {
             backend,
             pid,
             counters,
+            key: key_file,
         })
     }
 }
@@ -432,10 +443,15 @@ mod tests {
                 backend: Backend::Spawn,
                 pid: None,
                 counters: None,
+                key: None,
             }
         );
         let q: DiskSpec = "path=/i.qcow2,format=qcow2".parse().unwrap();
         assert_eq!(q.format, block::header::Format::Qcow2);
+        let k: DiskSpec = "path=/i.qcow2,format=qcow2,key=/etc/k".parse().unwrap();
+        assert_eq!(k.key.as_deref(), Some(std::path::Path::new("/etc/k")));
+        assert!("path=/i.img,key=/etc/k".parse::<DiskSpec>().is_err());
+        assert!("fd=5,key=/etc/k".parse::<DiskSpec>().is_err());
         assert!("path=/i,format=vmdk".parse::<DiskSpec>().is_err());
         assert!("socket=/s,format=qcow2".parse::<DiskSpec>().is_err());
         let d: DiskSpec = "socket=/run/x.sock".parse().unwrap();

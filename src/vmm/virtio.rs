@@ -3,6 +3,7 @@
 //! virtio-pci function on the PCI bus with its BAR on the MMIO bus and its notify
 //! registers as KVM ioeventfds.
 
+use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -200,11 +201,13 @@ pub const MAX_CHAIN_DEPTH: usize = 16;
 /// layer with an explicit format (never probed), at most [`MAX_CHAIN_DEPTH`] below the
 /// top, no file twice. The top is opened writable unless `readonly`, every other layer
 /// read-only. A layer said to be raw must not carry the qcow2 magic and one said to be
-/// qcow2 must; each qcow2 header must pass `refusal`.
+/// qcow2 must; each qcow2 header must pass `refusal` (the top `refusal_keyed` when a
+/// key is given for it: an encrypted top, or none).
 pub fn open_chain(
     top: &Path,
     format: block::header::Format,
     readonly: bool,
+    keyed: bool,
 ) -> Result<Vec<(OwnedFd, block::header::Format)>, String> {
     use block::header::{self, Format};
     use std::os::unix::fs::{FileExt, MetadataExt};
@@ -249,7 +252,7 @@ pub fn open_chain(
             return Ok(out);
         }
         let h = header::parse(&bytes).map_err(|e| format!("{name}: {e}"))?;
-        if let Some(why) = h.refusal(writable) {
+        if let Some(why) = h.refusal_keyed(writable, keyed && out.len() == 1) {
             return Err(format!("{name}: {why}"));
         }
         let Some(b) = h.backing else {
@@ -313,9 +316,20 @@ pub fn attach(
         // The VMM opens the image and every layer of its chain (a bad path fails here,
         // with exit status 2, not in the backend) and hands the backend descriptors.
         let layers = match (&disk.backend, &disk.image) {
-            (Backend::Spawn, Some(image)) => open_chain(image, disk.format, disk.readonly)
-                .map_err(|e| Error::Invalid(format!("disk {}: {e}", image.display())))?,
+            (Backend::Spawn, Some(image)) => {
+                open_chain(image, disk.format, disk.readonly, disk.key.is_some())
+                    .map_err(|e| Error::Invalid(format!("disk {}: {e}", image.display())))?
+            }
             _ => Vec::new(),
+        };
+        // A LUKS image's key goes to the backend as one more descriptor, after the layers.
+        let key = match (&disk.backend, &disk.key) {
+            (Backend::Spawn, Some(path)) => {
+                Some(OwnedFd::from(File::open(path).map_err(|e| {
+                    Error::Invalid(format!("disk key {}: {e}", path.display()))
+                })?))
+            }
+            _ => None,
         };
         if let (true, Some((top, _))) = (disk.direct, layers.first()) {
             // The descriptor the backend inherits is O_DIRECT from its first moment (the
@@ -364,11 +378,15 @@ pub fn attach(
                 if disk.direct {
                     a.push("--direct".into());
                 }
+                if key.is_some() {
+                    a.extend(["--key-fd".into(), (4 + layers.len()).to_string()]);
+                }
                 a
             },
             &layers
                 .iter()
                 .map(|(f, _)| f.try_clone())
+                .chain(key.iter().map(OwnedFd::try_clone))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| Error::Device(format!("disk{i}: dup: {e}")))?,
             &mut children,

@@ -179,13 +179,27 @@ fn luks_and_aes_images_are_refused_by_crypt_method() {
     ))
     .unwrap();
     assert_eq!(h.crypt_method, 2);
+    assert!(h
+        .encryption_header
+        .is_some_and(|(at, len)| at > 0 && len > 0));
     let why = h.refusal(false).unwrap();
-    assert!(why.contains("crypt_method = 2 (LUKS)"), "{why}");
-    // AES is refused the same way (made by hand: qemu-img 7.2 no longer creates it).
-    let mut b = create(&d, "plain.qcow2", &[], "16M");
+    assert!(
+        why.contains("crypt_method = 2 (LUKS)") && why.contains("no key"),
+        "{why}"
+    );
+    // With a key, LUKS is served; a key for a plain image is a mistake.
+    assert_eq!(h.refusal_keyed(true, true), None);
+    let plain = create(&d, "plain.qcow2", &[], "16M");
+    let why = parse(&plain).unwrap().refusal_keyed(true, true).unwrap();
+    assert!(why.contains("not encrypted"), "{why}");
+    // AES is refused with or without a key (made by hand: qemu-img 7.2 no longer creates it).
+    let mut b = plain;
     b[32..36].copy_from_slice(&1u32.to_be_bytes());
-    let why = parse(&b).unwrap().refusal(false).unwrap();
-    assert!(why.contains("crypt_method = 1 (AES)"), "{why}");
+    let h = parse(&b).unwrap();
+    for keyed in [false, true] {
+        let why = h.refusal_keyed(false, keyed).unwrap();
+        assert!(why.contains("crypt_method = 1 (legacy AES)"), "{why}");
+    }
 }
 
 #[test]

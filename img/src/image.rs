@@ -287,6 +287,28 @@ impl Layer {
         }
     }
 
+    /// Writes guest bytes at `off` (inside the image). A raw layer is written in place;
+    /// a qcow2 layer writes clusters it owns in place, and allocates any other cluster
+    /// whole: its current contents (from its backing chain, a zero cluster or a
+    /// compressed one) merged with the new bytes, the old compressed or preallocated
+    /// space released. An image with internal snapshots is not written (its clusters
+    /// may be shared).
+    pub fn write_at(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        if off
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > self.size())
+        {
+            return Err(Error::Invalid(format!(
+                "a write of {} bytes at {off} ends past the image",
+                data.len()
+            )));
+        }
+        match self {
+            Layer::Raw { file, .. } => qcow2::write_all_at(file, data, off, "data"),
+            Layer::Qcow2 { img, backing } => write_qcow2(img, backing.as_deref_mut(), off, data),
+        }
+    }
+
     /// The top qcow2 image, if the top is qcow2.
     pub fn qcow2(&mut self) -> Option<&mut Qcow2> {
         match self {
@@ -497,6 +519,114 @@ pub fn copy_into(src: &mut Layer, dst: &mut Layer, compress: bool) -> Result<()>
             img.sync()
         }
     }
+}
+
+/// `Layer::write_at` for a qcow2 layer over `backing`.
+fn write_qcow2(
+    img: &mut Qcow2,
+    mut backing: Option<&mut Layer>,
+    mut off: u64,
+    data: &[u8],
+) -> Result<()> {
+    if img.h.nb_snapshots > 0 {
+        return Err(Error::Unsupported(
+            "writing into an image with internal snapshots (delete them first)".into(),
+        ));
+    }
+    let (cs, size) = (img.cs(), img.h.size);
+    let mut cluster = vec![0u8; cs as usize];
+    let mut done = 0usize;
+    while done < data.len() {
+        let vc = off / cs;
+        let within = (off % cs) as usize;
+        let n = (cs as usize - within).min(data.len() - done);
+        let piece = &data[done..done + n];
+        let mapping = img.lookup(vc)?;
+        if let Mapping::Data(host) = mapping {
+            qcow2::write_all_at(&img.file, piece, host + within as u64, "data")?;
+        } else {
+            // The cluster as it reads now, from this layer or below it.
+            let len = cs.min(size - vc * cs) as usize;
+            if !img.read_cluster(vc, &mut cluster)? {
+                match backing.as_deref_mut() {
+                    Some(b) => b.read_at(vc * cs, &mut cluster[..len])?,
+                    None => cluster.fill(0),
+                }
+                cluster[len..].fill(0);
+            }
+            cluster[within..within + n].copy_from_slice(piece);
+            let host = img.alloc(1)?;
+            qcow2::write_all_at(&img.file, &cluster, host, "a data cluster")?;
+            img.set_l2_entry(vc, host | COPIED)?;
+            if let Some((first, count)) = qcow2::host_clusters(mapping, cs) {
+                for c in first..first + count {
+                    img.adjust(c, -1)?;
+                }
+            }
+        }
+        done += n;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// What `commit` did: the bytes copied down.
+pub struct Committed {
+    pub bytes: u64,
+}
+
+/// Commits a qcow2 overlay into its backing layer (qemu-img commit): every cluster the
+/// overlay holds (data, zeroes, compressed data) is written to `backing` at the same
+/// guest offset, then `backing` is flushed and synced. The overlay itself is not
+/// changed here (emptying it is the caller's choice).
+pub fn commit(top: &mut Qcow2, backing: &mut Layer) -> Result<Committed> {
+    let size = top.h.size;
+    if backing.size() < size {
+        return Err(Error::Invalid(format!(
+            "the backing file ({} bytes) is smaller than the overlay ({size} bytes); resize it first",
+            backing.size()
+        )));
+    }
+    if let Layer::Qcow2 { img, .. } = backing {
+        if img.h.nb_snapshots > 0 {
+            return Err(Error::Unsupported(
+                "committing into an image with internal snapshots (their clusters may be shared)"
+                    .into(),
+            ));
+        }
+    }
+    let cs = top.cs();
+    let mut buf = vec![0u8; cs as usize];
+    let mut bytes = 0;
+    let mut vc = 0;
+    while vc * cs < size {
+        if let Some(span) = top.unmapped_span(vc * cs) {
+            vc += (span / cs).max(1);
+            continue;
+        }
+        let n = cs.min(size - vc * cs) as usize;
+        let held = match top.lookup(vc)? {
+            Mapping::Unallocated => false,
+            Mapping::Zero(_) => {
+                buf.fill(0);
+                true
+            }
+            Mapping::Data(_) | Mapping::Compressed(..) => top.read_cluster(vc, &mut buf)?,
+        };
+        if held {
+            backing.write_at(vc * cs, &buf[..n])?;
+            bytes += n as u64;
+        }
+        vc += 1;
+    }
+    if let Layer::Qcow2 { img, .. } = backing {
+        img.flush()?;
+        img.sync()?;
+    } else if let Layer::Raw { file, .. } = backing {
+        file.sync_all()
+            .map_err(|e| Error::Io("syncing the backing file".into(), e))?;
+    }
+    Ok(Committed { bytes })
 }
 
 /// Resizes a qcow2 image: grows (the L1 table moves if it must) or, with `shrink`,

@@ -25,6 +25,7 @@ const USAGE: &str = "usage: cellvm-img COMMAND [options]
   resize [-f FMT] [--shrink] FILE [+|-]SIZE
   convert [-c] [-f FMT] -O FMT [-o cluster_size=N] SRC DST
   snapshot [-l | -c NAME | -a NAME | -d NAME] FILE
+  commit [-f FMT] [-d] FILE
 Not implemented: encryption, zstd, extended L2, external data files, bitmaps, check -r.";
 
 /// Command-line arguments, parsed the way qemu-img takes them.
@@ -38,6 +39,7 @@ struct Args {
     output: Option<String>,
     compress: bool,
     shrink: bool,
+    keep: bool,
     snap: Option<(char, Option<String>)>,
     sandbox: Option<String>,
     pos: Vec<String>,
@@ -74,6 +76,7 @@ fn parse_args(cmd: &str, argv: &[String]) -> Result<Args, String> {
                 "--shrink" => a.shrink = true,
                 "-q" | "-p" | "-U" => {}
                 "-c" if cmd == "convert" => a.compress = true,
+                "-d" if cmd == "commit" => a.keep = true,
                 "-l" if cmd == "snapshot" => a.snap = Some(('l', None)),
                 "-c" | "-a" | "-d" if cmd == "snapshot" => {
                     a.snap = Some((s.chars().nth(1).unwrap_or('l'), Some(val(&mut i, s)?)))
@@ -167,6 +170,7 @@ fn main() -> ExitCode {
         "resize" => cmd_resize(&a, mode),
         "convert" => cmd_convert(&a, mode),
         "snapshot" => cmd_snapshot(&a, mode),
+        "commit" => cmd_commit(&a, mode),
         "x-probe" => cmd_probe(&a, mode),
         _ => Err(format!("unknown command '{cmd}'\n{USAGE}")),
     };
@@ -724,6 +728,61 @@ fn cmd_snapshot(a: &Args, mode: Mode) -> Result<(), String> {
         _ => return Err("snapshot needs one of -l, -c, -a, -d".into()),
     };
     r.map_err(|e| e.to_string())
+}
+
+/// Commits a qcow2 overlay into its backing file (offline block-commit), then empties
+/// the overlay unless `-d`: it is written anew, empty, over the same backing file, so it
+/// reads exactly as before.
+fn cmd_commit(a: &Args, mode: Mode) -> Result<(), String> {
+    let path = one_file(a)?;
+    let fmt = format_opt(&a.fmt).map_err(|e| e.to_string())?;
+    if fmt == Some(Format::Raw) {
+        return Err("commit needs a qcow2 overlay (a raw image has no backing file)".into());
+    }
+    let mut top = open_top(path, Some(Format::Qcow2), !a.keep)?;
+    let img = top.qcow2().ok_or("not a qcow2 image")?;
+    if let Some(why) = img.h.read_refusal() {
+        return Err(format!("'{path}': {why}"));
+    }
+    let Some(name) = img.h.backing.clone() else {
+        return Err(format!("'{path}' has no backing file to commit into"));
+    };
+    let Some(bfmt) = img.h.backing_format.clone() else {
+        return Err(format!(
+            "'{path}' names its backing file without a format (qemu-img rebase -u -F FMT)"
+        ));
+    };
+    let bfmt: Format = bfmt.parse().map_err(|e: Error| e.to_string())?;
+    if !a.keep && (img.h.nb_snapshots > 0 || img.h.version < 3) {
+        return Err(format!(
+            "'{path}' has internal snapshots or is qcow2 v2: emptying it is not implemented (commit -d keeps it)"
+        ));
+    }
+    let bpath = image::resolve_backing(Path::new(path), &name);
+    let mut opened = vec![PathBuf::from(path)];
+    // The backing file is written; what lies below it is read.
+    let mut backing =
+        image::open_chain(&bpath, Some(bfmt), true, &mut opened).map_err(|e| e.to_string())?;
+    backing
+        .check_readable()
+        .map_err(|e| format!("'{}': {e}", bpath.display()))?;
+    enter(&opened, mode)?;
+    let img = top.qcow2().ok_or("not a qcow2 image")?;
+    image::commit(img, &mut backing).map_err(|e| e.to_string())?;
+    if !a.keep {
+        let o = CreateOpts {
+            size: img.h.size,
+            cluster_bits: img.h.cluster_bits,
+            refcount_order: img.h.refcount_order,
+            backing: Some((name, bfmt)),
+        };
+        create_qcow2(&img.file, &o).map_err(|e| format!("emptying '{path}': {e}"))?;
+        img.file
+            .sync_all()
+            .map_err(|e| format!("emptying '{path}': {e}"))?;
+    }
+    println!("Image committed.");
+    Ok(())
 }
 
 /// Hidden, for the sandbox test: opens FILE, enters the sandbox on it, then opens FILE

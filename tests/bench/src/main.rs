@@ -37,6 +37,10 @@ struct Args {
     /// Only scenario 7 (control plane against libvirt), then the table.
     #[arg(long)]
     control_plane_only: bool,
+    /// Only scenario 4's block rows (raw and qcow2 against qemu-storage-daemon), then
+    /// the table.
+    #[arg(long)]
+    block_only: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -309,8 +313,8 @@ impl Drop for BenchNet {
     }
 }
 
-/// Runs the guest's `blkbench` check; returns (IOPS, MB/s).
-fn guest_blkbench(bin: &Path, disk: &str, ms: u64) -> (f64, f64) {
+/// Runs the guest's `blkbench` check; returns (read IOPS, write IOPS, MB/s).
+fn guest_blkbench(bin: &Path, disk: &str, ms: u64) -> (f64, f64, f64) {
     let mut cmd = Command::new(bin);
     cmd.args([
         "run",
@@ -324,7 +328,61 @@ fn guest_blkbench(bin: &Path, disk: &str, ms: u64) -> (f64, f64) {
     ])
     .arg(format!("tests=blkbench bench_ms={ms}"));
     let line = guest_check(cmd, "blkbench");
-    (number(&line, "iops="), number(&line, "mbps="))
+    (
+        number(&line, "iops="),
+        number(&line, "wiops="),
+        number(&line, "mbps="),
+    )
+}
+
+/// The guest's blkbench, `runs` times each, on cellvm's blk backend (`ours`, a `--disk`
+/// spec) and on qemu-storage-daemon exporting the node `top` its `blockdevs` define:
+/// [read IOPS, write IOPS, MB/s] samples of each.
+fn blk_pair(
+    bin: &Path,
+    work: &Path,
+    ours: &str,
+    blockdevs: &[String],
+    ms: u64,
+    runs: usize,
+) -> ([Vec<f64>; 3], [Vec<f64>; 3]) {
+    let sock = work.join("qsd.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut qsd = Command::new("qemu-storage-daemon");
+    for b in blockdevs {
+        qsd.arg("--blockdev").arg(b);
+    }
+    let mut qsd = qsd
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=top,addr.type=unix,addr.path={},writable=on",
+            sock.display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-storage-daemon");
+    let (mut o, mut q): ([Vec<f64>; 3], [Vec<f64>; 3]) = Default::default();
+    for _ in 0..runs {
+        let (r, w, m) = guest_blkbench(bin, ours, ms);
+        o[0].push(r);
+        o[1].push(w);
+        o[2].push(m);
+        // qemu-storage-daemon serves one connection at a time: wait for its socket.
+        for _ in 0..500 {
+            if sock.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let (r, w, m) = guest_blkbench(bin, &format!("socket={}", sock.display()), ms);
+        q[0].push(r);
+        q[1].push(w);
+        q[2].push(m);
+    }
+    let _ = qsd.kill();
+    let _ = qsd.wait();
+    (o, q)
 }
 
 /// Runs `cmd` (a VM whose guest runs one bench check) and returns the check's PASS line.
@@ -672,6 +730,123 @@ fn cellvm(bin: &Path, kernel: Option<&Path>, cmdline: Option<&str>) -> Runner {
     }
 }
 
+/// The benchmark's scratch disk: 64 MiB (quick) or 256 MiB of pseudo-random bytes.
+fn bench_disk(work: &Path, quick: bool) -> PathBuf {
+    let disk_img = work.join("disk.img");
+    let size_mib = if quick { 64 } else { 256 };
+    let mut data = vec![0u8; size_mib << 20];
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for chunk in data.chunks_exact_mut(8) {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        chunk.copy_from_slice(&seed.to_le_bytes());
+    }
+    std::fs::write(&disk_img, &data).unwrap();
+    disk_img
+}
+
+/// Scenario 4's block rows.
+fn block_rows(
+    bin: &Path,
+    work: &Path,
+    disk_img: &Path,
+    quick: bool,
+    runs: usize,
+    rows: &mut Vec<Row>,
+) {
+    let bin = bin.to_path_buf();
+    let work = work.to_path_buf();
+    // Scenario 4: block I/O from the guest's CPL 3 driver: our backend against
+    // qemu-storage-daemon behind the same VMM and guest, and against the host itself;
+    // then the same disk as a fully allocated qcow2, our backend against
+    // qemu-storage-daemon's qcow2 driver on the same file, and against our raw.
+    let bench_ms = if quick { 300 } else { 2000 };
+    let n = runs.min(5);
+    let (ours, qsd) = blk_pair(
+        &bin,
+        &work,
+        &format!("path={}", disk_img.display()),
+        &[format!(
+            "driver=file,node-name=top,filename={}",
+            disk_img.display()
+        )],
+        bench_ms,
+        n,
+    );
+    let (mut hi, mut hm) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let (i, m) = host_reads(&disk_img, bench_ms);
+        hi.push(i);
+        hm.push(m);
+    }
+    let qcow2_img = work.join("disk.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-q", "-O", "qcow2"])
+        .arg(&disk_img)
+        .arg(&qcow2_img)
+        .status()
+        .expect("qemu-img");
+    assert!(st.success(), "qemu-img convert");
+    let (ours_q, qsd_q) = blk_pair(
+        &bin,
+        &work,
+        &format!("path={},format=qcow2", qcow2_img.display()),
+        &[
+            format!("driver=file,node-name=f0,filename={}", qcow2_img.display()),
+            "driver=qcow2,node-name=top,file=f0".into(),
+        ],
+        bench_ms,
+        n,
+    );
+    let metrics = [
+        ("4 KiB random read", "IOPS"),
+        ("4 KiB random write", "IOPS"),
+        ("1 MiB sequential read", "MB/s"),
+    ];
+    for (k, (what, metric)) in metrics.iter().enumerate() {
+        rows.push(row(
+            &format!("4. block, {what}"),
+            metric,
+            ours[k].clone(),
+            "qemu-storage-daemon",
+            qsd[k].clone(),
+        ));
+    }
+    rows.push(row(
+        "4. block, 4 KiB random read",
+        "IOPS",
+        ours[0].clone(),
+        "host pread (QD1)",
+        hi,
+    ));
+    rows.push(row(
+        "4. block, 1 MiB sequential read",
+        "MB/s",
+        ours[2].clone(),
+        "host pread",
+        hm,
+    ));
+    for (k, (what, metric)) in metrics.iter().enumerate() {
+        rows.push(row(
+            &format!("4q. qcow2 (allocated), {what}"),
+            metric,
+            ours_q[k].clone(),
+            "qemu-storage-daemon qcow2",
+            qsd_q[k].clone(),
+        ));
+    }
+    for (k, (what, metric)) in metrics.iter().enumerate() {
+        rows.push(row(
+            &format!("4q. qcow2 (allocated), {what}"),
+            metric,
+            ours_q[k].clone(),
+            "cellvm on raw",
+            ours[k].clone(),
+        ));
+    }
+}
+
 fn main() {
     let args = Args::parse();
     let runs = if args.quick { 1 } else { args.runs.max(1) };
@@ -722,6 +897,13 @@ fn main() {
     assert!(st.success());
 
     let mut rows = Vec::new();
+    if args.block_only {
+        let disk_img = bench_disk(&work, args.quick);
+        block_rows(&bin, &work, &disk_img, args.quick, runs, &mut rows);
+        print_table(runs, &rows);
+        let _ = std::fs::remove_dir_all(&work);
+        return;
+    }
     if args.control_plane_only {
         let report = control_plane(&root, &bin, &guest, &work, args.quick, &mut rows);
         print_table(runs, &rows);
@@ -864,18 +1046,7 @@ fn main() {
 
     // Scenario 3 with devices: the VMM and its backends (virtio-blk, virtio-net on a
     // tap, virtio-rng), each a process of its own, against QEMU with the same devices.
-    let disk_img = work.join("disk.img");
-    let size_mib = if args.quick { 64 } else { 256 };
-    let mut data = vec![0u8; size_mib << 20];
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    for chunk in data.chunks_exact_mut(8) {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        chunk.copy_from_slice(&seed.to_le_bytes());
-    }
-    std::fs::write(&disk_img, &data).unwrap();
-    drop(data);
+    let disk_img = bench_disk(&work, args.quick);
     let disk_arg = format!("path={}", disk_img.display());
     let mut cellvm_dev = cellvm(&bin, None, Some("tests=none hold=2"))
         .with_128_mib()
@@ -930,87 +1101,7 @@ fn main() {
         .map(|(role, v)| format!("{role} {:.2}", stats(v).median))
         .collect();
 
-    // Scenario 4: block I/O from the guest's CPL 3 driver: our backend against
-    // qemu-storage-daemon behind the same VMM and guest, and against the host itself.
-    let bench_ms = if args.quick { 300 } else { 2000 };
-    let qsd_sock = work.join("qsd.sock");
-    let mut qsd = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=f0,filename={}",
-            disk_img.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on",
-            qsd_sock.display()
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-storage-daemon");
-    let (mut oi, mut om, mut qi, mut qm, mut hi, mut hm) = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-    );
-    for _ in 0..runs.min(5) {
-        let (i, m) = guest_blkbench(&bin, &disk_arg, bench_ms);
-        oi.push(i);
-        om.push(m);
-        // qemu-storage-daemon serves one connection at a time: wait for its socket.
-        for _ in 0..500 {
-            if qsd_sock.exists() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        let (i, m) = guest_blkbench(&bin, &format!("socket={}", qsd_sock.display()), bench_ms);
-        qi.push(i);
-        qm.push(m);
-        let (i, m) = host_reads(&disk_img, bench_ms);
-        hi.push(i);
-        hm.push(m);
-    }
-    let _ = qsd.kill();
-    let _ = qsd.wait();
-    let oi2 = oi.clone();
-    let om2 = om.clone();
-    for (scenario, metric, a, peer, b) in [
-        (
-            "4. block, 4 KiB random read",
-            "IOPS",
-            oi,
-            "qemu-storage-daemon",
-            qi,
-        ),
-        (
-            "4. block, 1 MiB sequential read",
-            "MB/s",
-            om,
-            "qemu-storage-daemon",
-            qm,
-        ),
-        (
-            "4. block, 4 KiB random read",
-            "IOPS",
-            oi2,
-            "host pread (QD1)",
-            hi,
-        ),
-        (
-            "4. block, 1 MiB sequential read",
-            "MB/s",
-            om2,
-            "host pread",
-            hm,
-        ),
-    ] {
-        rows.push(row(scenario, metric, a, peer, b));
-    }
+    block_rows(&bin, &work, &disk_img, args.quick, runs, &mut rows);
 
     // Scenario 4, net: transmit rate from the guest's CPL 3 driver through a tap, our
     // net backend against QEMU's own virtio-net on the same tap (no vhost-net here),
@@ -1147,7 +1238,7 @@ fn main() {
         vmm_rss.median,
         be_rss.join(", ")
     );
-    println!("scenario 4: cellvm with its blk backend vs the same VMM and guest with qemu-storage-daemon, and vs the host reading the file");
+    println!("scenario 4: cellvm with its blk backend vs the same VMM and guest with qemu-storage-daemon, and vs the host reading the file; 4q: the same disk as a fully allocated qcow2 (64 KiB clusters), vs qemu-storage-daemon's qcow2 driver on the same file and vs cellvm on the raw file");
     for l in &density_lines {
         println!("{l}");
     }

@@ -3,7 +3,8 @@
 //! guest checks, on a qcow2 backing file, compressed, with internal snapshots,
 //! encrypted), `cellvm run` serves it, the guest's CPL 3 blk checks run against it, and
 //! afterwards `qemu-img check` must pass and `qemu-img compare` must find exactly what the
-//! guest wrote. The reverse too: an image cellvm wrote, served by qemu-storage-daemon
+//! guest wrote. A SIGKILL of the blk backend while the guest writes leaves an image
+//! `qemu-img check` accepts. The reverse too: an image cellvm wrote, served by qemu-storage-daemon
 //! (QEMU's own qcow2 driver) behind cellvm, passes the same checks.
 
 mod common;
@@ -512,4 +513,91 @@ fn an_image_cellvm_wrote_passes_the_checks_behind_qemu_storage_daemon() {
     assert_clean(&top);
     assert_holds(&top, "qcow2", &expected);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The pids of `parent`'s children named `comm`.
+fn children_named(parent: u32, comm: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let ppid = stat[close + 2..].split_whitespace().nth(1);
+        if &stat[open + 1..close] == comm && ppid == Some(&parent.to_string()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_sigkill_of_the_blk_backend_under_the_guests_writes_leaves_an_image_qemu_img_check_accepts() {
+    let dir = scratch_dir("qcow2-kill");
+    for (round, after_ms) in [0u64, 150, 400].into_iter().enumerate() {
+        let img = dir.join(format!("kill{round}.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "256M"]);
+        let empty = std::fs::metadata(&img).unwrap().len();
+        // The guest's blkbench: random 4 KiB reads, then random 4 KiB writes with 32 in
+        // flight, each allocating a cluster of the empty image (L2 and refcount updates).
+        let mut vm = cellvm()
+            .args(["run", "--memory", "128", "--disk"])
+            .arg(format!("path={},format=qcow2", img.display()))
+            .args(["--cmdline", "tests=blkbench bench_ms=2000"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let vm_pid = vm.id();
+        let _vm_guard = scopeguard(vm_pid);
+        let start = std::time::Instant::now();
+        while std::fs::metadata(&img).unwrap().len() < empty + (1 << 20) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "round {round}: the guest never wrote"
+            );
+            assert!(
+                vm.try_wait().unwrap().is_none(),
+                "round {round}: the VM ended"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(after_ms));
+        let backends = children_named(vm_pid, "cellvm-device");
+        assert_eq!(backends.len(), 1, "round {round}: {backends:?}");
+        let grown = std::fs::metadata(&img).unwrap().len();
+        // SAFETY: kill(2) of the backend this test's VM started.
+        assert_eq!(unsafe { libc::kill(backends[0] as i32, libc::SIGKILL) }, 0);
+        let _ = vm.kill();
+        let _ = vm.wait();
+        // Leaked clusters are allowed (exit 3), corruption never (exit 2).
+        let out = tool("qemu-img", &["check", s(&img)], &[0, 3]);
+        assert!(!out.contains("ERROR"), "round {round}:\n{out}");
+        assert!(
+            grown > empty + (1 << 20),
+            "round {round}: killed while writing"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Kills the VM's process group leftovers if an assertion fails midway.
+fn scopeguard(pid: u32) -> impl Drop {
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for c in children_named(self.0, "cellvm-device") {
+                // SAFETY: kill(2) of a leftover backend of this test's VM.
+                unsafe { libc::kill(c as i32, libc::SIGKILL) };
+            }
+        }
+    }
+    Kill(pid)
 }

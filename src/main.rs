@@ -72,6 +72,10 @@ struct RunArgs {
     /// 6.3+), run with a logged warning instead of refusing (a tenant policy's choice).
     #[arg(long)]
     allow_executable_ram: bool,
+    /// Guest RAM from hugetlb pages: 2M or 1G (the host's pool must hold the whole VM;
+    /// it is reserved at start, so a short pool fails the launch, never a page fault).
+    #[arg(long)]
+    hugepages: Option<cellvm::vmm::config::HugePages>,
     /// The same fields from a TOML file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -144,6 +148,7 @@ fn run(args: RunArgs) -> Result<i32, (String, i32)> {
         nets: (!args.nets.is_empty()).then_some(args.nets),
         ksm: args.ksm.then_some(true),
         allow_executable_ram: args.allow_executable_ram.then_some(true),
+        hugepages: args.hugepages,
     };
     if let Some(dir) = &args.dump_acpi {
         let cfg = from_file.merge(flags);

@@ -299,6 +299,49 @@ macro_rules! deserialize_from_str {
         }
     };
 }
+/// A hugetlb page size for guest RAM: `2M` or `1G`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HugePages {
+    Size2M,
+    Size1G,
+}
+
+impl HugePages {
+    /// The page size in bytes.
+    pub fn bytes(self) -> u64 {
+        match self {
+            HugePages::Size2M => 2 << 20,
+            HugePages::Size1G => 1 << 30,
+        }
+    }
+
+    /// The directory name sysfs and the hugetlb cgroup files use for this size.
+    pub fn sysfs_kib(self) -> u64 {
+        self.bytes() >> 10
+    }
+}
+
+impl std::fmt::Display for HugePages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HugePages::Size2M => "2M",
+            HugePages::Size1G => "1G",
+        })
+    }
+}
+
+impl std::str::FromStr for HugePages {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "2M" | "2m" | "2MiB" => Ok(HugePages::Size2M),
+            "1G" | "1g" | "1GiB" => Ok(HugePages::Size1G),
+            _ => Err(format!("hugepages {s:?}: expected 2M or 1G")),
+        }
+    }
+}
+
+deserialize_from_str!(HugePages);
 deserialize_from_str!(DiskSpec);
 deserialize_from_str!(RngSpec);
 deserialize_from_str!(NetSpec);
@@ -330,6 +373,9 @@ pub struct VmConfig {
     /// 6.3 and later), run anyway with a logged warning instead of refusing. The jailer
     /// passes it only when the tenant policy approves the downgrade.
     pub allow_executable_ram: Option<bool>,
+    /// Guest RAM from hugetlb pages of this size (a memfd with MFD_HUGETLB, shared with
+    /// the device backends like ordinary RAM), reserved in full at start.
+    pub hugepages: Option<HugePages>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -375,6 +421,7 @@ impl VmConfig {
             nets: over.nets.or(self.nets),
             ksm: over.ksm.or(self.ksm),
             allow_executable_ram: over.allow_executable_ram.or(self.allow_executable_ram),
+            hugepages: over.hugepages.or(self.hugepages),
         }
     }
 

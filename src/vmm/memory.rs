@@ -10,6 +10,7 @@ use kvm_ioctls::VmFd;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout;
+use crate::vmm::config::HugePages;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -22,6 +23,18 @@ pub enum Error {
     NoExecSeal,
     #[error("sizing guest RAM to {0} bytes: {1}")]
     Size(u64, std::io::Error),
+    #[error(
+        "hugepages: guest RAM needs {need} pages of {size}, and the host's pool (or the cgroup's \
+         hugetlb limit) cannot give them ({free} free; sysctl vm.nr_hugepages, or \
+         /sys/kernel/mm/hugepages/hugepages-{kib}kB/nr_hugepages): {source}"
+    )]
+    HugePool {
+        need: u64,
+        size: crate::vmm::config::HugePages,
+        free: String,
+        kib: u64,
+        source: std::io::Error,
+    },
     #[error("sealing guest RAM: {0}")]
     Seal(std::io::Error),
     #[error("mapping guest RAM: {0}")]
@@ -44,13 +57,30 @@ pub struct GuestRam {
 pub const RAM_MEMFD_FLAGS: libc::c_uint =
     libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | libc::MFD_NOEXEC_SEAL;
 
+/// The memfd flags that select hugetlb pages of `h`.
+fn huge_flags(h: Option<HugePages>) -> libc::c_uint {
+    match h {
+        None => 0,
+        Some(HugePages::Size2M) => libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+        Some(HugePages::Size1G) => libc::MFD_HUGETLB | libc::MFD_HUGE_1GB,
+    }
+}
+
 /// Creates guest RAM. Where the kernel predates `MFD_NOEXEC_SEAL` (EINVAL), refuses
 /// unless `allow_executable` (the tenant policy's approved downgrade), and then says so.
-pub fn create(size: u64, allow_executable: bool) -> Result<GuestRam, Error> {
+/// With `huge`, the memfd is hugetlb-backed and every page is allocated here
+/// (fallocate): a pool too small for the VM is an error now, never a SIGBUS when the
+/// guest first touches a page.
+pub fn create(
+    size: u64,
+    allow_executable: bool,
+    huge: Option<HugePages>,
+) -> Result<GuestRam, Error> {
     let name = CString::new("cellvm-guest-ram").expect("static name");
+    let flags = RAM_MEMFD_FLAGS | huge_flags(huge);
     // SAFETY: memfd_create with a valid NUL-terminated name; the fd is checked below and
     // owned by the File from then on.
-    let mut fd = unsafe { libc::memfd_create(name.as_ptr(), RAM_MEMFD_FLAGS) };
+    let mut fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
     if fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
         if !allow_executable {
             return Err(Error::NoExecSeal);
@@ -61,7 +91,10 @@ pub fn create(size: u64, allow_executable: bool) -> Result<GuestRam, Error> {
         );
         // SAFETY: as above, without the flag this kernel does not know.
         fd = unsafe {
-            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+            libc::memfd_create(
+                name.as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | huge_flags(huge),
+            )
         };
     }
     if fd < 0 {
@@ -70,6 +103,25 @@ pub fn create(size: u64, allow_executable: bool) -> Result<GuestRam, Error> {
     // SAFETY: fd is a fresh descriptor that nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size).map_err(|e| Error::Size(size, e))?;
+    if let Some(h) = huge {
+        let kib = h.sysfs_kib();
+        // Read before the allocation takes what there is.
+        let free = std::fs::read_to_string(format!(
+            "/sys/kernel/mm/hugepages/hugepages-{kib}kB/free_hugepages"
+        ))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "none".into());
+        // SAFETY: fallocate on a descriptor we own, within the size just set.
+        if unsafe { libc::fallocate(fd, 0, 0, size as libc::off_t) } < 0 {
+            return Err(Error::HugePool {
+                need: size / h.bytes(),
+                size: h,
+                free,
+                kib,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
     let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
     // SAFETY: fcntl on a descriptor we own; no pointers involved.
     if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
@@ -149,7 +201,7 @@ mod tests {
     /// exec'd nor made executable (chmod +x fails).
     #[test]
     fn guest_ram_is_sealed_against_execution() {
-        let ram = create(16 << 20, false).expect("guest RAM");
+        let ram = create(16 << 20, false, None).expect("guest RAM");
         let file = ram.file.expect("a memfd");
         let mode = file.metadata().unwrap().permissions().mode();
         assert_eq!(mode & 0o111, 0, "mode {mode:o}");

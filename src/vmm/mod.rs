@@ -112,8 +112,20 @@ fn validate(cfg: &VmConfig, kvm: &Kvm) -> Result<(), Error> {
                 .into(),
         ));
     }
+    if let Some(h) = cfg.hugepages {
+        if cfg.ksm == Some(true) {
+            return Err(Error::Invalid(
+                "ksm and hugepages: KSM merges ordinary pages only; use one or the other".into(),
+            ));
+        }
+        if mib.checked_mul(1 << 20).is_none_or(|b| b % h.bytes() != 0) {
+            return Err(Error::Invalid(format!(
+                "memory = {mib} MiB is not a whole number of {h} hugepages"
+            )));
+        }
+    }
     let host = memory::host_memory_bytes().unwrap_or(u64::MAX);
-    if mib.checked_mul(1 << 20).is_none_or(|b| b > host) {
+    if cfg.hugepages.is_none() && mib.checked_mul(1 << 20).is_none_or(|b| b > host) {
         return Err(Error::Invalid(format!(
             "memory = {mib} MiB: more than the host's {} MiB",
             host >> 20
@@ -298,7 +310,11 @@ impl Vm {
         let ram = if cfg.ksm == Some(true) {
             memory::create_mergeable(mem_size)?
         } else {
-            memory::create(mem_size, cfg.allow_executable_ram == Some(true))?
+            memory::create(
+                mem_size,
+                cfg.allow_executable_ram == Some(true),
+                cfg.hugepages,
+            )?
         };
         memory::register(&vm, &ram.mem)?;
 

@@ -562,3 +562,13 @@ pub fn qemu_tool(name: &str, args: &[&str], cwd: &Path) -> std::process::Output 
     }
     panic!("{name} {args:?}: PBKDF2 could not be timed in 10 tries");
 }
+
+/// Writes the disk the test guest's `blk` check expects: `len` bytes, the first 64
+/// sectors holding its pattern (tests/guest/devices.rs), the rest zero.
+pub fn pattern_disk(path: &Path, len: usize) {
+    let mut b = vec![0u8; len];
+    for (o, x) in b.iter_mut().enumerate().take(64 * 512) {
+        *x = ((o / 512) as u8).wrapping_mul(31) ^ (o as u8);
+    }
+    std::fs::write(path, b).unwrap();
+}

@@ -189,3 +189,107 @@ fn guest_memory_must_be_whole_hugepages_and_not_mergeable() {
         assert!(out.stderr.contains(expect), "{args:?}: {}", out.stderr);
     }
 }
+
+/// A hugetlb cgroup file of VM `id` on this host (v1 hugetlb, else the unified
+/// hierarchy a hybrid host keeps it on).
+fn hugetlb_file(id: &str, v1: &str, v2: &str) -> String {
+    let v1_path = format!("/sys/fs/cgroup/hugetlb/cellvm/{id}/{v1}");
+    let path = if std::path::Path::new(&v1_path).exists() {
+        v1_path
+    } else {
+        format!("/sys/fs/cgroup/unified/cellvm/{id}/{v2}")
+    };
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn a_jailed_vm_gets_hugepages_only_where_its_policy_allows_bounded_by_its_cgroup() {
+    let _pool = Pool::set(32 + 8);
+    let dir = scratch_dir("hugepages-jailed");
+    let text = std::fs::read_to_string(common::repo("policy/tenants/example.toml")).unwrap();
+    assert!(text.contains("hugepages = false"));
+    let allowed = dir.join("tenant-huge.toml");
+    std::fs::write(
+        &allowed,
+        text.replace("hugepages = false", "hugepages = true"),
+    )
+    .unwrap();
+    let huge = dir.join("vm-huge.toml");
+    std::fs::write(
+        &huge,
+        "name = \"huge\"\nvcpus = 1\nmemory_mib = 64\nhugepages = true\ncmdline = \"tests=serial hold=3\"\n",
+    )
+    .unwrap();
+    let plain = common::guest_spec(&dir, "plain", "tests=serial hold=3");
+
+    // Refused where the policy says no, before any cell is built.
+    let id = format!("t-huge-no-{}", std::process::id());
+    let out = common::run(
+        {
+            let mut c = std::process::Command::new(common::bin("cellvm-jailer"));
+            c.args(["launch", "--id", &id, "--policy"])
+                .arg(common::repo("policy/tenants/example.toml"))
+                .arg("--vm")
+                .arg(&huge)
+                .arg("--vmm")
+                .arg(common::bin("cellvm"))
+                .arg("--device-binary")
+                .arg(common::bin("cellvm-device"));
+            c
+        },
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("hugepages = true violates the tenant policy (hugepages = false)"),
+        "{}",
+        out.stderr
+    );
+    common::assert_cell_gone(&id);
+
+    // Allowed: the VM's 32 pages come from the pool, and its cgroup bounds it at exactly
+    // its RAM; a VM without hugepages may take none (its limit is 0).
+    let free0 = read_num(FREE);
+    let id = format!("t-huge-{}", std::process::id());
+    let vm = common::HeldVm::launch(&id, &allowed, &huge);
+    // The VMM is in its cgroup from its first moment; its RAM comes a little later.
+    let start = Instant::now();
+    let mut pages = Vec::new();
+    while pages.is_empty() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+        pages = guest_ram_page_kib(vm.vmm);
+    }
+    assert!(
+        !pages.is_empty() && pages.iter().all(|&k| k == 2048),
+        "{pages:?}"
+    );
+    assert_eq!(
+        hugetlb_file(&id, "hugetlb.2MB.limit_in_bytes", "hugetlb.2MB.max"),
+        (64u64 << 20).to_string()
+    );
+    assert_eq!(
+        hugetlb_file(&id, "hugetlb.2MB.usage_in_bytes", "hugetlb.2MB.current"),
+        (64u64 << 20).to_string()
+    );
+    assert_eq!(free0 - read_num(FREE), 32);
+    let pid = format!("t-huge-plain-{}", std::process::id());
+    let other = common::HeldVm::launch(&pid, &allowed, &plain);
+    assert_eq!(
+        hugetlb_file(&pid, "hugetlb.2MB.limit_in_bytes", "hugetlb.2MB.max"),
+        "0"
+    );
+    assert_eq!(
+        hugetlb_file(&pid, "hugetlb.2MB.usage_in_bytes", "hugetlb.2MB.current"),
+        "0"
+    );
+    drop(other);
+    drop(vm);
+    common::assert_cell_gone(&id);
+    common::assert_cell_gone(&pid);
+    assert_eq!(read_num(FREE), free0, "the pages went back to the pool");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -2,6 +2,13 @@
 //! memory, pids and io limits. cgroup v2 where its unified hierarchy has the
 //! controllers; v1 otherwise (hybrid hosts, like ours, keep them on v1). Removed on exit
 //! after everything in it is killed.
+//!
+//! Hugetlb pages are bounded too: every VM's cgroup gets a hugetlb limit for every page
+//! size the host has, the VM's own guest RAM for the size it uses and 0 for the rest (a
+//! VM without hugepages can take none). On a hybrid host the hugetlb controller may be
+//! on no v1 hierarchy but on the unified one (/sys/fs/cgroup/unified lists it, as here);
+//! the VM then also gets a directory there, the same `cellvm/<id>`, holding the same
+//! processes.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -10,6 +17,10 @@ use std::time::{Duration, Instant};
 use crate::policy::CgroupLimits;
 
 const ROOT: &str = "/sys/fs/cgroup";
+/// The unified (v2) hierarchy of a hybrid host.
+const UNIFIED: &str = "/sys/fs/cgroup/unified";
+/// The page sizes of hugetlb, as sysfs and the cgroup files name them.
+const HUGE_SIZES: [(u64, &str); 2] = [(2048, "2MB"), (1_048_576, "1GB")];
 const V1_CONTROLLERS: [&str; 4] = ["cpu", "memory", "pids", "blkio"];
 const CPU_PERIOD_US: u64 = 100_000;
 
@@ -24,6 +35,17 @@ pub enum Error {
     NoHierarchy(&'static [&'static str]),
     #[error("cgroup {0}: processes still inside after SIGKILL")]
     Busy(String),
+    #[error(
+        "cgroup: hugepages asked for, but no hierarchy has the hugetlb controller to bound them"
+    )]
+    NoHugetlb,
+}
+
+/// A VM's hugetlb pages: the page size in KiB and the bytes of them it may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HugeLimit {
+    pub page_kib: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +71,24 @@ fn v2_usable() -> bool {
         .unwrap_or(false)
 }
 
+fn lists_controller(root: &Path, name: &str) -> bool {
+    fs::read_to_string(root.join("cgroup.controllers"))
+        .map(|c| c.split_whitespace().any(|w| w == name))
+        .unwrap_or(false)
+}
+
+/// Where a v1 host keeps hugetlb: its own v1 hierarchy, else the unified one.
+fn v1_hugetlb_root() -> Option<PathBuf> {
+    let v1 = Path::new(ROOT).join("hugetlb");
+    if v1.join("cgroup.procs").exists() {
+        Some(v1)
+    } else if lists_controller(Path::new(UNIFIED), "hugetlb") {
+        Some(PathBuf::from(UNIFIED))
+    } else {
+        None
+    }
+}
+
 /// The cgroup directories a VM id has (or would have).
 pub fn dirs_for(id: &str) -> (Vec<PathBuf>, bool) {
     if v2_usable() {
@@ -57,15 +97,52 @@ pub fn dirs_for(id: &str) -> (Vec<PathBuf>, bool) {
         (
             V1_CONTROLLERS
                 .iter()
-                .map(|c| Path::new(ROOT).join(c).join("cellvm").join(id))
+                .map(|c| Path::new(ROOT).join(c))
+                .chain(v1_hugetlb_root())
+                .map(|root| root.join("cellvm").join(id))
                 .collect(),
             false,
         )
     }
 }
 
+/// Writes the hugetlb limits into `dir`, a cgroup of the hugetlb controller (v2 names
+/// when `v2`): `huge`'s bytes for its page size, 0 for every other size the host has.
+fn hugetlb_limits(dir: &Path, v2: bool, huge: Option<HugeLimit>) -> Result<(), Error> {
+    for (kib, name) in HUGE_SIZES {
+        if !Path::new(&format!("/sys/kernel/mm/hugepages/hugepages-{kib}kB")).exists() {
+            continue;
+        }
+        let bytes = huge.filter(|h| h.page_kib == kib).map_or(0, |h| h.bytes);
+        let files: [String; 2] = if v2 {
+            [
+                format!("hugetlb.{name}.max"),
+                format!("hugetlb.{name}.rsvd.max"),
+            ]
+        } else {
+            [
+                format!("hugetlb.{name}.limit_in_bytes"),
+                format!("hugetlb.{name}.rsvd.limit_in_bytes"),
+            ]
+        };
+        for (i, f) in files.iter().enumerate() {
+            let r = write(&dir.join(f), &bytes.to_string());
+            // Kernels before 5.7 have no reservation limits; the usage limit stands.
+            if i == 0 {
+                r?;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Cgroup {
-    pub fn create(id: &str, limits: &CgroupLimits, memory_bytes: u64) -> Result<Cgroup, Error> {
+    pub fn create(
+        id: &str,
+        limits: &CgroupLimits,
+        memory_bytes: u64,
+        huge: Option<HugeLimit>,
+    ) -> Result<Cgroup, Error> {
         let (dirs, v2) = dirs_for(id);
         if !v2
             && !V1_CONTROLLERS
@@ -86,6 +163,29 @@ impl Cgroup {
             )
             .or_else(|_| write(&parent.join("cgroup.subtree_control"), "+cpu +memory +pids"))?;
         }
+        let hugetlb_dir = if v2 {
+            Some(dirs[0].clone()).filter(|_| lists_controller(Path::new(ROOT), "hugetlb"))
+        } else {
+            dirs.get(V1_CONTROLLERS.len()).cloned()
+        };
+        if huge.is_some() && hugetlb_dir.is_none() {
+            return Err(Error::NoHugetlb);
+        }
+        let unified = hugetlb_dir
+            .as_ref()
+            .is_some_and(|d| v2 || d.starts_with(UNIFIED));
+        if let (true, Some(d)) = (unified, &hugetlb_dir) {
+            // The controller enabled down to cellvm/<id> on the unified hierarchy.
+            let parent = d.parent().expect("cellvm/<id>");
+            fs::create_dir_all(parent).map_err(|source| Error::Io {
+                path: parent.display().to_string(),
+                source,
+            })?;
+            let top = parent.parent().expect("the hierarchy's root");
+            for p in [top, parent] {
+                write(&p.join("cgroup.subtree_control"), "+hugetlb")?;
+            }
+        }
         for d in &dirs {
             fs::create_dir_all(d).map_err(|source| Error::Io {
                 path: d.display().to_string(),
@@ -93,6 +193,9 @@ impl Cgroup {
             })?;
         }
         let cg = Cgroup { dirs };
+        if let Some(d) = &hugetlb_dir {
+            hugetlb_limits(d, unified, huge)?;
+        }
         let quota = limits.cpu_percent as u64 * CPU_PERIOD_US / 100;
         let memory = memory_bytes + (limits.memory_overhead_mib << 20);
         if v2 {

@@ -568,6 +568,9 @@ fn vmm_argv(plan: &Plan, opts: &Options, ctx: &VmmContext) -> Vec<String> {
     if plan.initrd.is_some() {
         argv.extend(["--initrd".into(), "/initrd".into()]);
     }
+    if plan.spec.hugepages {
+        argv.extend(["--hugepages".into(), "2M".into()]);
+    }
     if plan.spec.ksm {
         argv.push("--ksm".into());
     }
@@ -962,7 +965,17 @@ fn build_and_supervise(
         labels.label(f, &l, shared).map_err(fail)?;
     }
     // The cgroup exists before the cell's first process, which joins it before it runs.
-    let cgroup = Cgroup::create(&plan.id, &plan.policy.cgroup, plan.spec.memory_mib << 20)?;
+    // Hugepage-backed RAM is 2 MiB pages; the cgroup bounds them at the VM's RAM.
+    let huge = plan.spec.hugepages.then_some(crate::cgroup::HugeLimit {
+        page_kib: 2048,
+        bytes: plan.spec.memory_mib << 20,
+    });
+    let cgroup = Cgroup::create(
+        &plan.id,
+        &plan.policy.cgroup,
+        plan.spec.memory_mib << 20,
+        huge,
+    )?;
     // The jail directory, root's alone: the backends' sockets pass through it.
     let jail = jail_dir(&plan.id);
     namespaces::make_jail_dir(&jail)?;

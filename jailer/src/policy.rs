@@ -623,13 +623,13 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
             "the tenant policy (hugepages = false)".into(),
         );
     }
-    // Hugepage-backed RAM is not part of this cellvm yet: refused rather than ignored.
-    if spec.hugepages {
+    // Hugepage-backed RAM is 2 MiB pages: the VM's memory must be whole pages of them.
+    if spec.hugepages && spec.memory_mib % 2 != 0 {
         return violation(
-            "hugepages",
-            "true".into(),
+            "memory_mib",
+            spec.memory_mib.to_string(),
             "violates",
-            "what this cellvm supports (no hugepage-backed guest RAM yet)".into(),
+            "hugepages = true, which needs a whole number of 2 MiB pages".into(),
         );
     }
     if spec.ksm && !policy.ksm {

@@ -76,6 +76,12 @@ struct RunArgs {
     /// it is reserved at start, so a short pool fails the launch, never a page fault).
     #[arg(long)]
     hugepages: Option<cellvm::vmm::config::HugePages>,
+    /// Allocate every page of guest RAM at start (no page faults later).
+    #[arg(long)]
+    prefault: bool,
+    /// Lock guest RAM in host memory (mlock; implies --prefault); needs RLIMIT_MEMLOCK.
+    #[arg(long)]
+    mlock: bool,
     /// The same fields from a TOML file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -149,6 +155,8 @@ fn run(args: RunArgs) -> Result<i32, (String, i32)> {
         ksm: args.ksm.then_some(true),
         allow_executable_ram: args.allow_executable_ram.then_some(true),
         hugepages: args.hugepages,
+        prefault: args.prefault.then_some(true),
+        mlock: args.mlock.then_some(true),
     };
     if let Some(dir) = &args.dump_acpi {
         let cfg = from_file.merge(flags);

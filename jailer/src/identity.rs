@@ -127,6 +127,8 @@ pub struct Limits {
     /// The largest regular file the cell may write: its disk image (a blk backend) or
     /// its guest RAM memfd (the VMM: ftruncate is bounded by RLIMIT_FSIZE).
     pub fsize: u64,
+    /// Bytes the cell may mlock: 0, or its guest RAM where the policy allows locking.
+    pub memlock: u64,
 }
 
 pub fn set_rlimits(l: &Limits) -> Result<(), Error> {
@@ -135,7 +137,7 @@ pub fn set_rlimits(l: &Limits) -> Result<(), Error> {
         (libc::RLIMIT_NPROC, l.nproc, "RLIMIT_NPROC"),
         (libc::RLIMIT_CORE, 0, "RLIMIT_CORE"),
         (libc::RLIMIT_FSIZE, l.fsize, "RLIMIT_FSIZE"),
-        (libc::RLIMIT_MEMLOCK, 0, "RLIMIT_MEMLOCK"),
+        (libc::RLIMIT_MEMLOCK, l.memlock, "RLIMIT_MEMLOCK"),
     ] {
         let r = libc::rlimit {
             rlim_cur: v,

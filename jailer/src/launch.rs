@@ -106,6 +106,34 @@ impl From<crate::cgroup::Error> for Failure {
     }
 }
 
+/// Whether the VMM's cell can be given RLIMIT_MEMLOCK of `bytes`: the jailer's own hard
+/// limit allows it, or the jailer may raise it (CAP_SYS_RESOURCE, which some container
+/// hosts withhold from root).
+fn memlock_possible(bytes: u64) -> Result<(), String> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit into a valid struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0 || r.rlim_max >= bytes {
+        return Ok(());
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    // CAP_SYS_RESOURCE is capability 24.
+    if eff & (1 << 24) != 0 {
+        return Ok(());
+    }
+    Err(format!(
+        "locking {bytes} bytes of guest RAM needs RLIMIT_MEMLOCK of that much; this host's hard limit is {} bytes and the jailer has no CAP_SYS_RESOURCE to raise it",
+        r.rlim_max
+    ))
+}
+
 fn refused(e: impl std::fmt::Display) -> Failure {
     Failure {
         code: EXIT_REFUSED,
@@ -257,6 +285,14 @@ pub fn plan(opts: &Options) -> Result<Plan, Failure> {
 /// target `tenant_policy` drives it too.
 pub fn plan_for(policy: TenantPolicy, spec: VmSpec, opts: &Options) -> Result<Plan, Failure> {
     policy::check(&policy, &spec).map_err(refused)?;
+    if spec.mlock {
+        memlock_possible(spec.memory_mib << 20).map_err(|e| {
+            refused(format!(
+                "tenant {}: vm {}: mlock: {e}",
+                policy.name, spec.name
+            ))
+        })?;
+    }
     if !matches!(opts.seccomp.as_str(), "kill" | "log" | "off") {
         return Err(refused(format!(
             "--seccomp {}: expected kill, log or off",
@@ -571,6 +607,11 @@ fn vmm_argv(plan: &Plan, opts: &Options, ctx: &VmmContext) -> Vec<String> {
     if plan.spec.hugepages {
         argv.extend(["--hugepages".into(), "2M".into()]);
     }
+    if plan.spec.mlock {
+        argv.push("--mlock".into());
+    } else if plan.spec.prefault {
+        argv.push("--prefault".into());
+    }
     if plan.spec.ksm {
         argv.push("--ksm".into());
     }
@@ -826,6 +867,7 @@ fn backend_cell<'a>(
             // A raw image cannot grow: a write past its end fails with EFBIG; a qcow2
             // image grows no further than writing its whole virtual disk needs.
             fsize,
+            memlock: 0,
         },
         landlock: s.landlock(Rules::DenyAllButExec),
         exec,
@@ -874,6 +916,12 @@ fn vmm_cell<'a>(
             // Guest RAM is a memfd sized with ftruncate, which RLIMIT_FSIZE bounds; the
             // console and the log are pipes, which it does not.
             fsize: plan.spec.memory_mib << 20,
+            // Locking guest RAM needs exactly its size (the policy checked mlock).
+            memlock: if plan.spec.mlock {
+                plan.spec.memory_mib << 20
+            } else {
+                0
+            },
         },
         landlock: s.landlock(Rules::Paths(landlock::vmm_rules(
             plan.kernel.is_some(),

@@ -309,6 +309,7 @@ pub mod fuzzing {
         assert!(spec.cmdline.bytes().all(|b| (0x20..=0x7e).contains(&b)));
         assert!(!spec.hugepages || policy.hugepages && spec.memory_mib % 2 == 0);
         assert!(!spec.ksm || policy.ksm);
+        assert!(!spec.mlock || policy.mlock);
         assert!(!spec.rng || policy.rng);
         for path in spec.kernel.iter().chain(spec.initrd.iter()) {
             assert!(allowed_dir(&policy.image_dirs, path).is_some());

@@ -50,6 +50,10 @@ pub struct TenantPolicy {
     pub allow_test_switches: bool,
     #[serde(default)]
     pub hugepages: bool,
+    /// Whether a VM may lock its guest RAM in host memory (mlock: never swapped). Its
+    /// pages stay charged to the VM's memory cgroup.
+    #[serde(default)]
+    pub mlock: bool,
     #[serde(default)]
     pub ksm: bool,
     /// Whether this tenant's VMs may run where the kernel cannot seal guest RAM against
@@ -185,6 +189,12 @@ pub struct VmSpec {
     pub rng: bool,
     #[serde(default)]
     pub hugepages: bool,
+    /// Allocate every page of guest RAM at launch (no page faults later).
+    #[serde(default)]
+    pub prefault: bool,
+    /// Lock guest RAM in host memory (implies prefault); the tenant policy's `mlock`.
+    #[serde(default)]
+    pub mlock: bool,
     #[serde(default)]
     pub ksm: bool,
 }
@@ -630,6 +640,14 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
             spec.memory_mib.to_string(),
             "violates",
             "hugepages = true, which needs a whole number of 2 MiB pages".into(),
+        );
+    }
+    if spec.mlock && !policy.mlock {
+        return violation(
+            "mlock",
+            "true".into(),
+            "violates",
+            "the tenant policy (mlock = false)".into(),
         );
     }
     if spec.ksm && !policy.ksm {

@@ -376,6 +376,13 @@ pub struct VmConfig {
     /// Guest RAM from hugetlb pages of this size (a memfd with MFD_HUGETLB, shared with
     /// the device backends like ordinary RAM), reserved in full at start.
     pub hugepages: Option<HugePages>,
+    /// Every page of guest RAM allocated at start (a slower start, no page faults
+    /// later); hugepage RAM always is.
+    pub prefault: Option<bool>,
+    /// Guest RAM locked in host memory (mlock; implies prefault): never swapped. Needs
+    /// RLIMIT_MEMLOCK of at least the RAM's size (the jailer sets it where the tenant
+    /// policy allows `mlock`).
+    pub mlock: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -422,6 +429,8 @@ impl VmConfig {
             ksm: over.ksm.or(self.ksm),
             allow_executable_ram: over.allow_executable_ram.or(self.allow_executable_ram),
             hugepages: over.hugepages.or(self.hugepages),
+            prefault: over.prefault.or(self.prefault),
+            mlock: over.mlock.or(self.mlock),
         }
     }
 

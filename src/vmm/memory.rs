@@ -43,6 +43,17 @@ pub enum Error {
     Mergeable(std::io::Error),
     #[error("KVM_SET_USER_MEMORY_REGION: {0}")]
     Slot(kvm_ioctls::Error),
+    #[error("prefaulting guest RAM: {0}")]
+    Prefault(std::io::Error),
+    #[error(
+        "mlock of guest RAM ({bytes} bytes): {source} (RLIMIT_MEMLOCK is {limit}; the tenant \
+         policy's mlock lets the jailer raise it)"
+    )]
+    Lock {
+        bytes: u64,
+        limit: String,
+        source: std::io::Error,
+    },
 }
 
 pub struct GuestRam {
@@ -164,6 +175,63 @@ pub fn create_mergeable(size: u64) -> Result<GuestRam, Error> {
         }
     }
     Ok(GuestRam { mem, file: None })
+}
+
+/// Allocates and maps every page of guest RAM now (MADV_POPULATE_WRITE on each
+/// mapping): the memfd's pages are resident and charged to the cgroup, and the guest
+/// takes no page fault on them later.
+pub fn prefault(ram: &GuestRam) -> Result<(), Error> {
+    for region in ram.mem.iter() {
+        // SAFETY: madvise on a mapping `mem` owns, over exactly its length.
+        let rc = unsafe {
+            libc::madvise(
+                region.as_ptr() as *mut libc::c_void,
+                region.len() as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if rc < 0 {
+            return Err(Error::Prefault(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// Locks every RAM mapping in host memory (mlock faults every page in first).
+pub fn lock(ram: &GuestRam) -> Result<(), Error> {
+    for region in ram.mem.iter() {
+        // SAFETY: mlock of a mapping `mem` owns, over exactly its length; it stays
+        // mapped for the VM's life.
+        if unsafe {
+            libc::mlock(
+                region.as_ptr() as *const libc::c_void,
+                region.len() as usize,
+            )
+        } < 0
+        {
+            let source = std::io::Error::last_os_error();
+            let mut r = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit into a valid struct.
+            let limit = if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } == 0 {
+                if r.rlim_cur == libc::RLIM_INFINITY {
+                    "unlimited".to_string()
+                } else {
+                    format!("{} bytes", r.rlim_cur)
+                }
+            } else {
+                "unknown".to_string()
+            };
+            return Err(Error::Lock {
+                bytes: ram.mem.iter().map(|r| r.len()).sum(),
+                limit,
+                source,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Registers every RAM region as a KVM memory slot.

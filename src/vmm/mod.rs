@@ -316,6 +316,11 @@ impl Vm {
                 cfg.hugepages,
             )?
         };
+        if cfg.mlock == Some(true) {
+            memory::lock(&ram)?;
+        } else if cfg.prefault == Some(true) {
+            memory::prefault(&ram)?;
+        }
         memory::register(&vm, &ram.mem)?;
 
         let kernel = match kernel_file.as_mut() {

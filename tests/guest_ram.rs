@@ -1,0 +1,184 @@
+//! Guest RAM prefaulted or locked, per VM: `--prefault` maps every page at start (the
+//! memfd mapping is resident in full before the guest runs, against a control VM
+//! without it), `--mlock` locks it; a jailed VM gets either from its spec, `mlock` only
+//! where its tenant policy allows, with RLIMIT_MEMLOCK raised to exactly its RAM.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bin, cellvm, repo, scratch_dir};
+
+/// (Rss, Locked) in KiB of `pid`'s mappings of guest RAM, summed.
+fn ram_kib(pid: u32) -> (u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut rss, mut locked, mut in_ram) = (0, 0, false);
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.split_once('-').is_some_and(|(a, b)| {
+            u64::from_str_radix(a, 16).is_ok() && u64::from_str_radix(b, 16).is_ok()
+        }) {
+            in_ram = line.contains("/memfd:cellvm-guest-ram");
+            continue;
+        }
+        let num = |v: &str| -> u64 { v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0) };
+        if in_ram {
+            if let Some(v) = line.strip_prefix("Rss:") {
+                rss += num(v);
+            } else if let Some(v) = line.strip_prefix("Locked:") {
+                locked += num(v);
+            }
+        }
+    }
+    (rss, locked)
+}
+
+/// `cellvm run` of a 64 MiB VM holding for a second with `flags`; (Rss, Locked) of its
+/// guest RAM as soon as it is mapped, after the guest started.
+fn run_with(flags: &[&str]) -> (u64, u64) {
+    let mut vm = cellvm()
+        .args(["run", "--memory", "64", "--cmdline", "tests=serial hold=1"])
+        .args(flags)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let mut seen = (0, 0);
+    while start.elapsed() < Duration::from_millis(500) {
+        seen = ram_kib(vm.id());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = vm.wait().unwrap();
+    assert!(out.success(), "{flags:?}");
+    seen
+}
+
+#[test]
+fn prefault_makes_all_guest_ram_resident_and_mlock_locks_it() {
+    let (rss, locked) = run_with(&[]);
+    assert!(
+        rss < 16 << 10 && locked == 0,
+        "control: rss {rss} KiB, locked {locked} KiB"
+    );
+    let (rss, locked) = run_with(&["--prefault"]);
+    assert_eq!((rss, locked), (64 << 10, 0), "--prefault");
+    let (rss, locked) = run_with(&["--mlock"]);
+    assert_eq!((rss, locked), (64 << 10, 64 << 10), "--mlock");
+}
+
+#[test]
+fn a_jailed_vm_locks_its_ram_only_where_the_policy_allows() {
+    let dir = scratch_dir("guest-ram-jailed");
+    let text = std::fs::read_to_string(repo("policy/tenants/example.toml")).unwrap();
+    assert!(text.contains("ksm = false"));
+    let allowed = dir.join("tenant-mlock.toml");
+    std::fs::write(
+        &allowed,
+        text.replace("ksm = false", "ksm = false\nmlock = true"),
+    )
+    .unwrap();
+    let spec = |name: &str, extra: &str| {
+        let p = dir.join(format!("vm-{name}.toml"));
+        std::fs::write(
+            &p,
+            format!("name = \"{name}\"\nvcpus = 1\nmemory_mib = 64\n{extra}\ncmdline = \"tests=serial hold=3\"\n"),
+        )
+        .unwrap();
+        p
+    };
+    let locked_spec = spec("locked", "mlock = true");
+    let prefault_spec = spec("prefault", "prefault = true");
+
+    let id = format!("t-mlock-no-{}", std::process::id());
+    let mut c = Command::new(bin("cellvm-jailer"));
+    c.args(["launch", "--id", &id, "--policy"])
+        .arg(repo("policy/tenants/example.toml"))
+        .arg("--vm")
+        .arg(&locked_spec)
+        .arg("--vmm")
+        .arg(bin("cellvm"))
+        .arg("--device-binary")
+        .arg(bin("cellvm-device"));
+    let out = common::run(c, Duration::from_secs(30));
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("mlock = true violates the tenant policy (mlock = false)"),
+        "{}",
+        out.stderr
+    );
+    common::assert_cell_gone(&id);
+
+    // The VMM runs without capabilities: it can lock its RAM only because the jailer
+    // raised RLIMIT_MEMLOCK to exactly the RAM's size. A host whose root may not raise
+    // it (no CAP_SYS_RESOURCE, a hard limit below the RAM: this one) gets a clear
+    // refusal at launch instead.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let hard: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX);
+    let can_lock = cap_eff & (1 << 24) != 0 || hard >= 64 << 20;
+    let mut cases = vec![("prefault", &prefault_spec, (64u64 << 10, 0u64))];
+    if can_lock {
+        cases.push(("locked", &locked_spec, (64 << 10, 64 << 10)));
+    } else {
+        let id = format!("t-mlock-nolimit-{}", std::process::id());
+        let mut c = Command::new(bin("cellvm-jailer"));
+        c.args(["launch", "--id", &id, "--policy"])
+            .arg(&allowed)
+            .arg("--vm")
+            .arg(&locked_spec)
+            .arg("--vmm")
+            .arg(bin("cellvm"))
+            .arg("--device-binary")
+            .arg(bin("cellvm-device"));
+        let out = common::run(c, Duration::from_secs(30));
+        assert_eq!(out.code, Some(2), "{}", out.stderr);
+        assert!(
+            out.stderr.contains("no CAP_SYS_RESOURCE to raise it"),
+            "{}",
+            out.stderr
+        );
+        common::assert_cell_gone(&id);
+    }
+    for (name, path, want) in cases {
+        let id = format!("t-mlock-{name}-{}", std::process::id());
+        let vm = common::HeldVm::launch(&id, &allowed, path);
+        let start = Instant::now();
+        let mut seen = (0, 0);
+        while seen != want && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+            seen = ram_kib(vm.vmm);
+        }
+        assert_eq!(seen, want, "{name}");
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", vm.vmm)).unwrap();
+        let memlock = limits
+            .lines()
+            .find(|l| l.starts_with("Max locked memory"))
+            .unwrap();
+        let expect = if name == "locked" {
+            (64u64 << 20).to_string()
+        } else {
+            "0".into()
+        };
+        assert!(
+            memlock.split_whitespace().any(|w| w == expect),
+            "{name}: {memlock}"
+        );
+        drop(vm);
+        common::assert_cell_gone(&id);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

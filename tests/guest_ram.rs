@@ -5,33 +5,16 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{bin, cellvm, repo, scratch_dir};
+use common::{cellvm, repo, scratch_dir};
 
 /// (Rss, Locked) in KiB of `pid`'s mappings of guest RAM, summed.
 fn ram_kib(pid: u32) -> (u64, u64) {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let (mut rss, mut locked, mut in_ram) = (0, 0, false);
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if first.split_once('-').is_some_and(|(a, b)| {
-            u64::from_str_radix(a, 16).is_ok() && u64::from_str_radix(b, 16).is_ok()
-        }) {
-            in_ram = line.contains("/memfd:cellvm-guest-ram");
-            continue;
-        }
-        let num = |v: &str| -> u64 { v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0) };
-        if in_ram {
-            if let Some(v) = line.strip_prefix("Rss:") {
-                rss += num(v);
-            } else if let Some(v) = line.strip_prefix("Locked:") {
-                locked += num(v);
-            }
-        }
-    }
-    (rss, locked)
+    common::guest_ram_mappings(pid)
+        .iter()
+        .fold((0, 0), |(r, l), m| (r + m.rss_kib, l + m.locked_kib))
 }
 
 /// `cellvm run` of a 64 MiB VM holding for a second with `flags`; (Rss, Locked) of its
@@ -93,16 +76,7 @@ fn a_jailed_vm_locks_its_ram_only_where_the_policy_allows() {
     let prefault_spec = spec("prefault", "prefault = true");
 
     let id = format!("t-mlock-no-{}", std::process::id());
-    let mut c = Command::new(bin("cellvm-jailer"));
-    c.args(["launch", "--id", &id, "--policy"])
-        .arg(repo("policy/tenants/example.toml"))
-        .arg("--vm")
-        .arg(&locked_spec)
-        .arg("--vmm")
-        .arg(bin("cellvm"))
-        .arg("--device-binary")
-        .arg(bin("cellvm-device"));
-    let out = common::run(c, Duration::from_secs(30));
+    let out = common::jailer_launch(&id, &repo("policy/tenants/example.toml"), &locked_spec);
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(
         out.stderr
@@ -135,16 +109,7 @@ fn a_jailed_vm_locks_its_ram_only_where_the_policy_allows() {
         cases.push(("locked", &locked_spec, (64 << 10, 64 << 10)));
     } else {
         let id = format!("t-mlock-nolimit-{}", std::process::id());
-        let mut c = Command::new(bin("cellvm-jailer"));
-        c.args(["launch", "--id", &id, "--policy"])
-            .arg(&allowed)
-            .arg("--vm")
-            .arg(&locked_spec)
-            .arg("--vmm")
-            .arg(bin("cellvm"))
-            .arg("--device-binary")
-            .arg(bin("cellvm-device"));
-        let out = common::run(c, Duration::from_secs(30));
+        let out = common::jailer_launch(&id, &allowed, &locked_spec);
         assert_eq!(out.code, Some(2), "{}", out.stderr);
         assert!(
             out.stderr.contains("no CAP_SYS_RESOURCE to raise it"),

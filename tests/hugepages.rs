@@ -53,25 +53,12 @@ impl Drop for Pool {
     }
 }
 
-/// The page size, in KiB, of `pid`'s mappings of guest RAM (from smaps).
+/// The page size, in KiB, of `pid`'s mappings of guest RAM.
 fn guest_ram_page_kib(pid: u32) -> Vec<u64> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let mut out = Vec::new();
-    let mut in_ram = false;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        let is_header = first.split_once('-').is_some_and(|(a, b)| {
-            u64::from_str_radix(a, 16).is_ok() && u64::from_str_radix(b, 16).is_ok()
-        });
-        if is_header {
-            in_ram = line.contains("/memfd:cellvm-guest-ram");
-        } else if let Some(v) = line.strip_prefix("KernelPageSize:") {
-            if in_ram {
-                out.push(v.trim().trim_end_matches(" kB").trim().parse().unwrap());
-            }
-        }
-    }
-    out
+    common::guest_ram_mappings(pid)
+        .iter()
+        .map(|m| m.page_kib)
+        .collect()
 }
 
 fn children(parent: u32) -> Vec<u32> {
@@ -227,21 +214,7 @@ fn a_jailed_vm_gets_hugepages_only_where_its_policy_allows_bounded_by_its_cgroup
 
     // Refused where the policy says no, before any cell is built.
     let id = format!("t-huge-no-{}", std::process::id());
-    let out = common::run(
-        {
-            let mut c = std::process::Command::new(common::bin("cellvm-jailer"));
-            c.args(["launch", "--id", &id, "--policy"])
-                .arg(common::repo("policy/tenants/example.toml"))
-                .arg("--vm")
-                .arg(&huge)
-                .arg("--vmm")
-                .arg(common::bin("cellvm"))
-                .arg("--device-binary")
-                .arg(common::bin("cellvm-device"));
-            c
-        },
-        Duration::from_secs(30),
-    );
+    let out = common::jailer_launch(&id, &common::repo("policy/tenants/example.toml"), &huge);
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(
         out.stderr

@@ -307,7 +307,7 @@ pub mod fuzzing {
         assert!(spec.memory_mib <= policy.max_memory_mib);
         assert!(spec.cmdline.len() <= crate::policy::CMDLINE_MAX);
         assert!(spec.cmdline.bytes().all(|b| (0x20..=0x7e).contains(&b)));
-        assert!(!spec.hugepages || policy.hugepages && spec.memory_mib % 2 == 0);
+        assert!(!spec.hugepages || policy.hugepages && spec.memory_mib.is_multiple_of(2));
         assert!(!spec.ksm || policy.ksm);
         assert!(!spec.mlock || policy.mlock);
         assert!(!spec.rng || policy.rng);

@@ -634,7 +634,7 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
         );
     }
     // Hugepage-backed RAM is 2 MiB pages: the VM's memory must be whole pages of them.
-    if spec.hugepages && spec.memory_mib % 2 != 0 {
+    if spec.hugepages && !spec.memory_mib.is_multiple_of(2) {
         return violation(
             "memory_mib",
             spec.memory_mib.to_string(),

@@ -572,3 +572,64 @@ pub fn pattern_disk(path: &Path, len: usize) {
     }
     std::fs::write(path, b).unwrap();
 }
+
+/// `cellvm-jailer launch` of `vm` under `policy` as `id`, to its end (a launch that
+/// must be refused, or a VM that ends by itself).
+pub fn jailer_launch(id: &str, policy: &Path, vm: &Path) -> Outcome {
+    let mut c = Command::new(bin("cellvm-jailer"));
+    c.args(["launch", "--id", id, "--policy"])
+        .arg(policy)
+        .arg("--vm")
+        .arg(vm)
+        .arg("--vmm")
+        .arg(bin("cellvm"))
+        .arg("--device-binary")
+        .arg(bin("cellvm-device"));
+    run(c, Duration::from_secs(60))
+}
+
+/// One mapping of guest RAM (the `cellvm-guest-ram` memfd) in a process's smaps.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RamMapping {
+    pub page_kib: u64,
+    pub rss_kib: u64,
+    pub locked_kib: u64,
+}
+
+/// `pid`'s mappings of guest RAM, from /proc/PID/smaps (empty until it has mapped it).
+pub fn guest_ram_mappings(pid: u32) -> Vec<RamMapping> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut out: Vec<RamMapping> = Vec::new();
+    let mut in_ram = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.split_once('-').is_some_and(|(a, b)| {
+            u64::from_str_radix(a, 16).is_ok() && u64::from_str_radix(b, 16).is_ok()
+        }) {
+            in_ram = line.contains("/memfd:cellvm-guest-ram");
+            if in_ram {
+                out.push(RamMapping::default());
+            }
+            continue;
+        }
+        let (Some(m), true) = (out.last_mut(), in_ram) else {
+            continue;
+        };
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let kib = value
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        match key {
+            "KernelPageSize" => m.page_kib = kib,
+            "Rss" => m.rss_kib = kib,
+            "Locked" => m.locked_kib = kib,
+            _ => {}
+        }
+    }
+    out
+}

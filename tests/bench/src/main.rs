@@ -776,14 +776,14 @@ fn block_rows(
     );
     let (mut hi, mut hm) = (Vec::new(), Vec::new());
     for _ in 0..n {
-        let (i, m) = host_reads(&disk_img, bench_ms);
+        let (i, m) = host_reads(disk_img, bench_ms);
         hi.push(i);
         hm.push(m);
     }
     let qcow2_img = work.join("disk.qcow2");
     let st = Command::new("qemu-img")
         .args(["convert", "-q", "-O", "qcow2"])
-        .arg(&disk_img)
+        .arg(disk_img)
         .arg(&qcow2_img)
         .status()
         .expect("qemu-img");

@@ -52,6 +52,79 @@ fn prefault_makes_all_guest_ram_resident_and_mlock_locks_it() {
     assert_eq!((rss, locked), (64 << 10, 64 << 10), "--mlock");
 }
 
+const SHMEM_THP: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
+/// The host's shmem THP setting for as long as it lives, then put back.
+struct ShmemThp(String);
+
+impl ShmemThp {
+    fn set(mode: &str) -> ShmemThp {
+        let text = std::fs::read_to_string(SHMEM_THP).unwrap();
+        // The selected mode is the one in brackets.
+        let before = text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix('[').and_then(|w| w.strip_suffix(']')))
+            .unwrap()
+            .to_string();
+        std::fs::write(SHMEM_THP, mode).unwrap();
+        ShmemThp(before)
+    }
+}
+
+impl Drop for ShmemThp {
+    fn drop(&mut self) {
+        let _ = std::fs::write(SHMEM_THP, &self.0);
+    }
+}
+
+#[test]
+fn guest_ram_is_in_transparent_huge_pages_where_the_host_allows_shmem_thp() {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    // (Rss, ShmemPmdMapped) of a prefaulted VM's RAM.
+    let thp = || {
+        let vm = cellvm()
+            .args([
+                "run",
+                "--memory",
+                "64",
+                "--prefault",
+                "--cmdline",
+                "tests=serial hold=1",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        let mut seen = (0, 0);
+        while seen.0 < 64 << 10 && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+            seen = common::guest_ram_mappings(vm.id())
+                .iter()
+                .fold((0, 0), |(r, p), m| (r + m.rss_kib, p + m.shmem_pmd_kib));
+        }
+        let out = vm.wait_with_output().unwrap();
+        assert!(out.status.success());
+        seen
+    };
+    let never = {
+        let _mode = ShmemThp::set("never");
+        thp()
+    };
+    assert_eq!(never, (64 << 10, 0), "shmem THP off: 4 KiB pages only");
+    let advise = {
+        let _mode = ShmemThp::set("advise");
+        thp()
+    };
+    assert_eq!(
+        advise,
+        (64 << 10, 64 << 10),
+        "advise: the VMM's MADV_HUGEPAGE takes effect"
+    );
+}
+
 #[test]
 fn a_jailed_vm_locks_its_ram_only_where_the_policy_allows() {
     let dir = scratch_dir("guest-ram-jailed");

@@ -594,6 +594,8 @@ pub struct RamMapping {
     pub page_kib: u64,
     pub rss_kib: u64,
     pub locked_kib: u64,
+    /// Transparent huge pages of it, mapped by PMD.
+    pub shmem_pmd_kib: u64,
 }
 
 /// `pid`'s mappings of guest RAM, from /proc/PID/smaps (empty until it has mapped it).
@@ -628,6 +630,7 @@ pub fn guest_ram_mappings(pid: u32) -> Vec<RamMapping> {
             "KernelPageSize" => m.page_kib = kib,
             "Rss" => m.rss_kib = kib,
             "Locked" => m.locked_kib = kib,
+            "ShmemPmdMapped" => m.shmem_pmd_kib = kib,
             _ => {}
         }
     }

@@ -82,6 +82,12 @@ struct RunArgs {
     /// Lock guest RAM in host memory (mlock; implies --prefault); needs RLIMIT_MEMLOCK.
     #[arg(long)]
     mlock: bool,
+    /// Guest RAM in this file instead of a memfd (empty, or exactly the RAM's size).
+    #[arg(long, conflicts_with = "memory_file_fd")]
+    memory_file: Option<PathBuf>,
+    /// Guest RAM in the file open on this inherited descriptor (the jailer's way).
+    #[arg(long)]
+    memory_file_fd: Option<i32>,
     /// The same fields from a TOML file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -157,6 +163,8 @@ fn run(args: RunArgs) -> Result<i32, (String, i32)> {
         hugepages: args.hugepages,
         prefault: args.prefault.then_some(true),
         mlock: args.mlock.then_some(true),
+        memory_file: args.memory_file,
+        memory_file_fd: args.memory_file_fd,
     };
     if let Some(dir) = &args.dump_acpi {
         let cfg = from_file.merge(flags);

@@ -220,3 +220,122 @@ fn a_jailed_vm_locks_its_ram_only_where_the_policy_allows() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_jailed_vms_ram_can_be_a_file_beneath_the_policys_memory_dirs() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch_dir("guest-ram-file");
+    // tmpfs, root's alone.
+    let mem_dir =
+        std::path::PathBuf::from(format!("/dev/shm/cellvm-ram-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&mem_dir);
+    std::fs::create_dir(&mem_dir).unwrap();
+    std::fs::set_permissions(&mem_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let ram = mem_dir.join("vm.ram");
+    std::fs::write(&ram, b"").unwrap();
+    std::fs::set_permissions(&ram, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let text = std::fs::read_to_string(repo("policy/tenants/example.toml")).unwrap();
+    let policy = dir.join("tenant-ram.toml");
+    std::fs::write(
+        &policy,
+        text.replace(
+            "ksm = false",
+            &format!("ksm = false\nmemory_dirs = [\"{}\"]", mem_dir.display()),
+        ),
+    )
+    .unwrap();
+    let spec = |name: &str, file: &std::path::Path| {
+        let p = dir.join(format!("vm-{name}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "name = \"{name}\"\nvcpus = 1\nmemory_mib = 64\nmemory_file = \"{}\"\ncmdline = \"tests=serial hold=3\"\n",
+                file.display()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    // Refused outside memory_dirs, and by a policy with none.
+    let outside = dir.join("elsewhere.ram");
+    std::fs::write(&outside, b"").unwrap();
+    let id = format!("t-ramfile-out-{}", std::process::id());
+    let out = common::jailer_launch(&id, &policy, &spec("out", &outside));
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("memory_file") && out.stderr.contains("violates memory_dirs"),
+        "{}",
+        out.stderr
+    );
+    let out = common::jailer_launch(&id, &repo("policy/tenants/example.toml"), &spec("in", &ram));
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("violates memory_dirs []"),
+        "{}",
+        out.stderr
+    );
+
+    // Served: the VMM maps the file (not a memfd), sized to the RAM; a second VM on the
+    // same file is refused while the first holds it.
+    let id = format!("t-ramfile-{}", std::process::id());
+    let vm = common::HeldVm::launch(&id, &policy, &spec("in", &ram));
+    let start = Instant::now();
+    let maps = || std::fs::read_to_string(format!("/proc/{}/maps", vm.vmm)).unwrap_or_default();
+    while !maps().contains(ram.to_str().unwrap()) && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(maps().contains(ram.to_str().unwrap()), "{}", maps());
+    assert!(!maps().contains("memfd:cellvm-guest-ram"));
+    assert_eq!(std::fs::metadata(&ram).unwrap().len(), 64 << 20);
+    let id2 = format!("t-ramfile-2-{}", std::process::id());
+    let out = common::jailer_launch(&id2, &policy, &spec("second", &ram));
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("in use"), "{}", out.stderr);
+    drop(vm);
+    common::assert_cell_gone(&id);
+    let _ = std::fs::remove_dir_all(&mem_dir);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cellvm_run_serves_ram_from_a_file_its_blk_backend_shares() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch_dir("guest-ram-run-file");
+    let disk = dir.join("disk.raw");
+    common::pattern_disk(&disk, 1 << 20);
+    let ram = std::path::PathBuf::from(format!("/dev/shm/cellvm-ram-run-{}", std::process::id()));
+    std::fs::write(&ram, b"").unwrap();
+    let run_with_file = |mib: &str| {
+        let mut cmd = cellvm();
+        cmd.args(["run", "--memory", mib, "--memory-file"])
+            .arg(&ram)
+            .arg("--disk")
+            .arg(format!("path={}", disk.display()))
+            .args(["--cmdline", "tests=pci,virtio,blk"]);
+        common::run(cmd, Duration::from_secs(30))
+    };
+    let out = run_with_file("64");
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    out.passed("blk");
+    assert_eq!(std::fs::metadata(&ram).unwrap().len(), 64 << 20);
+    // A file of another size is some other VM's RAM: refused, left as it is.
+    let out = run_with_file("32");
+    assert_ne!(out.code, Some(0));
+    assert!(
+        out.stderr
+            .contains("neither empty nor the VM's 33554432 bytes"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(std::fs::metadata(&ram).unwrap().len(), 64 << 20);
+    // Guest RAM is never executable.
+    std::fs::set_permissions(&ram, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = run_with_file("64");
+    assert!(
+        out.stderr.contains("carries an execute bit"),
+        "{}",
+        out.stderr
+    );
+    let _ = std::fs::remove_file(&ram);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -161,6 +161,8 @@ pub struct Plan {
     pub devices: Vec<Device>,
     /// The tenant's api_group, resolved.
     pub api_gid: Option<u32>,
+    /// Guest RAM's file (`memory_file`), opened read-write and locked.
+    pub memory_file: Option<File>,
 }
 
 /// A device backend to start in its own cell.
@@ -485,6 +487,32 @@ pub fn plan_for(policy: TenantPolicy, spec: VmSpec, opts: &Options) -> Result<Pl
     } else {
         Some(open_static_binary(&opts.device).map_err(setup)?)
     };
+    // Guest RAM's file: the checks of a writable image (regular, root's, one link,
+    // openat2 beneath memory_dirs, locked), against the memory directories.
+    let memory_file = match &spec.memory_file {
+        None => None,
+        Some(path) => {
+            let beneath = TenantPolicy {
+                image_dirs: policy.memory_dirs.clone(),
+                block_devices: Vec::new(),
+                ..policy.clone()
+            };
+            let image = paths::open_disk(&beneath, path, true).map_err(|e| {
+                refused(format!(
+                    "tenant {}: vm {}: memory_file: {e}",
+                    policy.name, spec.name
+                ))
+            })?;
+            let ram = spec.memory_mib << 20;
+            if image.size != 0 && image.size != ram {
+                return Err(refused(format!(
+                    "tenant {}: vm {}: memory_file: {} bytes, neither empty nor the VM's {ram} bytes of RAM",
+                    policy.name, spec.name, image.size
+                )));
+            }
+            Some(image.file)
+        }
+    };
     Ok(Plan {
         policy,
         spec,
@@ -495,6 +523,7 @@ pub fn plan_for(policy: TenantPolicy, spec: VmSpec, opts: &Options) -> Result<Pl
         device_bin,
         devices,
         api_gid,
+        memory_file,
     })
 }
 
@@ -606,6 +635,9 @@ fn vmm_argv(plan: &Plan, opts: &Options, ctx: &VmmContext) -> Vec<String> {
     }
     if plan.spec.hugepages {
         argv.extend(["--hugepages".into(), "2M".into()]);
+    }
+    if let Some(f) = &plan.memory_file {
+        argv.extend(["--memory-file-fd".into(), f.as_raw_fd().to_string()]);
     }
     if plan.spec.mlock {
         argv.push("--mlock".into());
@@ -890,6 +922,7 @@ fn vmm_cell<'a>(
     let plan = s.plan;
     let mut keep = ctx.device_fds.to_vec();
     keep.extend(ctx.counter_fds);
+    keep.extend(plan.memory_file.as_ref().map(File::as_raw_fd));
     if s.opts.probe.is_none() {
         keep.push(ctx.api_fd);
     }
@@ -990,6 +1023,10 @@ fn build_and_supervise(
     let mut files: Vec<(&File, String, bool)> = content
         .map(|f| (f, selinux::CONTENT_LABEL.into(), true))
         .collect();
+    // A RAM file is the VM's alone, like its memfd: cellvm_tmpfs_t with its pair.
+    if let Some(f) = &plan.memory_file {
+        files.push((f, entry.mcs.ram_label(), false));
+    }
     for d in &plan.devices {
         match d {
             Device::Blk {

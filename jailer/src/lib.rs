@@ -310,6 +310,10 @@ pub mod fuzzing {
         assert!(!spec.hugepages || policy.hugepages && spec.memory_mib.is_multiple_of(2));
         assert!(!spec.ksm || policy.ksm);
         assert!(!spec.mlock || policy.mlock);
+        assert!(spec
+            .memory_file
+            .iter()
+            .all(|p| allowed_dir(&policy.memory_dirs, p).is_some()));
         assert!(!spec.rng || policy.rng);
         for path in spec.kernel.iter().chain(spec.initrd.iter()) {
             assert!(allowed_dir(&policy.image_dirs, path).is_some());

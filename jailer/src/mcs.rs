@@ -38,6 +38,11 @@ impl McsPair {
     pub fn image_label(&self) -> String {
         format!("system_u:object_r:cellvm_image_t:s0:{self}")
     }
+
+    /// A guest RAM file's label: the type of the VMM's memfd, the VM's categories.
+    pub fn ram_label(&self) -> String {
+        format!("system_u:object_r:cellvm_tmpfs_t:s0:{self}")
+    }
 }
 
 impl fmt::Display for McsPair {

@@ -54,6 +54,11 @@ pub struct TenantPolicy {
     /// pages stay charged to the VM's memory cgroup.
     #[serde(default)]
     pub mlock: bool,
+    /// Directories a VM's guest RAM may be a file in (`memory_file` in the VM spec):
+    /// tmpfs, hugetlbfs with prefault, a DAX or persistent-memory file system. None:
+    /// guest RAM is always a sealed memfd.
+    #[serde(default)]
+    pub memory_dirs: Vec<PathBuf>,
     #[serde(default)]
     pub ksm: bool,
     /// Whether this tenant's VMs may run where the kernel cannot seal guest RAM against
@@ -195,6 +200,11 @@ pub struct VmSpec {
     /// Lock guest RAM in host memory (implies prefault); the tenant policy's `mlock`.
     #[serde(default)]
     pub mlock: bool,
+    /// Guest RAM in this file, beneath the tenant's `memory_dirs`: empty (sized at
+    /// launch) or exactly the VM's RAM, a regular file of root's with one link and no
+    /// execute bit, locked for the VM's life and labelled with its categories.
+    #[serde(default)]
+    pub memory_file: Option<PathBuf>,
     #[serde(default)]
     pub ksm: bool,
 }
@@ -444,6 +454,12 @@ impl TenantPolicy {
                 "mcs_categories [{a}, {b}] must hold at least two categories within c0..c1023"
             ));
         }
+        if let Some(d) = self.memory_dirs.iter().find(|d| !d.is_absolute()) {
+            return bad(format!(
+                "memory_dirs entry {} is not absolute",
+                shown_path(d)
+            ));
+        }
         if let Some(d) = self.secrets_dir.as_ref().filter(|d| !d.is_absolute()) {
             return bad(format!("secrets_dir {} is not absolute", shown_path(d)));
         }
@@ -641,6 +657,24 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
             "violates",
             "hugepages = true, which needs a whole number of 2 MiB pages".into(),
         );
+    }
+    if let Some(p) = &spec.memory_file {
+        if !valid_path(p) || crate::paths::allowed_dir(&policy.memory_dirs, p).is_none() {
+            return violation(
+                "memory_file",
+                shown_path(p),
+                "violates",
+                format!("memory_dirs {:?}", policy.memory_dirs),
+            );
+        }
+        if spec.hugepages || spec.ksm {
+            return violation(
+                "memory_file",
+                shown_path(p),
+                "violates",
+                "hugepages and ksm, which it excludes".into(),
+            );
+        }
     }
     if spec.mlock && !policy.mlock {
         return violation(

@@ -383,6 +383,11 @@ pub struct VmConfig {
     /// RLIMIT_MEMLOCK of at least the RAM's size (the jailer sets it where the tenant
     /// policy allows `mlock`).
     pub mlock: Option<bool>,
+    /// Guest RAM in this file (tmpfs, a DAX or persistent-memory file system, ...)
+    /// instead of a memfd: empty (it is sized to the RAM) or exactly the RAM's size.
+    pub memory_file: Option<PathBuf>,
+    /// The same, as an inherited descriptor (the jailer opens the file).
+    pub memory_file_fd: Option<i32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -431,6 +436,8 @@ impl VmConfig {
             hugepages: over.hugepages.or(self.hugepages),
             prefault: over.prefault.or(self.prefault),
             mlock: over.mlock.or(self.mlock),
+            memory_file: over.memory_file.or(self.memory_file),
+            memory_file_fd: over.memory_file_fd.or(self.memory_file_fd),
         }
     }
 

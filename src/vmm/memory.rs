@@ -43,6 +43,8 @@ pub enum Error {
     Mergeable(std::io::Error),
     #[error("KVM_SET_USER_MEMORY_REGION: {0}")]
     Slot(kvm_ioctls::Error),
+    #[error("memory file: {0}")]
+    File(String),
     #[error("prefaulting guest RAM: {0}")]
     Prefault(std::io::Error),
     #[error(
@@ -138,6 +140,18 @@ pub fn create(
     if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
         return Err(Error::Seal(std::io::Error::last_os_error()));
     }
+    let mem = map_file(&file, size)?;
+    if huge.is_none() {
+        advise_transparent_huge_pages(&mem);
+    }
+    Ok(GuestRam {
+        mem,
+        file: Some(file),
+    })
+}
+
+/// Maps `file` as guest RAM around the PCI hole: its bytes in order, region by region.
+fn map_file(file: &File, size: u64) -> Result<GuestMemoryMmap, Error> {
     let mut ranges = Vec::new();
     let mut offset = 0;
     for (start, len) in layout::ram_regions(size) {
@@ -145,10 +159,36 @@ pub fn create(
         ranges.push((GuestAddress(start), len as usize, Some(fo)));
         offset += len;
     }
-    let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(Error::Map)?;
-    if huge.is_none() {
-        advise_transparent_huge_pages(&mem);
+    GuestMemoryMmap::from_ranges_with_files(ranges).map_err(Error::Map)
+}
+
+/// Guest RAM in `file` (a regular file the launcher opened read-write): sized to `size`
+/// if empty, else it must be exactly `size` (what an earlier run of the same VM left).
+/// Unlike a memfd it cannot be sealed: whoever else may write the file could resize it
+/// under the VM, so the launcher keeps it in a directory of root's and locks it. It must
+/// carry no execute permission. Shared with the device backends like memfd RAM.
+pub fn create_in_file(file: File, size: u64) -> Result<GuestRam, Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = file.metadata().map_err(|e| Error::File(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(Error::File("not a regular file".into()));
     }
+    if meta.permissions().mode() & 0o111 != 0 {
+        return Err(Error::File(format!(
+            "mode {:04o} carries an execute bit; guest RAM must never be executable",
+            meta.permissions().mode() & 0o7777
+        )));
+    }
+    match meta.len() {
+        0 => file.set_len(size).map_err(|e| Error::Size(size, e))?,
+        n if n == size => {}
+        n => {
+            return Err(Error::File(format!(
+                "{n} bytes, neither empty nor the VM's {size} bytes of RAM"
+            )))
+        }
+    }
+    let mem = map_file(&file, size)?;
     Ok(GuestRam {
         mem,
         file: Some(file),

@@ -112,6 +112,13 @@ fn validate(cfg: &VmConfig, kvm: &Kvm) -> Result<(), Error> {
                 .into(),
         ));
     }
+    if (cfg.memory_file.is_some() || cfg.memory_file_fd.is_some())
+        && (cfg.hugepages.is_some() || cfg.ksm == Some(true))
+    {
+        return Err(Error::Invalid(
+            "memory_file: guest RAM in a file excludes hugepages and ksm".into(),
+        ));
+    }
     if let Some(h) = cfg.hugepages {
         if cfg.ksm == Some(true) {
             return Err(Error::Invalid(
@@ -307,7 +314,25 @@ impl Vm {
                 .map_err(|e| Error::Kvm("KVM_ENABLE_CAP(X2APIC_API)", e))?;
         }
 
-        let ram = if cfg.ksm == Some(true) {
+        let ram = if let Some(path) = &cfg.memory_file {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| Error::Invalid(format!("memory_file {}: {e}", path.display())))?;
+            memory::create_in_file(file, mem_size)?
+        } else if let Some(fd) = cfg.memory_file_fd {
+            // SAFETY: fcntl(F_GETFD) only checks the descriptor exists.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(Error::Invalid(format!(
+                    "--memory-file-fd {fd}: not an open descriptor"
+                )));
+            }
+            // SAFETY: the launcher handed this descriptor to the VMM to own; it is
+            // taken once, here.
+            let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            memory::create_in_file(file, mem_size)?
+        } else if cfg.ksm == Some(true) {
             memory::create_mergeable(mem_size)?
         } else {
             memory::create(

@@ -77,7 +77,7 @@ fn quick_mode_runs_every_scenario_against_its_peer() {
         rows.iter()
             .filter(|r| r["peer_name"] == "qemu-storage-daemon")
             .count(),
-        2
+        3
     );
     assert!(rows
         .iter()

@@ -132,16 +132,7 @@ fn spec(dir: &Dir, disk: &Path, format: &str, readonly: bool) -> PathBuf {
 }
 
 fn launch(policy: &Path, id: &str, vm: &Path) -> common::Outcome {
-    let mut c = Command::new(bin("cellvm-jailer"));
-    c.args(["launch", "--id", id, "--policy"])
-        .arg(policy)
-        .arg("--vm")
-        .arg(vm)
-        .arg("--vmm")
-        .arg(bin("cellvm"))
-        .arg("--device-binary")
-        .arg(bin("cellvm-device"));
-    common::run(c, LIMIT)
+    common::run(common::jailer_command(id, policy, vm), LIMIT)
 }
 
 /// Launches a spec that must be refused: exit 2, `expect` in the one-line message, the

@@ -598,7 +598,7 @@ impl DiskImage for Qcow2 {
 
     fn read(&self, offset: u64, bufs: &[Slice<'_>]) -> io::Result<()> {
         if let Some(c) = self.cipher() {
-            let mut plain = gather(bufs);
+            let mut plain = vec![0u8; bufs.iter().map(|b| b.len()).sum()];
             aligned(offset, plain.len() as u64)?;
             self.read_plain(&self.shared(), c, offset, &mut plain)?;
             scatter(&plain, bufs);

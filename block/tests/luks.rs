@@ -60,10 +60,15 @@ const SECRET: &str = "secret,id=s0,data=correct horse battery staple";
 
 /// An encrypted qcow2 of `size`, optionally over a raw backing file.
 fn create_luks(path: &Path, size: &str, backing: Option<&Path>) {
+    create_luks_with(path, size, backing, "");
+}
+
+/// The same with more `-o` options (",cipher-alg=..." and the like).
+fn create_luks_with(path: &Path, size: &str, backing: Option<&Path>, extra: &str) {
     let p = path.to_str().unwrap();
     let mut args = vec!["create", "-q", "-f", "qcow2", "--object", SECRET];
-    let opts = "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10";
-    args.extend(["-o", opts]);
+    let opts = format!("encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10{extra}");
+    args.extend(["-o", &opts]);
     let b;
     if let Some(backing) = backing {
         b = backing.to_str().unwrap().to_owned();
@@ -283,51 +288,25 @@ fn an_encrypted_layer_below_the_top_is_refused() {
 fn other_key_sizes_and_hashes_unlock_and_unsupported_ciphers_are_refused_by_name() {
     let d = Scratch::new("variants");
     for (i, extra) in [
-        "encrypt.cipher-alg=aes-128,encrypt.hash-alg=sha1",
-        "encrypt.cipher-alg=aes-256,encrypt.hash-alg=sha512",
+        ",encrypt.cipher-alg=aes-128,encrypt.hash-alg=sha1",
+        ",encrypt.cipher-alg=aes-256,encrypt.hash-alg=sha512",
     ]
     .iter()
     .enumerate()
     {
         let img = d.path(&format!("v{i}.qcow2"));
-        let opts =
-            format!("encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,{extra}");
-        ok(qemu(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "--object",
-                SECRET,
-                "-o",
-                &opts,
-                img.to_str().unwrap(),
-                "1M",
-            ],
-        ));
+        create_luks_with(&img, "1M", None, extra);
         qemu_io(&img, &["write -P 0x77 4096 4096"]);
         let e = open(&img, Some(KEY), Vec::new()).unwrap_or_else(|e| panic!("{extra}: {e}"));
         assert!(read(&e, 4096, 4096).iter().all(|&b| b == 0x77), "{extra}");
     }
     let img = d.path("cbc.qcow2");
-    let opts = "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv";
-    ok(qemu(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "--object",
-            SECRET,
-            "-o",
-            opts,
-            img.to_str().unwrap(),
-            "1M",
-        ],
-    ));
+    create_luks_with(
+        &img,
+        "1M",
+        None,
+        ",encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv",
+    );
     let err = open(&img, Some(KEY), Vec::new()).err().unwrap().to_string();
     assert!(
         err.contains("cipher mode \"cbc-essiv:sha256\" is not supported"),

@@ -39,6 +39,15 @@ fn write_both(overlay: &str, expected: &mut [u8]) {
     expected[2 << 20..(2 << 20) + 65536].fill(0);
 }
 
+/// `qemu-img create` of a qcow2 overlay at `top` over `backing` (named as written,
+/// relative to the overlay) of format `fmt`.
+fn overlay(top: &str, backing: &str, fmt: &str) {
+    ok(
+        qemu_img(&["create", "-q", "-f", "qcow2", "-b", backing, "-F", fmt, top]),
+        "create",
+    );
+}
+
 /// True when `qemu-img map` finds no range the overlay itself holds (depth 0).
 fn holds_nothing(overlay: &str) -> bool {
     let out = ok(qemu_img(&["map", "--output=json", overlay]), "qemu-img map");
@@ -54,12 +63,7 @@ fn commit_into_a_raw_backing_file_then_empty_the_overlay() {
     let d = Scratch::new("commit-raw");
     let (base, top, exp) = (d.p("base.raw"), d.p("top.qcow2"), d.p("expected.raw"));
     std::fs::write(&base, pattern()).unwrap();
-    ok(
-        qemu_img(&[
-            "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", &top,
-        ]),
-        "create",
-    );
+    overlay(&top, "base.raw", "raw");
     let mut expected = pattern();
     write_both(&top, &mut expected);
     std::fs::write(&exp, &expected).unwrap();
@@ -98,20 +102,7 @@ fn commit_into_a_compressed_qcow2_backing_file_keeps_it_consistent() {
         "convert -c",
     );
     ok(qemu_io(&base, &["discard 3M 64k"]), "qemu-io discard");
-    ok(
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            &top,
-        ]),
-        "create",
-    );
+    overlay(&top, "base.qcow2", "qcow2");
     let mut expected = pattern();
     expected[3 << 20..(3 << 20) + 65536].fill(0);
     write_both(&top, &mut expected);
@@ -151,20 +142,7 @@ fn commit_refuses_what_it_cannot_do_and_changes_nothing() {
         "create",
     );
     ok(qemu_img(&["snapshot", "-c", "s1", &base]), "snapshot");
-    ok(
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            &top,
-        ]),
-        "create",
-    );
+    overlay(&top, "base.qcow2", "qcow2");
     ok(qemu_io(&top, &["write -P 0x55 0 4k"]), "qemu-io");
     let (b0, t0) = (std::fs::read(&base).unwrap(), std::fs::read(&top).unwrap());
     let r = img(&["commit", &top]);

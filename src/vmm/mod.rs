@@ -132,7 +132,7 @@ fn validate(cfg: &VmConfig, kvm: &Kvm) -> Result<(), Error> {
         }
     }
     let host = memory::host_memory_bytes().unwrap_or(u64::MAX);
-    if cfg.hugepages.is_none() && mib.checked_mul(1 << 20).is_none_or(|b| b > host) {
+    if mib.checked_mul(1 << 20).is_none_or(|b| b > host) {
         return Err(Error::Invalid(format!(
             "memory = {mib} MiB: more than the host's {} MiB",
             host >> 20

@@ -428,15 +428,7 @@ impl HeldVm {
     /// Launches `vm` under `policy` as `id` and returns once the VMM runs: it is the
     /// cell's last process, so by then every label has been set.
     pub fn launch(id: &str, policy: &Path, vm: &Path) -> HeldVm {
-        let jailer = Command::new(bin("cellvm-jailer"))
-            .args(["launch", "--id", id, "--policy"])
-            .arg(policy)
-            .arg("--vm")
-            .arg(vm)
-            .arg("--vmm")
-            .arg(bin("cellvm"))
-            .arg("--device-binary")
-            .arg(bin("cellvm-device"))
+        let jailer = jailer_command(id, policy, vm)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -573,9 +565,9 @@ pub fn pattern_disk(path: &Path, len: usize) {
     std::fs::write(path, b).unwrap();
 }
 
-/// `cellvm-jailer launch` of `vm` under `policy` as `id`, to its end (a launch that
-/// must be refused, or a VM that ends by itself).
-pub fn jailer_launch(id: &str, policy: &Path, vm: &Path) -> Outcome {
+/// `cellvm-jailer launch` of `vm` under `policy` as `id`, with this build's VMM and
+/// device binary.
+pub fn jailer_command(id: &str, policy: &Path, vm: &Path) -> Command {
     let mut c = Command::new(bin("cellvm-jailer"));
     c.args(["launch", "--id", id, "--policy"])
         .arg(policy)
@@ -585,7 +577,13 @@ pub fn jailer_launch(id: &str, policy: &Path, vm: &Path) -> Outcome {
         .arg(bin("cellvm"))
         .arg("--device-binary")
         .arg(bin("cellvm-device"));
-    run(c, Duration::from_secs(60))
+    c
+}
+
+/// [`jailer_command`] run to its end (a launch that must be refused, or a VM that ends
+/// by itself).
+pub fn jailer_launch(id: &str, policy: &Path, vm: &Path) -> Outcome {
+    run(jailer_command(id, policy, vm), Duration::from_secs(60))
 }
 
 /// One mapping of guest RAM (the `cellvm-guest-ram` memfd) in a process's smaps.

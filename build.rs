@@ -139,6 +139,7 @@ fn build_test_guest() {
         "virtio.rs",
         "devices.rs",
         "net.rs",
+        "vsock.rs",
         "boot.S",
         "guest.ld",
     ] {

@@ -64,6 +64,11 @@ struct RunArgs {
     /// socket=PATH or fd=N (repeat for more).
     #[arg(long = "net")]
     nets: Vec<cellvm::vmm::config::NetSpec>,
+    /// A virtio-vsock device: cid=N,uds=PATH (cellvm starts its backend; host programs
+    /// connect to PATH and write `CONNECT PORT`, the guest reaches host port P at
+    /// PATH_P), socket=PATH or fd=N.
+    #[arg(long)]
+    vsock: Option<cellvm::vmm::config::VsockSpec>,
     /// Guest RAM the kernel may merge with identical pages of other VMs (KSM); private
     /// memory, so no device backends can share it.
     #[arg(long)]
@@ -158,6 +163,7 @@ fn run(args: RunArgs) -> Result<i32, (String, i32)> {
         disks: (!args.disks.is_empty()).then_some(args.disks),
         rng: args.rng,
         nets: (!args.nets.is_empty()).then_some(args.nets),
+        vsock: args.vsock,
         ksm: args.ksm.then_some(true),
         allow_executable_ram: args.allow_executable_ram.then_some(true),
         hugepages: args.hugepages,

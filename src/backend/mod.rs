@@ -1,4 +1,4 @@
-//! Device backends: `cellvm-device blk|net|rng`, each a vhost-user backend process
+//! Device backends: `cellvm-device blk|net|rng|vsock`, each a vhost-user backend process
 //! serving one device of one VM. A backend opens no path once it runs: its socket
 //! (a listening descriptor), its image or tap arrive as inherited descriptors when the
 //! jailer starts it; its only view of the guest is the RAM the VMM shares with it.
@@ -12,6 +12,7 @@ pub mod blk;
 pub mod counters;
 pub mod net;
 pub mod rng;
+pub mod vsock;
 
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixListener;
@@ -170,6 +171,51 @@ pub fn write_at<M: GuestMemoryBackend>(
     } else {
         Err(ShortBuffer)
     }
+}
+
+/// Reads `out.len()` bytes at byte `offset` of the buffer the segments make up together.
+pub fn read_at<M: GuestMemoryBackend>(
+    mem: &M,
+    segs: &[Segment],
+    offset: u64,
+    out: &mut [u8],
+) -> Result<(), ShortBuffer> {
+    let mut filled = 0;
+    for s in sub_segments(segs, offset, out.len() as u64) {
+        let n = s.len as usize;
+        mem.read_slice(&mut out[filled..filled + n], s.addr)
+            .map_err(|_| ShortBuffer)?;
+        filled += n;
+    }
+    if filled == out.len() {
+        Ok(())
+    } else {
+        Err(ShortBuffer)
+    }
+}
+
+/// The segments covering bytes `offset..offset + len` of the buffer `segs` make up
+/// together (fewer bytes where the buffer ends first).
+pub fn sub_segments(segs: &[Segment], mut offset: u64, mut len: u64) -> Vec<Segment> {
+    let mut out = Vec::new();
+    for s in segs {
+        if len == 0 {
+            break;
+        }
+        if offset >= s.len as u64 {
+            offset -= s.len as u64;
+            continue;
+        }
+        let n = len.min(s.len as u64 - offset);
+        out.push(Segment {
+            addr: GuestAddress(s.addr.0 + offset),
+            len: n as u32,
+            writable: s.writable,
+        });
+        len -= n;
+        offset = 0;
+    }
+    out
 }
 
 /// Serves every available chain of `vring` with `serve`, which returns the number of

@@ -10,7 +10,14 @@
 //! cellvm-device net (--socket PATH | --listen-fd N) (--tap NAME | --tap-fd N)
 //!                   [--mac MAC] [--seccomp MODE]
 //! cellvm-device rng (--socket PATH | --listen-fd N) [--seccomp MODE]
+//! cellvm-device vsock (--socket PATH | --listen-fd N) --cid N
+//!                   (--uds PATH | --uds-fd N --uds-dir-fd N --uds-name NAME)
+//!                   [--seccomp MODE]
 //! ```
+//! `vsock` takes host connections on the Unix socket `--uds` (bound here) or
+//! `--uds-fd` (bound by the VMM, with `--uds-dir-fd` the directory it is in and
+//! `--uds-name` its name); a guest's connection to host port P goes to `NAME_P` in
+//! that directory and nowhere else.
 //! `--format` (default raw) says what the image is; a raw image's header is never looked
 //! at. A qcow2 image's header is checked and what cellvm does not implement refused (exit
 //! 2, on stderr); `--backing` lists its chain, nearest layer first, as inherited
@@ -35,6 +42,9 @@ const USAGE: &str = "usage:
   cellvm-device net (--socket PATH | --listen-fd N) (--tap NAME | --tap-fd N) [--mac MAC]
                     [--seccomp MODE]
   cellvm-device rng (--socket PATH | --listen-fd N) [--seccomp MODE]
+  cellvm-device vsock (--socket PATH | --listen-fd N) --cid N
+                    (--uds PATH | --uds-fd N --uds-dir-fd N --uds-name NAME)
+                    [--seccomp MODE]
 Every kind: [--counters-fd N], the page of counters its VMM reads.
 MODE: kill (default), log or off.";
 
@@ -344,10 +354,76 @@ fn rng(opts: &Opts) -> Result<(), Usage> {
     .map_err(|e| (e.to_string(), 1))
 }
 
+fn vsock(opts: &Opts) -> Result<(), Usage> {
+    use backend::vsock::{HostPorts, Vsock, VsockBackend, MAX_GUEST_CID, MIN_GUEST_CID};
+    use std::os::unix::net::UnixListener;
+    let (socket, seccomp) = (opts.socket()?, opts.seccomp()?);
+    let cid: u64 = opts
+        .value("cid")
+        .ok_or_else(|| usage("vsock needs --cid"))?
+        .parse()
+        .ok()
+        .filter(|c| (MIN_GUEST_CID..=MAX_GUEST_CID).contains(c))
+        .ok_or_else(|| usage(format!("--cid: expected {MIN_GUEST_CID} to {MAX_GUEST_CID}")))?;
+    // The listening socket, and the directory guest connections to the host resolve in
+    // (made the working directory: a guest port only ever names `NAME_P` there).
+    let (listener, name) = match opts.one_of("uds", "uds-fd")? {
+        (true, path) => {
+            let path = std::path::Path::new(path);
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| usage(format!("--uds {}: no file name", path.display())))?
+                .to_string();
+            let listener = UnixListener::bind(path)
+                .map_err(|e| (format!("--uds {}: {e}", path.display()), 2))?;
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
+            };
+            std::env::set_current_dir(dir)
+                .map_err(|e| (format!("--uds {}: {e}", dir.display()), 2))?;
+            (listener, name)
+        }
+        (false, fd) => {
+            let fd = opts.fd("uds-fd", fd)?;
+            let dir = opts
+                .value("uds-dir-fd")
+                .ok_or_else(|| usage("--uds-fd needs --uds-dir-fd and --uds-name"))?;
+            let dir = opts.fd("uds-dir-fd", dir)?;
+            let name = opts
+                .value("uds-name")
+                .filter(|n| !n.is_empty() && !n.contains('/'))
+                .ok_or_else(|| usage("--uds-fd needs --uds-name, a file name"))?
+                .to_string();
+            let dir = owned_file(dir, "--uds-dir-fd")?;
+            // SAFETY: fchdir on a descriptor this process owns.
+            if unsafe { libc::fchdir(std::os::fd::AsRawFd::as_raw_fd(&dir)) } < 0 {
+                let e = std::io::Error::last_os_error();
+                return Err((format!("--uds-dir-fd: {e}"), 2));
+            }
+            let sock = owned_file(fd, "--uds-fd")?;
+            // SAFETY: an inherited listening socket, owned from here on.
+            let listener = unsafe { UnixListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(sock)) };
+            (listener, name)
+        }
+    };
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| (format!("--uds: {e}"), 2))?;
+    let device = Vsock::new(cid, Some(listener), Some(HostPorts { name }))
+        .map_err(|e| (format!("vsock: {e}"), 1))?;
+    opts.counters()?;
+    let b = VsockBackend::new(device, cid);
+    let host = b.host_listener();
+    backend::serve("cellvm-vsock", b, socket, "vsock", seccomp, &[host])
+    .map_err(|e| (e.to_string(), 1))
+}
+
 fn run(args: &[String]) -> Result<u8, Usage> {
     let (kind, rest) = args
         .split_first()
-        .ok_or_else(|| usage("which device? blk, net or rng"))?;
+        .ok_or_else(|| usage("which device? blk, net, rng or vsock"))?;
     match kind.as_str() {
         "blk" => blk(&Opts::parse(
             rest,
@@ -359,6 +435,12 @@ fn run(args: &[String]) -> Result<u8, Usage> {
         .map(|_| 0),
         "net" => net(&Opts::parse(rest, &[], &keys(&["tap", "tap-fd", "mac"]))?).map(|_| 0),
         "rng" => rng(&Opts::parse(rest, &[], &keys(&[]))?).map(|_| 0),
+        "vsock" => vsock(&Opts::parse(
+            rest,
+            &[],
+            &keys(&["cid", "uds", "uds-fd", "uds-dir-fd", "uds-name"]),
+        )?)
+        .map(|_| 0),
         "--help" | "-h" | "help" => {
             println!("{USAGE}");
             Ok(0)

@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
+pub const TYPE_VSOCK: u32 = 19;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub const STATUS_ACKNOWLEDGE: u8 = 1;

@@ -29,6 +29,8 @@ fn config_size(device_type: u32) -> u32 {
     match device_type {
         TYPE_BLOCK => 60,
         TYPE_NET => 12,
+        // guest_cid.
+        TYPE_VSOCK => 8,
         _ => 0,
     }
 }

@@ -288,6 +288,71 @@ impl std::str::FromStr for NetSpec {
     }
 }
 
+/// A virtio-vsock device: `cid=N,uds=PATH` (cellvm starts the backend; host programs
+/// reach the guest through the Unix socket PATH, the guest reaches host port P at
+/// `PATH_P`), `socket=PATH` or `fd=N` (the backend, started elsewhere, has both).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockSpec {
+    pub cid: Option<u64>,
+    pub uds: Option<PathBuf>,
+    pub backend: Backend,
+    pub pid: Option<u32>,
+    pub counters: Option<i32>,
+}
+
+impl std::str::FromStr for VsockSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        use crate::backend::vsock::{MAX_GUEST_CID, MIN_GUEST_CID};
+        let what = format!("vsock {s:?}");
+        let (mut cid, mut uds) = (None, None);
+        let (backend, pid, counters) =
+            device_fields(s, &what, "uds=, socket= or fd=", |key, value| {
+                match key {
+                    "uds" if !value.is_empty() => {
+                        uds = Some(PathBuf::from(value));
+                        return Ok(true);
+                    }
+                    "cid" => {
+                        cid = Some(
+                            value
+                                .parse()
+                                .ok()
+                                .filter(|c| (MIN_GUEST_CID..=MAX_GUEST_CID).contains(c))
+                                .ok_or_else(|| {
+                                    format!(
+                                        "{what}: cid={value}: expected {MIN_GUEST_CID} to {MAX_GUEST_CID}"
+                                    )
+                                })?,
+                        )
+                    }
+                    _ => return Err(format!("{what}: unknown or empty key {key:?}")),
+                }
+                Ok(false)
+            })?;
+        match (&backend, cid) {
+            (Backend::Spawn, None) => Err(format!("{what}: uds= needs cid=N, the guest's address")),
+            (Backend::Spawn, Some(_)) => Ok(VsockSpec {
+                cid,
+                uds,
+                backend,
+                pid,
+                counters,
+            }),
+            (_, Some(_)) => Err(format!(
+                "{what}: cid= belongs to the backend that owns the socket"
+            )),
+            (_, None) => Ok(VsockSpec {
+                cid,
+                uds,
+                backend,
+                pid,
+                counters,
+            }),
+        }
+    }
+}
+
 macro_rules! deserialize_from_str {
     ($t:ty) => {
         impl<'de> Deserialize<'de> for $t {
@@ -345,6 +410,7 @@ deserialize_from_str!(HugePages);
 deserialize_from_str!(DiskSpec);
 deserialize_from_str!(RngSpec);
 deserialize_from_str!(NetSpec);
+deserialize_from_str!(VsockSpec);
 
 /// A VM's configuration. Every field is optional in the file; flags override the file.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -366,6 +432,8 @@ pub struct VmConfig {
     pub rng: Option<RngSpec>,
     /// virtio-net devices, after the disks and the rng in PCI slot order.
     pub nets: Option<Vec<NetSpec>>,
+    /// A virtio-vsock device, after the nets.
+    pub vsock: Option<VsockSpec>,
     /// Guest RAM as private memory the kernel may merge with identical pages of other
     /// VMs (KSM). Device backends cannot share such RAM: no devices with it.
     pub ksm: Option<bool>,
@@ -431,6 +499,7 @@ impl VmConfig {
             disks: over.disks.or(self.disks),
             rng: over.rng.or(self.rng),
             nets: over.nets.or(self.nets),
+            vsock: over.vsock.or(self.vsock),
             ksm: over.ksm.or(self.ksm),
             allow_executable_ram: over.allow_executable_ram.or(self.allow_executable_ram),
             hugepages: over.hugepages.or(self.hugepages),
@@ -578,6 +647,26 @@ mod tests {
             "tap=a,queues=2",
         ] {
             assert!(bad.parse::<NetSpec>().is_err(), "{bad:?} accepted");
+        }
+        let v: VsockSpec = "cid=3,uds=/run/v.sock".parse().unwrap();
+        assert_eq!(
+            (v.cid, v.uds.as_deref(), v.backend),
+            (Some(3), Some(std::path::Path::new("/run/v.sock")), Backend::Spawn)
+        );
+        assert_eq!("fd=8".parse::<VsockSpec>().unwrap().backend, Backend::Fd(8));
+        for bad in [
+            "",
+            "cid=3",
+            "uds=/v",
+            "cid=2,uds=/v",
+            "cid=4294967295,uds=/v",
+            "cid=x,uds=/v",
+            "cid=3,uds=",
+            "cid=3,uds=/v,socket=/s",
+            "fd=8,cid=3",
+            "cid=3,uds=/v,port=1",
+        ] {
+            assert!(bad.parse::<VsockSpec>().is_err(), "{bad:?} accepted");
         }
         let c = VmConfig::parse_toml("disks = [\"path=/i\"]\nrng = \"on\"").unwrap();
         assert_eq!(c.disks.unwrap().len(), 1);

@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command};
@@ -26,7 +27,7 @@ use crate::devices::pci::{PciFunction, PciRoot};
 use crate::virtio::irq::MsiRouter;
 use crate::virtio::pci::{Intx, IntxRelay, VirtioPci, BAR_SIZE};
 use crate::virtio::vhost_user::VhostUserDevice;
-use crate::virtio::{TYPE_BLOCK, TYPE_NET, TYPE_RNG};
+use crate::virtio::{TYPE_BLOCK, TYPE_NET, TYPE_RNG, TYPE_VSOCK};
 
 /// Queue size offered for every queue.
 const QUEUE_SIZE: u16 = 256;
@@ -448,12 +449,50 @@ pub fn attach(
             .map(Child::id));
         wanted.push((format!("net{i}"), stream, TYPE_NET, 2, pid, page));
     }
+    if let Some(vsock) = &cfg.vsock {
+        // The VMM binds the host socket (a bad path fails here, with status 2) and hands
+        // the backend it and its directory, where the guest's host ports resolve.
+        let pass = match (&vsock.backend, &vsock.uds) {
+            (Backend::Spawn, Some(path)) => bind_vsock_socket(path)?,
+            _ => Vec::new(),
+        };
+        let name = vsock
+            .uds
+            .as_deref()
+            .and_then(Path::file_name)
+            .map(|n| n.to_string_lossy().into_owned());
+        let (stream, page) = connect(
+            &vsock.backend,
+            vsock.counters,
+            || {
+                vec![
+                    "vsock".to_string(),
+                    "--cid".into(),
+                    vsock.cid.unwrap_or_default().to_string(),
+                    "--uds-fd".into(),
+                    "4".into(),
+                    "--uds-dir-fd".into(),
+                    "5".into(),
+                    "--uds-name".into(),
+                    name.clone().unwrap_or_default(),
+                ]
+            },
+            &pass,
+            &mut children,
+        )?;
+        let pid = vsock.pid.or(children
+            .last()
+            .filter(|_| vsock.backend == Backend::Spawn)
+            .map(Child::id));
+        wanted.push(("vsock".to_string(), stream, TYPE_VSOCK, 3, pid, page));
+    }
     let (mut counters, mut connections) = (Vec::new(), Vec::new());
     for (n, (name, stream, ty, queues, pid, page)) in wanted.into_iter().enumerate() {
         let slot = n as u8 + 1;
         let kind = match ty {
             TYPE_BLOCK => "blk",
             TYPE_NET => "net",
+            TYPE_VSOCK => "vsock",
             _ => "rng",
         };
         let count = Arc::new(DeviceCounters::new(name.clone(), kind, pid, page));
@@ -509,6 +548,44 @@ pub fn attach(
         counters,
         connections,
     })
+}
+
+/// Binds a vsock device's host socket at `path` and opens its directory: the two
+/// descriptors its backend gets. A socket file nothing listens on any more (left by a
+/// VM that ended) is replaced; one that is in use, or any other file, is an error.
+fn bind_vsock_socket(path: &Path) -> Result<Vec<OwnedFd>, Error> {
+    let invalid = |e: std::io::Error| Error::Invalid(format!("vsock {}: {e}", path.display()));
+    let listener = match UnixListener::bind(path) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            use std::os::unix::fs::FileTypeExt;
+            let is_socket = std::fs::symlink_metadata(path)
+                .map(|m| m.file_type().is_socket())
+                .unwrap_or(false);
+            let stale = is_socket
+                && UnixStream::connect(path)
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+            if !stale {
+                return Err(Error::Invalid(format!(
+                    "vsock {}: in use (another VM's socket, or not a socket)",
+                    path.display()
+                )));
+            }
+            std::fs::remove_file(path).map_err(invalid)?;
+            UnixListener::bind(path).map_err(invalid)?
+        }
+        Err(e) => return Err(invalid(e)),
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(dir)
+        .map_err(invalid)?;
+    Ok(vec![OwnedFd::from(listener), OwnedFd::from(dir)])
 }
 
 /// Starts the INTx relay thread (only when there are devices).

@@ -31,6 +31,7 @@ mod devices;
 mod hw;
 mod net;
 mod virtio;
+mod vsock;
 
 use core::fmt::Write;
 use hw::{Serial, StartInfo};
@@ -46,7 +47,7 @@ const CHECKS: [&str; 9] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "mad
 /// functions on bus 0 and the e820 map.
 /// `netgso` waits for a 64 KiB TCP segment the host sends whole (mergeable receive
 /// buffers, guest TSO).
-const OPT_IN: [&str; 12] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench", "netbench", "platform", "netgso"];
+const OPT_IN: [&str; 13] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench", "netbench", "platform", "netgso", "vsock"];
 
 /// The vector the irq check programs the serial's IOAPIC pin with.
 const IRQ_VECTOR: u8 = 0x41;
@@ -278,6 +279,7 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
         "net" => net::check_net(r),
         "netbench" => net::check_netbench(r, args.bench_ms),
         "netgso" => net::check_netgso(r),
+        "vsock" => vsock::check_vsock(r),
         "console" => {
             let mut line = hw::Buf::<80>::new();
             let complete = r.serial.read_line(&mut line, 10);

@@ -65,7 +65,8 @@ fn vsock_dir(name: &str) -> (PathBuf, PathBuf) {
 }
 
 #[test]
-fn host_and_guest_connect_both_ways_and_four_streams_echo_byte_for_byte() {
+fn host_and_guest_connect_both_ways_four_streams_echo_byte_for_byte_and_an_unread_one_is_held_back()
+{
     let (dir, sock) = vsock_dir("vsock");
     // The host service the guest connects to (host port 5000); 5001 has none.
     let hello = UnixListener::bind(dir.join("v.sock_5000")).unwrap();
@@ -84,6 +85,28 @@ fn host_and_guest_connect_both_ways_and_four_streams_echo_byte_for_byte() {
         run(cmd, Duration::from_secs(90))
     });
     wait_for(&sock);
+    // A host peer that writes and never reads is held back after a bounded amount (its
+    // writes stop being taken), and the other streams go on meanwhile.
+    let (stuck, line) = connect(&sock, 1234);
+    assert!(line.starts_with("OK "), "{line:?}");
+    stuck.set_nonblocking(true).unwrap();
+    let chunk = vec![0x5a; 64 << 10];
+    let (mut taken, mut idle) = (0usize, 0);
+    while idle < 50 {
+        match (&stuck).write(&chunk) {
+            Ok(n) => (taken, idle) = (taken + n, 0),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                idle += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("the unread connection failed after {taken} bytes: {e}"),
+        }
+        assert!(
+            taken < 4 << 20,
+            "an unread peer's writes were never held back"
+        );
+    }
+    eprintln!("a peer that never reads was held back after {taken} bytes");
     let streams: Vec<_> = (0..4u64)
         .map(|i| {
             let sock = sock.clone();
@@ -98,12 +121,21 @@ fn host_and_guest_connect_both_ways_and_four_streams_echo_byte_for_byte() {
     for (i, s) in streams.into_iter().enumerate() {
         let (ok, same, len) = s.join().unwrap();
         assert!(ok.starts_with("OK "), "stream {i}: {ok:?}");
-        assert!(same, "stream {i}: {len} of 262144 bytes came back, or not the same");
+        assert!(
+            same,
+            "stream {i}: {len} of 262144 bytes came back, or not the same"
+        );
         ports.push(ok);
     }
     ports.sort();
     ports.dedup();
-    assert_eq!(ports.len(), 4, "each connection has its own host port: {ports:?}");
+    assert_eq!(
+        ports.len(),
+        4,
+        "each connection has its own host port: {ports:?}"
+    );
+    // The unread one goes away: the guest is told with a reset.
+    drop(stuck);
     // The guest refuses port 4321: the stream ends without an OK.
     let (mut refused, line) = connect(&sock, 4321);
     assert_eq!(line, "", "a refused connection gets no OK line");
@@ -124,7 +156,7 @@ fn host_and_guest_connect_both_ways_and_four_streams_echo_byte_for_byte() {
     for want in [
         "cid=3 ",
         "client_connected=true reply_ok=true client_closed=true host_refused=true",
-        "accepted=4 completed=4 echoed=1048576 refused=1 ended=true over_credit=0 bad_packets=0",
+        "accepted=5 completed=4 aborted=1 echoed=1048576 refused=1 ended=true over_credit=0 bad_packets=0",
     ] {
         assert!(line.contains(want), "{want:?} in {line}");
     }
@@ -145,7 +177,11 @@ fn a_socket_left_by_an_ended_vm_is_replaced_and_one_in_use_is_refused() {
     assert!(sock.exists());
     let out = up(&spec);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
-    assert!(out.stdout.contains("cellvm-testguest: up"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("cellvm-testguest: up"),
+        "{}",
+        out.stdout
+    );
     // One a live program listens on is not taken from it.
     std::fs::remove_file(&sock).unwrap();
     let _live = UnixListener::bind(&sock).unwrap();
@@ -167,7 +203,10 @@ fn bad_vsock_arguments_are_refused_before_anything_runs() {
         ("cid=3", "give exactly one of uds=, socket= or fd="),
         ("uds=/tmp/x", "uds= needs cid=N"),
         ("fd=200,cid=3", "cid= belongs to the backend"),
-        ("cid=3,uds=/nonexistent/dir/v.sock", "vsock /nonexistent/dir/v.sock"),
+        (
+            "cid=3,uds=/nonexistent/dir/v.sock",
+            "vsock /nonexistent/dir/v.sock",
+        ),
     ] {
         let mut cmd = cellvm();
         cmd.args(["run", "--vsock", spec]).stdin(Stdio::null());
@@ -176,7 +215,10 @@ fn bad_vsock_arguments_are_refused_before_anything_runs() {
         assert!(out.stderr.contains(expect), "{spec}: {}", out.stderr);
     }
     for (args, expect) in [
-        (&["vsock", "--socket", "/s", "--uds", "/tmp/x"][..], "vsock needs --cid"),
+        (
+            &["vsock", "--socket", "/s", "--uds", "/tmp/x"][..],
+            "vsock needs --cid",
+        ),
         (
             &["vsock", "--socket", "/s", "--cid", "1", "--uds", "/tmp/x"][..],
             "--cid: expected 3 to",
@@ -186,10 +228,15 @@ fn bad_vsock_arguments_are_refused_before_anything_runs() {
             "--uds-fd needs --uds-dir-fd",
         ),
         (
-            &["vsock", "--socket", "/s", "--cid", "3", "--uds", "/a", "--uds-fd", "0"][..],
+            &[
+                "vsock", "--socket", "/s", "--cid", "3", "--uds", "/a", "--uds-fd", "0",
+            ][..],
             "give exactly one of --uds and --uds-fd",
         ),
-        (&["vsock", "--cid", "3", "--uds", "/a"][..], "give exactly one of --socket and --listen-fd"),
+        (
+            &["vsock", "--cid", "3", "--uds", "/a"][..],
+            "give exactly one of --socket and --listen-fd",
+        ),
     ] {
         let mut c = common::cellvm_device();
         c.args(args).stdin(Stdio::null());

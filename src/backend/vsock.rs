@@ -32,7 +32,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::counters::{self, Slot};
 use super::{io_vectors, read_at, segments, sub_segments, write_at, Memory, QueueState, Segment};
-use super::{MAX_QUEUE_SIZE, ShortBuffer};
+use super::{ShortBuffer, MAX_QUEUE_SIZE};
 
 /// The host's context id; the guest's is the device's configuration.
 pub const HOST_CID: u64 = 2;
@@ -530,6 +530,11 @@ impl Vsock {
             // The host gave up before the guest answered.
             return self.reset(key, true);
         }
+        if hangup && (!c.to_host.is_empty() || c.credit() == 0) {
+            // The host peer is gone with guest bytes it will never read, or with bytes
+            // of its own the guest has no room for: nothing more can be delivered.
+            return self.reset(key, true);
+        }
         if bits & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0 {
             c.readable = true;
         }
@@ -666,7 +671,10 @@ impl Vsock {
         }
         let key = (h.src_port, h.dst_port);
         if h.len as usize > MAX_PKT || h.len as u64 > total - HDR_LEN as u64 {
-            dropped(format_args!("a packet claiming {} bytes in a {total}-byte chain", h.len));
+            dropped(format_args!(
+                "a packet claiming {} bytes in a {total}-byte chain",
+                h.len
+            ));
             if h.op != OP_RST {
                 self.reset(key, true);
             }
@@ -805,7 +813,9 @@ impl Vsock {
     fn next_packet<M: GuestMemoryBackend>(&mut self, mem: &M, segs: &[Segment]) -> Option<u32> {
         if let Some(key) = self.resets.pop_front() {
             let h = self.header(key, OP_RST);
-            return write_at(mem, segs, 0, &h.bytes()).ok().map(|_| HDR_LEN as u32);
+            return write_at(mem, segs, 0, &h.bytes())
+                .ok()
+                .map(|_| HDR_LEN as u32);
         }
         let room = segs.iter().map(|s| s.len as u64).sum::<u64>() - HDR_LEN as u64;
         while let Some(key) = self.ready.pop_front() {
@@ -868,7 +878,12 @@ impl Vsock {
 
     /// Fills the guest's receive buffers with what is owed it, until either runs out;
     /// signals the guest when the ring says to.
-    pub fn fill_rx(&mut self, vring: &VringRwLock, mem: &Memory, event_idx: bool) -> std::io::Result<()> {
+    pub fn fill_rx(
+        &mut self,
+        vring: &VringRwLock,
+        mem: &Memory,
+        event_idx: bool,
+    ) -> std::io::Result<()> {
         let guard = mem.memory();
         let m: &GuestMemoryMmap = &guard;
         loop {
@@ -929,8 +944,10 @@ impl Vsock {
         epoll_add(self.epoll.as_raw_fd(), fd, STREAM_EVENTS)?;
         let local = self.free_local_port(port).unwrap_or(FIRST_LOCAL_PORT);
         self.watches.insert(fd, Watch::Conn((port, local)));
-        self.conns
-            .insert((port, local), Conn::new(stream, State::Connecting, OWE_REQUEST));
+        self.conns.insert(
+            (port, local),
+            Conn::new(stream, State::Connecting, OWE_REQUEST),
+        );
         self.schedule((port, local));
         Ok(())
     }
@@ -951,7 +968,11 @@ fn dropped(why: std::fmt::Arguments) -> u32 {
 }
 
 /// readv from `fd` straight into guest segments.
-fn read_guest<M: GuestMemoryBackend>(mem: &M, segs: &[Segment], fd: RawFd) -> std::io::Result<usize> {
+fn read_guest<M: GuestMemoryBackend>(
+    mem: &M,
+    segs: &[Segment],
+    fd: RawFd,
+) -> std::io::Result<usize> {
     let (iov, guards) = io_vectors(mem, segs)?;
     let count = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
     // SAFETY: every iovec points into guest RAM checked by io_vectors and kept mapped by
@@ -965,7 +986,11 @@ fn read_guest<M: GuestMemoryBackend>(mem: &M, segs: &[Segment], fd: RawFd) -> st
 }
 
 /// writev straight from guest segments to `fd`.
-fn write_guest<M: GuestMemoryBackend>(mem: &M, segs: &[Segment], fd: RawFd) -> std::io::Result<usize> {
+fn write_guest<M: GuestMemoryBackend>(
+    mem: &M,
+    segs: &[Segment],
+    fd: RawFd,
+) -> std::io::Result<usize> {
     let (iov, guards) = io_vectors(mem, segs)?;
     let count = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
     // SAFETY: as in read_guest; the kernel only reads these bytes.
@@ -1102,6 +1127,231 @@ mod tests {
         assert_eq!(&b[16..20], &0x1234u32.to_le_bytes());
         assert_eq!(&b[30..32], &OP_RW.to_le_bytes());
         assert_eq!(Header::parse(&b), h);
+    }
+
+    use std::io::Write;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+
+    const RAM: usize = 2 << 20;
+
+    /// A guest's side of the device: RAM with a transmit and a receive queue of 256 at
+    /// fixed places, packets laid out one per 4 KiB.
+    struct Guest {
+        mem: Memory,
+    }
+
+    impl Guest {
+        fn new() -> Guest {
+            let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
+            Guest {
+                mem: GuestMemoryAtomic::new(ram),
+            }
+        }
+
+        fn packet(src_port: u32, dst_port: u32, op: u16, payload: &[u8]) -> Vec<u8> {
+            let h = Header {
+                src_cid: 3,
+                dst_cid: HOST_CID,
+                src_port,
+                dst_port,
+                len: payload.len() as u32,
+                ty: TYPE_STREAM,
+                op,
+                buf_alloc: 64 << 10,
+                ..Header::default()
+            };
+            let mut p = h.bytes().to_vec();
+            p.extend_from_slice(payload);
+            p
+        }
+
+        /// Hands each packet to the device as the transmit worker does.
+        fn send(&self, v: &mut Vsock, packets: &[Vec<u8>]) {
+            let m = self.mem.memory();
+            for batch in packets.chunks(256) {
+                let mut q = virtio_queue::Queue::new(256).unwrap();
+                q.set_desc_table_address(Some(0), Some(0));
+                q.set_avail_ring_address(Some(0x1000), Some(0));
+                q.set_used_ring_address(Some(0x2000), Some(0));
+                q.set_ready(true);
+                for (i, p) in batch.iter().enumerate() {
+                    let at = 0x10_0000 + 0x1000 * i as u64;
+                    m.write_slice(p, GuestAddress(at)).unwrap();
+                    let desc = [
+                        at.to_le_bytes().as_slice(),
+                        &(p.len() as u32).to_le_bytes(),
+                        &[0; 4],
+                    ]
+                    .concat();
+                    m.write_slice(&desc, GuestAddress(16 * i as u64)).unwrap();
+                    m.write_obj(i as u16, GuestAddress(0x1004 + 2 * i as u64))
+                        .unwrap();
+                }
+                m.write_obj(batch.len() as u16, GuestAddress(0x1002))
+                    .unwrap();
+                while let Some(chain) = q.pop_descriptor_chain(&*m) {
+                    v.tx_chain(&*m, chain);
+                }
+            }
+        }
+
+        /// Offers 16 receive buffers of 4 KiB; the packets the device put in them.
+        fn receive(&self, v: &mut Vsock) -> Vec<(Header, Vec<u8>)> {
+            let m = self.mem.memory();
+            let rx = VringRwLock::new(self.mem.clone(), 256).unwrap();
+            rx.set_queue_size(256);
+            rx.set_queue_info(0x4000, 0x6000, 0x8000).unwrap();
+            rx.set_queue_ready(true);
+            rx.set_enabled(true);
+            for i in 0..16u64 {
+                let at = 0x2_0000 + 0x1000 * i;
+                let desc = [
+                    at.to_le_bytes().as_slice(),
+                    &4096u32.to_le_bytes(),
+                    &2u16.to_le_bytes(),
+                    &[0; 2],
+                ]
+                .concat();
+                m.write_slice(&desc, GuestAddress(0x4000 + 16 * i)).unwrap();
+                m.write_obj(i as u16, GuestAddress(0x6004 + 2 * i)).unwrap();
+            }
+            m.write_obj(16u16, GuestAddress(0x6002)).unwrap();
+            m.write_obj(0u16, GuestAddress(0x8002)).unwrap();
+            v.fill_rx(&rx, &self.mem, false).unwrap();
+            let used: u16 = m.read_obj(GuestAddress(0x8002)).unwrap();
+            (0..used as u64)
+                .map(|i| {
+                    let id: u32 = m.read_obj(GuestAddress(0x8004 + 8 * i)).unwrap();
+                    let len: u32 = m.read_obj(GuestAddress(0x8008 + 8 * i)).unwrap();
+                    let mut b = vec![0u8; len as usize];
+                    m.read_slice(&mut b, GuestAddress(0x2_0000 + 0x1000 * id as u64))
+                        .unwrap();
+                    let h = Header::parse(b[..HDR_LEN].try_into().unwrap());
+                    (h, b[HDR_LEN..].to_vec())
+                })
+                .collect()
+        }
+    }
+
+    /// A guest that opens thousands of connections and never uses them holds at most
+    /// MAX_CONNS of them and MAX_RESETS owed resets; a connection made before the flood
+    /// still carries bytes.
+    #[test]
+    fn thousands_of_half_open_streams_cost_bounded_state_and_stop_no_other_stream() {
+        let dir = std::env::temp_dir().join(format!("cellvm-vsock-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let listener = UnixListener::bind(dir.join("v_5000")).unwrap();
+        let accepted = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            listener.set_nonblocking(true).unwrap();
+            let mut idle = 0;
+            while idle < 200 {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        held.push(s);
+                        idle = 0;
+                    }
+                    Err(_) => {
+                        idle += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                }
+            }
+            held
+        });
+        let name = dir.join("v").to_string_lossy().into_owned();
+        let mut v = Vsock::new(3, None, Some(HostPorts { name })).unwrap();
+        let guest = Guest::new();
+        // The first connection, answered before the flood.
+        guest.send(&mut v, &[Guest::packet(1, 5000, OP_REQUEST, &[])]);
+        let first = guest.receive(&mut v);
+        assert_eq!(first.len(), 1);
+        assert_eq!((first[0].0.op, first[0].0.dst_port), (OP_RESPONSE, 1));
+        let flood: Vec<Vec<u8>> = (2..3000)
+            .map(|p| Guest::packet(p, 5000, OP_REQUEST, &[]))
+            .collect();
+        guest.send(&mut v, &flood);
+        assert_eq!(
+            v.connections(),
+            MAX_CONNS,
+            "connections past the bound were refused"
+        );
+        assert!(
+            v.resets.len() <= MAX_RESETS,
+            "{} resets owed",
+            v.resets.len()
+        );
+        let mut streams = accepted.join().unwrap();
+        assert_eq!(streams.len(), MAX_CONNS);
+        // The host end of the first connection writes; the guest gets its bytes even
+        // though thousands of packets are owed before them.
+        streams[0].write_all(b"still here").unwrap();
+        v.host_events();
+        let mut got = None;
+        for _ in 0..200 {
+            let packets = guest.receive(&mut v);
+            if let Some((_, data)) = packets
+                .iter()
+                .find(|(h, _)| h.op == OP_RW && h.dst_port == 1)
+            {
+                got = Some(data.clone());
+                break;
+            }
+            if packets.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(got.as_deref(), Some(&b"still here"[..]));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A guest that never returns credit gets no more bytes than its buffer; one that
+    /// sends past the credit it was given loses the connection.
+    #[test]
+    fn credit_is_enforced_both_ways() {
+        let (ours, mut host) = UnixStream::pair().unwrap();
+        let mut v = Vsock::new(3, None, None).unwrap();
+        v.adopt_host_stream(ours, 80).unwrap();
+        let guest = Guest::new();
+        let request = guest.receive(&mut v);
+        assert_eq!(request[0].0.op, OP_REQUEST);
+        let local = request[0].0.src_port;
+        // The guest accepts with an 8 KiB buffer and never consumes anything.
+        let mut response = Guest::packet(80, local, OP_RESPONSE, &[]);
+        response[36..40].copy_from_slice(&8192u32.to_le_bytes());
+        guest.send(&mut v, &[response]);
+        host.write_all(&[7u8; 64 << 10]).unwrap();
+        v.host_events();
+        let mut delivered = 0;
+        for _ in 0..20 {
+            let packets = guest.receive(&mut v);
+            delivered += packets
+                .iter()
+                .filter(|(h, _)| h.op == OP_RW)
+                .map(|(_, d)| d.len())
+                .sum::<usize>();
+        }
+        assert_eq!(delivered, 8192, "exactly the guest's buffer, no more");
+        // Past the device's own credit (BUF_ALLOC, the host end not reading): reset.
+        host.set_nonblocking(true).unwrap();
+        let big = vec![1u8; 4000];
+        let writes: Vec<Vec<u8>> = (0..600)
+            .map(|_| Guest::packet(80, local, OP_RW, &big))
+            .collect();
+        guest.send(&mut v, &writes);
+        assert_eq!(
+            v.connections(),
+            0,
+            "a guest writing past its credit loses the connection"
+        );
+        let packets = guest.receive(&mut v);
+        assert!(
+            packets
+                .iter()
+                .any(|(h, _)| h.op == OP_RST && h.dst_port == 80),
+            "and is told"
+        );
     }
 
     #[test]

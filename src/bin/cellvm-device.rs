@@ -364,7 +364,11 @@ fn vsock(opts: &Opts) -> Result<(), Usage> {
         .parse()
         .ok()
         .filter(|c| (MIN_GUEST_CID..=MAX_GUEST_CID).contains(c))
-        .ok_or_else(|| usage(format!("--cid: expected {MIN_GUEST_CID} to {MAX_GUEST_CID}")))?;
+        .ok_or_else(|| {
+            usage(format!(
+                "--cid: expected {MIN_GUEST_CID} to {MAX_GUEST_CID}"
+            ))
+        })?;
     // The listening socket, and the directory guest connections to the host resolve in
     // (made the working directory: a guest port only ever names `NAME_P` there).
     let (listener, name) = match opts.one_of("uds", "uds-fd")? {
@@ -404,7 +408,8 @@ fn vsock(opts: &Opts) -> Result<(), Usage> {
             }
             let sock = owned_file(fd, "--uds-fd")?;
             // SAFETY: an inherited listening socket, owned from here on.
-            let listener = unsafe { UnixListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(sock)) };
+            let listener =
+                unsafe { UnixListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(sock)) };
             (listener, name)
         }
     };
@@ -417,7 +422,7 @@ fn vsock(opts: &Opts) -> Result<(), Usage> {
     let b = VsockBackend::new(device, cid);
     let host = b.host_listener();
     backend::serve("cellvm-vsock", b, socket, "vsock", seccomp, &[host])
-    .map_err(|e| (e.to_string(), 1))
+        .map_err(|e| (e.to_string(), 1))
 }
 
 fn run(args: &[String]) -> Result<u8, Usage> {

@@ -28,7 +28,15 @@ pub enum Mdwe {
 ///   mprotect adding PROT_EXEC, and write+execute mappings. It cannot be undone.
 ///
 /// Both are inherited by threads; MDWE also by children.
+///
+/// It also gives glibc's allocator a single arena. A thread that finds the arena busy
+/// would otherwise create another, and the first such one reads
+/// /sys/devices/system/cpu/online to size their number (and shrinking a non-main
+/// arena's heap reads /proc/sys/vm/overcommit_memory): an open(2) long after every
+/// seccomp profile forbade one, which killed a busy vsock backend now and then.
 pub fn lock_process() -> Result<Mdwe, Error> {
+    // SAFETY: mallopt with integer arguments, before any other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } < 0 {
         return Err(Error::Dumpable(std::io::Error::last_os_error()));

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{cellvm, run, scratch_dir, wait_for};
+use common::{cellvm, guest_spec, jailer_command, run, scratch_dir, test_policy, wait_for};
 
 /// Bytes no two streams share: an xorshift sequence seeded per stream.
 fn stream_bytes(seed: u64, len: usize) -> Vec<u8> {
@@ -49,12 +49,17 @@ fn echo(sock: &Path, data: Vec<u8>) -> (String, Vec<u8>) {
     let mut reader = s.try_clone().unwrap();
     let back = std::thread::spawn(move || {
         let mut got = Vec::new();
-        reader.read_to_end(&mut got).unwrap();
+        if let Err(e) = reader.read_to_end(&mut got) {
+            eprintln!("echo: reading back after {} bytes: {e}", got.len());
+        }
         got
     });
     let mut w = s;
-    w.write_all(&data).unwrap();
-    w.shutdown(std::net::Shutdown::Write).unwrap();
+    if let Err(e) = w.write_all(&data) {
+        // Reported by the caller, with what came back (the device's log says why).
+        eprintln!("echo: sending after {ok:?}: {e}");
+    }
+    let _ = w.shutdown(std::net::Shutdown::Write);
     (ok, back.join().unwrap())
 }
 
@@ -244,4 +249,88 @@ fn bad_vsock_arguments_are_refused_before_anything_runs() {
         assert_eq!(out.code, Some(2), "{args:?}: {}", out.stderr);
         assert!(out.stderr.contains(expect), "{args:?}: {}", out.stderr);
     }
+}
+
+/// The same both ways under the jailer: the vsock backend in a cell of its own, the
+/// host side in the VM's run directory (`vsock.sock`, and `vsock/port_P` for the
+/// guest's connections out, where a host agent that starts after the VM is reached
+/// once it listens).
+#[test]
+fn a_jailed_vm_talks_vsock_through_its_run_directory() {
+    let id = format!("vsock{}", std::process::id());
+    let dir = scratch_dir("vsock-jailed");
+    let vm = guest_spec(&dir, "vsockvm", "tests=vsock");
+    let mut text = std::fs::read_to_string(&vm).unwrap();
+    text.push_str("vsock_cid = 42\n");
+    std::fs::write(&vm, text).unwrap();
+    let policy = test_policy("cellvm-vsock");
+    let mut cmd = jailer_command(&id, &policy, &vm);
+    cmd.stdin(Stdio::null());
+    let jailed = std::thread::spawn(move || run(cmd, Duration::from_secs(90)));
+    let run_dir = PathBuf::from(format!("/run/cellvm/vm/{id}"));
+    let sock = run_dir.join("vsock.sock");
+    wait_for(&sock);
+    // vsock/ is root's and the backend's group's: searchable by it, listable by no one
+    // else.
+    let ports = run_dir.join("vsock");
+    let meta = std::fs::metadata(&ports).unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!((meta.mode() & 0o7777, meta.uid()), (0o710, 0));
+    assert_ne!(meta.gid(), 0, "the backend's group, not root's");
+    // The host agent starts after the VM: the guest asks again until it listens.
+    std::thread::sleep(Duration::from_millis(300));
+    let hello = UnixListener::bind(ports.join("port_5000")).unwrap();
+    std::fs::set_permissions(
+        ports.join("port_5000"),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    let service = std::thread::spawn(move || {
+        let (s, _) = hello.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        (&s).write_all(b"hello from the host\n").unwrap();
+        line
+    });
+    let streams: Vec<_> = (0..4u64)
+        .map(|i| {
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                let data = stream_bytes(0x5851_f42d_4c95_7f2d ^ i, 256 << 10);
+                let (ok, back) = echo(&sock, data.clone());
+                (ok, back == data)
+            })
+        })
+        .collect();
+    let results: Vec<(String, bool)> = streams.into_iter().map(|s| s.join().unwrap()).collect();
+    assert_eq!(connect(&sock, 4321).1, "");
+    assert_eq!(connect(&sock, 9).1, "");
+    let out = jailed.join().unwrap();
+    for (i, (ok, same)) in results.iter().enumerate() {
+        assert!(
+            ok.starts_with("OK ") && *same,
+            "stream {i}: {ok:?}, same bytes: {same}\n{}\n{}",
+            out.stdout,
+            out.stderr
+        );
+    }
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    if !out.stdout.contains("TEST vsock PASS") {
+        eprintln!("the jailer's log:\n{}", out.stderr);
+    }
+    let line = out.passed("vsock");
+    for want in [
+        "cid=42 ",
+        "client_connected=true reply_ok=true client_closed=true host_refused=true",
+        "accepted=4 completed=4 aborted=0 echoed=1048576 refused=1 ended=true over_credit=0 bad_packets=0",
+    ] {
+        assert!(line.contains(want), "{want:?} in {line}");
+    }
+    assert!(
+        !line.contains("client_retries=0 "),
+        "the agent started late: {line}"
+    );
+    assert_eq!(service.join().unwrap(), "hello from the guest\n");
+    common::assert_cell_gone(&id);
 }

@@ -189,6 +189,11 @@ pub enum Device {
         fd: Option<OwnedFd>,
     },
     Rng,
+    /// virtio-vsock: its host side (`vsock.sock` and `vsock/`) is made in the run
+    /// directory when the VM is built.
+    Vsock {
+        cid: u64,
+    },
 }
 
 impl Device {
@@ -241,6 +246,7 @@ impl Device {
                 }
             }
             Device::Rng => a.push("rng".into()),
+            Device::Vsock { cid } => a.extend(["vsock".into(), "--cid".into(), cid.to_string()]),
         }
         a.extend(["--seccomp".into(), seccomp.into()]);
         a
@@ -251,6 +257,7 @@ impl Device {
             Device::Blk { .. } => "blk",
             Device::Net { .. } => "net",
             Device::Rng => "rng",
+            Device::Vsock { .. } => "vsock",
         }
     }
 
@@ -271,7 +278,7 @@ impl Device {
         match self {
             Device::Blk { image, .. } => Some(image.as_raw_fd()),
             Device::Net { fd, .. } => fd.as_ref().map(|f| f.as_raw_fd()),
-            Device::Rng => None,
+            Device::Rng | Device::Vsock { .. } => None,
         }
     }
 }
@@ -476,6 +483,9 @@ pub fn plan_for(policy: TenantPolicy, spec: VmSpec, opts: &Options) -> Result<Pl
             fd: None,
         });
     }
+    if let Some(cid) = spec.vsock_cid {
+        devices.push(Device::Vsock { cid });
+    }
     let api_gid = policy
         .api_group
         .as_deref()
@@ -672,6 +682,7 @@ fn vmm_argv(plan: &Plan, opts: &Options, ctx: &VmmContext) -> Vec<String> {
             }
             Device::Rng => argv.push(format!("--rng=fd={fd}{started}")),
             Device::Net { .. } => argv.extend(["--net".into(), format!("fd={fd}{started}")]),
+            Device::Vsock { .. } => argv.extend(["--vsock".into(), format!("fd={fd}{started}")]),
         }
     }
     argv
@@ -842,6 +853,8 @@ struct Shared<'a> {
     mcs: crate::mcs::McsPair,
     /// The listening API socket (api.sock), handed to every VMM of this VM.
     api: OwnedFd,
+    /// A vsock device's host side, handed to every vsock backend of this VM.
+    vsock: Option<crate::rundir::VsockHost>,
 }
 
 impl Shared<'_> {
@@ -882,6 +895,21 @@ fn backend_cell<'a>(
     let mut keep = vec![listener.as_raw_fd(), page.as_raw_fd()];
     keep.extend(device.passed_fd());
     keep.extend(device.backing_fds());
+    let mut argv = backend_argv(plan, n, listener, page, s.opts);
+    if let (Device::Vsock { .. }, Some(host)) = (device, &s.vsock) {
+        // The host's side: vsock.sock to accept on, vsock/ to reach host ports in.
+        keep.extend([host.listener.as_raw_fd(), host.dir.as_raw_fd()]);
+        if argv[0] == "cellvm-device" {
+            argv.extend([
+                "--uds-fd".into(),
+                host.listener.as_raw_fd().to_string(),
+                "--uds-dir-fd".into(),
+                host.dir.as_raw_fd().to_string(),
+                "--uds-name".into(),
+                crate::rundir::VSOCK_PORT_PREFIX.into(),
+            ]);
+        }
+    }
     Ok(CellSpec {
         name: format!("dev{n} {}", device.kind()),
         tenant: plan.policy.name.clone(),
@@ -894,7 +922,13 @@ fn backend_cell<'a>(
             dir: s.jail.join(format!("dev{n}")),
         },
         limits: identity::Limits {
-            nofile: 64,
+            // A vsock backend holds a socket per connection (at most 512, and 64 host
+            // streams still sending their CONNECT line); every other backend a few.
+            nofile: if matches!(device, Device::Vsock { .. }) {
+                640
+            } else {
+                64
+            },
             nproc: plan.policy.cgroup.pids_max as u64,
             // A raw image cannot grow: a write past its end fails with EFBIG; a qcow2
             // image grows no further than writing its whole virtual disk needs.
@@ -903,7 +937,7 @@ fn backend_cell<'a>(
         },
         landlock: s.landlock(Rules::DenyAllButExec),
         exec,
-        argv: backend_argv(plan, n, listener, page, s.opts),
+        argv,
         keep,
         stdio,
         signals: &s.signals,
@@ -991,6 +1025,15 @@ fn build_and_supervise(
     // The sockets bound and the logs open while the directory is still root's alone.
     let api = run.listen(crate::rundir::API_SOCKET).map_err(setup)?;
     let console_listener = run.listen(crate::rundir::CONSOLE_SOCKET).map_err(setup)?;
+    // A vsock device's host side, made while the directory is still root's alone.
+    let vsock = match plan
+        .devices
+        .iter()
+        .position(|d| matches!(d, Device::Vsock { .. }))
+    {
+        Some(n) => Some(run.vsock_host(entry.device_uids[n]).map_err(setup)?),
+        None => None,
+    };
     let log_path = run.path.join(crate::rundir::CONSOLE_LOG);
     let log = ConsoleLog::open(
         log_path,
@@ -1075,6 +1118,7 @@ fn build_and_supervise(
         label,
         mcs: entry.mcs,
         api,
+        vsock,
     };
     let mut relay = Relay::new(
         None,

@@ -209,7 +209,7 @@ pub mod fuzzing {
             );
             assert_eq!(mode, libc::O_RDONLY, "{path:?} opened for writing");
         }
-        let expected = spec.disks.len() + usize::from(spec.rng) + spec.nets.len();
+        let expected = spec.device_count();
         assert_eq!(plan.devices.len(), expected);
         let mut writable: Vec<(u64, u64)> = Vec::new();
         let mut all: Vec<(u64, u64)> = Vec::new();
@@ -315,12 +315,12 @@ pub mod fuzzing {
             .iter()
             .all(|p| allowed_dir(&policy.memory_dirs, p).is_some()));
         assert!(!spec.rng || policy.rng);
+        assert!(spec.vsock_cid.is_none() || policy.vsock);
         for path in spec.kernel.iter().chain(spec.initrd.iter()) {
             assert!(allowed_dir(&policy.image_dirs, path).is_some());
         }
         assert!(spec.disks.len() <= policy.max_disks as usize);
-        let devices = spec.disks.len() + spec.nets.len() + usize::from(spec.rng);
-        assert!(devices <= crate::policy::MAX_PCI_DEVICES);
+        assert!(spec.device_count() <= crate::policy::MAX_PCI_DEVICES);
         for d in &spec.disks {
             assert!(
                 allowed_dir(&policy.image_dirs, &d.path).is_some()

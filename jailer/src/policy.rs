@@ -72,6 +72,11 @@ pub struct TenantPolicy {
     /// Whether the tenant's VMs may have a virtio-rng device.
     #[serde(default)]
     pub rng: bool,
+    /// Whether the tenant's VMs may have a virtio-vsock device (`vsock_cid`): its host
+    /// side is `vsock.sock` in the VM's run directory, and guest connections to host
+    /// port P go to `vsock/port_P` there.
+    #[serde(default)]
+    pub vsock: bool,
     /// Block devices (LVM volumes, SAN LUNs) the tenant's disks may be: absolute paths,
     /// or prefixes ending in `*`. Opened without following any symlink, and only these:
     /// a block device in an image directory is refused.
@@ -192,6 +197,10 @@ pub struct VmSpec {
     pub nets: Vec<NetSpec>,
     #[serde(default)]
     pub rng: bool,
+    /// A virtio-vsock device with this guest CID (3 to 4294967294); the tenant
+    /// policy's `vsock`.
+    #[serde(default)]
+    pub vsock_cid: Option<u64>,
     #[serde(default)]
     pub hugepages: bool,
     /// Allocate every page of guest RAM at launch (no page faults later).
@@ -553,6 +562,14 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl VmSpec {
+    /// The PCI functions the VM's devices take.
+    pub fn device_count(&self) -> usize {
+        self.disks.len()
+            + self.nets.len()
+            + usize::from(self.rng)
+            + usize::from(self.vsock_cid.is_some())
+    }
+
     pub fn load(path: &Path) -> Result<VmSpec, Error> {
         read(path)
     }
@@ -701,7 +718,7 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
             format!("the tenant limit max_disks = {}", policy.max_disks),
         );
     }
-    let devices = spec.disks.len() + spec.nets.len() + usize::from(spec.rng);
+    let devices = spec.device_count();
     if spec.nets.len() > MAX_PCI_DEVICES || devices > MAX_PCI_DEVICES {
         return violation(
             "nets",
@@ -817,8 +834,30 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
             "the tenant policy (rng = false)".into(),
         );
     }
+    if let Some(cid) = spec.vsock_cid {
+        if !policy.vsock {
+            return violation(
+                "vsock_cid",
+                cid.to_string(),
+                "violates",
+                "the tenant policy (vsock = false)".into(),
+            );
+        }
+        if !(MIN_VSOCK_CID..=MAX_VSOCK_CID).contains(&cid) {
+            return violation(
+                "vsock_cid",
+                cid.to_string(),
+                "violates",
+                format!("a guest CID from {MIN_VSOCK_CID} to {MAX_VSOCK_CID}"),
+            );
+        }
+    }
     Ok(())
 }
+
+/// A guest's vsock CIDs: 0 to 2 are reserved, u32::MAX is VMADDR_CID_ANY.
+pub const MIN_VSOCK_CID: u64 = 3;
+pub const MAX_VSOCK_CID: u64 = u32::MAX as u64 - 1;
 
 #[cfg(test)]
 mod tests {

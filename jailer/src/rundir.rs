@@ -17,6 +17,18 @@ pub const API_SOCKET: &str = "api.sock";
 pub const CONSOLE_SOCKET: &str = "console.sock";
 pub const CONSOLE_LOG: &str = "console.log";
 pub const SUPERVISOR_LOG: &str = "supervisor.log";
+/// A vsock device's host side: host programs connect to `vsock.sock` and write
+/// `CONNECT PORT`; the guest's connections to host port P go to `vsock/port_P`.
+pub const VSOCK_SOCKET: &str = "vsock.sock";
+pub const VSOCK_DIR: &str = "vsock";
+pub const VSOCK_PORT_PREFIX: &str = "port";
+
+/// What a vsock backend is handed: the listening `vsock.sock` and a descriptor of
+/// `vsock/` (its working directory).
+pub struct VsockHost {
+    pub listener: OwnedFd,
+    pub dir: OwnedFd,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -167,6 +179,30 @@ impl RunDir {
                 .map_err(io(&self.path))?;
         }
         Ok(())
+    }
+
+    /// Binds `vsock.sock` (as the API socket) and makes `vsock/`, root's, mode 0710
+    /// with the backend's group `backend_gid`: the backend, which resolves `port_P`
+    /// there, may search it and nothing more (no listing; and Landlock leaves it no
+    /// right to create or remove anything); root puts the host's listeners in it.
+    pub fn vsock_host(&self, backend_gid: u32) -> Result<VsockHost, Error> {
+        let listener = self.listen(VSOCK_SOCKET)?;
+        let p = self.path.join(VSOCK_DIR);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&p)
+            .map_err(io(&p))?;
+        std::os::unix::fs::chown(&p, Some(0), Some(backend_gid)).map_err(io(&p))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o710)).map_err(io(&p))?;
+        let dir = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&p)
+            .map_err(io(&p))?;
+        Ok(VsockHost {
+            listener,
+            dir: OwnedFd::from(dir),
+        })
     }
 
     pub fn api_socket(&self) -> PathBuf {

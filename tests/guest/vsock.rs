@@ -3,7 +3,8 @@
 //!
 //! - It connects to host port 5000, sends `hello from the guest\n` and expects
 //!   `hello from the host\n` back before the host ends the connection; its connection
-//!   to host port 5001, where nothing listens, must be refused with a reset.
+//!   to host port 5001, where nothing listens, must be refused with a reset. (Port
+//!   5000 refused is asked again, every 100 ms for 10 s: a host agent may start later.)
 //! - It accepts host connections to port 1234 and echoes every byte back, never holding
 //!   more than the receive buffer it announced (the device must respect that credit),
 //!   sending only within the credit the device announces, and shutting down once the
@@ -205,6 +206,8 @@ struct Tally {
     reply_len: usize,
     client_closed: bool,
     host_refused: bool,
+    client_retries: u32,
+    client_retry_at: u64,
     accepted: u32,
     completed: u32,
     aborted: u32,
@@ -255,6 +258,12 @@ pub fn check_vsock(r: &mut Report) {
     let hz = (tsc_hz() / 1000).max(1);
     let deadline = rdtsc() + 60_000 * hz;
     while rdtsc() < deadline && !(t.ended && conns.iter().all(|c| !c.live)) {
+        if t.client_retry_at != 0 && rdtsc() > t.client_retry_at {
+            t.client_retry_at = 0;
+            let mut client = conns[0];
+            t.send_failures += !drv.send(&mut client, OP_REQUEST, 0, &[]) as u32;
+            conns[0] = client;
+        }
         let Some((head, used)) = drv.rxq.poll() else {
             core::hint::spin_loop();
             continue;
@@ -320,8 +329,8 @@ pub fn check_vsock(r: &mut Report) {
         "vsock",
         ok.then_some(()).ok_or(()),
         format_args!(
-            "cid={cid} client_connected={} reply_ok={} client_closed={} host_refused={} accepted={} completed={} aborted={} echoed={} refused={} ended={} over_credit={} bad_packets={} send_failures={} stray={} packets_sent={}",
-            t.client_connected, reply == REPLY, t.client_closed, t.host_refused, t.accepted, t.completed, t.aborted, t.echoed, t.refused, t.ended, t.over_credit, t.bad_packets, t.send_failures, t.stray, drv.sent
+            "cid={cid} client_connected={} reply_ok={} client_closed={} host_refused={} client_retries={} accepted={} completed={} aborted={} echoed={} refused={} ended={} over_credit={} bad_packets={} send_failures={} stray={} packets_sent={}",
+            t.client_connected, reply == REPLY, t.client_closed, t.host_refused, t.client_retries, t.accepted, t.completed, t.aborted, t.echoed, t.refused, t.ended, t.over_credit, t.bad_packets, t.send_failures, t.stray, drv.sent
         ),
     );
 }
@@ -372,6 +381,12 @@ fn packet(drv: &mut Driver, conns: &mut [Conn; CONNS], t: &mut Tally, h: &Hdr, p
             t.reply[t.reply_len..t.reply_len + take].copy_from_slice(&payload[..take]);
             t.reply_len += take;
             c.fwd_cnt = c.fwd_cnt.wrapping_add(payload.len() as u32);
+        }
+        // Refused before it was answered: nothing listens on port 5000 yet (a host
+        // agent still starting); asked again every 100 ms, at most 100 times.
+        OP_RST if k == 0 && !t.client_connected && t.client_retries < 100 => {
+            t.client_retries += 1;
+            t.client_retry_at = rdtsc() + 100 * (tsc_hz() / 1000).max(1);
         }
         OP_SHUTDOWN | OP_RST if k == 0 => {
             t.client_closed = true;

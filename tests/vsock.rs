@@ -63,6 +63,18 @@ fn echo(sock: &Path, data: Vec<u8>) -> (String, Vec<u8>) {
     (ok, back.join().unwrap())
 }
 
+/// The host service the guest's `vsock` check connects to: reads its line, answers.
+fn hello_service(hello: UnixListener) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let (s, _) = hello.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        (&s).write_all(b"hello from the host\n").unwrap();
+        line
+    })
+}
+
 fn vsock_dir(name: &str) -> (PathBuf, PathBuf) {
     let dir = scratch_dir(name);
     let sock = dir.join("v.sock");
@@ -75,14 +87,7 @@ fn host_and_guest_connect_both_ways_four_streams_echo_byte_for_byte_and_an_unrea
     let (dir, sock) = vsock_dir("vsock");
     // The host service the guest connects to (host port 5000); 5001 has none.
     let hello = UnixListener::bind(dir.join("v.sock_5000")).unwrap();
-    let service = std::thread::spawn(move || {
-        let (s, _) = hello.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut line = String::new();
-        BufReader::new(&s).read_line(&mut line).unwrap();
-        (&s).write_all(b"hello from the host\n").unwrap();
-        line
-    });
+    let service = hello_service(hello);
     let spec = format!("cid=3,uds={}", sock.display());
     let vm = std::thread::spawn(move || {
         let mut cmd = cellvm();
@@ -285,14 +290,7 @@ fn a_jailed_vm_talks_vsock_through_its_run_directory() {
         std::fs::Permissions::from_mode(0o666),
     )
     .unwrap();
-    let service = std::thread::spawn(move || {
-        let (s, _) = hello.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut line = String::new();
-        BufReader::new(&s).read_line(&mut line).unwrap();
-        (&s).write_all(b"hello from the host\n").unwrap();
-        line
-    });
+    let service = hello_service(hello);
     let streams: Vec<_> = (0..4u64)
         .map(|i| {
             let sock = sock.clone();

@@ -194,6 +194,12 @@ pub fn read_at<M: GuestMemoryBackend>(
     }
 }
 
+impl From<ShortBuffer> for std::io::Error {
+    fn from(e: ShortBuffer) -> Self {
+        std::io::Error::other(e)
+    }
+}
+
 /// The segments covering bytes `offset..offset + len` of the buffer `segs` make up
 /// together (fewer bytes where the buffer ends first).
 pub fn sub_segments(segs: &[Segment], mut offset: u64, mut len: u64) -> Vec<Segment> {

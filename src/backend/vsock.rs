@@ -31,8 +31,8 @@ use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::counters::{self, Slot};
+use super::MAX_QUEUE_SIZE;
 use super::{io_vectors, read_at, segments, sub_segments, write_at, Memory, QueueState, Segment};
-use super::{ShortBuffer, MAX_QUEUE_SIZE};
 
 /// The host's context id; the guest's is the device's configuration.
 pub const HOST_CID: u64 = 2;
@@ -775,7 +775,7 @@ impl Vsock {
         // Straight from guest memory when nothing waits before these bytes.
         let mut sent = 0usize;
         if c.to_host.is_empty() {
-            match write_guest(mem, &payload, c.stream.as_raw_fd()) {
+            match guest_io(mem, &payload, c.stream.as_raw_fd(), false) {
                 Ok(n) => sent = n,
                 Err(e) if would_block(&e) => {}
                 Err(_) => return self.reset(key, true),
@@ -834,7 +834,7 @@ impl Vsock {
             } else if c.can_send_data() && room > 0 {
                 let want = room.min(c.credit() as u64).min(MAX_PKT as u64);
                 let window = sub_segments(segs, HDR_LEN as u64, want);
-                match read_guest(mem, &window, c.stream.as_raw_fd()) {
+                match guest_io(mem, &window, c.stream.as_raw_fd(), true) {
                     Ok(0) => {
                         c.readable = false;
                         c.host_eof = true;
@@ -967,45 +967,29 @@ fn dropped(why: std::fmt::Arguments) -> u32 {
     0
 }
 
-/// readv from `fd` straight into guest segments.
-fn read_guest<M: GuestMemoryBackend>(
+/// readv from `fd` straight into guest segments (`into_guest`), or writev from them.
+fn guest_io<M: GuestMemoryBackend>(
     mem: &M,
     segs: &[Segment],
     fd: RawFd,
+    into_guest: bool,
 ) -> std::io::Result<usize> {
     let (iov, guards) = io_vectors(mem, segs)?;
     let count = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
     // SAFETY: every iovec points into guest RAM checked by io_vectors and kept mapped by
-    // `guards`; the kernel writes at most their lengths.
-    let n = unsafe { libc::readv(fd, iov.as_ptr(), count) };
+    // `guards`; the kernel writes (readv) or reads (writev) at most their lengths.
+    let n = unsafe {
+        if into_guest {
+            libc::readv(fd, iov.as_ptr(), count)
+        } else {
+            libc::writev(fd, iov.as_ptr(), count)
+        }
+    };
     drop(guards);
     if n < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(n as usize)
-}
-
-/// writev straight from guest segments to `fd`.
-fn write_guest<M: GuestMemoryBackend>(
-    mem: &M,
-    segs: &[Segment],
-    fd: RawFd,
-) -> std::io::Result<usize> {
-    let (iov, guards) = io_vectors(mem, segs)?;
-    let count = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
-    // SAFETY: as in read_guest; the kernel only reads these bytes.
-    let n = unsafe { libc::writev(fd, iov.as_ptr(), count) };
-    drop(guards);
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(n as usize)
-}
-
-impl From<ShortBuffer> for std::io::Error {
-    fn from(e: ShortBuffer) -> Self {
-        std::io::Error::other(e)
-    }
 }
 
 pub struct VsockBackend {

@@ -306,8 +306,11 @@ impl std::str::FromStr for VsockSpec {
         use crate::backend::vsock::{MAX_GUEST_CID, MIN_GUEST_CID};
         let what = format!("vsock {s:?}");
         let (mut cid, mut uds) = (None, None);
-        let (backend, pid, counters) =
-            device_fields(s, &what, "uds=, socket= or fd=", |key, value| {
+        let (backend, pid, counters) = device_fields(
+            s,
+            &what,
+            "uds=, socket= or fd=",
+            |key, value| {
                 match key {
                     "uds" if !value.is_empty() => {
                         uds = Some(PathBuf::from(value));
@@ -329,7 +332,8 @@ impl std::str::FromStr for VsockSpec {
                     _ => return Err(format!("{what}: unknown or empty key {key:?}")),
                 }
                 Ok(false)
-            })?;
+            },
+        )?;
         match (&backend, cid) {
             (Backend::Spawn, None) => Err(format!("{what}: uds= needs cid=N, the guest's address")),
             (Backend::Spawn, Some(_)) => Ok(VsockSpec {
@@ -651,7 +655,11 @@ mod tests {
         let v: VsockSpec = "cid=3,uds=/run/v.sock".parse().unwrap();
         assert_eq!(
             (v.cid, v.uds.as_deref(), v.backend),
-            (Some(3), Some(std::path::Path::new("/run/v.sock")), Backend::Spawn)
+            (
+                Some(3),
+                Some(std::path::Path::new("/run/v.sock")),
+                Backend::Spawn
+            )
         );
         assert_eq!("fd=8".parse::<VsockSpec>().unwrap().backend, Backend::Fd(8));
         for bad in [

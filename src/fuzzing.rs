@@ -33,6 +33,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("net_tx_chains", net_tx_chains),
     ("net_rx_chains", net_rx_chains),
     ("vsock_chains", vsock_chains),
+    ("console_chains", console_chains),
     ("virtio_pci", virtio_pci),
     ("vhost_user_frontend", vhost_user_frontend),
     ("vhost_user_backend", vhost_user_backend),
@@ -563,6 +564,82 @@ pub fn vsock_chains(data: &[u8]) {
             len as usize <= HDR_LEN + MAX_PKT,
             "used length {len} > one packet"
         );
+    }
+}
+
+/// virtio-console as a hostile guest drives it: the console and one named port, each
+/// with a connected host stream (its bytes from the input); control messages and both
+/// ports' transmit chains from the input's transmit ring (at 0x0..), then the host
+/// side's events, then both ports' and the control queue's receive chains from the
+/// receive ring (at 0x3000..). With or without the multiport feature. Nothing may
+/// panic; no used length exceeds the chain's writable bytes (serve_queue checks the
+/// transmit side; receive lengths are bounded by one buffer here); what the device
+/// owes the guest stays within its bound.
+pub fn console_chains(data: &[u8]) {
+    use crate::backend::console::{Console, HostEnd, PortSpec, F_MULTIPORT, MAX_CONTROL};
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use vhost_user_backend::{VringRwLock, VringT};
+    use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+    if data.len() < 3 {
+        return;
+    }
+    let (head, body) = data.split_at(3);
+    let (event_idx, multiport) = (head[0] & 1 == 1, head[0] & 2 == 2);
+    let host_bytes = u16::from_le_bytes([head[1], head[2]]) as usize % 8192;
+    let (hvc, mut hvc_peer) = UnixStream::pair().expect("socketpair");
+    let (agent, mut agent_peer) = UnixStream::pair().expect("socketpair");
+    let bytes: Vec<u8> = body.iter().cycle().take(host_bytes).copied().collect();
+    let _ = hvc_peer.write_all(&bytes[..bytes.len() / 2]);
+    let _ = agent_peer.write_all(&bytes[bytes.len() / 2..]);
+    let Ok(mut console) = Console::new(vec![
+        PortSpec {
+            name: None,
+            host: HostEnd::Connected(hvc),
+        },
+        PortSpec {
+            name: Some("fuzz.0".into()),
+            host: HostEnd::Connected(agent),
+        },
+    ]) else {
+        return;
+    };
+    console.set_features(if multiport { F_MULTIPORT } else { 0 });
+    if multiport {
+        serve_queue(body, &mut |m, chain| console.control_chain(m, chain));
+    }
+    for id in 0..2 {
+        serve_queue(body, &mut |m, chain| {
+            if console.can_transmit(id) {
+                console.tx_chain(m, id, chain)
+            } else {
+                0
+            }
+        });
+    }
+    console.host_events();
+    let ram = device_memory(body);
+    let _ = ram.write_slice(&[0u8; 4 + 8 * 16 + 2], GuestAddress(0x5000));
+    let mem = GuestMemoryAtomic::new(ram);
+    let rx = VringRwLock::new(mem.clone(), 16).expect("vring");
+    rx.set_queue_size(16);
+    if rx.set_queue_info(0x3000, 0x4000, 0x5000).is_err() {
+        return;
+    }
+    rx.set_queue_ready(true);
+    rx.set_enabled(true);
+    rx.set_queue_event_idx(event_idx);
+    let m = mem.memory();
+    console.fill_port(0, &rx, &m);
+    console.fill_port(1, &rx, &m);
+    console.fill_control(&rx, &m);
+    assert!(console.control_owed() <= MAX_CONTROL);
+    let used_idx: u16 = m.read_obj(GuestAddress(0x5002)).unwrap_or(0);
+    for i in 0..used_idx.min(16) {
+        let len: u32 = m
+            .read_obj(GuestAddress(0x5004 + 8 * i as u64 + 4))
+            .unwrap_or(0);
+        assert!(len <= 0x1_0000 + 0x1_0000, "used length {len} > guest RAM");
     }
 }
 

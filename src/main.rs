@@ -69,6 +69,11 @@ struct RunArgs {
     /// PATH_P), socket=PATH or fd=N.
     #[arg(long)]
     vsock: Option<cellvm::vmm::config::VsockSpec>,
+    /// A virtio-console device: hvc=PATH[,port=NAME:PATH...] (cellvm starts its
+    /// backend; the guest's hvc0 takes one host program at a time on PATH, each named
+    /// port on its own socket), socket=PATH or fd=N.
+    #[arg(long)]
+    virtio_console: Option<cellvm::vmm::config::ConsoleSpec>,
     /// Guest RAM the kernel may merge with identical pages of other VMs (KSM); private
     /// memory, so no device backends can share it.
     #[arg(long)]
@@ -164,6 +169,7 @@ fn run(args: RunArgs) -> Result<i32, (String, i32)> {
         rng: args.rng,
         nets: (!args.nets.is_empty()).then_some(args.nets),
         vsock: args.vsock,
+        virtio_console: args.virtio_console,
         ksm: args.ksm.then_some(true),
         allow_executable_ram: args.allow_executable_ram.then_some(true),
         hugepages: args.hugepages,

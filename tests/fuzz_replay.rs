@@ -19,6 +19,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("net_tx_chains", cellvm::fuzzing::net_tx_chains),
     ("net_rx_chains", cellvm::fuzzing::net_rx_chains),
     ("vsock_chains", cellvm::fuzzing::vsock_chains),
+    ("console_chains", cellvm::fuzzing::console_chains),
     ("virtio_pci", cellvm::fuzzing::virtio_pci),
     ("vhost_user_frontend", cellvm::fuzzing::vhost_user_frontend),
     ("vhost_user_backend", cellvm::fuzzing::vhost_user_backend),

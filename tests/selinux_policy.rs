@@ -20,6 +20,14 @@ fn sh(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A host agent's domain, using cellvm.if as its policy would.
+const AGENT_MODULE: &str = "policy_module(cellvmagent, 1.0)
+type cellvm_test_agent_t;
+domain_type(cellvm_test_agent_t)
+cellvm_vsock_host_service(cellvm_test_agent_t)
+cellvm_stream_connect(cellvm_test_agent_t)
+";
+
 /// Builds cellvm.pp with the refpolicy devel Makefile, then links it with base.pp and
 /// expands the result to a binary policy. Done once per test run.
 fn policy() -> &'static PathBuf {
@@ -32,8 +40,16 @@ fn policy() -> &'static PathBuf {
         for f in ["cellvm.te", "cellvm.if", "cellvm.fc"] {
             std::fs::copy(src.join(f), dir.join(f)).unwrap();
         }
+        // A host agent's module, as an administrator would write one with cellvm.if's
+        // interfaces: what they grant is checked below.
+        std::fs::write(dir.join("cellvmagent.te"), AGENT_MODULE).unwrap();
         sh(Command::new("make")
-            .args(["-f", "/usr/share/selinux/devel/Makefile", "cellvm.pp"])
+            .args([
+                "-f",
+                "/usr/share/selinux/devel/Makefile",
+                "cellvm.pp",
+                "cellvmagent.pp",
+            ])
             .current_dir(&dir));
         let out = Command::new("bzcat")
             .arg("/usr/share/selinux/default/base.pp.bz2")
@@ -41,7 +57,7 @@ fn policy() -> &'static PathBuf {
             .unwrap();
         std::fs::write(dir.join("base.pp"), out.stdout).unwrap();
         sh(Command::new("semodule_link")
-            .args(["-o", "linked.lnk", "base.pp", "cellvm.pp"])
+            .args(["-o", "linked.lnk", "base.pp", "cellvm.pp", "cellvmagent.pp"])
             .current_dir(&dir));
         sh(Command::new("semodule_expand")
             .args(["linked.lnk", "policy.bin"])
@@ -349,4 +365,58 @@ fn the_file_contexts_label_every_binary_and_the_image_directories() {
             "{path} is not labelled {ty}:\n{fc}"
         );
     }
+}
+
+#[test]
+fn a_vsock_backend_reaches_host_services_only_through_its_run_directory_and_the_interface() {
+    let own = perms_on("cellvm_device_t", "cellvm_device_t", "unix_stream_socket");
+    for p in ["create", "connect", "read", "write"] {
+        assert!(
+            own.contains(&p.into()),
+            "cellvm_device_t lacks {p} on its sockets: {own:?}"
+        );
+    }
+    // The run directory: searched, never listed or written.
+    let dir = perms_on("cellvm_device_t", "cellvm_runtime_t", "dir");
+    assert_eq!(dir, ["search"], "{dir:?}");
+    let sock = perms_on("cellvm_device_t", "cellvm_runtime_t", "sock_file");
+    assert_eq!(sock, ["write"], "{sock:?}");
+    assert!(perms_on("cellvm_device_t", "cellvm_runtime_t", "file").is_empty());
+    // connectto only where an administrator's module says (the test agent's), and not
+    // to any domain of the base policy.
+    let to_agent = perms_on(
+        "cellvm_device_t",
+        "cellvm_test_agent_t",
+        "unix_stream_socket",
+    );
+    assert!(to_agent.contains(&"connectto".into()), "{to_agent:?}");
+    let targets: Vec<String> = rules(&[
+        "-A",
+        "-s",
+        "cellvm_device_t",
+        "-c",
+        "unix_stream_socket",
+        "-p",
+        "connectto",
+    ])
+    .into_iter()
+    .map(|r| r.1)
+    .collect();
+    for t in &targets {
+        assert!(
+            ["cellvm_test_agent_t", "cellvm_device_t"].contains(&t.as_str()),
+            "cellvm_device_t may connect to {t}: {targets:?}"
+        );
+    }
+    // The VMM has no such rule: its sockets all come from the jailer.
+    assert!(!perms_on("cellvm_t", "cellvm_t", "unix_stream_socket").contains(&"connect".into()));
+    // The agent's side: it binds vsock/port_P, and reaches the VM's own sockets.
+    let agent_dir = perms_on("cellvm_test_agent_t", "cellvm_runtime_t", "dir");
+    assert!(agent_dir.contains(&"add_name".into()), "{agent_dir:?}");
+    let agent_conn = perms_on(
+        "cellvm_test_agent_t",
+        "cellvm_jailer_t",
+        "unix_stream_socket",
+    );
+    assert!(agent_conn.contains(&"connectto".into()), "{agent_conn:?}");
 }

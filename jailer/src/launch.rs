@@ -194,6 +194,11 @@ pub enum Device {
     Vsock {
         cid: u64,
     },
+    /// virtio-console: hvc0's host end is the supervisor's (a socket pair made for each
+    /// life of the VM); each named port's is `port-NAME.sock` in the run directory.
+    Console {
+        ports: Vec<String>,
+    },
 }
 
 impl Device {
@@ -247,6 +252,7 @@ impl Device {
             }
             Device::Rng => a.push("rng".into()),
             Device::Vsock { cid } => a.extend(["vsock".into(), "--cid".into(), cid.to_string()]),
+            Device::Console { .. } => a.push("console".into()),
         }
         a.extend(["--seccomp".into(), seccomp.into()]);
         a
@@ -258,6 +264,7 @@ impl Device {
             Device::Net { .. } => "net",
             Device::Rng => "rng",
             Device::Vsock { .. } => "vsock",
+            Device::Console { .. } => "console",
         }
     }
 
@@ -278,7 +285,7 @@ impl Device {
         match self {
             Device::Blk { image, .. } => Some(image.as_raw_fd()),
             Device::Net { fd, .. } => fd.as_ref().map(|f| f.as_raw_fd()),
-            Device::Rng | Device::Vsock { .. } => None,
+            Device::Rng | Device::Vsock { .. } | Device::Console { .. } => None,
         }
     }
 }
@@ -486,6 +493,11 @@ pub fn plan_for(policy: TenantPolicy, spec: VmSpec, opts: &Options) -> Result<Pl
     if let Some(cid) = spec.vsock_cid {
         devices.push(Device::Vsock { cid });
     }
+    if spec.has_virtio_console() {
+        devices.push(Device::Console {
+            ports: spec.console_ports.clone(),
+        });
+    }
     let api_gid = policy
         .api_group
         .as_deref()
@@ -683,6 +695,9 @@ fn vmm_argv(plan: &Plan, opts: &Options, ctx: &VmmContext) -> Vec<String> {
             Device::Rng => argv.push(format!("--rng=fd={fd}{started}")),
             Device::Net { .. } => argv.extend(["--net".into(), format!("fd={fd}{started}")]),
             Device::Vsock { .. } => argv.extend(["--vsock".into(), format!("fd={fd}{started}")]),
+            Device::Console { .. } => {
+                argv.extend(["--virtio-console".into(), format!("fd={fd}{started}")])
+            }
         }
     }
     argv
@@ -855,6 +870,8 @@ struct Shared<'a> {
     api: OwnedFd,
     /// A vsock device's host side, handed to every vsock backend of this VM.
     vsock: Option<crate::rundir::VsockHost>,
+    /// A virtio-console's named ports' listening sockets (`port-NAME.sock`), in order.
+    console_ports: Vec<(String, OwnedFd)>,
 }
 
 impl Shared<'_> {
@@ -873,6 +890,7 @@ fn backend_cell<'a>(
     uid: u32,
     listener: &OwnedFd,
     page: &OwnedFd,
+    hvc: Option<&OwnedFd>,
     stdio: [RawFd; 3],
 ) -> Result<CellSpec<'a>, Failure> {
     let plan = s.plan;
@@ -908,6 +926,22 @@ fn backend_cell<'a>(
                 "--uds-name".into(),
                 crate::rundir::VSOCK_PORT_PREFIX.into(),
             ]);
+        }
+    }
+    if let (Device::Console { .. }, Some(hvc)) = (device, hvc) {
+        // hvc0's end of the supervisor's socket pair, and the named ports' listeners.
+        keep.push(hvc.as_raw_fd());
+        keep.extend(s.console_ports.iter().map(|(_, l)| l.as_raw_fd()));
+        if argv[0] == "cellvm-device" {
+            argv.extend(["--hvc-fd".into(), hvc.as_raw_fd().to_string()]);
+            if !s.console_ports.is_empty() {
+                let list: Vec<String> = s
+                    .console_ports
+                    .iter()
+                    .map(|(name, l)| format!("{name}:{}", l.as_raw_fd()))
+                    .collect();
+                argv.extend(["--ports".into(), list.join(",")]);
+            }
         }
     }
     Ok(CellSpec {
@@ -1034,6 +1068,18 @@ fn build_and_supervise(
         Some(n) => Some(run.vsock_host(entry.device_uids[n]).map_err(setup)?),
         None => None,
     };
+    // A virtio-console's named ports, bound as the API socket is.
+    let mut console_ports = Vec::new();
+    for d in &plan.devices {
+        if let Device::Console { ports } = d {
+            for name in ports {
+                let l = run
+                    .listen(&crate::rundir::console_port_socket(name))
+                    .map_err(setup)?;
+                console_ports.push((name.clone(), l));
+            }
+        }
+    }
     let log_path = run.path.join(crate::rundir::CONSOLE_LOG);
     let log = ConsoleLog::open(
         log_path,
@@ -1119,6 +1165,7 @@ fn build_and_supervise(
         mcs: entry.mcs,
         api,
         vsock,
+        console_ports,
     };
     let mut relay = Relay::new(
         None,
@@ -1222,6 +1269,19 @@ fn run_once(
     let mut vmm_ends = Vec::new();
     let mut pages = Vec::new();
     let mut console_out = None;
+    // hvc0's host end for this life of the VM: the supervisor keeps one end of a
+    // socket pair (relayed like the serial console), the console backend gets the other.
+    let (hvc_backend, hvc_ours) = match plan
+        .devices
+        .iter()
+        .any(|d| matches!(d, Device::Console { .. }))
+    {
+        true => {
+            let (a, b) = hvc_pair()?;
+            (Some(a), Some(b))
+        }
+        false => (None, None),
+    };
     for (n, &uid) in entry.device_uids.iter().enumerate() {
         let (listener, vmm_end) = connected_listener(&shared.jail, n).map_err(setup)?;
         let page = counters_page().map_err(setup)?;
@@ -1239,7 +1299,15 @@ fn run_once(
             out.as_ref().map_or(null.as_raw_fd(), |w| w.as_raw_fd()),
             err_w.as_raw_fd(),
         ];
-        let spec = backend_cell(shared, n, uid, &listener, &page, stdio)?;
+        let spec = backend_cell(
+            shared,
+            n,
+            uid,
+            &listener,
+            &page,
+            hvc_backend.as_ref(),
+            stdio,
+        )?;
         cells.0.push(cell::start(&shared.cgroup, &spec)?);
         logs.push(log);
         vmm_ends.push(vmm_end);
@@ -1277,8 +1345,9 @@ fn run_once(
     let stdio = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
     let spec = vmm_cell(shared, &trees, entry, &ctx, stdio);
     let mut vmm = cell::start(&shared.cgroup, &spec)?;
-    drop((in_r, out_w, err_w, vmm_ends, pages));
+    drop((in_r, out_w, err_w, vmm_ends, pages, hvc_backend));
     relay.attach(Some(in_w), Some(out_r), logs);
+    relay.attach_hvc(hvc_ours);
     // Every cell exec'd, or the launch ends here (the backends are killed with it).
     let built = cells.exec().and_then(|_| vmm.exec());
     if let Err(e) = built {
@@ -1297,6 +1366,28 @@ fn run_once(
     drop(cells);
     relay.drain();
     Ok(ending)
+}
+
+/// A connected pair of stream sockets, close-on-exec (the cell keeps its end by number).
+fn hvc_pair() -> Result<(OwnedFd, OwnedFd), Failure> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two descriptors into the array we own.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc < 0 {
+        return Err(setup(format!(
+            "virtio-console: socketpair: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: two fresh descriptors nobody else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// Backend cells of a VM: once the VMM is gone they see the connection close and

@@ -316,6 +316,12 @@ pub mod fuzzing {
             .all(|p| allowed_dir(&policy.memory_dirs, p).is_some()));
         assert!(!spec.rng || policy.rng);
         assert!(spec.vsock_cid.is_none() || policy.vsock);
+        assert!(!spec.has_virtio_console() || policy.virtio_console);
+        assert!(spec.console_ports.len() <= crate::policy::MAX_CONSOLE_PORTS);
+        assert!(spec
+            .console_ports
+            .iter()
+            .all(|n| crate::policy::console_port_name(n)));
         for path in spec.kernel.iter().chain(spec.initrd.iter()) {
             assert!(allowed_dir(&policy.image_dirs, path).is_some());
         }

@@ -77,6 +77,12 @@ pub struct TenantPolicy {
     /// port P go to `vsock/port_P` there.
     #[serde(default)]
     pub vsock: bool,
+    /// Whether the tenant's VMs may have a virtio-console (`virtio_console`,
+    /// `console_ports`): the guest's hvc0 is the VM's console (console.log and
+    /// console.sock take it, and what readers type goes to it), each named port a
+    /// socket `port-NAME.sock` in the VM's run directory.
+    #[serde(default)]
+    pub virtio_console: bool,
     /// Block devices (LVM volumes, SAN LUNs) the tenant's disks may be: absolute paths,
     /// or prefixes ending in `*`. Opened without following any symlink, and only these:
     /// a block device in an image directory is refused.
@@ -201,6 +207,14 @@ pub struct VmSpec {
     /// policy's `vsock`.
     #[serde(default)]
     pub vsock_cid: Option<u64>,
+    /// A virtio-console device: hvc0 as the VM's console; the tenant policy's
+    /// `virtio_console`.
+    #[serde(default)]
+    pub virtio_console: bool,
+    /// Named ports of the virtio-console (at most 3; implies `virtio_console`): 1 to 64
+    /// letters, digits, '.', '_' or '-', not starting with '.'.
+    #[serde(default)]
+    pub console_ports: Vec<String>,
     #[serde(default)]
     pub hugepages: bool,
     /// Allocate every page of guest RAM at launch (no page faults later).
@@ -568,6 +582,12 @@ impl VmSpec {
             + self.nets.len()
             + usize::from(self.rng)
             + usize::from(self.vsock_cid.is_some())
+            + usize::from(self.has_virtio_console())
+    }
+
+    /// Whether the VM has a virtio-console (asked for, or implied by named ports).
+    pub fn has_virtio_console(&self) -> bool {
+        self.virtio_console || !self.console_ports.is_empty()
     }
 
     pub fn load(path: &Path) -> Result<VmSpec, Error> {
@@ -852,7 +872,46 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
             );
         }
     }
+    if spec.has_virtio_console() && !policy.virtio_console {
+        return violation(
+            "virtio_console",
+            "true".into(),
+            "violates",
+            "the tenant policy (virtio_console = false)".into(),
+        );
+    }
+    if spec.console_ports.len() > MAX_CONSOLE_PORTS {
+        return violation(
+            "console_ports",
+            spec.console_ports.len().to_string(),
+            "exceeds",
+            format!("{MAX_CONSOLE_PORTS} named ports"),
+        );
+    }
+    for (i, name) in spec.console_ports.iter().enumerate() {
+        if !console_port_name(name) || spec.console_ports[..i].contains(name) {
+            return violation(
+                "console_ports",
+                format!("{name:?}"),
+                "violates",
+                "1 to 64 letters, digits, '.', '_' or '-', not starting with '.', each once".into(),
+            );
+        }
+    }
     Ok(())
+}
+
+/// Named ports a virtio-console may have besides hvc0.
+pub const MAX_CONSOLE_PORTS: usize = 3;
+
+/// A named port's name: it becomes a file name in the run directory
+/// (`port-NAME.sock`) and the guest's `/dev/virtio-ports/NAME`.
+pub fn console_port_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 /// A guest's vsock CIDs: 0 to 2 are reserved, u32::MAX is VMADDR_CID_ANY.
@@ -957,6 +1016,38 @@ mod tests {
         ] {
             let r = net_refusal(bad).unwrap_or_else(|| panic!("{bad} accepted"));
             assert!(r.contains(why), "{bad}: {r}");
+        }
+    }
+
+    #[test]
+    fn a_virtio_console_needs_the_policy_and_names_that_can_be_file_names() {
+        assert!(refusal("virtio_console = true")
+            .contains("virtio_console = true violates the tenant policy (virtio_console = false)"));
+        assert!(refusal("console_ports = [\"agent.0\"]").contains("virtio_console = false"));
+        let allowed =
+            TenantPolicy::parse(&POLICY.replace("uid_range", "virtio_console = true\nuid_range"))
+                .unwrap();
+        let refused = |extra: &str| check(&allowed, &spec(extra)).err().map(|e| e.to_string());
+        assert_eq!(
+            refused("console_ports = [\"org.qemu.guest_agent.0\", \"b\"]"),
+            None
+        );
+        assert_eq!(spec("console_ports = [\"a\"]").device_count(), 1);
+        for (bad, why) in [
+            (
+                "console_ports = [\"../x\"]",
+                "console_ports = \"../x\" violates",
+            ),
+            ("console_ports = [\".x\"]", "violates"),
+            ("console_ports = [\"a\", \"a\"]", "each once"),
+            ("console_ports = [\"\"]", "violates"),
+            (
+                "console_ports = [\"a\", \"b\", \"c\", \"d\"]",
+                "exceeds 3 named ports",
+            ),
+        ] {
+            let e = refused(bad).unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(e.contains(why), "{bad}: {e}");
         }
     }
 

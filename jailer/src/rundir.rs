@@ -23,6 +23,11 @@ pub const VSOCK_SOCKET: &str = "vsock.sock";
 pub const VSOCK_DIR: &str = "vsock";
 pub const VSOCK_PORT_PREFIX: &str = "port";
 
+/// A virtio-console named port's host socket in the run directory.
+pub fn console_port_socket(name: &str) -> String {
+    format!("port-{name}.sock")
+}
+
 /// What a vsock backend is handed: the listening `vsock.sock` and a descriptor of
 /// `vsock/` (its working directory).
 pub struct VsockHost {

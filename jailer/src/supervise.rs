@@ -156,6 +156,9 @@ pub struct Relay {
     pub console_in: Option<OwnedFd>,
     /// Our end of the VMM's stdout.
     pub console_out: Option<OwnedFd>,
+    /// Our end of a virtio-console's hvc0 (a stream socket to its backend): its output
+    /// joins the serial console's, and input goes to it instead of the serial port.
+    pub hvc: Option<OwnedFd>,
     pub logs: Vec<Log>,
     /// The console's log and readers (console.sock); kept across a reset.
     pub console: crate::console::Console,
@@ -177,6 +180,7 @@ impl Relay {
         let mut r = Relay {
             console_in: None,
             console_out: None,
+            hvc: None,
             logs,
             console,
             terminal,
@@ -208,8 +212,31 @@ impl Relay {
         }
     }
 
+    /// Connects the relay to this life's hvc0 (none: the VM has no virtio-console).
+    pub fn attach_hvc(&mut self, hvc: Option<OwnedFd>) {
+        if let Some(f) = &hvc {
+            set_nonblocking(f.as_raw_fd());
+        }
+        self.hvc = hvc;
+    }
+
+    /// Where console input goes: hvc0 where the VM has one, else the serial port.
+    fn input(&self) -> Option<&OwnedFd> {
+        self.hvc.as_ref().or(self.console_in.as_ref())
+    }
+
     fn pump_console_out(&mut self) {
-        let Some(fd) = self.console_out.as_ref().map(|f| f.as_raw_fd()) else {
+        self.pump_out(false)
+    }
+
+    fn pump_hvc_out(&mut self) {
+        self.pump_out(true)
+    }
+
+    /// Relays the serial console's output (or hvc0's) to the log, readers and terminal.
+    fn pump_out(&mut self, hvc: bool) {
+        let source = if hvc { &self.hvc } else { &self.console_out };
+        let Some(fd) = source.as_ref().map(|f| f.as_raw_fd()) else {
             return;
         };
         let mut buf = [0u8; 4096];
@@ -217,7 +244,11 @@ impl Relay {
         loop {
             match read(fd, &mut buf) {
                 Some(0) | None => {
-                    self.console_out = None;
+                    if hvc {
+                        self.hvc = None;
+                    } else {
+                        self.console_out = None;
+                    }
                     break;
                 }
                 Some(n) if n < 0 => break,
@@ -246,7 +277,7 @@ impl Relay {
     }
 
     fn pump_console_in(&mut self) {
-        let Some(fd) = self.console_in.as_ref().map(|f| f.as_raw_fd()) else {
+        let Some(fd) = self.input().map(|f| f.as_raw_fd()) else {
             self.pending_in.clear();
             return;
         };
@@ -261,8 +292,13 @@ impl Relay {
         if n > 0 {
             self.pending_in.drain(..n as usize);
         } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN) {
-            // The VMM closed its stdin (or ended): input goes nowhere.
-            self.console_in = None;
+            // The VMM closed its stdin (or ended), or hvc0's backend is gone: input
+            // goes nowhere.
+            if self.hvc.is_some() {
+                self.hvc = None;
+            } else {
+                self.console_in = None;
+            }
             self.pending_in.clear();
         }
     }
@@ -270,6 +306,7 @@ impl Relay {
     /// Relays whatever is there now, without waiting.
     pub fn drain(&mut self) {
         self.pump_console_out();
+        self.pump_hvc_out();
         for l in &mut self.logs {
             l.pump();
         }
@@ -590,6 +627,7 @@ pub fn wait(pid: u32, signals: &Signals, relay: &mut Relay, ctl: &mut Control) -
     enum Kind {
         Sig,
         Out,
+        Hvc,
         In,
         ToVmm,
         Log(usize),
@@ -621,14 +659,16 @@ pub fn wait(pid: u32, signals: &Signals, relay: &mut Relay, ctl: &mut Control) -
         if let Some(f) = &relay.console_out {
             what.push((f.as_raw_fd(), libc::POLLIN, Kind::Out));
         }
+        if let Some(f) = &relay.hvc {
+            what.push((f.as_raw_fd(), libc::POLLIN, Kind::Hvc));
+        }
         let room = relay.pending_in.len() < crate::console::INPUT_MAX;
-        if relay.console_in.is_some() {
+        if let Some(input) = relay.input() {
             if relay.stdin_open && room {
                 what.push((0, libc::POLLIN, Kind::In));
             }
             if !relay.pending_in.is_empty() {
-                let fd = relay.console_in.as_ref().map_or(-1, |f| f.as_raw_fd());
-                what.push((fd, libc::POLLOUT, Kind::ToVmm));
+                what.push((input.as_raw_fd(), libc::POLLOUT, Kind::ToVmm));
             }
         }
         for (i, l) in relay.logs.iter().enumerate() {
@@ -639,7 +679,7 @@ pub fn wait(pid: u32, signals: &Signals, relay: &mut Relay, ctl: &mut Control) -
         let mut console = Vec::new();
         relay
             .console
-            .poll_fds(room && relay.console_in.is_some(), &mut console);
+            .poll_fds(room && relay.input().is_some(), &mut console);
         what.extend(
             console
                 .into_iter()
@@ -689,6 +729,7 @@ pub fn wait(pid: u32, signals: &Signals, relay: &mut Relay, ctl: &mut Control) -
                     }
                 }
                 Kind::Out => relay.pump_console_out(),
+                Kind::Hvc => relay.pump_hvc_out(),
                 Kind::In => relay.pump_stdin(),
                 Kind::ToVmm => relay.pump_console_in(),
                 Kind::Log(i) => {

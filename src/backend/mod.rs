@@ -1,4 +1,4 @@
-//! Device backends: `cellvm-device blk|net|rng|vsock`, each a vhost-user backend process
+//! Device backends: `cellvm-device blk|net|rng|vsock|console`, each a vhost-user backend process
 //! serving one device of one VM. A backend opens no path once it runs: its socket
 //! (a listening descriptor), its image or tap arrive as inherited descriptors when the
 //! jailer starts it; its only view of the guest is the RAM the VMM shares with it.
@@ -9,6 +9,7 @@
 //! the backend never crashes on what a guest writes into its rings.
 
 pub mod blk;
+pub mod console;
 pub mod counters;
 pub mod net;
 pub mod rng;

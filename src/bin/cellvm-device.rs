@@ -13,7 +13,14 @@
 //! cellvm-device vsock (--socket PATH | --listen-fd N) --cid N
 //!                   (--uds PATH | --uds-fd N --uds-dir-fd N --uds-name NAME)
 //!                   [--seccomp MODE]
+//! cellvm-device console (--socket PATH | --listen-fd N)
+//!                   (--hvc-fd N | --hvc-listen-fd N) [--ports NAME:FD,...]
+//!                   [--seccomp MODE]
 //! ```
+//! `console` is virtio-console with the multiport feature: port 0 (hvc0) has its host
+//! end on `--hvc-fd` (a connected stream socket) or `--hvc-listen-fd` (a listening one,
+//! one host program at a time), and each of `--ports` a named port whose host end is
+//! the listening socket FD.
 //! `vsock` takes host connections on the Unix socket `--uds` (bound here) or
 //! `--uds-fd` (bound by the VMM, with `--uds-dir-fd` the directory it is in and
 //! `--uds-name` its name); a guest's connection to host port P goes to `NAME_P` in
@@ -44,6 +51,9 @@ const USAGE: &str = "usage:
   cellvm-device rng (--socket PATH | --listen-fd N) [--seccomp MODE]
   cellvm-device vsock (--socket PATH | --listen-fd N) --cid N
                     (--uds PATH | --uds-fd N --uds-dir-fd N --uds-name NAME)
+                    [--seccomp MODE]
+  cellvm-device console (--socket PATH | --listen-fd N)
+                    (--hvc-fd N | --hvc-listen-fd N) [--ports NAME:FD,...]
                     [--seccomp MODE]
 Every kind: [--counters-fd N], the page of counters its VMM reads.
 MODE: kill (default), log or off.";
@@ -425,10 +435,76 @@ fn vsock(opts: &Opts) -> Result<(), Usage> {
         .map_err(|e| (e.to_string(), 1))
 }
 
+fn console(opts: &Opts) -> Result<(), Usage> {
+    use backend::console::{valid_name, Console, ConsoleBackend, HostEnd, PortSpec, MAX_PORTS};
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let (socket, seccomp) = (opts.socket()?, opts.seccomp()?);
+    // Every descriptor is owned once: the same number twice is a usage error.
+    let mut used: Vec<i32> = Vec::new();
+    let mut take = |name: &str, v: &str| -> Result<std::fs::File, Usage> {
+        let fd = opts.fd(name, v)?;
+        if used.contains(&fd) {
+            return Err(usage(format!("--{name} {fd}: descriptor given twice")));
+        }
+        used.push(fd);
+        owned_file(fd, &format!("--{name}"))
+    };
+    let hvc = match opts.one_of("hvc-fd", "hvc-listen-fd")? {
+        (true, fd) => {
+            let f = take("hvc-fd", fd)?;
+            // SAFETY: an inherited connected stream socket, owned from here on.
+            HostEnd::Connected(unsafe { UnixStream::from_raw_fd(f.into_raw_fd()) })
+        }
+        (false, fd) => {
+            let f = take("hvc-listen-fd", fd)?;
+            // SAFETY: an inherited listening socket, owned from here on.
+            HostEnd::Listening(unsafe { UnixListener::from_raw_fd(f.into_raw_fd()) })
+        }
+    };
+    let mut ports = vec![PortSpec {
+        name: None,
+        host: hvc,
+    }];
+    for item in opts
+        .value("ports")
+        .unwrap_or("")
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
+        let (name, fd) = item
+            .rsplit_once(':')
+            .ok_or_else(|| usage(format!("--ports {item:?}: expected NAME:FD")))?;
+        if !valid_name(name) || ports.iter().any(|p| p.name.as_deref() == Some(name)) {
+            return Err(usage(format!(
+                "--ports {name:?}: 1 to 64 letters, digits, '.', '_' or '-', not starting with '.', each name once"
+            )));
+        }
+        if ports.len() >= MAX_PORTS {
+            return Err(usage(format!(
+                "--ports: at most {} named ports",
+                MAX_PORTS - 1
+            )));
+        }
+        let f = take("ports", fd)?;
+        ports.push(PortSpec {
+            name: Some(name.to_string()),
+            // SAFETY: an inherited listening socket, owned from here on.
+            host: HostEnd::Listening(unsafe { UnixListener::from_raw_fd(f.into_raw_fd()) }),
+        });
+    }
+    let device = Console::new(ports).map_err(|e| (format!("console: {e}"), 2))?;
+    opts.counters()?;
+    let b = ConsoleBackend::new(device);
+    let host = b.host_listener();
+    backend::serve("cellvm-console", b, socket, "console", seccomp, &[host])
+        .map_err(|e| (e.to_string(), 1))
+}
+
 fn run(args: &[String]) -> Result<u8, Usage> {
     let (kind, rest) = args
         .split_first()
-        .ok_or_else(|| usage("which device? blk, net, rng or vsock"))?;
+        .ok_or_else(|| usage("which device? blk, net, rng, vsock or console"))?;
     match kind.as_str() {
         "blk" => blk(&Opts::parse(
             rest,
@@ -444,6 +520,12 @@ fn run(args: &[String]) -> Result<u8, Usage> {
             rest,
             &[],
             &keys(&["cid", "uds", "uds-fd", "uds-dir-fd", "uds-name"]),
+        )?)
+        .map(|_| 0),
+        "console" => console(&Opts::parse(
+            rest,
+            &[],
+            &keys(&["hvc-fd", "hvc-listen-fd", "ports"]),
         )?)
         .map(|_| 0),
         "--help" | "-h" | "help" => {

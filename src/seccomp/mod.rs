@@ -235,7 +235,7 @@ mod tests {
     /// has no priority-inheritance operations: in every backend profile.
     #[test]
     fn backend_profiles_allow_only_the_operations_the_code_uses() {
-        for role in ["blk", "net", "rng", "vsock"] {
+        for role in ["blk", "net", "rng", "vsock", "console"] {
             let word = 0u32;
             let word = &word as *const u32 as usize;
             let allowed: [(&str, &dyn Fn() -> i64); 4] = [

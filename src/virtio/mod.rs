@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 /// Virtio device ids (virtio 1.2, section 5).
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_CONSOLE: u32 = 3;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
 

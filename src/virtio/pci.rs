@@ -201,6 +201,8 @@ impl VirtioPci {
         let class: u32 = match ty {
             TYPE_NET => 0x02_00_00,
             TYPE_BLOCK => 0x01_80_00,
+            // Communication controller, other (as QEMU's virtio-serial).
+            TYPE_CONSOLE => 0x07_80_00,
             _ => 0xff_00_00,
         };
         let mut c = [0u8; 256];

@@ -31,6 +31,8 @@ fn config_size(device_type: u32) -> u32 {
         TYPE_NET => 12,
         // guest_cid.
         TYPE_VSOCK => 8,
+        // cols, rows, max_nr_ports, emerg_wr.
+        TYPE_CONSOLE => 12,
         _ => 0,
     }
 }
@@ -69,13 +71,33 @@ fn passthrough(device_type: u32) -> u64 {
                 | (1 << 15)
                 | (1 << 16)
         }
+        // MULTIPORT.
+        TYPE_CONSOLE => 1 << 1,
         _ => 0,
     };
     common | device
 }
 
+/// The most ports the VMM takes from a console backend's configuration.
+pub const MAX_CONSOLE_PORTS: u32 = 4;
+
+/// A console's queue count from its configuration's max_nr_ports (with the multiport
+/// feature, a receive and a transmit queue per port and two control queues).
+fn console_queues(config: &[u8]) -> Result<usize, Error> {
+    let ports = config
+        .get(4..8)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .unwrap_or(0);
+    if !(1..=MAX_CONSOLE_PORTS).contains(&ports) {
+        return Err(Error::ConsolePorts(ports));
+    }
+    Ok(2 * (ports as usize + 1))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("console backend claims {0} ports (1 to 4)")]
+    ConsolePorts(u32),
     #[error("{0}: {1}")]
     Vhost(&'static str, vhost::Error),
     #[error("backend does not offer VIRTIO_F_VERSION_1 (features {0:#x})")]
@@ -135,16 +157,13 @@ impl VhostUserDevice {
                 .set_protocol_features(protocol)
                 .map_err(|e| Error::Vhost("SET_PROTOCOL_FEATURES", e))?;
         }
-        if protocol.contains(VhostUserProtocolFeatures::MQ) {
-            let n = frontend
+        let offered_queues = if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            frontend
                 .get_queue_num()
-                .map_err(|e| Error::Vhost("GET_QUEUE_NUM", e))?;
-            if n < queues as u64 {
-                return Err(Error::TooFewQueues(n, queues));
-            }
-        } else if queues > 1 {
-            return Err(Error::TooFewQueues(1, queues));
-        }
+                .map_err(|e| Error::Vhost("GET_QUEUE_NUM", e))?
+        } else {
+            1
+        };
         let size = config_size(device_type);
         let mut config = vec![0u8; size as usize];
         if size > 0 && protocol.contains(VhostUserProtocolFeatures::CONFIG) {
@@ -152,6 +171,15 @@ impl VhostUserDevice {
                 .get_config(0, size, VhostUserConfigFlags::WRITABLE, &config)
                 .map_err(|e| Error::Vhost("GET_CONFIG", e))?;
             config.copy_from_slice(&payload);
+        }
+        // A console's queues follow from its ports, which only its backend knows.
+        let queues = if device_type == TYPE_CONSOLE {
+            console_queues(&config)?
+        } else {
+            queues
+        };
+        if offered_queues < queues as u64 {
+            return Err(Error::TooFewQueues(offered_queues, queues));
         }
         Ok(VhostUserDevice {
             frontend,

@@ -357,6 +357,74 @@ impl std::str::FromStr for VsockSpec {
     }
 }
 
+/// A virtio-console device: `hvc=PATH[,port=NAME:PATH...]` (cellvm starts the
+/// backend: port 0, the guest's hvc0, takes one host program at a time on the Unix
+/// socket PATH; each `port=` is a named port for a guest agent, its host end the
+/// socket after the colon), `socket=PATH` or `fd=N` (the backend, started elsewhere,
+/// has its ports).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsoleSpec {
+    pub hvc: Option<PathBuf>,
+    /// Named ports: (name, host socket).
+    pub ports: Vec<(String, PathBuf)>,
+    pub backend: Backend,
+    pub pid: Option<u32>,
+    pub counters: Option<i32>,
+}
+
+impl std::str::FromStr for ConsoleSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        use crate::backend::console::{valid_name, MAX_PORTS};
+        let what = format!("virtio-console {s:?}");
+        let (mut hvc, mut ports) = (None, Vec::<(String, PathBuf)>::new());
+        let (backend, pid, counters) = device_fields(
+            s,
+            &what,
+            "hvc=, socket= or fd=",
+            |key, value| {
+                match key {
+                    "hvc" if !value.is_empty() => {
+                        hvc = Some(PathBuf::from(value));
+                        return Ok(true);
+                    }
+                    "port" => {
+                        let (name, path) = value
+                            .split_once(':')
+                            .filter(|(n, p)| valid_name(n) && !p.is_empty())
+                            .ok_or_else(|| {
+                                format!(
+                                    "{what}: port={value:?}: expected NAME:PATH, NAME 1 to 64 letters, digits, '.', '_' or '-'"
+                                )
+                            })?;
+                        if ports.iter().any(|(n, _)| n == name) {
+                            return Err(format!("{what}: port {name:?} named twice"));
+                        }
+                        if ports.len() + 1 >= MAX_PORTS {
+                            return Err(format!("{what}: at most {} named ports", MAX_PORTS - 1));
+                        }
+                        ports.push((name.to_string(), PathBuf::from(path)));
+                    }
+                    _ => return Err(format!("{what}: unknown or empty key {key:?}")),
+                }
+                Ok(false)
+            },
+        )?;
+        if !ports.is_empty() && backend != Backend::Spawn {
+            return Err(format!(
+                "{what}: port= belongs to the backend that owns the sockets"
+            ));
+        }
+        Ok(ConsoleSpec {
+            hvc,
+            ports,
+            backend,
+            pid,
+            counters,
+        })
+    }
+}
+
 macro_rules! deserialize_from_str {
     ($t:ty) => {
         impl<'de> Deserialize<'de> for $t {
@@ -415,6 +483,7 @@ deserialize_from_str!(DiskSpec);
 deserialize_from_str!(RngSpec);
 deserialize_from_str!(NetSpec);
 deserialize_from_str!(VsockSpec);
+deserialize_from_str!(ConsoleSpec);
 
 /// A VM's configuration. Every field is optional in the file; flags override the file.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -438,6 +507,8 @@ pub struct VmConfig {
     pub nets: Option<Vec<NetSpec>>,
     /// A virtio-vsock device, after the nets.
     pub vsock: Option<VsockSpec>,
+    /// A virtio-console device (hvc0 and named ports), after the vsock.
+    pub virtio_console: Option<ConsoleSpec>,
     /// Guest RAM as private memory the kernel may merge with identical pages of other
     /// VMs (KSM). Device backends cannot share such RAM: no devices with it.
     pub ksm: Option<bool>,
@@ -504,6 +575,7 @@ impl VmConfig {
             rng: over.rng.or(self.rng),
             nets: over.nets.or(self.nets),
             vsock: over.vsock.or(self.vsock),
+            virtio_console: over.virtio_console.or(self.virtio_console),
             ksm: over.ksm.or(self.ksm),
             allow_executable_ram: over.allow_executable_ram.or(self.allow_executable_ram),
             hugepages: over.hugepages.or(self.hugepages),
@@ -615,6 +687,29 @@ mod tests {
             "readonly=on",
         ] {
             assert!(bad.parse::<DiskSpec>().is_err(), "{bad:?} accepted");
+        }
+        let c: ConsoleSpec = "hvc=/run/h.sock,port=org.test.0:/run/p.sock"
+            .parse()
+            .unwrap();
+        assert_eq!(c.hvc.as_deref(), Some(std::path::Path::new("/run/h.sock")));
+        assert_eq!(
+            c.ports,
+            [("org.test.0".to_string(), PathBuf::from("/run/p.sock"))]
+        );
+        assert_eq!(
+            "fd=6".parse::<ConsoleSpec>().unwrap().backend,
+            Backend::Fd(6)
+        );
+        for bad in [
+            "port=a:/p",
+            "hvc=/h,port=a/b:/p",
+            "hvc=/h,port=a:",
+            "hvc=/h,port=a:/p,port=a:/q",
+            "hvc=/h,port=a:/1,port=b:/2,port=c:/3,port=d:/4",
+            "fd=6,port=a:/p",
+            "hvc=/h,fd=6",
+        ] {
+            assert!(bad.parse::<ConsoleSpec>().is_err(), "{bad:?} accepted");
         }
         assert_eq!("on".parse::<RngSpec>().unwrap().backend, Backend::Spawn);
         assert_eq!("fd=7".parse::<RngSpec>().unwrap().backend, Backend::Fd(7));

@@ -105,7 +105,8 @@ fn validate(cfg: &VmConfig, kvm: &Kvm) -> Result<(), Error> {
     let devices = cfg.disks.as_ref().is_some_and(|d| !d.is_empty())
         || cfg.nets.as_ref().is_some_and(|n| !n.is_empty())
         || cfg.rng.is_some()
-        || cfg.vsock.is_some();
+        || cfg.vsock.is_some()
+        || cfg.virtio_console.is_some();
     if cfg.ksm == Some(true) && devices {
         return Err(Error::Invalid(
             "ksm: mergeable guest RAM is private to the VMM, and vhost-user device backends \

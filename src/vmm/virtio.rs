@@ -27,7 +27,7 @@ use crate::devices::pci::{PciFunction, PciRoot};
 use crate::virtio::irq::MsiRouter;
 use crate::virtio::pci::{Intx, IntxRelay, VirtioPci, BAR_SIZE};
 use crate::virtio::vhost_user::VhostUserDevice;
-use crate::virtio::{TYPE_BLOCK, TYPE_NET, TYPE_RNG, TYPE_VSOCK};
+use crate::virtio::{TYPE_BLOCK, TYPE_CONSOLE, TYPE_NET, TYPE_RNG, TYPE_VSOCK};
 
 /// Queue size offered for every queue.
 const QUEUE_SIZE: u16 = 256;
@@ -486,6 +486,56 @@ pub fn attach(
             .map(Child::id));
         wanted.push(("vsock".to_string(), stream, TYPE_VSOCK, 3, pid, page));
     }
+    if let Some(console) = &cfg.virtio_console {
+        // The VMM binds every port's host socket (a bad path fails here, with status 2)
+        // and hands the backend the listening descriptors: hvc0's first, then the
+        // named ports' in order.
+        let mut pass = Vec::new();
+        if let (Backend::Spawn, Some(hvc)) = (&console.backend, &console.hvc) {
+            pass.push(OwnedFd::from(bind_socket(hvc, "virtio-console hvc")?));
+            for (name, path) in &console.ports {
+                pass.push(OwnedFd::from(bind_socket(
+                    path,
+                    &format!("virtio-console port {name}"),
+                )?));
+            }
+        }
+        let (stream, page) = connect(
+            &console.backend,
+            console.counters,
+            || {
+                let mut a = vec!["console".to_string(), "--hvc-listen-fd".into(), "4".into()];
+                if !console.ports.is_empty() {
+                    let list: Vec<String> = console
+                        .ports
+                        .iter()
+                        .enumerate()
+                        .map(|(k, (name, _))| format!("{name}:{}", 5 + k))
+                        .collect();
+                    a.extend(["--ports".into(), list.join(",")]);
+                }
+                a
+            },
+            &pass,
+            &mut children,
+        )?;
+        let pid = console.pid.or(children
+            .last()
+            .filter(|_| console.backend == Backend::Spawn)
+            .map(Child::id));
+        // The most queues a console may have; its backend's max_nr_ports says how many.
+        let queues = crate::backend::console::queue_count(
+            crate::virtio::vhost_user::MAX_CONSOLE_PORTS as usize,
+        );
+        wanted.push((
+            "console".to_string(),
+            stream,
+            TYPE_CONSOLE,
+            queues,
+            pid,
+            page,
+        ));
+    }
     let (mut counters, mut connections) = (Vec::new(), Vec::new());
     for (n, (name, stream, ty, queues, pid, page)) in wanted.into_iter().enumerate() {
         let slot = n as u8 + 1;
@@ -493,6 +543,7 @@ pub fn attach(
             TYPE_BLOCK => "blk",
             TYPE_NET => "net",
             TYPE_VSOCK => "vsock",
+            TYPE_CONSOLE => "console",
             _ => "rng",
         };
         let count = Arc::new(DeviceCounters::new(name.clone(), kind, pid, page));
@@ -550,13 +601,12 @@ pub fn attach(
     })
 }
 
-/// Binds a vsock device's host socket at `path` and opens its directory: the two
-/// descriptors its backend gets. A socket file nothing listens on any more (left by a
-/// VM that ended) is replaced; one that is in use, or any other file, is an error.
-fn bind_vsock_socket(path: &Path) -> Result<Vec<OwnedFd>, Error> {
-    let invalid = |e: std::io::Error| Error::Invalid(format!("vsock {}: {e}", path.display()));
-    let listener = match UnixListener::bind(path) {
-        Ok(l) => l,
+/// Binds a host socket at `path`. A socket file nothing listens on any more (left by
+/// a VM that ended) is replaced; one that is in use, or any other file, is an error.
+fn bind_socket(path: &Path, what: &str) -> Result<UnixListener, Error> {
+    let invalid = |e: std::io::Error| Error::Invalid(format!("{what} {}: {e}", path.display()));
+    match UnixListener::bind(path) {
+        Ok(l) => Ok(l),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
             use std::os::unix::fs::FileTypeExt;
             let is_socket = std::fs::symlink_metadata(path)
@@ -567,15 +617,21 @@ fn bind_vsock_socket(path: &Path) -> Result<Vec<OwnedFd>, Error> {
                     .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
             if !stale {
                 return Err(Error::Invalid(format!(
-                    "vsock {}: in use (another VM's socket, or not a socket)",
+                    "{what} {}: in use (another VM's socket, or not a socket)",
                     path.display()
                 )));
             }
             std::fs::remove_file(path).map_err(invalid)?;
-            UnixListener::bind(path).map_err(invalid)?
+            UnixListener::bind(path).map_err(invalid)
         }
-        Err(e) => return Err(invalid(e)),
-    };
+        Err(e) => Err(invalid(e)),
+    }
+}
+
+/// Binds a vsock device's host socket at `path` and opens its directory: the two
+/// descriptors its backend gets.
+fn bind_vsock_socket(path: &Path) -> Result<Vec<OwnedFd>, Error> {
+    let listener = bind_socket(path, "vsock")?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -584,7 +640,7 @@ fn bind_vsock_socket(path: &Path) -> Result<Vec<OwnedFd>, Error> {
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
         .open(dir)
-        .map_err(invalid)?;
+        .map_err(|e| Error::Invalid(format!("vsock {}: {e}", path.display())))?;
     Ok(vec![OwnedFd::from(listener), OwnedFd::from(dir)])
 }
 

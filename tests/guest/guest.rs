@@ -27,6 +27,7 @@
 core::arch::global_asm!(include_str!("boot.S"), options(att_syntax));
 
 mod acpi;
+mod console;
 mod devices;
 mod hw;
 mod net;
@@ -46,8 +47,9 @@ const CHECKS: [&str; 9] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "mad
 /// `platform` compares the DSDT's PCI host bridge (`_CRS` windows, `_PRT`) with the
 /// functions on bus 0 and the e820 map.
 /// `netgso` waits for a 64 KiB TCP segment the host sends whole (mergeable receive
-/// buffers, guest TSO).
-const OPT_IN: [&str; 13] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench", "netbench", "platform", "netgso", "vsock"];
+/// buffers, guest TSO). `vsock` and `virtconsole` need those devices and a host peer
+/// (tests/vsock.rs, tests/virtio_console.rs).
+const OPT_IN: [&str; 14] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench", "netbench", "platform", "netgso", "vsock", "virtconsole"];
 
 /// The vector the irq check programs the serial's IOAPIC pin with.
 const IRQ_VECTOR: u8 = 0x41;
@@ -280,6 +282,7 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
         "netbench" => net::check_netbench(r, args.bench_ms),
         "netgso" => net::check_netgso(r),
         "vsock" => vsock::check_vsock(r),
+        "virtconsole" => console::check_virtconsole(r),
         "console" => {
             let mut line = hw::Buf::<80>::new();
             let complete = r.serial.read_line(&mut line, 10);

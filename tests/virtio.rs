@@ -443,6 +443,112 @@ fn a_64k_segment_reaches_the_guest_whole_in_mergeable_buffers() {
     assert_ne!(features & (1 << 7), 0, "GUEST_TSO4 negotiated: {line}");
 }
 
+/// VIRTIO_NET_F_MQ: two queue pairs on a multi-queue tap, each served by its own
+/// backend thread; the driver sets the pairs on the control queue and each pair's
+/// datagram is echoed back on that pair (the tap steers a flow's answer to the queue
+/// that sent it).
+#[test]
+fn two_queue_pairs_carry_their_own_flows_on_a_multi_queue_tap() {
+    let ns = common::NetNs::new_multiqueue("netmq");
+    let echo = ns.udp_echo(2);
+    let mut cmd = cellvm();
+    cmd.args([
+        "run",
+        "--cpus",
+        "2",
+        "--net",
+        &format!("tap={},queues=2", common::TAP),
+        "--cmdline",
+        "tests=virtio,netmq",
+    ]);
+    ns.wrap(&mut cmd);
+    let out = run(cmd, Duration::from_secs(60));
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    // Two pairs and the control queue.
+    assert!(
+        out.passed("virtio").contains("type=1 queues=5"),
+        "{}",
+        out.stdout
+    );
+    let line = out.passed("netmq");
+    assert!(line.contains("max_pairs=2 pairs=2 ack=0"), "{line}");
+    assert!(
+        line.contains("pair0_echo_on_rx=0 pair1_echo_on_rx=1"),
+        "each pair's flow comes back on that pair: {line}"
+    );
+    let got = echo.join().unwrap();
+    assert_eq!(
+        got,
+        vec![b"cellvm-mq pair 0".to_vec(), b"cellvm-mq pair 1".to_vec()]
+    );
+    // The same tap opened as one queue is refused by the kernel: a multi-queue tap
+    // takes only multi-queue opens, and the error says so.
+    let mut cmd = cellvm();
+    cmd.args([
+        "run",
+        "--net",
+        &format!("tap={}", common::TAP),
+        "--cmdline",
+        "tests=none",
+    ]);
+    ns.wrap(&mut cmd);
+    let out = run(cmd, Duration::from_secs(30));
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+}
+
+/// The same under the jailer: `nets = [{ tap, queues = 2 }]` makes it open the tap's
+/// two queues and hand both to the net backend's cell; more queues than vCPUs are
+/// refused.
+#[test]
+fn a_jailed_vm_gets_two_queue_pairs_on_its_multi_queue_tap() {
+    let ns = common::NetNs::new_multiqueue("jailmq");
+    let echo = ns.udp_echo(2);
+    let dir = common::scratch_dir("netmq-jailed");
+    let vm = common::guest_spec(&dir, "mqvm", "tests=netmq");
+    let text = std::fs::read_to_string(&vm)
+        .unwrap()
+        .replace("vcpus = 1", "vcpus = 2");
+    std::fs::write(
+        &vm,
+        format!(
+            "{text}nets = [{{ tap = \"{}\", queues = 2 }}]\n",
+            common::TAP
+        ),
+    )
+    .unwrap();
+    let policy = common::test_policy(&ns.name);
+    let id = format!("netmq{}", std::process::id());
+    let mut cmd = common::jailer_command(&id, &policy, &vm);
+    cmd.stdin(std::process::Stdio::null());
+    let out = run(cmd, Duration::from_secs(60));
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let line = out.passed("netmq");
+    assert!(line.contains("max_pairs=2 pairs=2 ack=0"), "{line}");
+    assert!(
+        line.contains("pair0_echo_on_rx=0 pair1_echo_on_rx=1"),
+        "{line}"
+    );
+    assert_eq!(echo.join().unwrap().len(), 2);
+    // Three pairs for two vCPUs: refused before anything is built.
+    std::fs::write(
+        &vm,
+        format!(
+            "{text}nets = [{{ tap = \"{}\", queues = 3 }}]\n",
+            common::TAP
+        ),
+    )
+    .unwrap();
+    let mut cmd = common::jailer_command(&format!("{id}x"), &policy, &vm);
+    cmd.stdin(std::process::Stdio::null());
+    let out = run(cmd, Duration::from_secs(30));
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("nets[0].queues = 3 violates 1 to 2"),
+        "{}",
+        out.stderr
+    );
+}
+
 #[test]
 fn bad_net_arguments_are_refused_before_anything_runs() {
     for (args, expect) in [
@@ -457,6 +563,8 @@ fn bad_net_arguments_are_refused_before_anything_runs() {
         ),
         // An existing interface that is not a tap.
         (vec!["--net", "tap=lo"], "net lo: tap lo: Invalid argument"),
+        (vec!["--net", "tap=x,queues=9"], "queues=9: expected 1 to 8"),
+        (vec!["--net", "tap=x,queues=0"], "queues=0: expected 1 to 8"),
     ] {
         assert_refused_before_running(&args, expect);
     }

@@ -185,8 +185,12 @@ pub enum Device {
     Net {
         tap: String,
         mac: Option<String>,
-        /// Attached by `attach_taps` when the VM is launched (never by `check`).
+        /// Queue pairs: the descriptors `attach_taps` opens, one per queue.
+        queues: u16,
+        /// Attached by `attach_taps` when the VM is launched (never by `check`): the
+        /// first queue's, then the others'.
         fd: Option<OwnedFd>,
+        more: Vec<OwnedFd>,
     },
     Rng,
     /// virtio-vsock: its host side (`vsock.sock` and `vsock/`) is made in the run
@@ -244,8 +248,10 @@ impl Device {
                     a.push("--direct".into());
                 }
             }
-            Device::Net { mac, .. } => {
-                a.extend(["net".into(), "--tap-fd".into(), fd]);
+            Device::Net { mac, more, .. } => {
+                let mut list = vec![fd];
+                list.extend(more.iter().map(|f| f.as_raw_fd().to_string()));
+                a.extend(["net".into(), "--tap-fd".into(), list.join(",")]);
                 if let Some(mac) = mac {
                     a.extend(["--mac".into(), mac.clone()]);
                 }
@@ -276,6 +282,7 @@ impl Device {
                 .map(|l| l.file.as_raw_fd())
                 .chain(key.as_ref().map(File::as_raw_fd))
                 .collect(),
+            Device::Net { more, .. } => more.iter().map(|f| f.as_raw_fd()).collect(),
             _ => Vec::new(),
         }
     }
@@ -487,7 +494,9 @@ pub fn plan_for(policy: TenantPolicy, spec: VmSpec, opts: &Options) -> Result<Pl
         devices.push(Device::Net {
             tap: n.tap.clone(),
             mac: n.mac.clone(),
+            queues: n.queues,
             fd: None,
+            more: Vec::new(),
         });
     }
     if let Some(cid) = spec.vsock_cid {
@@ -572,13 +581,24 @@ pub fn attach_taps(plan: &mut Plan) -> Result<(), Failure> {
         .filter(|d| matches!(d, Device::Net { .. }))
         .enumerate()
     {
-        if let Device::Net { tap, fd, .. } = d {
-            *fd = Some(crate::tap::open(tap, netns.as_deref()).map_err(|e| {
-                refused(format!(
-                    "tenant {}: vm {}: nets[{i}]: {e}",
-                    plan.policy.name, plan.spec.name
-                ))
-            })?);
+        if let Device::Net {
+            tap,
+            queues,
+            fd,
+            more,
+            ..
+        } = d
+        {
+            let mut fds = crate::tap::open_queues(tap, *queues, netns.as_deref())
+                .map_err(|e| {
+                    refused(format!(
+                        "tenant {}: vm {}: nets[{i}]: {e}",
+                        plan.policy.name, plan.spec.name
+                    ))
+                })?
+                .into_iter();
+            *fd = fds.next();
+            *more = fds.collect();
         }
     }
     Ok(())
@@ -693,7 +713,9 @@ fn vmm_argv(plan: &Plan, opts: &Options, ctx: &VmmContext) -> Vec<String> {
                 argv.extend(["--disk".into(), format!("fd={fd},queues={queues}{started}")])
             }
             Device::Rng => argv.push(format!("--rng=fd={fd}{started}")),
-            Device::Net { .. } => argv.extend(["--net".into(), format!("fd={fd}{started}")]),
+            Device::Net { queues, .. } => {
+                argv.extend(["--net".into(), format!("fd={fd},queues={queues}{started}")])
+            }
             Device::Vsock { .. } => argv.extend(["--vsock".into(), format!("fd={fd}{started}")]),
             Device::Console { .. } => {
                 argv.extend(["--virtio-console".into(), format!("fd={fd}{started}")])

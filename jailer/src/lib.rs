@@ -317,6 +317,10 @@ pub mod fuzzing {
         assert!(!spec.rng || policy.rng);
         assert!(spec.vsock_cid.is_none() || policy.vsock);
         assert!(!spec.has_virtio_console() || policy.virtio_console);
+        assert!(spec
+            .nets
+            .iter()
+            .all(|n| n.queues >= 1 && n.queues as u32 <= spec.vcpus.min(8)));
         assert!(spec.console_ports.len() <= crate::policy::MAX_CONSOLE_PORTS);
         assert!(spec
             .console_ports

@@ -272,7 +272,14 @@ pub struct NetSpec {
     pub tap: String,
     /// The guest's MAC address; none: a random locally administered one.
     pub mac: Option<String>,
+    /// Queue pairs (VIRTIO_NET_F_MQ), one per queue of a multi-queue tap: 1 (the
+    /// default) to the VM's vCPUs, at most 8.
+    #[serde(default = "one_queue")]
+    pub queues: u16,
 }
+
+/// The most queue pairs a net device may have.
+pub const MAX_NET_QUEUES: u16 = 8;
 
 /// A disk key's name: one path component, no NUL.
 fn valid_secret_name(name: &str) -> bool {
@@ -843,6 +850,15 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
                 quoted(mac),
                 "violates",
                 "a unicast address like 02:00:00:00:00:01".into(),
+            );
+        }
+        let most = MAX_NET_QUEUES.min(spec.vcpus.min(u16::MAX as u32) as u16);
+        if !(1..=most).contains(&n.queues) {
+            return violation(
+                &format!("nets[{i}].queues"),
+                n.queues.to_string(),
+                "violates",
+                format!("1 to {most} (one queue pair per vCPU, at most {MAX_NET_QUEUES})"),
             );
         }
     }

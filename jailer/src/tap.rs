@@ -10,6 +10,7 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
 const IFF_VNET_HDR: i16 = 0x4000;
+const IFF_MULTI_QUEUE: i16 = 0x0100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -21,7 +22,7 @@ pub enum Error {
     NoSuchInterface(String),
     #[error("/dev/net/tun: {0}")]
     Tun(std::io::Error),
-    #[error("tap {0}: not a tap (or a multiqueue one)")]
+    #[error("tap {0}: not a tap, or not made the way the spec asks (multi_queue with queues > 1, a plain tap without)")]
     NotATap(String),
     #[error("tap {0}: already attached to another VM")]
     Busy(String),
@@ -48,7 +49,18 @@ struct IfReq {
 /// Opens tap `name` inside `/run/netns/NETNS` (or the jailer's own namespace). The tap
 /// must exist: a missing one is an error, not a fresh interface nobody configured.
 pub fn open(name: &str, netns: Option<&str>) -> Result<OwnedFd, Error> {
-    in_netns(netns, || attach(name))
+    in_netns(netns, || attach(name, 0))
+}
+
+/// Opens `queues` queues of multi-queue tap `name` (IFF_MULTI_QUEUE; the tap must have
+/// been made with `multi_queue`), one descriptor each; one queue: as `open`.
+pub fn open_queues(name: &str, queues: u16, netns: Option<&str>) -> Result<Vec<OwnedFd>, Error> {
+    if queues <= 1 {
+        return Ok(vec![open(name, netns)?]);
+    }
+    in_netns(netns, || {
+        (0..queues).map(|_| attach(name, IFF_MULTI_QUEUE)).collect()
+    })
 }
 
 /// Whether tap `name` exists where `open` would look for it (for `cellvm-jailer check`,
@@ -100,7 +112,7 @@ fn interface_exists(name: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn attach(name: &str) -> Result<OwnedFd, Error> {
+fn attach(name: &str, extra: i16) -> Result<OwnedFd, Error> {
     interface_exists(name)?;
     // SAFETY: open of a constant, NUL-terminated path.
     let raw = unsafe {
@@ -116,7 +128,7 @@ fn attach(name: &str) -> Result<OwnedFd, Error> {
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let mut req = IfReq {
         name: [0; 16],
-        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | extra,
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());

@@ -321,8 +321,9 @@ impl QueueState {
 }
 
 /// Serves one vhost-user connection with `backend` until the VMM hangs up. `listeners`
-/// are further descriptors the backend's (first) worker thread watches, with the
-/// events and token its `handle_event` expects.
+/// are further descriptors a worker thread watches (the first, unless
+/// [`serve_on_threads`] names another), with the events and token its `handle_event`
+/// expects.
 pub fn serve<T>(
     name: &str,
     backend: T,
@@ -330,6 +331,23 @@ pub fn serve<T>(
     role: &str,
     seccomp: crate::seccomp::Mode,
     listeners: &[(RawFd, vmm_sys_util::epoll::EventSet, u64)],
+) -> Result<(), Error>
+where
+    T: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static,
+{
+    let on_first: Vec<_> = listeners.iter().map(|&(f, e, t)| (f, e, t, 0)).collect();
+    serve_on_threads(name, backend, socket, role, seccomp, &on_first)
+}
+
+/// [`serve`], each listener on the worker thread its fourth field names (a backend
+/// with a thread per queue pair watches each pair's descriptor on that pair's thread).
+pub fn serve_on_threads<T>(
+    name: &str,
+    backend: T,
+    socket: Socket,
+    role: &str,
+    seccomp: crate::seccomp::Mode,
+    listeners: &[(RawFd, vmm_sys_util::epoll::EventSet, u64, usize)],
 ) -> Result<(), Error>
 where
     T: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static,
@@ -345,12 +363,14 @@ where
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
         .map_err(|e| Error::Daemon(e.to_string()))?;
-    if let Some(handler) = daemon.get_epoll_handlers().first() {
-        for &(fd, events, token) in listeners {
-            handler
-                .register_listener(fd, events, token)
-                .map_err(|e| Error::Daemon(format!("watching fd {fd}: {e}")))?;
-        }
+    let handlers = daemon.get_epoll_handlers();
+    for &(fd, events, token, thread) in listeners {
+        let handler = handlers
+            .get(thread)
+            .ok_or_else(|| Error::Daemon(format!("watching fd {fd}: no worker thread {thread}")))?;
+        handler
+            .register_listener(fd, events, token)
+            .map_err(|e| Error::Daemon(format!("watching fd {fd}: {e}")))?;
     }
     // No filesystem access at all from here on (a jailed backend got its files as
     // descriptors); where the kernel has no Landlock, say so.

@@ -33,6 +33,8 @@ pub const F_HOST_TSO4: u64 = 1 << 11;
 pub const F_HOST_TSO6: u64 = 1 << 12;
 pub const F_MRG_RXBUF: u64 = 1 << 15;
 pub const F_STATUS: u64 = 1 << 16;
+pub const F_CTRL_VQ: u64 = 1 << 17;
+pub const F_MQ: u64 = 1 << 22;
 
 /// The virtio 1.x header (with num_buffers) in front of every frame.
 pub const HDR_LEN: usize = 12;
@@ -46,13 +48,18 @@ const LINK_UP: u16 = 1;
 /// event of vhost-user-backend's loop).
 pub const RX: u16 = 0;
 pub const TX: u16 = 1;
-const TAP_TOKEN: u64 = 3;
+/// The control queue, as the first pair's thread sees it (after its two queues).
+const CTRL: u16 = 2;
 
 // <linux/if_tun.h>
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+const IFF_MULTI_QUEUE: i16 = 0x0100;
+const IFF_ATTACH_QUEUE: i16 = 0x0200;
+const IFF_DETACH_QUEUE: i16 = 0x0400;
 const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
 const IFF_VNET_HDR: i16 = 0x4000;
@@ -76,6 +83,10 @@ impl Tap {
     /// Opens (or creates) tap `name` in this process's network namespace. Needs
     /// CAP_NET_ADMIN unless the tap belongs to the caller.
     pub fn open(name: &str) -> std::io::Result<Tap> {
+        Tap::open_flags(name, 0)
+    }
+
+    fn open_flags(name: &str, extra: i16) -> std::io::Result<Tap> {
         if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -94,8 +105,42 @@ impl Tap {
         }
         // SAFETY: a descriptor we just opened and own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        set_iff(fd.as_raw_fd(), name)?;
+        set_iff(fd.as_raw_fd(), name, extra)?;
         Tap::from_fd(fd)
+    }
+
+    /// Opens `queues` queues of multi-queue tap `name` (IFF_MULTI_QUEUE; one queue: a
+    /// plain tap, as `open`).
+    pub fn open_queues(name: &str, queues: usize) -> std::io::Result<Vec<Tap>> {
+        if queues <= 1 {
+            return Ok(vec![Tap::open(name)?]);
+        }
+        (0..queues)
+            .map(|_| Tap::open_flags(name, IFF_MULTI_QUEUE))
+            .collect()
+    }
+
+    /// Enables or disables this queue of a multi-queue tap (TUNSETQUEUE): a disabled
+    /// queue is steered no frames.
+    pub fn set_queue_enabled(&self, enabled: bool) -> std::io::Result<()> {
+        let req = IfReq {
+            name: [0; 16],
+            flags: if enabled {
+                IFF_ATTACH_QUEUE
+            } else {
+                IFF_DETACH_QUEUE
+            },
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNSETQUEUE reads the ifreq we own.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), TUNSETQUEUE, &req) } < 0 {
+            let e = std::io::Error::last_os_error();
+            // Attaching an attached queue, or detaching a detached one, is no change.
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Takes a tap descriptor someone else opened and attached (the jailer): checks it
@@ -164,10 +209,10 @@ impl Tap {
     }
 }
 
-fn set_iff(fd: RawFd, name: &str) -> std::io::Result<()> {
+fn set_iff(fd: RawFd, name: &str, extra: i16) -> std::io::Result<()> {
     let mut req = IfReq {
         name: [0; 16],
-        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | extra,
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -548,32 +593,69 @@ pub fn process_rx_with(
     }
 }
 
+/// The most queue pairs a device has (VIRTIO_NET_F_MQ): one per vCPU, up to this.
+pub const MAX_QUEUE_PAIRS: usize = 8;
+
+/// The control queue's classes and commands the device answers (virtio 1.2, 5.1.6.5).
+const CTRL_MQ: u8 = 4;
+const CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
+const CTRL_OK: u8 = 0;
+const CTRL_ERR: u8 = 1;
+
 pub struct NetBackend {
-    tap: Tap,
+    /// One tap queue per queue pair (IFF_MULTI_QUEUE where there are several).
+    taps: Vec<Tap>,
     mac: [u8; 6],
     state: QueueState,
     /// VIRTIO_NET_F_MRG_RXBUF negotiated.
     mergeable: std::sync::atomic::AtomicBool,
+    /// Queue pairs the driver uses now (1 until it says more on the control queue).
+    active: std::sync::atomic::AtomicUsize,
 }
 
 impl NetBackend {
-    pub fn new(tap: Tap, mac: [u8; 6]) -> Arc<Self> {
+    /// A device on `taps`, one per queue pair; with more than one, the device offers
+    /// VIRTIO_NET_F_MQ and a control queue, and serves each pair on its own thread.
+    pub fn new(taps: Vec<Tap>, mac: [u8; 6]) -> Arc<Self> {
+        assert!((1..=MAX_QUEUE_PAIRS).contains(&taps.len()));
         Arc::new(NetBackend {
-            tap,
+            taps,
             mac,
             state: QueueState::default(),
             mergeable: std::sync::atomic::AtomicBool::new(false),
+            active: std::sync::atomic::AtomicUsize::new(1),
         })
     }
 
-    /// The tap's descriptor and the token under which `serve` must watch it
-    /// (edge-triggered: the receive path always reads until EAGAIN).
-    pub fn tap_listener(&self) -> (RawFd, EventSet, u64) {
-        (
-            self.tap.fd.as_raw_fd(),
-            EventSet::IN | EventSet::EDGE_TRIGGERED,
-            TAP_TOKEN,
-        )
+    fn pairs(&self) -> usize {
+        self.taps.len()
+    }
+
+    /// The control queue's index among all queues (with several pairs).
+    fn ctrl_queue(&self) -> usize {
+        2 * self.pairs()
+    }
+
+    /// Pair `k`'s tap token: past every queue and the daemon's exit event.
+    fn tap_token(&self, k: usize) -> u64 {
+        self.num_queues() as u64 + 1 + k as u64
+    }
+
+    /// Every tap's descriptor with the token and worker thread under which `serve`
+    /// must watch it (edge-triggered: the receive path always reads until EAGAIN).
+    pub fn tap_listeners(&self) -> Vec<(RawFd, EventSet, u64, usize)> {
+        self.taps
+            .iter()
+            .enumerate()
+            .map(|(k, t)| {
+                (
+                    t.fd.as_raw_fd(),
+                    EventSet::IN | EventSet::EDGE_TRIGGERED,
+                    self.tap_token(k),
+                    k,
+                )
+            })
+            .collect()
     }
 
     /// virtio_net_config: mac, status, max_virtqueue_pairs.
@@ -581,8 +663,56 @@ impl NetBackend {
         let mut c = [0u8; 10];
         c[0..6].copy_from_slice(&self.mac);
         c[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
-        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c[8..10].copy_from_slice(&(self.pairs() as u16).to_le_bytes());
         c
+    }
+
+    /// Uses `n` queue pairs: the taps' queues past them are detached (TUNSETQUEUE), so
+    /// the kernel steers no frame to a pair the guest does not read.
+    fn set_active(&self, n: usize) -> std::io::Result<()> {
+        for (k, t) in self.taps.iter().enumerate().skip(1) {
+            t.set_queue_enabled(k < n)?;
+        }
+        self.active.store(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// One control-queue command: its header (class, command), its data, and the ack
+    /// byte the device writes.
+    fn control<M: GuestMemoryBackend>(&self, mem: &M, chain: DescriptorChain<&M>) -> u32 {
+        let Ok(segs) = segments(mem, chain, MAX_QUEUE_SIZE) else {
+            counters::failed();
+            return 0;
+        };
+        let readable: Vec<_> = segs.iter().copied().filter(|s| !s.writable).collect();
+        let writable: Vec<_> = segs.iter().copied().filter(|s| s.writable).collect();
+        let mut cmd = [0u8; 4];
+        let total: u64 = readable.iter().map(|s| s.len as u64).sum();
+        let n = (total as usize).min(cmd.len());
+        let ack = if super::read_at(mem, &readable, 0, &mut cmd[..n]).is_err() || n < 4 {
+            CTRL_ERR
+        } else if cmd[0] == CTRL_MQ && cmd[1] == CTRL_MQ_VQ_PAIRS_SET {
+            let pairs = u16::from_le_bytes([cmd[2], cmd[3]]) as usize;
+            if (1..=self.pairs()).contains(&pairs) && self.set_active(pairs).is_ok() {
+                CTRL_OK
+            } else {
+                crate::warn_limited(format_args!(
+                    "net: VQ_PAIRS_SET {pairs} refused (1 to {})",
+                    self.pairs()
+                ));
+                CTRL_ERR
+            }
+        } else {
+            crate::warn_limited(format_args!(
+                "net: control command {}/{} not supported",
+                cmd[0], cmd[1]
+            ));
+            CTRL_ERR
+        };
+        match super::write_at(mem, &writable, 0, &[ack]) {
+            Ok(()) => 1,
+            Err(_) => 0,
+        }
     }
 }
 
@@ -591,7 +721,11 @@ impl VhostUserBackend for NetBackend {
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        2
+        if self.pairs() > 1 {
+            2 * self.pairs() + 1
+        } else {
+            2
+        }
     }
 
     fn max_queue_size(&self) -> usize {
@@ -599,6 +733,11 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn features(&self) -> u64 {
+        let mq = if self.pairs() > 1 {
+            F_CTRL_VQ | F_MQ
+        } else {
+            0
+        };
         super::COMMON_FEATURES
             | F_MRG_RXBUF
             | F_CSUM
@@ -609,6 +748,7 @@ impl VhostUserBackend for NetBackend {
             | F_HOST_TSO6
             | F_MAC
             | F_STATUS
+            | mq
     }
 
     fn acked_features(&self, features: u64) {
@@ -616,8 +756,14 @@ impl VhostUserBackend for NetBackend {
             features & F_MRG_RXBUF != 0,
             std::sync::atomic::Ordering::Relaxed,
         );
-        if let Err(e) = self.tap.set_offload(features) {
-            log::warn!("net: TUNSETOFFLOAD: {e}");
+        for t in &self.taps {
+            if let Err(e) = t.set_offload(features) {
+                log::warn!("net: TUNSETOFFLOAD: {e}");
+            }
+        }
+        // The first pair only, until the driver asks for more (virtio 1.2, 5.1.6.5.5).
+        if let Err(e) = self.set_active(1) {
+            log::warn!("net: TUNSETQUEUE: {e}");
         }
     }
 
@@ -637,30 +783,54 @@ impl VhostUserBackend for NetBackend {
         self.state.update_memory(mem)
     }
 
+    /// A thread per queue pair; the control queue with the first.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        let mut masks: Vec<u64> = (0..self.pairs()).map(|k| 0b11 << (2 * k)).collect();
+        if self.pairs() > 1 {
+            masks[0] |= 1 << self.ctrl_queue();
+        }
+        masks
+    }
+
+    /// On pair k's thread `vrings` are that pair's receive and transmit queues (and,
+    /// on the first, the control queue), and `device_event` indexes them.
     fn handle_event(
         &self,
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread: usize,
+        thread: usize,
     ) -> std::io::Result<()> {
-        let fd = self.tap.fd.as_raw_fd();
+        let k = thread;
+        if k >= self.pairs() {
+            return Err(std::io::Error::other(format!("no queue pair {k}")));
+        }
         match device_event {
-            TX => self
-                .state
-                .handle_kick(TX, evset, vrings, |m: &GuestMemoryMmap, chain| {
-                    tx_chain(m, chain, fd)
-                }),
-            // A kick on the receive queue (new buffers) or frames on the tap.
-            RX => self.receive(vrings),
-            e if e as u64 == TAP_TOKEN => self.receive(vrings),
+            // A kick on the receive queue: new buffers.
+            RX => self.receive(k, vrings),
+            TX => {
+                let fd = self.taps[k].fd.as_raw_fd();
+                self.state
+                    .handle_kick(TX, evset, vrings, |m: &GuestMemoryMmap, chain| {
+                        tx_chain(m, chain, fd)
+                    })
+            }
+            CTRL if k == 0 && self.pairs() > 1 => {
+                self.state
+                    .handle_kick(CTRL, evset, vrings, |m: &GuestMemoryMmap, chain| {
+                        self.control(m, chain)
+                    })
+            }
+            // Frames on the pair's tap.
+            e if e as u64 == self.tap_token(k) => self.receive(k, vrings),
             other => Err(std::io::Error::other(format!("unknown event {other}"))),
         }
     }
 }
 
 impl NetBackend {
-    fn receive(&self, vrings: &[VringRwLock]) -> std::io::Result<()> {
+    /// Fills pair `k`'s receive queue (the first of its thread's `vrings`) from its tap.
+    fn receive(&self, k: usize, vrings: &[VringRwLock]) -> std::io::Result<()> {
         let (Some(vring), Some(mem)) = (vrings.get(RX as usize), self.state.memory()) else {
             return Ok(());
         };
@@ -671,7 +841,7 @@ impl NetBackend {
             vring,
             &mem,
             self.state.event_idx(),
-            self.tap.fd.as_raw_fd(),
+            self.taps[k].fd.as_raw_fd(),
             self.mergeable.load(std::sync::atomic::Ordering::Relaxed),
         )
     }

@@ -7,7 +7,7 @@
 //! cellvm-device blk (--socket PATH | --listen-fd N) (--image PATH | --image-fd N)
 //!                   [--format raw|qcow2] [--backing FD:FMT,...] [--key-fd N]
 //!                   [--readonly] [--direct] [--queues N] [--id SERIAL] [--seccomp MODE]
-//! cellvm-device net (--socket PATH | --listen-fd N) (--tap NAME | --tap-fd N)
+//! cellvm-device net (--socket PATH | --listen-fd N) (--tap NAME [--queues N] | --tap-fd N,...)
 //!                   [--mac MAC] [--seccomp MODE]
 //! cellvm-device rng (--socket PATH | --listen-fd N) [--seccomp MODE]
 //! cellvm-device vsock (--socket PATH | --listen-fd N) --cid N
@@ -46,7 +46,7 @@ const USAGE: &str = "usage:
   cellvm-device blk (--socket PATH | --listen-fd N) (--image PATH | --image-fd N)
                     [--format raw|qcow2] [--backing FD:FMT,...] [--key-fd N]
                     [--readonly] [--direct] [--queues N] [--id SERIAL] [--seccomp MODE]
-  cellvm-device net (--socket PATH | --listen-fd N) (--tap NAME | --tap-fd N) [--mac MAC]
+  cellvm-device net (--socket PATH | --listen-fd N) (--tap NAME [--queues N] | --tap-fd N,...) [--mac MAC]
                     [--seccomp MODE]
   cellvm-device rng (--socket PATH | --listen-fd N) [--seccomp MODE]
   cellvm-device vsock (--socket PATH | --listen-fd N) --cid N
@@ -328,25 +328,61 @@ fn net(opts: &Opts) -> Result<(), Usage> {
         Some(m) => backend::net::parse_mac(m).map_err(|e| (e, 2))?,
         None => backend::net::random_mac(),
     };
-    let tap = match opts.one_of("tap", "tap-fd")? {
-        (true, name) => backend::net::Tap::open(name),
-        (false, fd) => {
-            let fd = opts.fd("tap-fd", fd)?;
-            // SAFETY: the descriptor was handed to this process to own.
-            backend::net::Tap::from_fd(unsafe { OwnedFd::from_raw_fd(fd) })
+    let taps = match opts.one_of("tap", "tap-fd")? {
+        (true, name) => {
+            let queues: usize = match opts.value("queues") {
+                None => 1,
+                Some(q) => q
+                    .parse()
+                    .ok()
+                    .filter(|q| (1..=backend::net::MAX_QUEUE_PAIRS).contains(q))
+                    .ok_or_else(|| {
+                        usage(format!(
+                            "--queues {q}: expected 1 to {}",
+                            backend::net::MAX_QUEUE_PAIRS
+                        ))
+                    })?,
+            };
+            backend::net::Tap::open_queues(name, queues)
+        }
+        // One descriptor per queue pair: the queues of one multi-queue tap.
+        (false, list) => {
+            if opts.value("queues").is_some() {
+                return Err(usage(
+                    "--queues goes with --tap; --tap-fd lists one descriptor per queue",
+                ));
+            }
+            let mut fds: Vec<i32> = Vec::new();
+            for f in list.split(',') {
+                let fd = opts.fd("tap-fd", f)?;
+                if fds.contains(&fd) {
+                    return Err(usage(format!("--tap-fd {fd}: descriptor given twice")));
+                }
+                fds.push(fd);
+            }
+            if fds.len() > backend::net::MAX_QUEUE_PAIRS {
+                return Err(usage(format!(
+                    "--tap-fd: at most {} queues",
+                    backend::net::MAX_QUEUE_PAIRS
+                )));
+            }
+            fds.into_iter()
+                // SAFETY: each descriptor was handed to this process to own, once.
+                .map(|fd| backend::net::Tap::from_fd(unsafe { OwnedFd::from_raw_fd(fd) }))
+                .collect()
         }
     }
     .map_err(|e| (format!("tap: {e}"), 2))?;
     opts.counters()?;
-    let b = backend::net::NetBackend::new(tap, mac);
-    let listener = b.tap_listener();
-    backend::serve(
+    let b = backend::net::NetBackend::new(taps, mac);
+    let listeners = b.tap_listeners();
+    backend::serve_on_threads(
         "cellvm-net",
         b,
         opts.socket()?,
         "net",
         opts.seccomp()?,
-        &[listener],
+        &listeners,
     )
     .map_err(|e| (e.to_string(), 1))
 }
@@ -514,7 +550,12 @@ fn run(args: &[String]) -> Result<u8, Usage> {
             ]),
         )?)
         .map(|_| 0),
-        "net" => net(&Opts::parse(rest, &[], &keys(&["tap", "tap-fd", "mac"]))?).map(|_| 0),
+        "net" => net(&Opts::parse(
+            rest,
+            &[],
+            &keys(&["tap", "tap-fd", "mac", "queues"]),
+        )?)
+        .map(|_| 0),
         "rng" => rng(&Opts::parse(rest, &[], &keys(&[]))?).map(|_| 0),
         "vsock" => vsock(&Opts::parse(
             rest,

@@ -57,9 +57,11 @@ fn passthrough(device_type: u32) -> u64 {
                 | (1 << 5)
         }
         // CSUM, GUEST_CSUM, MAC, GUEST_TSO4/6, GUEST_UFO, HOST_TSO4/6, HOST_UFO,
-        // MRG_RXBUF, STATUS.
+        // MRG_RXBUF, STATUS, CTRL_VQ, MQ.
         TYPE_NET => {
-            (1 << 0)
+            (1 << 17)
+                | (1 << 22)
+                | (1 << 0)
                 | (1 << 1)
                 | (1 << 5)
                 | (1 << 7)

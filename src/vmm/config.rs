@@ -241,11 +241,14 @@ impl std::str::FromStr for RngSpec {
     }
 }
 
-/// A virtio-net device: `tap=NAME[,mac=MAC]`, `socket=PATH` or `fd=N`.
+/// A virtio-net device: `tap=NAME[,mac=MAC][,queues=N]`, `socket=PATH` or `fd=N`
+/// (`queues=N` too: the backend started elsewhere has N queue pairs).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetSpec {
     pub tap: Option<String>,
     pub mac: Option<String>,
+    /// Queue pairs (VIRTIO_NET_F_MQ with more than one): the tap's queues, one per pair.
+    pub queues: usize,
     pub backend: Backend,
     pub pid: Option<u32>,
     pub counters: Option<i32>,
@@ -255,10 +258,20 @@ impl std::str::FromStr for NetSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let what = format!("net {s:?}");
-        let (mut tap, mut mac) = (None, None);
+        let (mut tap, mut mac, mut queues) = (None, None, 1);
         let (backend, pid, counters) =
             device_fields(s, &what, "tap=, socket= or fd=", |key, value| {
                 match key {
+                    "queues" => {
+                        use crate::backend::net::MAX_QUEUE_PAIRS;
+                        queues = value
+                            .parse()
+                            .ok()
+                            .filter(|q| (1..=MAX_QUEUE_PAIRS).contains(q))
+                            .ok_or_else(|| {
+                                format!("{what}: queues={value}: expected 1 to {MAX_QUEUE_PAIRS}")
+                            })?;
+                    }
                     "tap" if !value.is_empty() && value.len() <= 15 && !value.contains('/') => {
                         tap = Some(value.to_string());
                         return Ok(true);
@@ -281,6 +294,7 @@ impl std::str::FromStr for NetSpec {
         Ok(NetSpec {
             tap,
             mac,
+            queues,
             backend,
             pid,
             counters,

@@ -422,32 +422,40 @@ pub fn attach(
     for (i, net) in cfg.nets.iter().flatten().enumerate() {
         // The VMM opens the tap (in its own network namespace) and hands the backend
         // the descriptor, as the jailer does: a bad name fails here, with status 2.
-        let tap = match (&net.backend, &net.tap) {
-            (Backend::Spawn, Some(name)) => Some(
-                crate::backend::net::Tap::open(name)
-                    .map_err(|e| Error::Invalid(format!("net {name}: {e}")))?
-                    .into_fd(),
-            ),
-            _ => None,
+        // With several queue pairs, one descriptor per queue of a multi-queue tap.
+        let taps: Vec<OwnedFd> = match (&net.backend, &net.tap) {
+            (Backend::Spawn, Some(name)) => crate::backend::net::Tap::open_queues(name, net.queues)
+                .map_err(|e| Error::Invalid(format!("net {name}: {e}")))?
+                .into_iter()
+                .map(crate::backend::net::Tap::into_fd)
+                .collect(),
+            _ => Vec::new(),
         };
         let (stream, page) = connect(
             &net.backend,
             net.counters,
             || {
-                let mut a = vec!["net".to_string(), "--tap-fd".into(), "4".into()];
+                let fds: Vec<String> = (0..taps.len()).map(|k| (4 + k).to_string()).collect();
+                let mut a = vec!["net".to_string(), "--tap-fd".into(), fds.join(",")];
                 if let Some(mac) = &net.mac {
                     a.extend(["--mac".into(), mac.clone()]);
                 }
                 a
             },
-            tap.as_slice(),
+            &taps,
             &mut children,
         )?;
         let pid = net.pid.or(children
             .last()
             .filter(|_| net.backend == Backend::Spawn)
             .map(Child::id));
-        wanted.push((format!("net{i}"), stream, TYPE_NET, 2, pid, page));
+        // Several pairs come with a control queue after them.
+        let queues = if net.queues > 1 {
+            2 * net.queues + 1
+        } else {
+            2
+        };
+        wanted.push((format!("net{i}"), stream, TYPE_NET, queues, pid, page));
     }
     if let Some(vsock) = &cfg.vsock {
         // The VMM binds the host socket (a bad path fails here, with status 2) and hands

@@ -197,6 +197,15 @@ pub const TAP: &str = "cvex0";
 
 impl NetNs {
     pub fn new(tag: &str) -> NetNs {
+        NetNs::with_tap(tag, false)
+    }
+
+    /// The same with a multi-queue tap (`ip tuntap ... multi_queue`), for queue pairs.
+    pub fn new_multiqueue(tag: &str) -> NetNs {
+        NetNs::with_tap(tag, true)
+    }
+
+    fn with_tap(tag: &str, multi_queue: bool) -> NetNs {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("cv-{tag}-{}-{n}", std::process::id());
@@ -216,7 +225,11 @@ impl NetNs {
         let ns = NetNs { name };
         let n = ns.name.as_str();
         ip(&["-n", n, "link", "set", "lo", "up"]);
-        ip(&["-n", n, "tuntap", "add", "dev", TAP, "mode", "tap"]);
+        let mut tuntap = vec!["-n", n, "tuntap", "add", "dev", TAP, "mode", "tap"];
+        if multi_queue {
+            tuntap.push("multi_queue");
+        }
+        ip(&tuntap);
         ip(&["-n", n, "addr", "add", "10.77.0.1/24", "dev", TAP]);
         ip(&["-n", n, "link", "set", TAP, "up"]);
         ns

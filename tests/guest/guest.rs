@@ -48,8 +48,9 @@ const CHECKS: [&str; 9] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "mad
 /// functions on bus 0 and the e820 map.
 /// `netgso` waits for a 64 KiB TCP segment the host sends whole (mergeable receive
 /// buffers, guest TSO). `vsock` and `virtconsole` need those devices and a host peer
-/// (tests/vsock.rs, tests/virtio_console.rs).
-const OPT_IN: [&str; 14] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench", "netbench", "platform", "netgso", "vsock", "virtconsole"];
+/// (tests/vsock.rs, tests/virtio_console.rs). `netmq` needs a net device with two or
+/// more queue pairs on a multi-queue tap, with the UDP echo of `net`.
+const OPT_IN: [&str; 15] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench", "netbench", "platform", "netgso", "vsock", "virtconsole", "netmq"];
 
 /// The vector the irq check programs the serial's IOAPIC pin with.
 const IRQ_VECTOR: u8 = 0x41;
@@ -281,6 +282,7 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
         "net" => net::check_net(r),
         "netbench" => net::check_netbench(r, args.bench_ms),
         "netgso" => net::check_netgso(r),
+        "netmq" => net::check_netmq(r),
         "vsock" => vsock::check_vsock(r),
         "virtconsole" => console::check_virtconsole(r),
         "console" => {

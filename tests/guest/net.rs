@@ -546,3 +546,131 @@ pub fn check_netgso(r: &mut Report) {
         None => r.line("netgso", Err(()), format_args!("features={features:#x} no {want_len}-byte frame within 20 s; smaller_frames={small}")),
     }
 }
+
+const F_CTRL_VQ: u64 = 1 << 17;
+const F_MQ: u64 = 1 << 22;
+const MQ_PAIRS: usize = 2;
+/// The guest's UDP source port on pair k is MQ_SPORT + k.
+const MQ_SPORT: u16 = 6000;
+
+static mut MQ_RINGS: [v::Ring; 2 * MQ_PAIRS + 1] = [const { v::Ring::new() }; 2 * MQ_PAIRS + 1];
+
+fn mq_ring(i: usize) -> *mut v::Ring {
+    // SAFETY: a pointer to one static ring, owned by queue i of this check alone.
+    unsafe { core::ptr::addr_of_mut!(MQ_RINGS[i]) }
+}
+
+/// Polls every receive queue for a frame `want` accepts: (queue pair, answer).
+fn receive_any<T>(rxq: &mut [Queue; MQ_PAIRS], ms: u64, mut want: impl FnMut(&[u8]) -> Option<T>) -> Option<(usize, T)> {
+    let end = rdtsc() + ms * (tsc_hz() / 1000).max(1);
+    while rdtsc() < end {
+        for (k, q) in rxq.iter_mut().enumerate() {
+            let Some((head, len)) = q.poll() else { continue };
+            let i = head as usize % RX_BUFS;
+            let n = (len as usize).min(BUF);
+            let got = if n >= HDR + 14 { want(&rx_buf(i)[..n]) } else { None };
+            post_rx(q, i, true);
+            if let Some(g) = got {
+                return Some((k, g));
+            }
+        }
+        core::hint::spin_loop();
+    }
+    None
+}
+
+/// `netmq` in `tests=`: multiqueue. The driver takes VIRTIO_NET_F_MQ with the control
+/// queue, sets two queue pairs (VQ_PAIRS_SET, which the device must ack), then sends a
+/// UDP datagram to 10.77.0.1:7777 from port 6000 + k on pair k's transmit queue and
+/// waits for the echo on any receive queue: the tap steers a flow's answer to the
+/// queue it came from, so each pair's echo should come back on that pair.
+pub fn check_netmq(r: &mut Report) {
+    let Some(d) = v::find(TYPE_NET, 0) else {
+        return r.line("netmq", Err(()), format_args!("no virtio-net function on bus 0"));
+    };
+    let Ok(features) = d.negotiate(v::F_VERSION_1 | F_MAC | F_STATUS | F_CTRL_VQ | F_MQ, 0) else {
+        return r.line("netmq", Err(()), format_args!("device refused FEATURES_OK"));
+    };
+    let max_pairs = d.config8(8) as u16 | (d.config8(9) as u16) << 8;
+    if features & (F_MQ | F_CTRL_VQ) != F_MQ | F_CTRL_VQ || (max_pairs as usize) < MQ_PAIRS {
+        d.set_status(0);
+        return r.line("netmq", Err(()), format_args!("features={features:#x} max_virtqueue_pairs={max_pairs}: no multiqueue"));
+    }
+    let ctrl_index = 2 * max_pairs;
+    let queues = [d.setup_queue(0, mq_ring(0), NO_VECTOR), d.setup_queue(1, mq_ring(1), NO_VECTOR), d.setup_queue(2, mq_ring(2), NO_VECTOR), d.setup_queue(3, mq_ring(3), NO_VECTOR), d.setup_queue(ctrl_index, mq_ring(4), NO_VECTOR)];
+    let [Some(rx0), Some(tx0), Some(rx1), Some(tx1), Some(mut ctrl)] = queues else {
+        d.set_status(0);
+        return r.line("netmq", Err(()), format_args!("queues smaller than the driver's"));
+    };
+    d.driver_ok();
+    let mut mac = [0u8; 6];
+    for (i, b) in mac.iter_mut().enumerate() {
+        *b = d.config8(i as u64);
+    }
+    let mut rxq = [rx0, rx1];
+    let mut txq = [tx0, tx1];
+    for i in 0..RX_BUFS {
+        post_rx(&mut rxq[i / (RX_BUFS / MQ_PAIRS)], i, i % (RX_BUFS / MQ_PAIRS) == RX_BUFS / MQ_PAIRS - 1);
+    }
+    // VIRTIO_NET_CTRL_MQ / VQ_PAIRS_SET 2, and the ack byte (0: OK).
+    let cmd = tx_buf();
+    cmd[..4].copy_from_slice(&[4, 0, MQ_PAIRS as u8, 0]);
+    cmd[4] = 0xee;
+    let base = cmd.as_ptr() as u64;
+    let acked = ctrl.request(&[(base, 4, false), (base + 4, 1, true)]).is_some();
+    let ack = tx_buf()[4];
+    // ARP on pair 0 for the host's MAC (the answer may come on either pair).
+    let f = tx_buf();
+    f[..HDR].fill(0);
+    f[HDR..HDR + 6].fill(0xff);
+    f[HDR + 6..HDR + 12].copy_from_slice(&mac);
+    put16(f, HDR + 12, 0x0806);
+    let a = HDR + 14;
+    f[a..a + 8].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f[a + 8..a + 14].copy_from_slice(&mac);
+    f[a + 14..a + 18].copy_from_slice(&GUEST_IP);
+    f[a + 18..a + 24].fill(0);
+    f[a + 24..a + 28].copy_from_slice(&HOST_IP);
+    let sent = send(&mut txq[0], a + 28);
+    let host_mac = receive_any(&mut rxq, 3000, |fr| {
+        (fr.len() >= a + 28 && get16(fr, HDR + 12) == 0x0806 && get16(fr, a + 6) == 2 && fr[a + 14..a + 18] == HOST_IP).then(|| {
+            let mut m = [0u8; 6];
+            m.copy_from_slice(&fr[a + 8..a + 14]);
+            m
+        })
+    });
+    let Some((_, host_mac)) = host_mac else {
+        d.set_status(0);
+        return r.line("netmq", Err(()), format_args!("pairs={MQ_PAIRS} ack={ack} acked={acked} arp_sent={sent}: no ARP reply"));
+    };
+    let mut came_back = [None; MQ_PAIRS];
+    for k in 0..MQ_PAIRS {
+        let payload = b"cellvm-mq pair ?";
+        let f = tx_buf();
+        f[..HDR].fill(0);
+        let udp = ipv4(f, &mac, &host_mac, 17, 8 + payload.len());
+        put16(f, udp, MQ_SPORT + k as u16);
+        put16(f, udp + 2, UDP_PORT);
+        put16(f, udp + 4, (8 + payload.len()) as u16);
+        put16(f, udp + 6, 0); // no checksum (IPv4)
+        f[udp + 8..udp + 8 + payload.len()].copy_from_slice(payload);
+        f[udp + 8 + payload.len() - 1] = b'0' + k as u8;
+        if !send(&mut txq[k], udp + 8 + payload.len()) {
+            continue;
+        }
+        came_back[k] = receive_any(&mut rxq, 3000, |fr| {
+            let ip = HDR + 14;
+            let body = ip + 20;
+            (fr.len() >= body + 8 + payload.len() && get16(fr, HDR + 12) == 0x0800 && fr[ip + 9] == 17 && get16(fr, body + 2) == MQ_SPORT + k as u16 && fr[body + 8 + payload.len() - 1] == b'0' + k as u8).then_some(())
+        })
+        .map(|(q, _)| q);
+    }
+    d.set_status(0);
+    let ok = acked && ack == 0 && came_back.iter().all(|c| c.is_some());
+    let q = |c: Option<usize>| c.map_or(-1, |q| q as i32);
+    r.line(
+        "netmq",
+        ok.then_some(()).ok_or(()),
+        format_args!("max_pairs={max_pairs} pairs={MQ_PAIRS} ack={ack} pair0_echo_on_rx={} pair1_echo_on_rx={}", q(came_back[0]), q(came_back[1])),
+    );
+}

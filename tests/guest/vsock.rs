@@ -425,3 +425,167 @@ fn packet(drv: &mut Driver, conns: &mut [Conn; CONNS], t: &mut Tally, h: &Hdr, p
     }
     conns[k] = c;
 }
+
+/// The stream benchmark's payload: one buffer sent again and again.
+const BENCH_PKT: usize = 32 * 1024;
+#[repr(C, align(4096))]
+struct BenchPayload([u8; BENCH_PKT]);
+static mut BENCH: BenchPayload = BenchPayload([0x5a; BENCH_PKT]);
+const SINK_PORT: u32 = 5002;
+const PONG_PORT: u32 = 5003;
+
+impl Driver {
+    /// Sends `len` bytes of the benchmark payload on `c` without kicking.
+    fn send_bench(&mut self, c: &mut Conn, len: usize) -> bool {
+        let Some(k) = self.slot() else { return false };
+        let b = tx_slot(k);
+        let h = Hdr { src_cid: self.cid, dst_cid: HOST_CID, src_port: c.local, dst_port: c.peer, len: len as u32, ty: TYPE_STREAM, op: OP_RW, flags: 0, buf_alloc: CAP as u32, fwd_cnt: c.fwd_cnt };
+        h.write(&mut b[..HDR]);
+        c.tx_cnt = c.tx_cnt.wrapping_add(len as u32);
+        self.free[k] = false;
+        self.in_flight += 1;
+        self.sent += 1;
+        let payload = core::ptr::addr_of!(BENCH) as u64;
+        self.txq.post((2 * k) as u16, &[(b.as_ptr() as u64, HDR as u32, false), (payload, len as u32, false)], false);
+        true
+    }
+
+    /// Takes what the device sent for `c`: credit, data (counted), the end. Returns
+    /// the data bytes seen; `open` goes false on a reset or shutdown.
+    fn bench_rx(&mut self, c: &mut Conn, open: &mut bool, connected: &mut bool) -> usize {
+        let mut data = 0;
+        while let Some((head, used)) = self.rxq.poll() {
+            let i = head as usize % RX_BUFS;
+            let n = (used as usize).min(RX_BUF);
+            if n >= HDR {
+                let h = Hdr::parse(&rx_buf(i)[..HDR]);
+                if h.dst_port == c.local && h.src_port == c.peer {
+                    c.peer_buf_alloc = h.buf_alloc;
+                    c.peer_fwd_cnt = h.fwd_cnt;
+                    match h.op {
+                        OP_RESPONSE => *connected = true,
+                        OP_RW => {
+                            let len = (h.len as usize).min(n - HDR);
+                            data += len;
+                            c.fwd_cnt = c.fwd_cnt.wrapping_add(len as u32);
+                        }
+                        OP_RST | OP_SHUTDOWN => *open = false,
+                        _ => {}
+                    }
+                }
+            }
+            post_rx(&mut self.rxq, i, false);
+            self.rxq.kick();
+        }
+        data
+    }
+
+    /// Connects to host port `port` from `local`; None if the host never answers.
+    fn bench_connect(&mut self, local: u32, port: u32) -> Option<Conn> {
+        let mut c = Conn { live: true, local, peer: port, ..Conn::default() };
+        let hz = (tsc_hz() / 1000).max(1);
+        for _ in 0..100 {
+            if !self.send(&mut c, OP_REQUEST, 0, &[]) {
+                return None;
+            }
+            let (mut open, mut connected) = (true, false);
+            let end = rdtsc() + 100 * hz;
+            while rdtsc() < end && open && !connected {
+                self.bench_rx(&mut c, &mut open, &mut connected);
+            }
+            if connected {
+                return Some(c);
+            }
+        }
+        None
+    }
+}
+
+/// `vsockbench` in `tests=`: stream throughput guest -> host for `ms` (32 KiB packets
+/// to host port 5002, as fast as the credit the device announces allows), then
+/// round trips of one byte with host port 5003's echo for another `ms`.
+pub fn check_vsockbench(r: &mut Report, ms: u64) {
+    let Some(d) = v::find(TYPE_VSOCK, 0) else {
+        return r.line("vsockbench", Err(()), format_args!("no virtio-vsock function on bus 0"));
+    };
+    if d.negotiate(v::F_VERSION_1, 0).is_err() {
+        return r.line("vsockbench", Err(()), format_args!("device refused FEATURES_OK"));
+    }
+    let (Some(mut rxq), Some(txq)) = (d.setup_queue(0, super::devices::ring(0), NO_VECTOR), d.setup_queue(1, super::devices::ring(1), NO_VECTOR)) else {
+        return r.line("vsockbench", Err(()), format_args!("queues smaller than the driver's"));
+    };
+    d.driver_ok();
+    let cid = d.config64(0);
+    for i in 0..RX_BUFS {
+        post_rx(&mut rxq, i, i + 1 == RX_BUFS);
+    }
+    let mut drv = Driver { cid, rxq, txq, free: [true; TX_SLOTS], in_flight: 0, sent: 0 };
+    let hz = tsc_hz().max(1);
+    let Some(mut c) = drv.bench_connect(7100, SINK_PORT) else {
+        d.set_status(0);
+        return r.line("vsockbench", Err(()), format_args!("host port {SINK_PORT} never answered"));
+    };
+    let (mut open, mut connected) = (true, true);
+    let start = rdtsc();
+    let end = start + ms * hz / 1000;
+    let mut bytes = 0u64;
+    while rdtsc() < end && open {
+        let mut posted = false;
+        while c.credit() > 0 && drv.free.iter().any(|f| *f) {
+            let len = (c.credit() as usize).min(BENCH_PKT);
+            if !drv.send_bench(&mut c, len) {
+                break;
+            }
+            bytes += len as u64;
+            posted = true;
+        }
+        if posted {
+            drv.txq.kick();
+        }
+        while let Some((head, _)) = drv.txq.poll() {
+            let k = head as usize / 2;
+            if k < TX_SLOTS && !drv.free[k] {
+                drv.free[k] = true;
+                drv.in_flight -= 1;
+            }
+        }
+        drv.bench_rx(&mut c, &mut open, &mut connected);
+    }
+    let stream_ns = (rdtsc() - start) * 1_000_000_000 / hz;
+    let _ = drv.send(&mut c, OP_SHUTDOWN, SHUTDOWN_BOTH, &[]);
+    // Round trips.
+    let Some(mut p) = drv.bench_connect(7101, PONG_PORT) else {
+        d.set_status(0);
+        return r.line("vsockbench", Err(()), format_args!("host port {PONG_PORT} never answered"));
+    };
+    let (mut open, mut connected) = (true, true);
+    let (mut rounds, mut lost) = (0u64, 0u32);
+    let start = rdtsc();
+    let end = start + ms * hz / 1000;
+    while rdtsc() < end && open {
+        if !drv.send(&mut p, OP_RW, 0, b"x") {
+            lost += 1;
+            break;
+        }
+        let wait = rdtsc() + hz;
+        let mut got = 0;
+        while got == 0 && open && rdtsc() < wait {
+            got = drv.bench_rx(&mut p, &mut open, &mut connected);
+        }
+        if got == 0 {
+            lost += 1;
+            break;
+        }
+        rounds += 1;
+    }
+    let rtt_ns = (rdtsc() - start) * 1_000_000_000 / hz / rounds.max(1);
+    let _ = drv.send(&mut p, OP_SHUTDOWN, SHUTDOWN_BOTH, &[]);
+    d.set_status(0);
+    let mbps = bytes * 1000 / stream_ns.max(1);
+    let ok = bytes > 0 && rounds > 0 && lost == 0;
+    r.line(
+        "vsockbench",
+        ok.then_some(()).ok_or(()),
+        format_args!("mbps={mbps} bytes={bytes} stream_ms={} rtt_us={}.{:03} rounds={rounds} lost={lost}", stream_ns / 1_000_000, rtt_ns / 1000, rtt_ns % 1000),
+    );
+}

@@ -50,7 +50,7 @@ const CHECKS: [&str; 9] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "mad
 /// buffers, guest TSO). `vsock` and `virtconsole` need those devices and a host peer
 /// (tests/vsock.rs, tests/virtio_console.rs). `netmq` needs a net device with two or
 /// more queue pairs on a multi-queue tap, with the UDP echo of `net`.
-const OPT_IN: [&str; 16] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench", "netbench", "platform", "netgso", "vsock", "virtconsole", "netmq", "vsockbench"];
+const OPT_IN: [&str; 17] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench", "netbench", "platform", "netgso", "vsock", "virtconsole", "netmq", "vsockbench", "netrxbench"];
 
 /// The vector the irq check programs the serial's IOAPIC pin with.
 const IRQ_VECTOR: u8 = 0x41;
@@ -283,6 +283,7 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
         "netbench" => net::check_netbench(r, args.bench_ms),
         "netgso" => net::check_netgso(r),
         "netmq" => net::check_netmq(r),
+        "netrxbench" => net::check_netrxbench(r, args.bench_ms),
         "vsock" => vsock::check_vsock(r),
         "vsockbench" => vsock::check_vsockbench(r, args.bench_ms),
         "virtconsole" => console::check_virtconsole(r),

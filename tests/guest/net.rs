@@ -674,3 +674,47 @@ pub fn check_netmq(r: &mut Report) {
         format_args!("max_pairs={max_pairs} pairs={MQ_PAIRS} ack={ack} pair0_echo_on_rx={} pair1_echo_on_rx={}", q(came_back[0]), q(came_back[1])),
     );
 }
+
+/// `netrxbench` in `tests=`: receive rate. With mergeable receive buffers taken, the
+/// driver keeps 16 buffers posted and counts the UDP datagrams to its port 9 the host
+/// floods it with for `ms`, re-posting each buffer at once.
+pub fn check_netrxbench(r: &mut Report, ms: u64) {
+    let (d, features, mut rxq, _txq, _mac, _) = match start(F_MAC | F_MRG_RXBUF) {
+        Ok(x) => x,
+        Err(why) => return r.line("netrxbench", Err(()), format_args!("{why}")),
+    };
+    let hz = tsc_hz().max(1);
+    // The first datagram starts the clock: the host's flood may begin before the guest.
+    let wait = rdtsc() + 10 * hz;
+    let (mut frames, mut bytes, mut start_tsc) = (0u64, 0u64, 0u64);
+    let mut now = rdtsc();
+    while now < wait && (start_tsc == 0 || now < start_tsc + ms * hz / 1000) {
+        let mut refilled = false;
+        while let Some((head, len)) = rxq.poll() {
+            let i = head as usize % RX_BUFS;
+            let n = (len as usize).min(BUF);
+            let f = &rx_buf(i)[..n];
+            let ip = HDR + 14;
+            if n >= ip + 28 && get16(f, HDR + 12) == 0x0800 && f[ip + 9] == 17 && get16(f, ip + 22) == 9 {
+                if start_tsc == 0 {
+                    start_tsc = rdtsc();
+                } else {
+                    frames += 1;
+                    bytes += (n - HDR) as u64;
+                }
+            }
+            post_rx(&mut rxq, i, false);
+            refilled = true;
+        }
+        if refilled {
+            rxq.kick();
+        }
+        now = rdtsc();
+    }
+    d.set_status(0);
+    let elapsed_ms = (now.saturating_sub(start_tsc) * 1000 / hz).max(1);
+    let fps = frames * 1000 / elapsed_ms;
+    let mbps = bytes / 1000 / elapsed_ms;
+    let ok = frames > 0;
+    r.line("netrxbench", ok.then_some(()).ok_or(()), format_args!("fps={fps} mbps={mbps} frames={frames} in_ms={elapsed_ms} mrg_rxbuf={}", features & F_MRG_RXBUF != 0));
+}

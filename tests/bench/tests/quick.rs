@@ -24,8 +24,8 @@ fn quick_mode_runs_every_scenario_against_its_peer() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(
         rows.len(),
-        46,
-        "5 comparisons x 3 metrics (the jailed launch with and without devices), the launch rate, RSS and PSS with and without devices, 11 block rows (raw: 3 against qemu-storage-daemon, 2 against the host; qcow2: 3 against qemu-storage-daemon's qcow2, 3 against cellvm on raw), 2 net rows, 4 density rows, 2 vsock rows, 7 control-plane rows"
+        47,
+        "5 comparisons x 3 metrics (the jailed launch with and without devices), the launch rate, RSS and PSS with and without devices, 11 block rows (raw: 3 against qemu-storage-daemon, 2 against the host; qcow2: 3 against qemu-storage-daemon's qcow2, 3 against cellvm on raw), 3 net rows, 4 density rows, 2 vsock rows, 7 control-plane rows"
     );
     // Scenario 4q: qcow2 against qemu-storage-daemon's own qcow2 driver, reads and writes.
     let qcow2: Vec<&serde_json::Value> = rows
@@ -54,7 +54,7 @@ fn quick_mode_runs_every_scenario_against_its_peer() {
         rows.iter()
             .filter(|r| r["peer_name"] == "qemu virtio-net (tap)")
             .count(),
-        2
+        3
     );
     assert_eq!(
         rows.iter()

@@ -510,6 +510,28 @@ pub fn net_rx_chains(data: &[u8]) {
     }
 }
 
+/// A receive queue of 16 from the input's memory (rings at 0x3000.., its used ring at
+/// 0x5000 cleared), for the stream devices' targets.
+fn receive_ring(
+    body: &[u8],
+    event_idx: bool,
+) -> Option<(
+    vm_memory::GuestMemoryAtomic<GuestMemoryMmap>,
+    vhost_user_backend::VringRwLock,
+)> {
+    use vhost_user_backend::{VringRwLock, VringT};
+    let ram = device_memory(body);
+    let _ = ram.write_slice(&[0u8; 4 + 8 * 16 + 2], GuestAddress(0x5000));
+    let mem = vm_memory::GuestMemoryAtomic::new(ram);
+    let rx = VringRwLock::new(mem.clone(), 16).expect("vring");
+    rx.set_queue_size(16);
+    rx.set_queue_info(0x3000, 0x4000, 0x5000).ok()?;
+    rx.set_queue_ready(true);
+    rx.set_enabled(true);
+    rx.set_queue_event_idx(event_idx);
+    Some((mem, rx))
+}
+
 /// virtio-vsock as a hostile guest drives it: a host stream to a guest port (its bytes
 /// from the input) opens a connection, then the device fills receive chains, takes
 /// transmit chains (headers, credit, operations all from the input), sees the host
@@ -520,8 +542,7 @@ pub fn net_rx_chains(data: &[u8]) {
 pub fn vsock_chains(data: &[u8]) {
     use crate::backend::vsock::{Vsock, HDR_LEN, MAX_CONNS, MAX_PKT};
     use std::io::Write;
-    use vhost_user_backend::{VringRwLock, VringT};
-    use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+    use vm_memory::GuestAddressSpace;
     if data.len() < 5 {
         return;
     }
@@ -538,17 +559,9 @@ pub fn vsock_chains(data: &[u8]) {
     if vsock.adopt_host_stream(ours, port).is_err() {
         return;
     }
-    let ram = device_memory(body);
-    let _ = ram.write_slice(&[0u8; 4 + 8 * 16 + 2], GuestAddress(0x5000));
-    let mem = GuestMemoryAtomic::new(ram);
-    let rx = VringRwLock::new(mem.clone(), 16).expect("vring");
-    rx.set_queue_size(16);
-    if rx.set_queue_info(0x3000, 0x4000, 0x5000).is_err() {
+    let Some((mem, rx)) = receive_ring(body, event_idx) else {
         return;
-    }
-    rx.set_queue_ready(true);
-    rx.set_enabled(true);
-    rx.set_queue_event_idx(event_idx);
+    };
     let _ = vsock.fill_rx(&rx, &mem, event_idx);
     serve_queue(body, &mut |m, chain| vsock.tx_chain(m, chain));
     vsock.host_events();
@@ -579,8 +592,7 @@ pub fn console_chains(data: &[u8]) {
     use crate::backend::console::{Console, HostEnd, PortSpec, F_MULTIPORT, MAX_CONTROL};
     use std::io::Write;
     use std::os::unix::net::UnixStream;
-    use vhost_user_backend::{VringRwLock, VringT};
-    use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+    use vm_memory::GuestAddressSpace;
     if data.len() < 3 {
         return;
     }
@@ -618,17 +630,9 @@ pub fn console_chains(data: &[u8]) {
         });
     }
     console.host_events();
-    let ram = device_memory(body);
-    let _ = ram.write_slice(&[0u8; 4 + 8 * 16 + 2], GuestAddress(0x5000));
-    let mem = GuestMemoryAtomic::new(ram);
-    let rx = VringRwLock::new(mem.clone(), 16).expect("vring");
-    rx.set_queue_size(16);
-    if rx.set_queue_info(0x3000, 0x4000, 0x5000).is_err() {
+    let Some((mem, rx)) = receive_ring(body, event_idx) else {
         return;
-    }
-    rx.set_queue_ready(true);
-    rx.set_enabled(true);
-    rx.set_queue_event_idx(event_idx);
+    };
     let m = mem.memory();
     console.fill_port(0, &rx, &m);
     console.fill_port(1, &rx, &m);

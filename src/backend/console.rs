@@ -28,7 +28,7 @@ use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use super::{counters, io_vectors, read_at, segments, write_at, Memory, QueueState, Segment};
+use super::{counters, guest_io, read_at, segments, write_at, Memory, QueueState, Segment};
 use super::{ShortBuffer, MAX_QUEUE_SIZE};
 
 /// VIRTIO_CONSOLE_F_MULTIPORT: the control queues and ports beyond port 0.
@@ -659,34 +659,6 @@ fn dropped(why: std::fmt::Arguments) -> u32 {
     crate::warn_limited(format_args!("console: buffer dropped: {why}"));
     counters::failed();
     0
-}
-
-/// readv from `fd` straight into guest segments (`into_guest`), or writev from them.
-fn guest_io<M: GuestMemoryBackend>(
-    mem: &M,
-    segs: &[Segment],
-    fd: RawFd,
-    into_guest: bool,
-) -> std::io::Result<usize> {
-    let (iov, guards) = io_vectors(mem, segs)?;
-    if iov.is_empty() {
-        return Ok(0);
-    }
-    let count = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
-    // SAFETY: every iovec points into guest RAM checked by io_vectors and kept mapped by
-    // `guards`; the kernel writes (readv) or reads (writev) at most their lengths.
-    let n = unsafe {
-        if into_guest {
-            libc::readv(fd, iov.as_ptr(), count)
-        } else {
-            libc::writev(fd, iov.as_ptr(), count)
-        }
-    };
-    drop(guards);
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(n as usize)
 }
 
 /// Serves `vring` like [`super::process_vring`], but stops (leaving the chain) once

@@ -141,6 +141,35 @@ pub fn io_vectors<M: GuestMemoryBackend>(
     Ok((iov, guards))
 }
 
+/// readv from `fd` straight into guest segments (`into_guest`), or writev from them:
+/// the bytes the kernel moved (0 for segments of no length).
+pub fn guest_io<M: GuestMemoryBackend>(
+    mem: &M,
+    segs: &[Segment],
+    fd: RawFd,
+    into_guest: bool,
+) -> std::io::Result<usize> {
+    let (iov, guards) = io_vectors(mem, segs)?;
+    if iov.is_empty() {
+        return Ok(0);
+    }
+    let count = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+    // SAFETY: every iovec points into guest RAM checked by io_vectors and kept mapped by
+    // `guards`; the kernel writes (readv) or reads (writev) at most their lengths.
+    let n = unsafe {
+        if into_guest {
+            libc::readv(fd, iov.as_ptr(), count)
+        } else {
+            libc::writev(fd, iov.as_ptr(), count)
+        }
+    };
+    drop(guards);
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// `write_at` could not write every byte: the segments end first, or one is not guest RAM.
 #[derive(Debug, thiserror::Error)]
 #[error("the guest buffer cannot take the write")]

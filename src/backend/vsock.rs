@@ -32,7 +32,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::counters::{self, Slot};
 use super::MAX_QUEUE_SIZE;
-use super::{io_vectors, read_at, segments, sub_segments, write_at, Memory, QueueState, Segment};
+use super::{guest_io, read_at, segments, sub_segments, write_at, Memory, QueueState, Segment};
 
 /// The host's context id; the guest's is the device's configuration.
 pub const HOST_CID: u64 = 2;
@@ -965,31 +965,6 @@ fn dropped(why: std::fmt::Arguments) -> u32 {
     crate::warn_limited(format_args!("vsock: packet dropped: {why}"));
     counters::failed();
     0
-}
-
-/// readv from `fd` straight into guest segments (`into_guest`), or writev from them.
-fn guest_io<M: GuestMemoryBackend>(
-    mem: &M,
-    segs: &[Segment],
-    fd: RawFd,
-    into_guest: bool,
-) -> std::io::Result<usize> {
-    let (iov, guards) = io_vectors(mem, segs)?;
-    let count = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
-    // SAFETY: every iovec points into guest RAM checked by io_vectors and kept mapped by
-    // `guards`; the kernel writes (readv) or reads (writev) at most their lengths.
-    let n = unsafe {
-        if into_guest {
-            libc::readv(fd, iov.as_ptr(), count)
-        } else {
-            libc::writev(fd, iov.as_ptr(), count)
-        }
-    };
-    drop(guards);
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(n as usize)
 }
 
 pub struct VsockBackend {

@@ -749,6 +749,8 @@ mod tests {
             (Some("cv0"), Some("02:00:00:00:00:07"), Backend::Spawn)
         );
         assert_eq!("fd=9".parse::<NetSpec>().unwrap().backend, Backend::Fd(9));
+        assert_eq!("tap=a,queues=2".parse::<NetSpec>().unwrap().queues, 2);
+        assert_eq!("fd=9,queues=4".parse::<NetSpec>().unwrap().queues, 4);
         for bad in [
             "",
             "tap=",
@@ -757,7 +759,8 @@ mod tests {
             "tap=a,socket=/s",
             "socket=/s,mac=02:00:00:00:00:01",
             "tap=a,mac=01:00:00:00:00:01",
-            "tap=a,queues=2",
+            "tap=a,queues=0",
+            "tap=a,queues=9",
         ] {
             assert!(bad.parse::<NetSpec>().is_err(), "{bad:?} accepted");
         }

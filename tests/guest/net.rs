@@ -221,30 +221,37 @@ fn start(wanted: u64) -> Result<(v::Device, u64, Queue, Queue, [u8; 6], u8), &'s
     Ok((d, features, rxq, txq, mac, link))
 }
 
-/// ARP for 10.77.0.1: (request sent, the host's MAC if it answered).
-fn arp(rxq: &mut Queue, txq: &mut Queue, mac: &[u8; 6]) -> (bool, Option<[u8; 6]>) {
-    let mac = *mac;
+/// An ARP request for 10.77.0.1 from `mac` in TX; its length.
+fn arp_request(mac: &[u8; 6]) -> usize {
     let f = tx_buf();
     f[..HDR].fill(0);
     f[HDR..HDR + 6].fill(0xff);
-    f[HDR + 6..HDR + 12].copy_from_slice(&mac);
+    f[HDR + 6..HDR + 12].copy_from_slice(mac);
     put16(f, HDR + 12, 0x0806);
     let a = HDR + 14;
     f[a..a + 8].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-    f[a + 8..a + 14].copy_from_slice(&mac);
+    f[a + 8..a + 14].copy_from_slice(mac);
     f[a + 14..a + 18].copy_from_slice(&GUEST_IP);
     f[a + 18..a + 24].fill(0);
     f[a + 24..a + 28].copy_from_slice(&HOST_IP);
-    let sent = send(txq, a + 28);
-    let host_mac = receive(rxq, 3000, |fr| {
-        let a = HDR + 14;
-        (fr.len() >= a + 28 && get16(fr, HDR + 12) == 0x0806 && get16(fr, a + 6) == 2 && fr[a + 14..a + 18] == HOST_IP && fr[a + 18..a + 24] == mac).then(|| {
-            let mut m = [0u8; 6];
-            m.copy_from_slice(&fr[a + 8..a + 14]);
-            m
-        })
-    });
-    (sent, host_mac)
+    a + 28
+}
+
+/// The sender's MAC of an ARP reply from 10.77.0.1 to `mac`.
+fn arp_reply(fr: &[u8], mac: &[u8; 6]) -> Option<[u8; 6]> {
+    let a = HDR + 14;
+    (fr.len() >= a + 28 && get16(fr, HDR + 12) == 0x0806 && get16(fr, a + 6) == 2 && fr[a + 14..a + 18] == HOST_IP && fr[a + 18..a + 24] == *mac).then(|| {
+        let mut m = [0u8; 6];
+        m.copy_from_slice(&fr[a + 8..a + 14]);
+        m
+    })
+}
+
+/// ARP for 10.77.0.1: (request sent, the host's MAC if it answered).
+fn arp(rxq: &mut Queue, txq: &mut Queue, mac: &[u8; 6]) -> (bool, Option<[u8; 6]>) {
+    let len = arp_request(mac);
+    let sent = send(txq, len);
+    (sent, receive(rxq, 3000, |fr| arp_reply(fr, mac)))
 }
 
 pub fn check_net(r: &mut Report) {
@@ -620,25 +627,9 @@ pub fn check_netmq(r: &mut Report) {
     let acked = ctrl.request(&[(base, 4, false), (base + 4, 1, true)]).is_some();
     let ack = tx_buf()[4];
     // ARP on pair 0 for the host's MAC (the answer may come on either pair).
-    let f = tx_buf();
-    f[..HDR].fill(0);
-    f[HDR..HDR + 6].fill(0xff);
-    f[HDR + 6..HDR + 12].copy_from_slice(&mac);
-    put16(f, HDR + 12, 0x0806);
-    let a = HDR + 14;
-    f[a..a + 8].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-    f[a + 8..a + 14].copy_from_slice(&mac);
-    f[a + 14..a + 18].copy_from_slice(&GUEST_IP);
-    f[a + 18..a + 24].fill(0);
-    f[a + 24..a + 28].copy_from_slice(&HOST_IP);
-    let sent = send(&mut txq[0], a + 28);
-    let host_mac = receive_any(&mut rxq, 3000, |fr| {
-        (fr.len() >= a + 28 && get16(fr, HDR + 12) == 0x0806 && get16(fr, a + 6) == 2 && fr[a + 14..a + 18] == HOST_IP).then(|| {
-            let mut m = [0u8; 6];
-            m.copy_from_slice(&fr[a + 8..a + 14]);
-            m
-        })
-    });
+    let len = arp_request(&mac);
+    let sent = send(&mut txq[0], len);
+    let host_mac = receive_any(&mut rxq, 3000, |fr| arp_reply(fr, &mac));
     let Some((_, host_mac)) = host_mac else {
         d.set_status(0);
         return r.line("netmq", Err(()), format_args!("pairs={MQ_PAIRS} ack={ack} acked={acked} arp_sent={sent}: no ARP reply"));

@@ -45,6 +45,9 @@ struct Args {
     /// the table.
     #[arg(long)]
     vsock_only: bool,
+    /// Only scenario 4's net rows (transmit and receive against QEMU), then the table.
+    #[arg(long)]
+    net_only: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -949,6 +952,13 @@ fn main() {
         let _ = std::fs::remove_dir_all(&work);
         return;
     }
+    if args.net_only {
+        net_rows(&bin, &guest, args.quick, runs, &mut rows);
+        print_table(runs, &rows);
+        write_json(args.json.as_deref(), &rows);
+        let _ = std::fs::remove_dir_all(&work);
+        return;
+    }
     if args.vsock_only {
         vsock_rows(&bin, &work, args.quick, runs, &mut rows);
         print_table(runs, &rows);
@@ -1155,83 +1165,7 @@ fn main() {
 
     block_rows(&bin, &work, &disk_img, args.quick, runs, &mut rows);
 
-    // Scenario 4, net: transmit rate from the guest's CPL 3 driver through a tap, our
-    // net backend against QEMU's own virtio-net on the same tap (no vhost-net here),
-    // the same guest in both.
-    let net = BenchNet::new();
-    let (mut of, mut om, mut qf, mut qm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let net_ms = if args.quick { 300 } else { 2000 };
-    for _ in 0..runs.min(5) {
-        let mut ours = cellvm(
-            &bin,
-            None,
-            Some(&format!("tests=netbench bench_ms={net_ms}")),
-        )
-        .with_args(["--net", "tap=cvb0"]);
-        net.wrap(&mut ours);
-        let line = guest_check(runner_command(&ours), "netbench");
-        of.push(number(&line, "fps="));
-        om.push(number(&line, "mbps="));
-        let mut peer = qemu(
-            &guest,
-            Some(&format!("tests=netbench bench_ms={net_ms} ecam=0xe0000000")),
-        )
-        .with_pcie()
-        .with_args([
-            "-netdev",
-            "tap,id=n0,ifname=cvb0,script=no,downscript=no",
-            "-device",
-            "virtio-net-pci,netdev=n0,disable-legacy=on",
-        ]);
-        net.wrap(&mut peer);
-        let line = guest_check(runner_command(&peer), "netbench");
-        qf.push(number(&line, "fps="));
-        qm.push(number(&line, "mbps="));
-    }
-    // Receive: the host floods the guest through the same tap; mergeable receive
-    // buffers negotiated on both sides.
-    let (mut orf, mut qrf) = (Vec::new(), Vec::new());
-    for _ in 0..runs.min(5) {
-        let cmdline = format!("tests=netrxbench bench_ms={net_ms}");
-        let mut ours = cellvm(&bin, None, Some(&cmdline))
-            .with_args(["--net", "tap=cvb0,mac=02:00:0a:4d:00:02"]);
-        net.wrap(&mut ours);
-        let mut peer = qemu(&guest, Some(&format!("{cmdline} ecam=0xe0000000")))
-            .with_pcie()
-            .with_args([
-                "-netdev",
-                "tap,id=n0,ifname=cvb0,script=no,downscript=no",
-                "-device",
-                "virtio-net-pci,netdev=n0,disable-legacy=on,mac=02:00:0a:4d:00:02,mrg_rxbuf=on",
-            ]);
-        net.wrap(&mut peer);
-        for (runner, out) in [(&ours, &mut orf), (&peer, &mut qrf)] {
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let flood = net.flood(stop.clone());
-            let line = guest_check(runner_command(runner), "netrxbench");
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            flood.join().unwrap();
-            assert!(line.contains("mrg_rxbuf=true"), "{line}");
-            out.push(number(&line, "fps="));
-        }
-    }
-    drop(net);
-    for (metric, a, b) in [("frames/s", of, qf), ("MB/s", om, qm)] {
-        rows.push(row(
-            "4. net, 1,454-byte frames out",
-            metric,
-            a,
-            "qemu virtio-net (tap)",
-            b,
-        ));
-    }
-    rows.push(row(
-        "4. net, 1,442-byte frames in (MRG_RXBUF)",
-        "frames/s",
-        orf,
-        "qemu virtio-net (tap)",
-        qrf,
-    ));
+    net_rows(&bin, &guest, args.quick, runs, &mut rows);
 
     // Scenario 5: launch rate: N VMs started at once, VMs per second per core.
     let n = if args.quick { 4 } else { 32 };
@@ -1332,6 +1266,87 @@ fn main() {
     }
     write_json(args.json.as_deref(), &rows);
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Scenario 4, net: transmit and receive against QEMU's virtio-net on the same tap.
+fn net_rows(bin: &Path, guest: &Path, quick: bool, runs: usize, rows: &mut Vec<Row>) {
+    // Scenario 4, net: transmit rate from the guest's CPL 3 driver through a tap, our
+    // net backend against QEMU's own virtio-net on the same tap (no vhost-net here),
+    // the same guest in both.
+    let net = BenchNet::new();
+    let (mut of, mut om, mut qf, mut qm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let net_ms = if quick { 300 } else { 2000 };
+    for _ in 0..runs.min(5) {
+        let mut ours = cellvm(
+            bin,
+            None,
+            Some(&format!("tests=netbench bench_ms={net_ms}")),
+        )
+        .with_args(["--net", "tap=cvb0"]);
+        net.wrap(&mut ours);
+        let line = guest_check(runner_command(&ours), "netbench");
+        of.push(number(&line, "fps="));
+        om.push(number(&line, "mbps="));
+        let mut peer = qemu(
+            guest,
+            Some(&format!("tests=netbench bench_ms={net_ms} ecam=0xe0000000")),
+        )
+        .with_pcie()
+        .with_args([
+            "-netdev",
+            "tap,id=n0,ifname=cvb0,script=no,downscript=no",
+            "-device",
+            "virtio-net-pci,netdev=n0,disable-legacy=on",
+        ]);
+        net.wrap(&mut peer);
+        let line = guest_check(runner_command(&peer), "netbench");
+        qf.push(number(&line, "fps="));
+        qm.push(number(&line, "mbps="));
+    }
+    // Receive: the host floods the guest through the same tap; mergeable receive
+    // buffers negotiated on both sides.
+    let (mut orf, mut qrf) = (Vec::new(), Vec::new());
+    for _ in 0..runs.min(5) {
+        let cmdline = format!("tests=netrxbench bench_ms={net_ms}");
+        let mut ours = cellvm(bin, None, Some(&cmdline))
+            .with_args(["--net", "tap=cvb0,mac=02:00:0a:4d:00:02"]);
+        net.wrap(&mut ours);
+        let mut peer = qemu(guest, Some(&format!("{cmdline} ecam=0xe0000000")))
+            .with_pcie()
+            .with_args([
+                "-netdev",
+                "tap,id=n0,ifname=cvb0,script=no,downscript=no",
+                "-device",
+                "virtio-net-pci,netdev=n0,disable-legacy=on,mac=02:00:0a:4d:00:02,mrg_rxbuf=on",
+            ]);
+        net.wrap(&mut peer);
+        for (runner, out) in [(&ours, &mut orf), (&peer, &mut qrf)] {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flood = net.flood(stop.clone());
+            let line = guest_check(runner_command(runner), "netrxbench");
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            flood.join().unwrap();
+            assert!(line.contains("mrg_rxbuf=true"), "{line}");
+            out.push(number(&line, "fps="));
+        }
+    }
+    drop(net);
+    for (metric, a, b) in [("frames/s", of, qf), ("MB/s", om, qm)] {
+        rows.push(row(
+            "4. net, 1,454-byte frames out",
+            metric,
+            a,
+            "qemu virtio-net (tap)",
+            b,
+        ));
+    }
+    rows.push(row(
+        "4. net, 1,442-byte frames in (MRG_RXBUF)",
+        "frames/s",
+        orf,
+        "qemu virtio-net (tap)",
+        qrf,
+    ));
 }
 
 /// A host service for scenario 8 at `path`: `pong` echoes every byte, else every byte

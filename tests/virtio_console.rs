@@ -11,22 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{cellvm, guest_spec, jailer_command, run, scratch_dir, test_policy, wait_for};
+use common::{
+    cellvm, guest_spec, jailer_command, run, scratch_dir, stream_bytes, test_policy, wait_for,
+};
 
 const PORT: &str = "org.cellvm.test.0";
-
-/// Bytes no two runs share: an xorshift sequence.
-fn stream_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn connect(path: &Path) -> UnixStream {
     let s = UnixStream::connect(path).unwrap();
@@ -150,7 +139,7 @@ fn bad_console_arguments_are_refused_before_anything_runs() {
         assert_eq!(out.code, Some(2), "{spec}: {}", out.stderr);
         assert!(out.stderr.contains(expect), "{spec}: {}", out.stderr);
     }
-    for (args, expect) in [
+    common::device_refuses(&[
         (
             &["console", "--socket", "/s"][..],
             "give exactly one of --hvc-fd and --hvc-listen-fd",
@@ -171,13 +160,7 @@ fn bad_console_arguments_are_refused_before_anything_runs() {
             &["console", "--socket", "/s", "--hvc-fd", "0", "--ports", "a"][..],
             "expected NAME:FD",
         ),
-    ] {
-        let mut c = common::cellvm_device();
-        c.args(args).stdin(Stdio::null());
-        let out = run(c, Duration::from_secs(10));
-        assert_eq!(out.code, Some(2), "{args:?}: {}", out.stderr);
-        assert!(out.stderr.contains(expect), "{args:?}: {}", out.stderr);
-    }
+    ]);
 }
 
 /// Under the jailer: the console backend in a cell of its own, hvc0 as the VM's

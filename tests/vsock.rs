@@ -11,20 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{cellvm, guest_spec, jailer_command, run, scratch_dir, test_policy, wait_for};
-
-/// Bytes no two streams share: an xorshift sequence seeded per stream.
-fn stream_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use common::{
+    cellvm, guest_spec, jailer_command, run, scratch_dir, stream_bytes, test_policy, wait_for,
+};
 
 /// Connects to the VM's socket and asks for guest port `port`; the reply line.
 fn connect(sock: &Path, port: u32) -> (UnixStream, String) {
@@ -224,7 +213,7 @@ fn bad_vsock_arguments_are_refused_before_anything_runs() {
         assert_eq!(out.code, Some(2), "{spec}: {}", out.stderr);
         assert!(out.stderr.contains(expect), "{spec}: {}", out.stderr);
     }
-    for (args, expect) in [
+    common::device_refuses(&[
         (
             &["vsock", "--socket", "/s", "--uds", "/tmp/x"][..],
             "vsock needs --cid",
@@ -247,13 +236,7 @@ fn bad_vsock_arguments_are_refused_before_anything_runs() {
             &["vsock", "--cid", "3", "--uds", "/a"][..],
             "give exactly one of --socket and --listen-fd",
         ),
-    ] {
-        let mut c = common::cellvm_device();
-        c.args(args).stdin(Stdio::null());
-        let out = run(c, Duration::from_secs(10));
-        assert_eq!(out.code, Some(2), "{args:?}: {}", out.stderr);
-        assert!(out.stderr.contains(expect), "{args:?}: {}", out.stderr);
-    }
+    ]);
 }
 
 /// The same both ways under the jailer: the vsock backend in a cell of its own, the

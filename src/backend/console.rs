@@ -661,30 +661,27 @@ fn dropped(why: std::fmt::Arguments) -> u32 {
     0
 }
 
-/// Serves `vring` like [`super::process_vring`], but stops (leaving the chain) once
-/// `more` says the device cannot take another.
-fn drain_queue<F, G>(
+/// Serves `vring` like [`super::process_vring`] with `serve`, but stops (leaving the
+/// next chain in the ring) once `more` says the console cannot take another.
+fn drain_queue(
     vring: &VringRwLock,
     m: &GuestMemoryMmap,
     event_idx: bool,
-    mut more: G,
-    mut serve: F,
-) -> std::io::Result<()>
-where
-    F: FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> u32,
-    G: FnMut() -> bool,
-{
+    console: &mut Console,
+    more: impl Fn(&Console) -> bool,
+    mut serve: impl FnMut(&mut Console, &GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> u32,
+) -> std::io::Result<()> {
     loop {
         if event_idx {
             let _ = vring.disable_notification();
         }
         let mut used_any = false;
-        while more() {
+        while more(console) {
             let Some(chain) = vring.get_mut().get_queue_mut().pop_descriptor_chain(m) else {
                 break;
             };
             let head = chain.head_index();
-            let len = serve(m, chain);
+            let len = serve(console, m, chain);
             if let Err(e) = vring.add_used(head, len) {
                 log::warn!("console: add_used: {e}");
                 break;
@@ -695,7 +692,7 @@ where
             vring.signal_used_queue()?;
         }
         let again = event_idx && vring.enable_notification().unwrap_or(false);
-        if !again || !used_any || !more() {
+        if !again || !used_any || !more(console) {
             return Ok(());
         }
     }
@@ -745,20 +742,31 @@ impl ConsoleBackend {
         let m: &GuestMemoryMmap = &guard;
         let event_idx = self.state.event_idx();
         let ready = |q: u16| vrings.get(q as usize).filter(|v| v.get_ref().is_enabled());
-        for id in 0..console.ports() {
+        let multiport = console.multiport;
+        // The guest's control messages first: one may open a port with host bytes
+        // waiting.
+        if let Some(v) = ready(CONTROL_TX).filter(|_| multiport) {
+            drain_queue(
+                v,
+                m,
+                event_idx,
+                console,
+                |_| true,
+                |c, m, chain| c.control_chain(m, chain),
+            )?;
+        }
+        let ports = if multiport { console.ports() } else { 1 };
+        for id in 0..ports {
             let (rx, tx) = port_queues(id);
-            if id > 0 && !console.multiport {
-                break;
-            }
             if let Some(v) = ready(tx) {
                 if console.flush(id) {
-                    let c = std::cell::RefCell::new(&mut *console);
                     drain_queue(
                         v,
                         m,
                         event_idx,
-                        || c.borrow().can_transmit(id),
-                        |m, chain| c.borrow_mut().tx_chain(m, id, chain),
+                        console,
+                        |c| c.can_transmit(id),
+                        |c, m, chain| c.tx_chain(m, id, chain),
                     )?;
                 }
             }
@@ -766,25 +774,10 @@ impl ConsoleBackend {
                 self.signal(v, event_idx, |v| console.fill_port(id, v, m))?;
             }
         }
-        if console.multiport {
-            if let Some(v) = ready(CONTROL_TX) {
-                drain_queue(
-                    v,
-                    m,
-                    event_idx,
-                    || true,
-                    |m, chain| console.control_chain(m, chain),
-                )?;
-            }
-            if let Some(v) = ready(CONTROL_RX) {
-                self.signal(v, event_idx, |v| console.fill_control(v, m))?;
-            }
-            // A control message may have opened a port with host bytes waiting.
-            for id in 0..console.ports() {
-                if let Some(v) = ready(port_queues(id).0) {
-                    self.signal(v, event_idx, |v| console.fill_port(id, v, m))?;
-                }
-            }
+        // Last, what the device owes the guest, including what the ports above caused
+        // (a host program gone).
+        if let Some(v) = ready(CONTROL_RX).filter(|_| multiport) {
+            self.signal(v, event_idx, |v| console.fill_control(v, m))?;
         }
         Ok(())
     }

@@ -647,3 +647,28 @@ pub fn guest_ram_mappings(pid: u32) -> Vec<RamMapping> {
     }
     out
 }
+
+/// Bytes no two streams share: an xorshift sequence from `seed`.
+pub fn stream_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// `cellvm-device ARGS` refuses each of `cases` with status 2 and a message containing
+/// its text, before serving anything.
+pub fn device_refuses(cases: &[(&[&str], &str)]) {
+    for (args, expect) in cases {
+        let mut c = cellvm_device();
+        c.args(*args).stdin(Stdio::null());
+        let out = run(c, Duration::from_secs(10));
+        assert_eq!(out.code, Some(2), "{args:?}: {}", out.stderr);
+        assert!(out.stderr.contains(expect), "{args:?}: {}", out.stderr);
+    }
+}

@@ -446,7 +446,7 @@ pub fn net_tx_chains(data: &[u8]) {
 /// (buffers put back when the tap runs dry, notifications with or without EVENT_IDX,
 /// with or without mergeable receive buffers).
 pub fn net_rx_chains(data: &[u8]) {
-    use crate::backend::net::{process_rx_with, HDR_LEN};
+    use crate::backend::net::{process_rx_with, RxMode, HDR_LEN};
     use std::os::fd::AsRawFd;
     use vhost_user_backend::{VringRwLock, VringT};
     use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
@@ -480,7 +480,21 @@ pub fn net_rx_chains(data: &[u8]) {
     let event_idx = flags & 1 == 1;
     vring.set_queue_event_idx(event_idx);
     // Flag bit 1: VIRTIO_NET_F_MRG_RXBUF negotiated (frames spread over chains).
-    let _ = process_rx_with(&vring, &mem, event_idx, tap.as_raw_fd(), flags & 2 == 2);
+    // Flag bit 2: GUEST_TSO4 too (64 KiB segments expected).
+    let mut features = 0;
+    if flags & 2 == 2 {
+        features |= crate::backend::net::F_MRG_RXBUF;
+    }
+    if flags & 4 == 4 {
+        features |= crate::backend::net::F_GUEST_CSUM | crate::backend::net::F_GUEST_TSO4;
+    }
+    let _ = process_rx_with(
+        &vring,
+        &mem,
+        event_idx,
+        tap.as_raw_fd(),
+        &RxMode::new(features),
+    );
     // Whatever the chains were, no used length exceeds the longest frame. (Unless the
     // guest pointed a receive buffer at its own used ring, or used indirect tables that
     // might: then the ring holds frame bytes, which is the guest's own business.)

@@ -688,8 +688,8 @@ fn drain_queue(
             }
             used_any = true;
         }
-        if used_any && vring.needs_notification().unwrap_or(true) {
-            vring.signal_used_queue()?;
+        if used_any {
+            super::notify_used(vring, m)?;
         }
         let again = event_idx && vring.enable_notification().unwrap_or(false);
         if !again || !used_any || !more(console) {

@@ -12,6 +12,7 @@
 //! its own, and cannot reconfigure the interface beyond its offload flags.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -364,40 +365,136 @@ pub fn tx_chain<M: GuestMemoryBackend>(mem: &M, chain: DescriptorChain<&M>, fd: 
     0
 }
 
-/// A receive chain popped for a mergeable frame: its head and checked segments.
+/// How a device's receive queues take frames, from the features the driver acked.
+pub struct RxMode {
+    /// VIRTIO_NET_F_MRG_RXBUF: a frame may fill several chains.
+    mergeable: AtomicBool,
+    /// A GUEST_TSO feature: the tap may hand over 64 KiB segments.
+    segments: AtomicBool,
+    /// Without segments, the largest frame to expect (Ethernet header and an 802.1Q
+    /// tag included): a 1,500-byte MTU's worth, raised when a larger frame arrives
+    /// (the tap's MTU may be larger, or change while the VM runs).
+    frame: AtomicUsize,
+}
+
+/// A frame on a 1,500-byte MTU with an 802.1Q tag.
+const MTU_FRAME: usize = 1500 + 14 + VLAN_TAG;
+
+impl RxMode {
+    /// The mode for `features` the driver acked.
+    pub fn new(features: u64) -> RxMode {
+        let m = RxMode {
+            mergeable: AtomicBool::new(false),
+            segments: AtomicBool::new(false),
+            frame: AtomicUsize::new(MTU_FRAME),
+        };
+        m.set_features(features);
+        m
+    }
+
+    pub fn set_features(&self, features: u64) {
+        let tso = features & F_GUEST_CSUM != 0 && features & (F_GUEST_TSO4 | F_GUEST_TSO6) != 0;
+        self.mergeable
+            .store(features & F_MRG_RXBUF != 0, Ordering::Relaxed);
+        self.segments.store(tso, Ordering::Relaxed);
+    }
+
+    fn mergeable(&self) -> bool {
+        self.mergeable.load(Ordering::Relaxed)
+    }
+
+    /// The room (header included) a mergeable receive gathers before it reads a frame.
+    fn room(&self) -> u64 {
+        let frame = if self.segments.load(Ordering::Relaxed) {
+            MAX_FRAME + VLAN_TAG
+        } else {
+            self.frame.load(Ordering::Relaxed)
+        };
+        (HDR_LEN + frame) as u64
+    }
+
+    /// A frame of `total` bytes (header included) did not fit the room gathered.
+    fn outgrown(&self, total: u64) {
+        let frame = (total as usize)
+            .saturating_sub(HDR_LEN)
+            .min(MAX_FRAME + VLAN_TAG);
+        if !self.segments.load(Ordering::Relaxed) {
+            self.frame.fetch_max(frame, Ordering::Relaxed);
+        }
+    }
+}
+
+thread_local! {
+    /// Where a frame's bytes beyond the guest's receive buffers go, to be measured.
+    static SPILL: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; HDR_LEN + MAX_FRAME + VLAN_TAG].into_boxed_slice());
+}
+
+/// A receive chain popped for mergeable frames: its head, checked segments, and their
+/// host iovecs (valid while the pass holds the memory).
 struct RxChain {
     head: u16,
     segs: Vec<super::Segment>,
+    iov: Vec<libc::iovec>,
+    _guards: Vec<vm_memory::volatile_memory::PtrGuardMut>,
     room: u64,
+}
+
+/// Chains a receive pass has popped and not filled yet, in ring order and just before
+/// the ring's next available entry: what one frame leaves over the next one uses, so a
+/// chain is popped and checked once however many frames it waits through. The pass puts
+/// what is left back on the ring when it ends.
+#[derive(Default)]
+struct RxPool {
+    chains: std::collections::VecDeque<RxChain>,
+    room: u64,
+    nsegs: usize,
+    /// The iovecs of all of them, for one readv (kept to reuse its allocation).
+    iov: Vec<libc::iovec>,
+}
+
+impl RxPool {
+    fn put_back(&mut self, vring: &VringRwLock) {
+        for _ in 0..self.chains.len() {
+            vring.get_mut().get_queue_mut().go_to_previous_position();
+        }
+        self.chains.clear();
+        self.room = 0;
+        self.nsegs = 0;
+    }
 }
 
 /// What one mergeable receive came to.
 enum Merged {
-    /// A frame went into the first `used.len()` chains: (head, bytes) for each.
+    /// A frame went into the pool's first chains: (head, bytes) for each.
     Filled(Vec<(u16, u32)>),
-    /// The tap is drained: every chain went back to the ring.
+    /// The tap is drained.
     Drained,
-    /// A frame was dropped (too big for the chains there were): the chains went back.
+    /// A frame was dropped (too big for the chains there were).
     Dropped,
     /// No usable chain was available.
     NoBuffers,
 }
 
-/// Receives one frame with VIRTIO_NET_F_MRG_RXBUF: pops chains until they hold the
-/// largest frame (or the ring runs out), reads the frame straight into all of them with
-/// one readv, sets num_buffers in the first one's header to the number of chains the
-/// frame filled, and puts the chains it did not need back. A chain that is malformed,
-/// read-only or shorter than the header is used empty (only as the first one popped, so
-/// that the chains a frame fills stay adjacent in the used ring).
+/// Receives one frame with VIRTIO_NET_F_MRG_RXBUF: tops the pool up with chains until it
+/// holds the largest frame `mode` expects (or the ring runs out), reads the frame
+/// straight into all of them with one readv, sets num_buffers in the first one's header
+/// to the number of chains the frame filled, and keeps the chains it did not need for the
+/// next frame. A chain that is malformed, read-only or shorter than the header is used
+/// empty (only when the pool is empty, so that the chains a frame fills stay adjacent in
+/// the used ring and the pool stays just before the ring's next entry).
 fn rx_mergeable(
     vring: &VringRwLock,
     m: &GuestMemoryMmap,
     fd: RawFd,
+    mode: &RxMode,
+    pool: &mut RxPool,
     used: &mut bool,
 ) -> std::io::Result<Merged> {
-    let mut chains: Vec<RxChain> = Vec::new();
-    let (mut room, mut nsegs) = (0u64, 0usize);
-    while room < (HDR_LEN + MAX_FRAME + VLAN_TAG) as u64 {
+    let want = mode.room();
+    // Gather more than the largest frame expected: a frame that fills the chains to the
+    // last byte is then one larger than expected, and the spill (below) says how large.
+    while pool.room <= want {
         let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(m);
         let Some(chain) = chain else { break };
         let head = chain.head_index();
@@ -405,23 +502,30 @@ fn rx_mergeable(
             segs.iter().all(|s| s.writable)
                 && segs.iter().map(|s| s.len as u64).sum::<u64>() >= HDR_LEN as u64
         });
-        let fits = segs.as_ref().is_some_and(|s| {
-            nsegs + s.iter().filter(|s| s.len > 0).count() <= libc::UIO_MAXIOV as usize
-        });
-        match segs {
-            Some(segs) if fits => {
-                let len: u64 = segs.iter().map(|s| s.len as u64).sum();
-                nsegs += segs.iter().filter(|s| s.len > 0).count();
-                room += len;
-                chains.push(RxChain {
+        let nsegs = segs
+            .as_ref()
+            .map_or(0, |s| s.iter().filter(|s| s.len > 0).count());
+        // One iovec is the spill's.
+        let fits = pool.nsegs + nsegs < libc::UIO_MAXIOV as usize;
+        let vectors = segs
+            .filter(|_| fits)
+            .and_then(|segs| io_vectors(m, &segs).ok().map(|v| (segs, v)));
+        match vectors {
+            Some((segs, (iov, guards))) => {
+                let room: u64 = segs.iter().map(|s| s.len as u64).sum();
+                pool.nsegs += nsegs;
+                pool.room += room;
+                pool.chains.push_back(RxChain {
                     head,
                     segs,
-                    room: len,
+                    iov,
+                    _guards: guards,
+                    room,
                 });
             }
-            // Full of segments already, or a bad chain after good ones: it waits for the
-            // next frame, where it comes first.
-            _ if !chains.is_empty() => {
+            // Full of segments already, or a bad chain after good ones: it waits until
+            // the pool is empty, and comes first then.
+            _ if !pool.chains.is_empty() => {
                 vring.get_mut().get_queue_mut().go_to_previous_position();
                 break;
             }
@@ -436,28 +540,28 @@ fn rx_mergeable(
             }
         }
     }
-    if chains.is_empty() {
+    if pool.chains.is_empty() {
         return Ok(Merged::NoBuffers);
     }
-    let put_back = |k: usize| {
-        for _ in 0..k {
-            vring.get_mut().get_queue_mut().go_to_previous_position();
-        }
-    };
-    let all: Vec<super::Segment> = chains.iter().flat_map(|c| c.segs.iter().copied()).collect();
-    let Ok((iov, guards)) = io_vectors(m, &all) else {
-        // Not seen (segments() checked the same ranges); the first chain is used empty,
-        // so the next pass makes progress.
-        put_back(chains.len() - 1);
-        return Ok(Merged::Filled(vec![(chains[0].head, 0)]));
-    };
-    // SAFETY: every iovec points into guest RAM checked by io_vectors and kept mapped by
-    // `guards`; the kernel writes at most their lengths (fewer than UIO_MAXIOV of them).
-    let n = unsafe { libc::readv(fd, iov.as_ptr(), iov.len() as libc::c_int) };
-    drop(guards);
+    pool.iov.clear();
+    let RxPool { chains, iov, .. } = &mut *pool;
+    iov.extend(chains.iter().flat_map(|c| c.iov.iter().copied()));
+    // What does not fit the chains lands in the spill, a host buffer as large as any
+    // frame: a frame larger than expected is then seen whole (a tap cuts a frame to
+    // the room it is given and says nothing), and dropped.
+    let n = SPILL.with_borrow_mut(|spill| {
+        pool.iov.push(libc::iovec {
+            iov_base: spill.as_mut_ptr().cast(),
+            iov_len: spill.len(),
+        });
+        // SAFETY: every iovec but the last points into guest RAM checked by io_vectors
+        // and kept mapped by the chains' guards and the pass's hold on the memory; the
+        // last is this thread's spill, borrowed for the call; the kernel writes at most
+        // their lengths (no more than UIO_MAXIOV of them).
+        unsafe { libc::readv(fd, pool.iov.as_ptr(), pool.iov.len() as libc::c_int) }
+    });
     if n < 0 {
         let e = std::io::Error::last_os_error();
-        put_back(chains.len());
         return Ok(match e.raw_os_error() {
             Some(libc::EAGAIN) => Merged::Drained,
             Some(libc::EFAULT) | Some(libc::EINVAL) => {
@@ -472,52 +576,85 @@ fn rx_mergeable(
             }
         });
     }
+    if n as u64 > pool.room {
+        // Larger than the guest's buffers: with all the room expected gathered, the
+        // frames are larger than expected (a larger MTU): expect this one from now on.
+        crate::warn_limited(format_args!(
+            "net: a frame of {} bytes did not fit the {} bytes of receive buffers gathered: dropped",
+            (n as u64).saturating_sub(HDR_LEN as u64),
+            pool.room
+        ));
+        if pool.room > want {
+            mode.outgrown(n as u64);
+        }
+        return Ok(Merged::Dropped);
+    }
     let mut left = n as u64;
     let mut filled = Vec::new();
-    for c in &chains {
-        if left == 0 && !filled.is_empty() {
+    let mut first = None;
+    while left > 0 || filled.is_empty() {
+        let Some(c) = pool.chains.pop_front() else {
             break;
-        }
+        };
         let take = left.min(c.room);
         filled.push((c.head, take as u32));
         left -= take;
+        pool.room -= c.room;
+        pool.nsegs -= c.iov.len();
+        first.get_or_insert(c);
     }
-    let count = filled.len() as u16;
-    let _ = super::write_at(m, &chains[0].segs, 10, &count.to_le_bytes());
-    put_back(chains.len() - filled.len());
+    if let Some(c) = first {
+        let count = filled.len() as u16;
+        let _ = super::write_at(m, &c.segs, 10, &count.to_le_bytes());
+    }
     Ok(Merged::Filled(filled))
 }
 
-/// Serves the receive queue until the tap is drained or the guest's buffers run out.
-/// Chains that could not be filled for lack of frames go back to the ring.
+/// Serves the receive queue until the tap is drained or the guest's buffers run out,
+/// each frame in one chain (no mergeable receive buffers). Chains that could not be
+/// filled for lack of frames go back to the ring.
 pub fn process_rx(
     vring: &VringRwLock,
     mem: &Memory,
     event_idx: bool,
     fd: RawFd,
 ) -> std::io::Result<()> {
-    process_rx_with(vring, mem, event_idx, fd, false)
+    process_rx_with(vring, mem, event_idx, fd, &RxMode::new(0))
 }
 
-/// process_rx, with `mergeable`: VIRTIO_NET_F_MRG_RXBUF negotiated, so that one frame
-/// may fill several chains.
+/// process_rx, taking frames as `mode` says (with VIRTIO_NET_F_MRG_RXBUF, one frame may
+/// fill several chains).
 pub fn process_rx_with(
     vring: &VringRwLock,
     mem: &Memory,
     event_idx: bool,
     fd: RawFd,
-    mergeable: bool,
+    mode: &RxMode,
 ) -> std::io::Result<()> {
     let guard = mem.memory();
     let m: &GuestMemoryMmap = &guard;
+    let mut pool = RxPool::default();
+    let served = rx_passes(vring, m, event_idx, fd, mode, &mut pool);
+    pool.put_back(vring);
+    served
+}
+
+fn rx_passes(
+    vring: &VringRwLock,
+    m: &GuestMemoryMmap,
+    event_idx: bool,
+    fd: RawFd,
+    mode: &RxMode,
+    pool: &mut RxPool,
+) -> std::io::Result<()> {
     loop {
         if event_idx {
             let _ = vring.disable_notification();
         }
         let (mut used_any, mut drained) = (false, false);
-        if mergeable {
+        if mode.mergeable() {
             loop {
-                match rx_mergeable(vring, m, fd, &mut used_any) {
+                match rx_mergeable(vring, m, fd, mode, pool, &mut used_any) {
                     Ok(Merged::Filled(chains)) => {
                         let bytes: u64 = chains.iter().map(|&(_, len)| len as u64).sum();
                         counters::add(Slot::Requests, 1);
@@ -579,8 +716,8 @@ pub fn process_rx_with(
                 used_any = true;
             }
         }
-        if used_any && vring.needs_notification().unwrap_or(true) {
-            vring.signal_used_queue()?;
+        if used_any {
+            super::notify_used(vring, m)?;
         }
         // Out of buffers with frames waiting: ask for a kick when the guest adds more
         // (and look again, in case it already has). A pass that took no chain although
@@ -607,8 +744,8 @@ pub struct NetBackend {
     taps: Vec<Tap>,
     mac: [u8; 6],
     state: QueueState,
-    /// VIRTIO_NET_F_MRG_RXBUF negotiated.
-    mergeable: std::sync::atomic::AtomicBool,
+    /// How the receive queues take frames (from the acked features).
+    rx: RxMode,
     /// Queue pairs the driver uses now (1 until it says more on the control queue).
     active: std::sync::atomic::AtomicUsize,
 }
@@ -622,7 +759,7 @@ impl NetBackend {
             taps,
             mac,
             state: QueueState::default(),
-            mergeable: std::sync::atomic::AtomicBool::new(false),
+            rx: RxMode::new(0),
             active: std::sync::atomic::AtomicUsize::new(1),
         })
     }
@@ -752,10 +889,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.mergeable.store(
-            features & F_MRG_RXBUF != 0,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.rx.set_features(features);
         for t in &self.taps {
             if let Err(e) = t.set_offload(features) {
                 log::warn!("net: TUNSETOFFLOAD: {e}");
@@ -842,7 +976,7 @@ impl NetBackend {
             &mem,
             self.state.event_idx(),
             self.taps[k].fd.as_raw_fd(),
-            self.mergeable.load(std::sync::atomic::Ordering::Relaxed),
+            &self.rx,
         )
     }
 }
@@ -952,7 +1086,14 @@ mod tests {
             let n = unsafe { libc::send(theirs.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
             assert_eq!(n as usize, f.len());
         }
-        process_rx_with(&vring, &mem, false, ours.as_raw_fd(), true).unwrap();
+        process_rx_with(
+            &vring,
+            &mem,
+            false,
+            ours.as_raw_fd(),
+            &RxMode::new(F_MRG_RXBUF | F_GUEST_CSUM | F_GUEST_TSO4),
+        )
+        .unwrap();
         let entries = used(&mem);
         let chains = big.len().div_ceil(4096);
         assert_eq!(chains, 16);
@@ -976,8 +1117,58 @@ mod tests {
         let f = [1u8; 100];
         // SAFETY: as above.
         unsafe { libc::send(theirs.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
-        process_rx_with(&vring, &mem, false, ours.as_raw_fd(), true).unwrap();
+        process_rx_with(
+            &vring,
+            &mem,
+            false,
+            ours.as_raw_fd(),
+            &RxMode::new(F_MRG_RXBUF | F_GUEST_CSUM | F_GUEST_TSO4),
+        )
+        .unwrap();
         assert_eq!(used(&mem).last(), Some(&(chains as u32 + 1, 100)));
+    }
+
+    /// Without segmentation offload a mergeable receive gathers one standard frame's
+    /// worth of chains, not 64 KiB; a larger frame (a larger MTU) is seen whole in the
+    /// spill, dropped, and expected from then on: the next one is received.
+    #[test]
+    fn a_frame_larger_than_expected_is_dropped_once_and_then_received() {
+        use vm_memory::{Bytes, GuestAddress};
+        let (ours, theirs) = frame_pair();
+        let (mem, vring) = rx_queue(40, 1024);
+        let mode = RxMode::new(F_MRG_RXBUF);
+        let small = vec![1u8; HDR_LEN + 1000];
+        let jumbo: Vec<u8> = (0..HDR_LEN + 3000).map(|i| (i % 241) as u8).collect();
+        for f in [&small, &jumbo, &jumbo] {
+            // SAFETY: send from a buffer we own, of its length.
+            let n = unsafe { libc::send(theirs.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+            assert_eq!(n as usize, f.len());
+        }
+        process_rx_with(&vring, &mem, false, ours.as_raw_fd(), &mode).unwrap();
+        // The small frame in chain 0; the first jumbo frame dropped (it found chains 1
+        // and 2, 2,048 bytes); the second in chains 1..=3, num_buffers 3.
+        let entries = used(&mem);
+        assert_eq!(
+            entries,
+            [
+                (0, small.len() as u32),
+                (1, 1024),
+                (2, 1024),
+                (3, jumbo.len() as u32 - 2048)
+            ]
+        );
+        let m = mem.memory();
+        let mut got = vec![0u8; jumbo.len()];
+        m.read_slice(&mut got, GuestAddress(0x1_0000 + 1024))
+            .unwrap();
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3);
+        assert_eq!(&got[12..], &jumbo[12..]);
+        // Nothing else was taken from the ring: chain 4 is next.
+        let f = [9u8; 100];
+        // SAFETY: as above.
+        unsafe { libc::send(theirs.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+        process_rx_with(&vring, &mem, false, ours.as_raw_fd(), &mode).unwrap();
+        assert_eq!(used(&mem).last(), Some(&(4, 100)));
     }
 
     #[test]

@@ -923,8 +923,8 @@ impl Vsock {
                 }
                 used_any = true;
             }
-            if used_any && vring.needs_notification().unwrap_or(true) {
-                vring.signal_used_queue()?;
+            if used_any {
+                super::notify_used(vring, m)?;
             }
             // Out of buffers with packets waiting: ask for a kick when the guest adds
             // more (and look again, in case it already has). A pass that took no chain

@@ -376,6 +376,14 @@ impl Queue {
         }
     }
 
+    /// Sets VIRTQ_AVAIL_F_NO_INTERRUPT (virtio 1.2, 2.7.7): this driver polls the used
+    /// ring, so the device need not interrupt it.
+    pub fn poll_only(&mut self) {
+        // SAFETY: the ring is this queue's own; a volatile store the device reads.
+        unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*self.ring).avail_flags), 1) };
+        fence(Ordering::SeqCst);
+    }
+
     pub fn kick(&self) {
         w16(self.notify_addr, self.index);
     }

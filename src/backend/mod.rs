@@ -487,6 +487,18 @@ mod tests {
         assert_eq!(config_bytes(&c, u32::MAX, 2), vec![0, 0]);
     }
 
+    /// A ready queue of 16 in `ram`: descriptors at 0, available ring at 0x1000, used
+    /// ring at 0x2000.
+    fn queue_of_16(ram: GuestMemoryMmap) -> (Memory, VringRwLock) {
+        let mem = GuestMemoryAtomic::new(ram);
+        let vring = VringRwLock::new(mem.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring.set_queue_info(0, 0x1000, 0x2000).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        (mem, vring)
+    }
+
     /// A guest that sets the available index more than a queue ahead of the device must
     /// not keep a backend thread spinning: the pass ends, with or without EVENT_IDX.
     #[test]
@@ -494,12 +506,7 @@ mod tests {
         for event_idx in [false, true] {
             let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
             ram.write_obj(100u16, GuestAddress(0x1002)).unwrap();
-            let mem = GuestMemoryAtomic::new(ram);
-            let vring = VringRwLock::new(mem.clone(), 16).unwrap();
-            vring.set_queue_size(16);
-            vring.set_queue_info(0, 0x1000, 0x2000).unwrap();
-            vring.set_queue_ready(true);
-            vring.set_enabled(true);
+            let (mem, vring) = queue_of_16(ram);
             vring.set_queue_event_idx(event_idx);
             let (tx, rx) = std::sync::mpsc::channel();
             let worker = std::thread::spawn(move || {
@@ -533,12 +540,7 @@ mod tests {
             ram.write_obj(no_interrupt as u16, GuestAddress(0x1000))
                 .unwrap();
             ram.write_obj(1u16, GuestAddress(0x1002)).unwrap();
-            let mem = GuestMemoryAtomic::new(ram);
-            let vring = VringRwLock::new(mem.clone(), 16).unwrap();
-            vring.set_queue_size(16);
-            vring.set_queue_info(0, 0x1000, 0x2000).unwrap();
-            vring.set_queue_ready(true);
-            vring.set_enabled(true);
+            let (mem, vring) = queue_of_16(ram);
             // SAFETY: a fresh eventfd this test owns.
             let call = unsafe {
                 std::fs::File::from_raw_fd(libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))

@@ -1078,6 +1078,7 @@ mod tests {
         use vm_memory::{Bytes, GuestAddress};
         let (ours, theirs) = frame_pair();
         let (mem, vring) = rx_queue(40, 4096);
+        let mode = RxMode::new(F_MRG_RXBUF | F_GUEST_CSUM | F_GUEST_TSO4);
         // A 64 KiB segment (header included) and then a small frame.
         let big: Vec<u8> = (0..HDR_LEN + 65_000).map(|i| (i % 251) as u8).collect();
         let small = vec![0x5au8; HDR_LEN + 60];
@@ -1086,14 +1087,7 @@ mod tests {
             let n = unsafe { libc::send(theirs.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
             assert_eq!(n as usize, f.len());
         }
-        process_rx_with(
-            &vring,
-            &mem,
-            false,
-            ours.as_raw_fd(),
-            &RxMode::new(F_MRG_RXBUF | F_GUEST_CSUM | F_GUEST_TSO4),
-        )
-        .unwrap();
+        process_rx_with(&vring, &mem, false, ours.as_raw_fd(), &mode).unwrap();
         let entries = used(&mem);
         let chains = big.len().div_ceil(4096);
         assert_eq!(chains, 16);
@@ -1117,14 +1111,7 @@ mod tests {
         let f = [1u8; 100];
         // SAFETY: as above.
         unsafe { libc::send(theirs.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
-        process_rx_with(
-            &vring,
-            &mem,
-            false,
-            ours.as_raw_fd(),
-            &RxMode::new(F_MRG_RXBUF | F_GUEST_CSUM | F_GUEST_TSO4),
-        )
-        .unwrap();
+        process_rx_with(&vring, &mem, false, ours.as_raw_fd(), &mode).unwrap();
         assert_eq!(used(&mem).last(), Some(&(chains as u32 + 1, 100)));
     }
 

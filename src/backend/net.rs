@@ -192,22 +192,29 @@ impl Tap {
     /// Tells the tap which unfinished packets the guest accepts (from its acked
     /// GUEST_* features).
     pub fn set_offload(&self, guest_features: u64) -> std::io::Result<()> {
-        let mut flags = 0;
-        if guest_features & F_GUEST_CSUM != 0 {
-            flags |= TUN_F_CSUM;
-            if guest_features & F_GUEST_TSO4 != 0 {
-                flags |= TUN_F_TSO4;
-            }
-            if guest_features & F_GUEST_TSO6 != 0 {
-                flags |= TUN_F_TSO6;
-            }
-        }
+        let flags = offload_flags(guest_features);
         // SAFETY: TUNSETOFFLOAD takes its flags by value.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
         Ok(())
     }
+}
+
+/// The tap's TUN_F_* offloads for the GUEST_* features a driver acked: the unfinished
+/// packets the tap may hand it.
+fn offload_flags(guest_features: u64) -> u32 {
+    let mut flags = 0;
+    if guest_features & F_GUEST_CSUM != 0 {
+        flags |= TUN_F_CSUM;
+        if guest_features & F_GUEST_TSO4 != 0 {
+            flags |= TUN_F_TSO4;
+        }
+        if guest_features & F_GUEST_TSO6 != 0 {
+            flags |= TUN_F_TSO6;
+        }
+    }
+    flags
 }
 
 fn set_iff(fd: RawFd, name: &str, extra: i16) -> std::io::Result<()> {
@@ -369,7 +376,7 @@ pub fn tx_chain<M: GuestMemoryBackend>(mem: &M, chain: DescriptorChain<&M>, fd: 
 pub struct RxMode {
     /// VIRTIO_NET_F_MRG_RXBUF: a frame may fill several chains.
     mergeable: AtomicBool,
-    /// A GUEST_TSO feature: the tap may hand over 64 KiB segments.
+    /// The tap may hand over 64 KiB segments (TSO offloads on, from GUEST_TSO4/6).
     segments: AtomicBool,
     /// Without segments, the largest frame to expect (Ethernet header and an 802.1Q
     /// tag included): a 1,500-byte MTU's worth, raised when a larger frame arrives
@@ -392,8 +399,9 @@ impl RxMode {
         m
     }
 
+    /// Takes the features the driver acked (again, after a reset).
     pub fn set_features(&self, features: u64) {
-        let tso = features & F_GUEST_CSUM != 0 && features & (F_GUEST_TSO4 | F_GUEST_TSO6) != 0;
+        let tso = offload_flags(features) & (TUN_F_TSO4 | TUN_F_TSO6) != 0;
         self.mergeable
             .store(features & F_MRG_RXBUF != 0, Ordering::Relaxed);
         self.segments.store(tso, Ordering::Relaxed);

@@ -105,6 +105,10 @@ struct RunArgs {
     /// the VMM opens no path for it).
     #[arg(long, conflicts_with = "api_socket")]
     api_fd: Option<i32>,
+    /// Take new backends for dead ones from the supervisor on this inherited
+    /// AF_UNIX SOCK_SEQPACKET socket (the jailer's way).
+    #[arg(long)]
+    supervisor_fd: Option<i32>,
     /// Bind and serve the API at this path (unjailed use).
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -195,6 +199,7 @@ fn run(args: RunArgs) -> Result<i32, (String, i32)> {
         },
         identity: args.identity.unwrap_or_default(),
         reset_exit_code: args.reset_exit_code,
+        supervisor: args.supervisor_fd,
     };
     let code = cellvm::vmm::run(from_file.merge(flags), opts)
         .map_err(|e| (e.to_string(), e.exit_code()))?;

@@ -619,6 +619,8 @@ struct VmmContext<'a> {
     device_pids: &'a [u32],
     /// Each backend's page of counters, which the VMM maps read-only.
     counter_fds: &'a [RawFd],
+    /// The VMM's end of the supervisor channel (new backends for dead ones).
+    supervisor_fd: RawFd,
 }
 
 /// `--identity id=..,tenant=..,label=..,cgroup=..`: every value is the jailer's own (an
@@ -702,6 +704,8 @@ fn vmm_argv(plan: &Plan, opts: &Options, ctx: &VmmContext) -> Vec<String> {
         ctx.identity.clone(),
         "--reset-exit-code".into(),
         EXIT_RESET.to_string(),
+        "--supervisor-fd".into(),
+        ctx.supervisor_fd.to_string(),
     ]);
     // Each device: the VMM's end of a connection its backend cell already holds.
     let devices = plan.devices.iter().zip(ctx.device_fds);
@@ -1014,7 +1018,7 @@ fn vmm_cell<'a>(
     keep.extend(ctx.counter_fds);
     keep.extend(plan.memory_file.as_ref().map(File::as_raw_fd));
     if s.opts.probe.is_none() {
-        keep.push(ctx.api_fd);
+        keep.extend([ctx.api_fd, ctx.supervisor_fd]);
     }
     CellSpec {
         name: "vmm".into(),
@@ -1344,7 +1348,7 @@ fn run_once(
         cells.exec()?;
         let pid = cells.0.remove(target).pid;
         relay.attach(None, console_out, logs);
-        let ending = crate::supervise::wait(pid, &shared.signals, relay, ctl);
+        let ending = crate::supervise::wait(pid, &shared.signals, relay, ctl, &mut |_, _| {});
         drop(cells);
         relay.drain();
         return Ok(ending);
@@ -1357,17 +1361,21 @@ fn run_once(
     let device_fds: Vec<RawFd> = vmm_ends.iter().map(|f| f.as_raw_fd()).collect();
     let device_pids: Vec<u32> = cells.0.iter().map(|c| c.pid).collect();
     let counter_fds: Vec<RawFd> = pages.iter().map(|f| f.as_raw_fd()).collect();
+    let (channel, vmm_channel) =
+        crate::restart::Channel::pair().map_err(|e| setup(format!("supervisor channel: {e}")))?;
     let ctx = VmmContext {
         api_fd: shared.api.as_raw_fd(),
         identity: identity(plan, entry, &shared.cgroup),
         device_fds: &device_fds,
         device_pids: &device_pids,
         counter_fds: &counter_fds,
+        supervisor_fd: vmm_channel.as_raw_fd(),
     };
     let stdio = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
     let spec = vmm_cell(shared, &trees, entry, &ctx, stdio);
     let mut vmm = cell::start(&shared.cgroup, &spec)?;
-    drop((in_r, out_w, err_w, vmm_ends, pages, hvc_backend));
+    // The pages stay: a backend started again gets its device's.
+    drop((in_r, out_w, err_w, vmm_ends, vmm_channel, hvc_backend));
     relay.attach(Some(in_w), Some(out_r), logs);
     relay.attach_hvc(hvc_ours);
     // Every cell exec'd, or the launch ends here (the backends are killed with it).
@@ -1380,7 +1388,20 @@ fn run_once(
         relay.drain();
         return Err(e.into());
     }
-    let ending = crate::supervise::wait(vmm.pid, &shared.signals, relay, ctl);
+    let mut history = crate::restart::History::new(cells.0.len());
+    let ending = crate::supervise::wait(vmm.pid, &shared.signals, relay, ctl, &mut |relay, ctl| {
+        if !ctl.stopping() {
+            tend_backends(
+                shared,
+                entry,
+                &mut cells,
+                &pages,
+                &channel,
+                &mut history,
+                relay,
+            );
+        }
+    });
     if ending != Ending::Exited(0) && !matches!(ending, Ending::Exited(EXIT_RESET)) {
         // Killed, timed out or failed: the backends go at once.
         cells.kill();
@@ -1388,6 +1409,118 @@ fn run_once(
     drop(cells);
     relay.drain();
     Ok(ending)
+}
+
+/// Reaps the backends that ended; each one that died is started again in a fresh cell
+/// (see restart.rs) and its VMM told, or given up.
+fn tend_backends(
+    shared: &Shared,
+    entry: &Entry,
+    cells: &mut Cells,
+    pages: &[OwnedFd],
+    channel: &crate::restart::Channel,
+    history: &mut crate::restart::History,
+    relay: &mut Relay,
+) {
+    let plan = shared.plan;
+    for n in 0..cells.0.len() {
+        let pid = cells.0[n].pid;
+        let mut status = 0;
+        // SAFETY: waitpid on our own child, without blocking.
+        if unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) } != pid as i32 {
+            continue;
+        }
+        if !crate::restart::died(status) {
+            continue;
+        }
+        let kind = plan.devices[n].kind();
+        let how = if libc::WIFSIGNALED(status) {
+            format!("was killed by signal {}", libc::WTERMSIG(status))
+        } else {
+            format!("exited with status {}", libc::WEXITSTATUS(status))
+        };
+        let vm = &plan.id;
+        let give_up = |why: &str| {
+            eprintln!(
+                "cellvm-jailer: vm {vm}: dev{n} {kind} {how}; {why}: the device needs a reset"
+            );
+            if let Err(e) = channel.given_up(n) {
+                eprintln!("cellvm-jailer: vm {vm}: supervisor channel: {e}");
+            }
+        };
+        if !crate::restart::restartable(kind) {
+            give_up("a backend of its kind is not started again");
+            continue;
+        }
+        if !history.allow(n, std::time::Instant::now()) {
+            give_up(&format!(
+                "it died more than {} times within {} s",
+                crate::restart::MAX_RESTARTS,
+                crate::restart::WINDOW.as_secs()
+            ));
+            continue;
+        }
+        match start_backend_again(shared, entry, n, &pages[n], relay, channel) {
+            Ok(started) => {
+                eprintln!(
+                    "cellvm-jailer: vm {vm}: dev{n} {kind} {how}; started again in a fresh cell (pid {})",
+                    started.pid
+                );
+                cells.0[n] = started;
+            }
+            Err(e) => give_up(&format!("starting it again failed: {e}")),
+        }
+    }
+}
+
+/// Backend `n` in a fresh cell with its device's descriptors and page; its VMM is sent
+/// the new connection as soon as the cell exists (the backend answers once it runs).
+fn start_backend_again(
+    shared: &Shared,
+    entry: &Entry,
+    n: usize,
+    page: &OwnedFd,
+    relay: &mut Relay,
+    channel: &crate::restart::Channel,
+) -> Result<cell::Started, String> {
+    let plan = shared.plan;
+    let (listener, vmm_end) = connected_listener(&shared.jail, n)?;
+    let null = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| format!("/dev/null: {e}"))?;
+    let (err_w, log) = log_pipe(
+        &plan.spec.name,
+        &format!("dev{n} {}", plan.devices[n].kind()),
+    )
+    .map_err(|f| f.message)?;
+    let stdio = [null.as_raw_fd(), null.as_raw_fd(), err_w.as_raw_fd()];
+    let spec = backend_cell(
+        shared,
+        n,
+        entry.device_uids[n],
+        &listener,
+        page,
+        None,
+        stdio,
+    )
+    .map_err(|f| f.message)?;
+    let mut started = cell::start(&shared.cgroup, &spec).map_err(|e| e.to_string())?;
+    relay.logs.retain(Log::is_open);
+    relay.logs.push(log);
+    let sent = channel.replaced(n, started.pid, &vmm_end);
+    let exec = started.exec();
+    if let Err(e) = sent
+        .map_err(|e| format!("supervisor channel: {e}"))
+        .and(exec.map_err(|e| e.to_string()))
+    {
+        // SAFETY: kill and reap our own child.
+        unsafe { libc::kill(started.pid as i32, libc::SIGKILL) };
+        crate::supervise::reap(started.pid);
+        return Err(e);
+    }
+    Ok(started)
 }
 
 /// A connected pair of stream sockets, close-on-exec (the cell keeps its end by number).

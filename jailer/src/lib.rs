@@ -14,6 +14,7 @@ pub mod namespaces;
 pub mod paths;
 pub mod policy;
 pub mod registry;
+pub mod restart;
 pub mod rundir;
 pub mod selinux;
 pub mod supervise;

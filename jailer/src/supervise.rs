@@ -107,6 +107,11 @@ impl Log {
         }
     }
 
+    /// Whether its cell may still write (a closed log has nothing more to relay).
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
     fn emit(&mut self) {
         let mut out = Vec::with_capacity(self.line.len() + self.prefix.len() + 16);
         out.extend_from_slice(self.prefix.as_bytes());
@@ -621,8 +626,15 @@ impl Control {
 const TERM_AGAIN: Duration = Duration::from_millis(500);
 
 /// Waits for `pid`, relaying `relay`, forwarding stop requests and (detached) checking
-/// that the guest runs; returns how the VMM ended.
-pub fn wait(pid: u32, signals: &Signals, relay: &mut Relay, ctl: &mut Control) -> Ending {
+/// that the guest runs; returns how the VMM ended. `tend` runs at every wake-up while
+/// the VMM lives (a child's end is one): it looks after the VM's other cells.
+pub fn wait(
+    pid: u32,
+    signals: &Signals,
+    relay: &mut Relay,
+    ctl: &mut Control,
+    tend: &mut dyn FnMut(&mut Relay, &Control),
+) -> Ending {
     #[derive(Clone, Copy)]
     enum Kind {
         Sig,
@@ -652,6 +664,7 @@ pub fn wait(pid: u32, signals: &Signals, relay: &mut Relay, ctl: &mut Control) -
                 Ending::Exited(status_code(status))
             };
         }
+        tend(relay, ctl);
         let mut what: Vec<(RawFd, i16, Kind)> = Vec::new();
         if let Some(f) = &sigfd {
             what.push((f.as_raw_fd(), libc::POLLIN, Kind::Sig));

@@ -7,7 +7,6 @@
 //! dependencies into the VMM's sandboxed process for no gain.
 
 use std::fmt::Write;
-use std::sync::atomic::Ordering;
 
 use serde_json::{json, Map, Value};
 
@@ -22,7 +21,7 @@ pub fn info(s: &Status) -> Response {
     let devices: Vec<Value> = s
         .devices
         .iter()
-        .map(|d| json!({"id": d.id, "kind": d.kind, "pid": d.pid, "state": d.state()}))
+        .map(|d| json!({"id": d.id, "kind": d.kind, "pid": d.pid(), "state": d.state()}))
         .collect();
     let body = json!({
         "id": s.identity.id,
@@ -67,7 +66,7 @@ pub fn counters(s: &Status) -> Response {
         .devices
         .iter()
         .map(|d| {
-            let mut o = json!({"id": d.id, "kind": d.kind, "pid": d.pid, "state": d.state()});
+            let mut o = json!({"id": d.id, "kind": d.kind, "pid": d.pid(), "state": d.state()});
             for (k, n) in d.snapshot() {
                 o[k] = n.into();
             }
@@ -220,7 +219,7 @@ pub fn metrics(s: &Status) -> Response {
             "cellvm_device_connected{{device=\"{}\",kind=\"{}\"}} {}",
             label(&d.id),
             d.kind,
-            u8::from(!d.failed.load(Ordering::Relaxed))
+            u8::from(d.connected())
         );
     }
     Response::text(t)

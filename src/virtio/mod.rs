@@ -49,6 +49,20 @@ pub struct QueueSetup {
     pub call: EventFd,
 }
 
+impl QueueSetup {
+    pub fn try_clone(&self) -> std::io::Result<QueueSetup> {
+        Ok(QueueSetup {
+            index: self.index,
+            size: self.size,
+            desc: self.desc,
+            avail: self.avail,
+            used: self.used,
+            kick: self.kick.try_clone()?,
+            call: self.call.try_clone()?,
+        })
+    }
+}
+
 /// The device model behind a virtio-pci function.
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
@@ -64,4 +78,10 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, acked_features: u64, queues: &[QueueSetup]) -> Result<(), String>;
     /// The driver reset the device: stop every queue.
     fn reset(&mut self);
+    /// The device model's process died and a new one is at the other end of `stream`:
+    /// carry on where the old one stopped. A model without a process has nothing to
+    /// reconnect.
+    fn reconnect(&mut self, _stream: std::os::unix::net::UnixStream) -> Result<(), String> {
+        Err("this device has no backend to reconnect".into())
+    }
 }

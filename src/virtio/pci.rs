@@ -277,6 +277,34 @@ impl VirtioPci {
         }
     }
 
+    /// The device's backend was replaced by the one at the other end of `stream`; if it
+    /// cannot carry on, the device needs a reset.
+    pub fn reconnect(&mut self, stream: std::os::unix::net::UnixStream) -> Result<(), String> {
+        let r = self.device.reconnect(stream);
+        if r.is_err() {
+            self.needs_reset();
+        }
+        r
+    }
+
+    /// The device cannot go on until the driver resets it (virtio 1.2, 2.1.1): the
+    /// status says NEEDS_RESET and, in INTx mode, a configuration change interrupt says
+    /// to look (with MSI-X the driver sees it at its next look at the status: the VMM
+    /// raises no configuration vector yet).
+    pub fn needs_reset(&mut self) {
+        // A device not yet started finds out at DRIVER_OK, which then fails.
+        if self.status & STATUS_DRIVER_OK == 0 {
+            return;
+        }
+        self.status |= STATUS_NEEDS_RESET;
+        if self.msix_control() & MSIX_ENABLE == 0 {
+            self.isr |= 2;
+            if let Some(i) = &self.intx {
+                (i.set_level)(true);
+            }
+        }
+    }
+
     pub fn bar_address(&self) -> u64 {
         self.bar as u64
     }

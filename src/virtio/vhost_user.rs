@@ -7,6 +7,10 @@
 //! Everything the backend says is checked: a backend that lacks VERSION_1, offers
 //! fewer queues than asked, replies out of turn or hangs (replies time out) makes the
 //! device fail with a logged reason; the VM goes on.
+//!
+//! A backend that dies can be replaced: the new one is negotiated with as the first
+//! was, must offer what the driver already uses, and gets the same memory table, rings
+//! and eventfds, each queue resuming at the used index the old one left in guest RAM.
 
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -16,7 +20,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::*;
 
@@ -110,17 +114,103 @@ pub enum Error {
     RingOutsideRam(usize, &'static str),
     #[error("socket: {0}")]
     Socket(std::io::Error),
+    #[error("the new backend differs: {0}")]
+    Changed(String),
 }
 
 pub struct VhostUserDevice {
-    frontend: Frontend,
+    link: Link,
     device_type: u32,
     queue_sizes: Vec<u16>,
+    mem: GuestMemoryMmap,
+    started: Vec<usize>,
+    /// What the driver started the device with (features and queues), kept to start a
+    /// backend that replaces a dead one in the same place.
+    activation: Option<(u64, Vec<QueueSetup>)>,
+}
+
+/// One connection to a backend, negotiated: what the backend offered and the queue
+/// count that follows from it.
+struct Link {
+    frontend: Frontend,
     backend_features: u64,
     protocol: VhostUserProtocolFeatures,
     config: Vec<u8>,
-    mem: GuestMemoryMmap,
-    started: Vec<usize>,
+    queues: usize,
+}
+
+/// Where each queue's backend starts reading the available ring.
+#[derive(Clone, Copy, PartialEq)]
+enum Base {
+    /// A ring the driver just set up: from the start.
+    Fresh,
+    /// A ring a dead backend served: from the used index in guest RAM. Every backend
+    /// completes each chain before it takes the next, so the used index counts
+    /// exactly the chains finished; those taken but unfinished are served again.
+    Resume,
+}
+
+/// Negotiates with the backend at the other end of `stream`: features, protocol
+/// features, queue count and configuration space, each checked.
+fn handshake(stream: UnixStream, device_type: u32, queues: usize) -> Result<Link, Error> {
+    stream
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .and_then(|_| stream.set_write_timeout(Some(REPLY_TIMEOUT)))
+        .map_err(Error::Socket)?;
+    let mut frontend = Frontend::from_stream(stream, queues as u64);
+    frontend
+        .set_owner()
+        .map_err(|e| Error::Vhost("SET_OWNER", e))?;
+    let backend_features = frontend
+        .get_features()
+        .map_err(|e| Error::Vhost("GET_FEATURES", e))?;
+    if backend_features & F_VERSION_1 == 0 {
+        return Err(Error::NoVersion1(backend_features));
+    }
+    let mut protocol = VhostUserProtocolFeatures::empty();
+    if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+        let offered = frontend
+            .get_protocol_features()
+            .map_err(|e| Error::Vhost("GET_PROTOCOL_FEATURES", e))?;
+        protocol = offered
+            & (VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::REPLY_ACK);
+        frontend
+            .set_protocol_features(protocol)
+            .map_err(|e| Error::Vhost("SET_PROTOCOL_FEATURES", e))?;
+    }
+    let offered_queues = if protocol.contains(VhostUserProtocolFeatures::MQ) {
+        frontend
+            .get_queue_num()
+            .map_err(|e| Error::Vhost("GET_QUEUE_NUM", e))?
+    } else {
+        1
+    };
+    let size = config_size(device_type);
+    let mut config = vec![0u8; size as usize];
+    if size > 0 && protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+        let (_, payload) = frontend
+            .get_config(0, size, VhostUserConfigFlags::WRITABLE, &config)
+            .map_err(|e| Error::Vhost("GET_CONFIG", e))?;
+        config.copy_from_slice(&payload);
+    }
+    // A console's queues follow from its ports, which only its backend knows.
+    let queues = if device_type == TYPE_CONSOLE {
+        console_queues(&config)?
+    } else {
+        queues
+    };
+    if offered_queues < queues as u64 {
+        return Err(Error::TooFewQueues(offered_queues, queues));
+    }
+    Ok(Link {
+        frontend,
+        backend_features,
+        protocol,
+        config,
+        queues,
+    })
 }
 
 impl VhostUserDevice {
@@ -132,67 +222,53 @@ impl VhostUserDevice {
         queue_size: u16,
         mem: GuestMemoryMmap,
     ) -> Result<Self, Error> {
-        stream
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .and_then(|_| stream.set_write_timeout(Some(REPLY_TIMEOUT)))
-            .map_err(Error::Socket)?;
-        let mut frontend = Frontend::from_stream(stream, queues as u64);
-        frontend
-            .set_owner()
-            .map_err(|e| Error::Vhost("SET_OWNER", e))?;
-        let backend_features = frontend
-            .get_features()
-            .map_err(|e| Error::Vhost("GET_FEATURES", e))?;
-        if backend_features & F_VERSION_1 == 0 {
-            return Err(Error::NoVersion1(backend_features));
-        }
-        let mut protocol = VhostUserProtocolFeatures::empty();
-        if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            let offered = frontend
-                .get_protocol_features()
-                .map_err(|e| Error::Vhost("GET_PROTOCOL_FEATURES", e))?;
-            protocol = offered
-                & (VhostUserProtocolFeatures::MQ
-                    | VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::REPLY_ACK);
-            frontend
-                .set_protocol_features(protocol)
-                .map_err(|e| Error::Vhost("SET_PROTOCOL_FEATURES", e))?;
-        }
-        let offered_queues = if protocol.contains(VhostUserProtocolFeatures::MQ) {
-            frontend
-                .get_queue_num()
-                .map_err(|e| Error::Vhost("GET_QUEUE_NUM", e))?
-        } else {
-            1
-        };
-        let size = config_size(device_type);
-        let mut config = vec![0u8; size as usize];
-        if size > 0 && protocol.contains(VhostUserProtocolFeatures::CONFIG) {
-            let (_, payload) = frontend
-                .get_config(0, size, VhostUserConfigFlags::WRITABLE, &config)
-                .map_err(|e| Error::Vhost("GET_CONFIG", e))?;
-            config.copy_from_slice(&payload);
-        }
-        // A console's queues follow from its ports, which only its backend knows.
-        let queues = if device_type == TYPE_CONSOLE {
-            console_queues(&config)?
-        } else {
-            queues
-        };
-        if offered_queues < queues as u64 {
-            return Err(Error::TooFewQueues(offered_queues, queues));
-        }
+        let link = handshake(stream, device_type, queues)?;
         Ok(VhostUserDevice {
-            frontend,
+            queue_sizes: vec![queue_size; link.queues],
+            link,
             device_type,
-            queue_sizes: vec![queue_size; queues],
-            backend_features,
-            protocol,
-            config,
             mem,
             started: Vec::new(),
+            activation: None,
         })
+    }
+
+    /// Takes over from a backend that died: negotiates with the new one at the other
+    /// end of `stream` and, if the driver had started the device, starts every queue
+    /// where the old backend left it. Then kicks every queue (a kick that reached the
+    /// dead backend is not lost) and signals every one (nor a completion it made
+    /// without signalling).
+    pub fn reconnect(&mut self, stream: UnixStream) -> Result<(), Error> {
+        let link = handshake(stream, self.device_type, self.queue_sizes.len())?;
+        if link.queues != self.queue_sizes.len() {
+            return Err(Error::Changed(format!(
+                "{} queues, the device has {}",
+                link.queues,
+                self.queue_sizes.len()
+            )));
+        }
+        if let Some((acked, _)) = &self.activation {
+            let missing = acked & !link.backend_features;
+            if missing != 0 {
+                return Err(Error::Changed(format!(
+                    "features {missing:#x} the driver uses are no longer offered"
+                )));
+            }
+        }
+        self.link = link;
+        self.started.clear();
+        let Some((acked, queues)) = self.activation.take() else {
+            return Ok(());
+        };
+        let started = self.start(acked, &queues, Base::Resume);
+        if started.is_ok() {
+            for q in &queues {
+                let _ = q.kick.write(1);
+                let _ = q.call.write(1);
+            }
+        }
+        self.activation = Some((acked, queues));
+        started
     }
 
     fn host_address(
@@ -212,10 +288,11 @@ impl VhostUserDevice {
             .map_err(|_| Error::RingOutsideRam(q, what))
     }
 
-    fn start(&mut self, acked: u64, queues: &[QueueSetup]) -> Result<(), Error> {
+    fn start(&mut self, acked: u64, queues: &[QueueSetup], base: Base) -> Result<(), Error> {
         let protocol_bit =
-            self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        self.frontend
+            self.link.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        self.link
+            .frontend
             .set_features(acked | protocol_bit)
             .map_err(|e| Error::Vhost("SET_FEATURES", e))?;
         let regions: Vec<VhostUserMemoryRegionInfo> = self
@@ -224,7 +301,8 @@ impl VhostUserDevice {
             .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<Result<_, _>>()
             .map_err(|e| Error::Vhost("guest RAM", e))?;
-        self.frontend
+        self.link
+            .frontend
             .set_mem_table(&regions)
             .map_err(|e| Error::Vhost("SET_MEM_TABLE", e))?;
         for q in queues {
@@ -244,12 +322,21 @@ impl VhostUserDevice {
                 log_addr: None,
             };
             let i = q.index;
-            let f = &mut self.frontend;
+            let next = match base {
+                Base::Fresh => 0,
+                // The used index is the ring's third and fourth bytes, inside RAM (checked
+                // above); a driver that scribbled on it only misleads its own queue.
+                Base::Resume => self
+                    .mem
+                    .read_obj::<u16>(GuestAddress(q.used + 2))
+                    .map_err(|_| Error::RingOutsideRam(i, "used ring"))?,
+            };
+            let f = &mut self.link.frontend;
             f.set_vring_num(i, q.size)
                 .map_err(|e| Error::Vhost("SET_VRING_NUM", e))?;
             f.set_vring_addr(i, &config)
                 .map_err(|e| Error::Vhost("SET_VRING_ADDR", e))?;
-            f.set_vring_base(i, 0)
+            f.set_vring_base(i, next)
                 .map_err(|e| Error::Vhost("SET_VRING_BASE", e))?;
             f.set_vring_call(i, &q.call)
                 .map_err(|e| Error::Vhost("SET_VRING_CALL", e))?;
@@ -275,12 +362,12 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn features(&self) -> u64 {
-        self.backend_features & passthrough(self.device_type)
+        self.link.backend_features & passthrough(self.device_type)
     }
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         let at = offset as usize;
-        match self.config.get(at..at + data.len()) {
+        match self.link.config.get(at..at + data.len()) {
             Some(src) => data.copy_from_slice(src),
             None => data.fill(0),
         }
@@ -288,13 +375,18 @@ impl VirtioDevice for VhostUserDevice {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         let at = offset as usize;
-        let Some(dst) = self.config.get_mut(at..at + data.len()) else {
+        let Some(dst) = self.link.config.get_mut(at..at + data.len()) else {
             return;
         };
         dst.copy_from_slice(data);
-        if self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+        if self
+            .link
+            .protocol
+            .contains(VhostUserProtocolFeatures::CONFIG)
+        {
             if let Err(e) =
-                self.frontend
+                self.link
+                    .frontend
                     .set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data)
             {
                 log::warn!("vhost-user: SET_CONFIG: {e}");
@@ -303,19 +395,30 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn activate(&mut self, acked: u64, queues: &[QueueSetup]) -> Result<(), String> {
-        self.start(acked, queues)
+        let clones = queues
+            .iter()
+            .map(QueueSetup::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("eventfd: {e}"))?;
+        self.activation = Some((acked, clones));
+        self.start(acked, queues, Base::Fresh)
             .map_err(|e| format!("vhost-user backend: {e}"))
     }
 
+    fn reconnect(&mut self, stream: UnixStream) -> Result<(), String> {
+        VhostUserDevice::reconnect(self, stream).map_err(|e| e.to_string())
+    }
+
     fn reset(&mut self) {
+        self.activation = None;
         let protocol_bit =
-            self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            self.link.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         for i in std::mem::take(&mut self.started) {
             if protocol_bit != 0 {
-                let _ = self.frontend.set_vring_enable(i, false);
+                let _ = self.link.frontend.set_vring_enable(i, false);
             }
             // GET_VRING_BASE stops the ring in the backend.
-            if let Err(e) = self.frontend.get_vring_base(i) {
+            if let Err(e) = self.link.frontend.get_vring_base(i) {
                 log::warn!("vhost-user: queue {i}: GET_VRING_BASE: {e}");
             }
         }

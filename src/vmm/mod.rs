@@ -7,6 +7,7 @@ pub mod config;
 pub mod mailbox;
 pub mod memory;
 pub mod state;
+pub mod supervisor;
 pub mod vcpu;
 pub mod virtio;
 
@@ -180,6 +181,8 @@ pub struct RunOptions {
     pub identity: Identity,
     /// The exit status after a guest reset or `vm.reboot`.
     pub reset_exit_code: u8,
+    /// The supervisor's channel (`--supervisor-fd`): new backends for dead ones.
+    pub supervisor: Option<RawFd>,
 }
 
 /// The listening socket, checked: an AF_UNIX stream socket in the listening state.
@@ -242,6 +245,11 @@ pub struct Vm {
     api: Option<Arc<Mailbox<ApiReply>>>,
     /// Backend connections (second descriptors) watched for a hang-up, by device index.
     connections: Vec<std::os::unix::net::UnixStream>,
+    /// The virtio functions, by device index (a new backend is handed to its function).
+    functions: Vec<Arc<Mutex<crate::virtio::pci::VirtioPci>>>,
+    /// Where a supervisor sends new backends for dead ones; None: a dead backend's
+    /// device fails at once.
+    supervisor: Option<OwnedFd>,
     reset_exit_code: u8,
     seccomp: crate::seccomp::Mode,
     /// Kept for the life of the VM (dropped only with the process).
@@ -252,6 +260,11 @@ impl Vm {
     /// Builds the VM and starts its vCPU threads (state created until `run` serves it).
     pub fn create(cfg: VmConfig, opts: RunOptions) -> Result<Vm, Error> {
         let api_fd = opts.api.as_ref().map(api_listener).transpose()?;
+        let supervisor = opts
+            .supervisor
+            .map(supervisor::check)
+            .transpose()
+            .map_err(Error::Invalid)?;
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         validate(&cfg, &kvm)?;
         let cpus = cfg.cpus();
@@ -524,6 +537,7 @@ impl Vm {
             None => None,
         };
         let connections = std::mem::take(&mut attached.connections);
+        let functions = attached.functions.clone();
         Ok(Vm {
             status,
             vcpus,
@@ -532,10 +546,138 @@ impl Vm {
             ged,
             api,
             connections,
+            functions,
+            supervisor,
             reset_exit_code: opts.reset_exit_code,
             seccomp,
             _keep: Box::new((kvm, vm, ram, attached, router, events)),
         })
+    }
+
+    /// Device `i`'s backend connection hung up: a supervisor will send a new backend,
+    /// or the device needs a reset.
+    fn hung_up(&mut self, epoll: &vmm_sys_util::epoll::Epoll, i: usize, supervised: bool) {
+        use vmm_sys_util::epoll::{ControlOperation, EpollEvent};
+        let Some(c) = self.connections.get(i) else {
+            return;
+        };
+        let _ = epoll.ctl(
+            ControlOperation::Delete,
+            c.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        let Some(d) = self.status.devices.get(i) else {
+            return;
+        };
+        d.hung_up(supervised);
+        if supervised {
+            log::warn!(
+                "device {}: backend connection hung up; waiting for a new backend",
+                d.id
+            );
+        } else {
+            log::warn!("device {}: backend connection hung up", d.id);
+            if let Some(f) = self.functions.get(i) {
+                f.lock().unwrap_or_else(|p| p.into_inner()).needs_reset();
+            }
+        }
+    }
+
+    /// Serves what the supervisor sent; returns whether it is still there.
+    fn from_supervisor(&mut self, epoll: &vmm_sys_util::epoll::Epoll) -> bool {
+        use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
+        let Some(channel) = &self.supervisor else {
+            return false;
+        };
+        loop {
+            let msg = match supervisor::receive(channel) {
+                Ok(Some(m)) => m,
+                Ok(None) => return true,
+                Err(e) => {
+                    log::warn!("{e}; dead backends are not replaced from here on");
+                    let _ = epoll.ctl(
+                        ControlOperation::Delete,
+                        channel.as_raw_fd(),
+                        EpollEvent::default(),
+                    );
+                    self.supervisor = None;
+                    // A device already waiting for a new backend gets none.
+                    for (d, f) in self.status.devices.iter().zip(&self.functions) {
+                        if d.state() == "restarting" {
+                            d.failed();
+                            f.lock().unwrap_or_else(|p| p.into_inner()).needs_reset();
+                        }
+                    }
+                    return false;
+                }
+            };
+            let (i, replacement) = match msg {
+                supervisor::Message::Replaced {
+                    device,
+                    pid,
+                    stream,
+                } => (device, Some((pid, stream))),
+                supervisor::Message::GivenUp { device } => (device, None),
+            };
+            let (Some(d), Some(f)) = (self.status.devices.get(i), self.functions.get(i)) else {
+                log::warn!("supervisor channel: no device {i}");
+                continue;
+            };
+            let mut function = f.lock().unwrap_or_else(|p| p.into_inner());
+            let Some((pid, stream)) = replacement else {
+                log::warn!(
+                    "device {}: its backend was given up; the device needs a reset",
+                    d.id
+                );
+                d.failed();
+                function.needs_reset();
+                continue;
+            };
+            // The old connection goes (if its hang-up is still to come, with it); the new
+            // one is watched in its place.
+            let watch = match stream.try_clone() {
+                Ok(w) => w,
+                Err(e) => {
+                    log::warn!("device {}: new backend: dup: {e}", d.id);
+                    d.failed();
+                    function.needs_reset();
+                    continue;
+                }
+            };
+            if let Some(old) = self.connections.get(i) {
+                let _ = epoll.ctl(
+                    ControlOperation::Delete,
+                    old.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+            }
+            let t0 = Instant::now();
+            match function.reconnect(stream) {
+                Ok(()) => {
+                    d.replaced(pid);
+                    log::warn!(
+                        "device {}: backend pid {pid} took over in {} us",
+                        d.id,
+                        t0.elapsed().as_micros()
+                    );
+                    let _ = epoll.ctl(
+                        ControlOperation::Add,
+                        watch.as_raw_fd(),
+                        EpollEvent::new(EventSet::READ_HANG_UP, i as u64),
+                    );
+                }
+                Err(e) => {
+                    log::warn!(
+                        "device {}: new backend pid {pid}: {e}; the device needs a reset",
+                        d.id
+                    );
+                    d.failed();
+                }
+            }
+            if let Some(slot) = self.connections.get_mut(i) {
+                *slot = watch;
+            }
+        }
     }
 
     /// One press of the ACPI power button (the GED's event and its interrupt).
@@ -557,12 +699,13 @@ impl Vm {
     }
 
     /// Starts the vCPUs and serves events until the VM ends; returns the exit status.
-    pub fn run(self) -> Result<i32, Error> {
+    pub fn run(mut self) -> Result<i32, Error> {
         let signals = sigterm_fd().map_err(Error::MainLoop)?;
         let epoll = vmm_sys_util::epoll::Epoll::new().map_err(Error::MainLoop)?;
         use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
         const MAILBOX: u64 = u64::MAX;
         const SIGNALS: u64 = u64::MAX - 1;
+        const SUPERVISOR: u64 = u64::MAX - 2;
         let add = |fd: RawFd, events: EventSet, token: u64| {
             epoll
                 .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
@@ -570,6 +713,9 @@ impl Vm {
         };
         add(self.main.fd(), EventSet::IN, MAILBOX)?;
         add(signals.as_raw_fd(), EventSet::IN, SIGNALS)?;
+        if let Some(s) = &self.supervisor {
+            add(s.as_raw_fd(), EventSet::IN, SUPERVISOR)?;
+        }
         for (i, c) in self.connections.iter().enumerate() {
             add(c.as_raw_fd(), EventSet::READ_HANG_UP, i as u64)?;
         }
@@ -587,6 +733,7 @@ impl Vm {
         // Once ended: the exit status, and the replies still to be flushed.
         let mut ending: Option<(i32, Vec<u64>, Instant)> = None;
         let mut events = vec![EpollEvent::default(); 16];
+        let mut supervised = self.supervisor.is_some();
         let code = loop {
             if let Some((code, unflushed, deadline)) = &ending {
                 if unflushed.is_empty() || Instant::now() >= *deadline {
@@ -622,21 +769,14 @@ impl Vm {
                             }
                         }
                     }
-                    i => {
-                        let i = i as usize;
-                        if let Some(c) = self.connections.get(i) {
-                            let _ = epoll.ctl(
-                                ControlOperation::Delete,
-                                c.as_raw_fd(),
-                                EpollEvent::default(),
-                            );
-                            if let Some(d) = self.status.devices.get(i) {
-                                d.failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                                log::warn!("device {}: backend connection hung up", d.id);
-                            }
-                        }
-                    }
+                    SUPERVISOR => {}
+                    i => self.hung_up(&epoll, i as usize, supervised),
                 }
+            }
+            // New backends after the hang-ups of the same wait: a replacement is never
+            // taken for the hang-up of the connection it replaced.
+            if events[..ready].iter().any(|e| e.data() == SUPERVISOR) {
+                supervised = self.from_supervisor(&epoll);
             }
             while let Some(msg) = msgs.pop_front() {
                 let ended = match msg {

@@ -3,7 +3,7 @@
 //! writer of the state) and the API thread (which reads it to answer without a round
 //! trip through the main loop).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -143,11 +143,16 @@ impl std::str::FromStr for Identity {
 /// What the VMM sees of one virtio device. With vhost-user the data path (queue kicks
 /// through ioeventfds, completions through irqfds, the buffers themselves) never passes
 /// through the VMM: these are the accesses it does see.
+const CONNECTED: u8 = 0;
+const RESTARTING: u8 = 1;
+const FAILED: u8 = 2;
+
 #[derive(Debug)]
 pub struct DeviceCounters {
     pub id: String,
     pub kind: &'static str,
-    pub pid: Option<u32>,
+    /// The backend's process id (0: not known); a restarted backend's replaces it.
+    pid: AtomicU32,
     /// Guest accesses to the function's BAR (common, ISR, device config, MSI-X table):
     /// each one a vCPU exit the VMM served.
     pub bar_reads: AtomicU64,
@@ -158,8 +163,11 @@ pub struct DeviceCounters {
     /// INTx level raises the VMM relayed to the IOAPIC (MSI-X interrupts go from the
     /// backend's call eventfd straight to KVM and are not seen).
     pub intx_raised: AtomicU64,
-    /// The backend's vhost-user connection hung up.
-    pub failed: AtomicBool,
+    /// CONNECTED, RESTARTING (the connection hung up; a supervisor is starting a new
+    /// backend) or FAILED (none will come: the device needs a reset).
+    state: AtomicU8,
+    /// Backends that replaced a dead one.
+    pub restarts: AtomicU64,
     /// What the backend counts of the data path itself (requests, errors, bytes), read
     /// from the page it shares with the VMM; None for a backend reached by a bare socket.
     pub backend: Option<crate::backend::counters::Reader>,
@@ -175,23 +183,49 @@ impl DeviceCounters {
         DeviceCounters {
             id,
             kind,
-            pid,
+            pid: AtomicU32::new(pid.unwrap_or(0)),
             bar_reads: AtomicU64::new(0),
             bar_writes: AtomicU64::new(0),
             config_reads: AtomicU64::new(0),
             config_writes: AtomicU64::new(0),
             intx_raised: AtomicU64::new(0),
-            failed: AtomicBool::new(false),
+            state: AtomicU8::new(CONNECTED),
+            restarts: AtomicU64::new(0),
             backend,
         }
     }
 
     pub fn state(&self) -> &'static str {
-        if self.failed.load(Ordering::Relaxed) {
-            "failed"
-        } else {
-            "connected"
+        match self.state.load(Ordering::Relaxed) {
+            CONNECTED => "connected",
+            RESTARTING => "restarting",
+            _ => "failed",
         }
+    }
+
+    pub fn connected(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == CONNECTED
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.pid.load(Ordering::Relaxed)).filter(|p| *p != 0)
+    }
+
+    /// The connection hung up: a new backend is coming (`restarting`) or none is.
+    pub fn hung_up(&self, restarting: bool) {
+        let to = if restarting { RESTARTING } else { FAILED };
+        self.state.store(to, Ordering::Relaxed);
+    }
+
+    /// A new backend (process `pid`) took over.
+    pub fn replaced(&self, pid: u32) {
+        self.pid.store(pid, Ordering::Relaxed);
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+        self.state.store(CONNECTED, Ordering::Relaxed);
+    }
+
+    pub fn failed(&self) {
+        self.state.store(FAILED, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
@@ -202,6 +236,7 @@ impl DeviceCounters {
             ("config_reads", r(&self.config_reads)),
             ("config_writes", r(&self.config_writes)),
             ("intx_raised", r(&self.intx_raised)),
+            ("restarts", r(&self.restarts)),
         ]
     }
 }

@@ -31,11 +31,11 @@ pub fn pattern(o: u64) -> u8 {
     ((o / 512) as u8).wrapping_mul(31) ^ (o as u8)
 }
 
-fn data() -> u64 {
+pub(crate) fn data() -> u64 {
     core::ptr::addr_of!(DATA) as u64
 }
 
-fn bytes(off: u64, len: usize) -> &'static mut [u8] {
+pub(crate) fn bytes(off: u64, len: usize) -> &'static mut [u8] {
     // SAFETY: DATA is only used by the one check running at a time.
     unsafe { core::slice::from_raw_parts_mut((data() + off) as *mut u8, len) }
 }
@@ -50,7 +50,7 @@ pub(crate) fn ring(i: usize) -> *mut Ring {
 
 /// One block request: header, optional data buffer, status byte. Returns (used length,
 /// status byte); the status is preset to 0xee so an untouched one shows.
-fn blk(q: &mut Queue, kind: u32, sector: u64, buf: Option<v::Buf>) -> (Option<u32>, u8) {
+pub(crate) fn blk(q: &mut Queue, kind: u32, sector: u64, buf: Option<v::Buf>) -> (Option<u32>, u8) {
     // SAFETY: HDR and STATUS are only used by the one check running at a time.
     let (hdr, status) = unsafe {
         HDR = [kind as u64, sector];

@@ -13,6 +13,10 @@
 //!
 //! `platform` in `tests=`: the DSDT's PCI host bridge against bus 0 and the e820 map.
 //!
+//! `restartloop` in `tests=`: for `bench_ms` ms, write the disk, ask the rng and ARP
+//! over the net (each device that is there) while the host test kills their backends;
+//! see restart.rs.
+//!
 //! `ticks` in `tests=` (after any other checks named there): print `tick N` (N = 1, 2,
 //! ...) every 50 ms of guest time, forever, while watching the ACPI power button (the
 //! Generic Event Device the DSDT describes); on a press print
@@ -31,6 +35,7 @@ mod console;
 mod devices;
 mod hw;
 mod net;
+mod restart;
 mod virtio;
 mod vsock;
 
@@ -50,7 +55,7 @@ const CHECKS: [&str; 9] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "mad
 /// buffers, guest TSO). `vsock` and `virtconsole` need those devices and a host peer
 /// (tests/vsock.rs, tests/virtio_console.rs). `netmq` needs a net device with two or
 /// more queue pairs on a multi-queue tap, with the UDP echo of `net`.
-const OPT_IN: [&str; 17] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench", "netbench", "platform", "netgso", "vsock", "virtconsole", "netmq", "vsockbench", "netrxbench"];
+const OPT_IN: [&str; 18] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench", "netbench", "platform", "netgso", "vsock", "virtconsole", "netmq", "vsockbench", "netrxbench", "restartloop"];
 
 /// The vector the irq check programs the serial's IOAPIC pin with.
 const IRQ_VECTOR: u8 = 0x41;
@@ -131,6 +136,11 @@ impl Report {
             Err(()) => self.failed += 1,
         }
         let _ = writeln!(self.serial, "TEST {name} {verdict} {detail}");
+    }
+
+    /// A line that is not a verdict (a check's progress, for the host test to act on).
+    pub fn say(&mut self, text: core::fmt::Arguments) {
+        let _ = writeln!(self.serial, "{text}");
     }
 }
 
@@ -287,6 +297,7 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
         "vsock" => vsock::check_vsock(r),
         "vsockbench" => vsock::check_vsockbench(r, args.bench_ms),
         "virtconsole" => console::check_virtconsole(r),
+        "restartloop" => restart::check_restartloop(r, args.bench_ms),
         "console" => {
             let mut line = hw::Buf::<80>::new();
             let complete = r.serial.read_line(&mut line, 10);

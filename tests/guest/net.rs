@@ -204,9 +204,14 @@ fn tso_check(rxq: &mut Queue, txq: &mut Queue, mac: &[u8; 6], host_mac: &[u8; 6]
 
 /// The net device set up with `wanted` features: (device, features, rx, tx, MAC, link).
 fn start(wanted: u64) -> Result<(v::Device, u64, Queue, Queue, [u8; 6], u8), &'static str> {
+    start_on(wanted, super::devices::ring(0), super::devices::ring(1))
+}
+
+/// `start` on the rings given (for a check that drives other devices at the same time).
+pub(crate) fn start_on(wanted: u64, rx: *mut v::Ring, tx: *mut v::Ring) -> Result<(v::Device, u64, Queue, Queue, [u8; 6], u8), &'static str> {
     let d = v::find(TYPE_NET, 0).ok_or("no virtio-net function on bus 0")?;
     let features = d.negotiate(v::F_VERSION_1 | wanted, 0).map_err(|_| "device refused FEATURES_OK")?;
-    let (Some(mut rxq), Some(txq)) = (d.setup_queue(0, super::devices::ring(0), NO_VECTOR), d.setup_queue(1, super::devices::ring(1), NO_VECTOR)) else {
+    let (Some(mut rxq), Some(txq)) = (d.setup_queue(0, rx, NO_VECTOR), d.setup_queue(1, tx, NO_VECTOR)) else {
         return Err("queues smaller than the driver's");
     };
     d.driver_ok();
@@ -249,9 +254,14 @@ fn arp_reply(fr: &[u8], mac: &[u8; 6]) -> Option<[u8; 6]> {
 
 /// ARP for 10.77.0.1: (request sent, the host's MAC if it answered).
 fn arp(rxq: &mut Queue, txq: &mut Queue, mac: &[u8; 6]) -> (bool, Option<[u8; 6]>) {
+    arp_within(rxq, txq, mac, 3000)
+}
+
+/// `arp`, waiting at most `ms` for the answer.
+pub(crate) fn arp_within(rxq: &mut Queue, txq: &mut Queue, mac: &[u8; 6], ms: u64) -> (bool, Option<[u8; 6]>) {
     let len = arp_request(mac);
     let sent = send(txq, len);
-    (sent, receive(rxq, 3000, |fr| arp_reply(fr, mac)))
+    (sent, receive(rxq, ms, |fr| arp_reply(fr, mac)))
 }
 
 pub fn check_net(r: &mut Report) {

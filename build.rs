@@ -140,6 +140,7 @@ fn build_test_guest() {
         "devices.rs",
         "net.rs",
         "vsock.rs",
+        "restart.rs",
         "console.rs",
         "boot.S",
         "guest.ld",

@@ -1423,7 +1423,7 @@ fn tend_backends(
     relay: &mut Relay,
 ) {
     let plan = shared.plan;
-    for n in 0..cells.0.len() {
+    for (n, page) in pages.iter().enumerate().take(cells.0.len()) {
         let pid = cells.0[n].pid;
         let mut status = 0;
         // SAFETY: waitpid on our own child, without blocking.
@@ -1460,7 +1460,7 @@ fn tend_backends(
             ));
             continue;
         }
-        match start_backend_again(shared, entry, n, &pages[n], relay, channel) {
+        match start_backend_again(shared, entry, n, page, relay, channel) {
             Ok(started) => {
                 eprintln!(
                     "cellvm-jailer: vm {vm}: dev{n} {kind} {how}; started again in a fresh cell (pid {})",

@@ -6,7 +6,8 @@
 //! with status 0; ARP answers may be lost while the net backend is down, but the last
 //! ARP, after the loop, must be answered. Then every slot is read back and compared.
 //! The report gives the writes made (the host test checks the file against them) and
-//! the longest wait for one request of each kind: the time a restart cost.
+//! the longest wait for one request of each kind (for the net, one answered ARP):
+//! the time a restart cost.
 
 use core::fmt::Write;
 
@@ -76,7 +77,7 @@ pub fn check_restartloop(r: &mut Report, ms: u64) {
     let end = rdtsc() + ms * hz / 1000;
     let (mut k, mut failed) = (0u64, None);
     let (mut max_blk, mut max_rng, mut rng_done) = (0u64, 0u64, 0u64);
-    let (mut arp_ok, mut arp_lost) = (0u64, 0u64);
+    let (mut arp_ok, mut arp_lost, mut max_arp) = (0u64, 0u64, 0u64);
     while rdtsc() < end && failed.is_none() {
         fill(k);
         let t0 = rdtsc();
@@ -100,8 +101,12 @@ pub fn check_restartloop(r: &mut Report, ms: u64) {
         }
         if let Some((_, _, rxq, txq, mac, _)) = net.as_mut() {
             if k % NET_EVERY == 0 {
+                let t0 = rdtsc();
                 match crate::net::arp_within(rxq, txq, mac, 100) {
-                    (_, Some(_)) => arp_ok += 1,
+                    (_, Some(_)) => {
+                        arp_ok += 1;
+                        max_arp = max_arp.max(rdtsc() - t0);
+                    }
                     _ => arp_lost += 1,
                 }
             }
@@ -126,7 +131,7 @@ pub fn check_restartloop(r: &mut Report, ms: u64) {
     if let Some((d, rxq, txq, mac)) = net.as_mut().map(|(d, _, rxq, txq, mac, _)| (d, rxq, txq, mac)) {
         // After the loop: the device must work (a second try, in case one frame is lost).
         let answered = crate::net::arp_within(rxq, txq, mac, 1000).1.is_some() || crate::net::arp_within(rxq, txq, mac, 2000).1.is_some();
-        let _ = write!(out, " arp_ok={arp_ok} arp_lost={arp_lost} arp_after={answered} net_status={:#x}", d.status());
+        let _ = write!(out, " arp_ok={arp_ok} arp_lost={arp_lost} max_arp_us={} arp_after={answered} net_status={:#x}", us(max_arp), d.status());
         ok &= answered;
         d.set_status(0);
     }

@@ -7,6 +7,9 @@
 //! QEMU's microvm booting the same ELF. Wall time, CPU time (user + system of the
 //! child, from wait4) and peak RSS.
 //!
+//! Scenario 9 (backend restart, `restart.rs`): a backend's SIGKILL to the guest's next
+//! completed request; `--restart-only` runs it alone.
+//!
 //! Scenario 7 (control plane, `control.rs`): the API, pause/resume, launch --detach and
 //! `cellvmctl list` against libvirt driving QEMU; `--control-plane-only` runs it alone.
 
@@ -18,6 +21,7 @@ use clap::Parser;
 use serde::Serialize;
 
 mod control;
+mod restart;
 
 #[derive(Parser)]
 #[command(about = "cellvm benchmarks side by side with real peers")]
@@ -48,6 +52,10 @@ struct Args {
     /// Only scenario 4's net rows (transmit and receive against QEMU), then the table.
     #[arg(long)]
     net_only: bool,
+    /// Only scenario 9 (a backend's SIGKILL to the guest's next completed request),
+    /// then the table.
+    #[arg(long)]
+    restart_only: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -1080,6 +1088,13 @@ fn main() {
         &mut rows,
     );
     drop(devs_net);
+    if args.restart_only {
+        restart::rows(&jailer, &example, &work, runs, &mut rows);
+        print_table(runs, &rows);
+        write_json(args.json.as_deref(), &rows);
+        let _ = std::fs::remove_dir_all(&work);
+        return;
+    }
     let supervisor_rss = supervisor_rss_kib(&jailer, &policy, &work);
     if args.launch_only {
         print_table(runs, &rows);
@@ -1248,6 +1263,7 @@ fn main() {
     }
 
     vsock_rows(&bin, &work, args.quick, runs, &mut rows);
+    restart::rows(&jailer, &example, &work, runs, &mut rows);
     let control = control_plane(&root, &bin, &guest, &work, args.quick, &mut rows);
 
     print_table(runs, &rows);

@@ -141,6 +141,7 @@ fn build_test_guest() {
         "net.rs",
         "vsock.rs",
         "restart.rs",
+        "fs.rs",
         "console.rs",
         "boot.S",
         "guest.ld",

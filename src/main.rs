@@ -74,6 +74,10 @@ struct RunArgs {
     /// port on its own socket), socket=PATH or fd=N.
     #[arg(long)]
     virtio_console: Option<cellvm::vmm::config::ConsoleSpec>,
+    /// A virtio-fs share: tag=TAG,socket=PATH or tag=TAG,fd=N, its backend a virtiofsd
+    /// started elsewhere (the jailer starts one in a cell; repeat for more).
+    #[arg(long = "fs")]
+    fs: Vec<cellvm::vmm::config::FsSpec>,
     /// Guest RAM the kernel may merge with identical pages of other VMs (KSM); private
     /// memory, so no device backends can share it.
     #[arg(long)]
@@ -174,6 +178,7 @@ fn run(args: RunArgs) -> Result<i32, (String, i32)> {
         nets: (!args.nets.is_empty()).then_some(args.nets),
         vsock: args.vsock,
         virtio_console: args.virtio_console,
+        fs: (!args.fs.is_empty()).then_some(args.fs),
         ksm: args.ksm.then_some(true),
         allow_executable_ram: args.allow_executable_ram.then_some(true),
         hugepages: args.hugepages,

@@ -4,7 +4,7 @@
 set -eu
 packages="qemu-system-x86 qemu-utils iproute2 xz-utils zstd lz4 binutils gcc make \
     selinux-policy-dev selinux-policy-default checkpolicy semodule-utils setools strace attr \
-    libvirt-daemon-system libvirt-clients acpica-tools"
+    libvirt-daemon-system libvirt-clients acpica-tools libseccomp-dev libcap-ng-dev"
 missing() {
     need=""
     for pkg in $packages; do
@@ -55,3 +55,20 @@ if ! ip -n cellvm-example link show cvex0 >/dev/null 2>&1; then
     ip -n cellvm-example addr add 10.77.0.1/24 dev cvex0
 fi
 ip -n cellvm-example link set cvex0 up
+# virtiofsd, the virtio-fs backend: the crates.io release, pinned, built statically
+# (glibc, libseccomp and libcap-ng linked in) so that its cell holds no libraries. The
+# jailer execs it from /usr/local/libexec/cellvm/virtiofsd (`--virtiofsd` elsewhere).
+virtiofsd=/usr/local/libexec/cellvm/virtiofsd
+virtiofsd_version=1.14.0
+if ! "$virtiofsd" --version 2>/dev/null | grep -qx "virtiofsd $virtiofsd_version"; then
+    echo "setup: building virtiofsd $virtiofsd_version (static)"
+    build=$(mktemp -d)
+    LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
+    LIBCAPNG_LINK_TYPE=static LIBCAPNG_LIB_PATH=/usr/lib/x86_64-linux-gnu \
+    RUSTFLAGS="-C target-feature=+crt-static" \
+        cargo install --quiet virtiofsd --version "=$virtiofsd_version" --locked \
+        --target x86_64-unknown-linux-gnu --root "$build" --target-dir "$build/target"
+    mkdir -p "$(dirname "$virtiofsd")"
+    install -m 0755 "$build/bin/virtiofsd" "$virtiofsd"
+    rm -rf "$build"
+fi

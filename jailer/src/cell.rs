@@ -67,6 +67,14 @@ pub enum Root<'a> {
     },
     /// A backend's: nothing; the binary is exec'd from the checked descriptor.
     Empty { dir: PathBuf },
+    /// A virtio-fs backend's: the shared directory at /share (a detached mount of the
+    /// descriptor the jailer opened) and the cell's own /proc; the binary is exec'd from
+    /// the checked descriptor.
+    Share {
+        dir: PathBuf,
+        share: OwnedFd,
+        writable: bool,
+    },
 }
 
 /// The cell's Landlock domain.
@@ -76,6 +84,10 @@ pub enum Rules {
     /// Every right denied but executing and reading (which the exec by descriptor
     /// needs; the backend denies itself those too once running).
     DenyAllButExec,
+    /// A virtio-fs backend's: as `DenyAllButExec`, and beneath /share listing
+    /// directories and, if `writable`, writing, making and removing files, directories,
+    /// symlinks, FIFOs and sockets (never device nodes).
+    Share { writable: bool },
 }
 
 /// Everything that makes a cell, described once.
@@ -113,8 +125,10 @@ pub fn enter_cell(spec: &CellSpec, to_supervisor: RawFd) -> Result<Infallible, C
     // Nothing else inherited: only the binary, the error pipe and the cell's own fds.
     let mut keep = vec![to_supervisor, spec.exec.as_raw_fd()];
     keep.extend(&spec.keep);
-    if let Root::Vmm { files, .. } = &spec.root {
-        keep.extend(files.descriptors());
+    match &spec.root {
+        Root::Vmm { files, .. } => keep.extend(files.descriptors()),
+        Root::Share { share, .. } => keep.push(share.as_raw_fd()),
+        Root::Empty { .. } => {}
     }
     identity::close_inherited_fds(&keep)?;
     // A session of its own: no controlling terminal, none of the operator's.
@@ -137,6 +151,11 @@ pub fn enter_cell(spec: &CellSpec, to_supervisor: RawFd) -> Result<Infallible, C
     match &spec.root {
         Root::Vmm { dir, files } => namespaces::enter_jail(dir, files)?,
         Root::Empty { dir } => namespaces::enter_empty_jail(dir)?,
+        Root::Share {
+            dir,
+            share,
+            writable,
+        } => namespaces::enter_share_jail(dir, share, *writable)?,
     }
     // Limits before the uid change: afterwards they could not be set this tight.
     identity::set_rlimits(&spec.limits)?;
@@ -149,6 +168,7 @@ pub fn enter_cell(spec: &CellSpec, to_supervisor: RawFd) -> Result<Infallible, C
         let how = match rules {
             Rules::Paths(r) => ll::restrict(r, *requirement)?,
             Rules::DenyAllButExec => ll::deny_all_but_exec(*requirement)?,
+            Rules::Share { writable } => ll::share(*writable, *requirement)?,
         };
         // No layer is skipped silently: a partial or absent Landlock is logged.
         if how != "fully enforced" {
@@ -160,7 +180,7 @@ pub fn enter_cell(spec: &CellSpec, to_supervisor: RawFd) -> Result<Infallible, C
     // Exec what was checked, with an empty environment.
     let exe = match &spec.root {
         Root::Vmm { .. } => checked_mount("/cellvm", spec.exec)?,
-        Root::Empty { .. } => spec.exec.as_raw_fd(),
+        Root::Empty { .. } | Root::Share { .. } => spec.exec.as_raw_fd(),
     };
     exec_fd(exe, &argv, &spec.argv)
 }

@@ -65,6 +65,32 @@ pub fn deny_all_but_exec(requirement: Requirement) -> Result<&'static str, Error
     )
 }
 
+/// For a virtio-fs backend: as `deny_all_but_exec` (virtiofsd is exec'd by
+/// descriptor, and reading is what it serves), and beneath `/share` listing directories
+/// and, where the share is writable, what a file server does to files. Making a
+/// character or block device is never granted (the mount is nodev as well, and the
+/// backend's uid cannot make one).
+pub fn share(writable: bool, requirement: Requirement) -> Result<&'static str, Error> {
+    let mut access: BitFlags<AccessFs> = AccessFs::ReadDir.into();
+    if writable {
+        access |= AccessFs::WriteFile
+            | AccessFs::RemoveDir
+            | AccessFs::RemoveFile
+            | AccessFs::MakeDir
+            | AccessFs::MakeReg
+            | AccessFs::MakeSock
+            | AccessFs::MakeFifo
+            | AccessFs::MakeSym
+            | AccessFs::Refer
+            | AccessFs::Truncate;
+    }
+    restrict_handling(
+        AccessFs::from_all(ABI_USED) & !(AccessFs::Execute | AccessFs::ReadFile),
+        &[("/share", access)],
+        requirement,
+    )
+}
+
 fn restrict_handling(
     handled: BitFlags<AccessFs>,
     rules: &[(&str, BitFlags<AccessFs>)],

@@ -17,6 +17,10 @@ use crate::{identity, landlock, namespaces, paths, policy, selinux};
 
 /// Exit status for a refused launch (policy, spec, files): the caller's input.
 pub const EXIT_REFUSED: i32 = 2;
+/// Where tests/setup.sh installs virtiofsd (built statically from the crates.io
+/// release it pins).
+pub const DEFAULT_VIRTIOFSD: &str = "/usr/local/libexec/cellvm/virtiofsd";
+
 /// Exit status when the cell could not be built.
 pub const EXIT_SETUP: i32 = 1;
 
@@ -27,6 +31,8 @@ pub struct Options {
     pub vmm: PathBuf,
     /// The device backends' binary, exec'd in each backend cell.
     pub device: PathBuf,
+    /// virtiofsd (statically linked), exec'd in each virtio-fs share's cell.
+    pub virtiofsd: PathBuf,
     pub run_dir: PathBuf,
     /// Test-only: run probe NAME (`cellvm-probe NAME --role ROLE --seccomp MODE`) in the
     /// VMM's exact cell instead of the VMM.
@@ -158,6 +164,8 @@ pub struct Plan {
     pub vmm: File,
     /// `cellvm-device`, checked and opened when the VM has devices.
     pub device_bin: Option<File>,
+    /// virtiofsd, checked and opened when the VM has shares.
+    pub virtiofsd_bin: Option<File>,
     pub devices: Vec<Device>,
     /// The tenant's api_group, resolved.
     pub api_gid: Option<u32>,
@@ -203,6 +211,43 @@ pub enum Device {
     Console {
         ports: Vec<String>,
     },
+    /// A virtio-fs share: virtiofsd in a cell whose only content is the directory.
+    Fs {
+        /// The shared directory, opened beneath the tenant's share_dirs.
+        dir: File,
+        tag: String,
+        readonly: bool,
+    },
+}
+
+/// A virtio-fs share's command line: cellvm-device installs cellvm's seccomp profile
+/// and execs virtiofsd (open on `exec_fd`), whose own sandbox and seccomp are off: the
+/// cell is the sandbox. It takes the VMM's connection on `listen_fd`, serves it, and
+/// exits when the VMM hangs up.
+fn fs_argv(device: &Device, exec_fd: RawFd, listen_fd: RawFd, seccomp: &str) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "cellvm-device",
+        "virtiofsd",
+        "--exec-fd",
+        &exec_fd.to_string(),
+        "--seccomp",
+        seccomp,
+        "--",
+        &format!("--fd={listen_fd}"),
+        "--shared-dir=/share",
+        "--sandbox=none",
+        "--seccomp=none",
+        "--inode-file-handles=never",
+        "--cache=auto",
+        "--rlimit-nofile=0",
+        "--log-level=warn",
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Device::Fs { readonly: true, .. } = device {
+        a.push("--readonly".into());
+    }
+    a
 }
 
 impl Device {
@@ -259,6 +304,8 @@ impl Device {
             Device::Rng => a.push("rng".into()),
             Device::Vsock { cid } => a.extend(["vsock".into(), "--cid".into(), cid.to_string()]),
             Device::Console { .. } => a.push("console".into()),
+            // Its command line is virtiofsd's own (`fs_argv`).
+            Device::Fs { .. } => return fs_argv(self, -1, -1, seccomp),
         }
         a.extend(["--seccomp".into(), seccomp.into()]);
         a
@@ -271,6 +318,7 @@ impl Device {
             Device::Rng => "rng",
             Device::Vsock { .. } => "vsock",
             Device::Console { .. } => "console",
+            Device::Fs { .. } => "fs",
         }
     }
 
@@ -292,7 +340,7 @@ impl Device {
         match self {
             Device::Blk { image, .. } => Some(image.as_raw_fd()),
             Device::Net { fd, .. } => fd.as_ref().map(|f| f.as_raw_fd()),
-            Device::Rng | Device::Vsock { .. } | Device::Console { .. } => None,
+            Device::Rng | Device::Vsock { .. } | Device::Console { .. } | Device::Fs { .. } => None,
         }
     }
 }
@@ -507,6 +555,25 @@ pub fn plan_for(policy: TenantPolicy, spec: VmSpec, opts: &Options) -> Result<Pl
             ports: spec.console_ports.clone(),
         });
     }
+    for (i, share) in spec.shares.iter().enumerate() {
+        let dir =
+            paths::open_share(&policy.share_dirs(!share.readonly), &share.path).map_err(|e| {
+                refused(format!(
+                    "tenant {}: vm {}: shares[{i}]: {e}",
+                    policy.name, spec.name
+                ))
+            })?;
+        devices.push(Device::Fs {
+            dir,
+            tag: share.tag.clone(),
+            readonly: share.readonly,
+        });
+    }
+    let virtiofsd_bin = if spec.shares.is_empty() {
+        None
+    } else {
+        Some(open_static_binary(&opts.virtiofsd).map_err(setup)?)
+    };
     let api_gid = policy
         .api_group
         .as_deref()
@@ -552,6 +619,7 @@ pub fn plan_for(policy: TenantPolicy, spec: VmSpec, opts: &Options) -> Result<Pl
         initrd,
         vmm,
         device_bin,
+        virtiofsd_bin,
         devices,
         api_gid,
         memory_file,
@@ -724,6 +792,10 @@ fn vmm_argv(plan: &Plan, opts: &Options, ctx: &VmmContext) -> Vec<String> {
             Device::Console { .. } => {
                 argv.extend(["--virtio-console".into(), format!("fd={fd}{started}")])
             }
+            // virtiofsd keeps no page of cellvm's counters.
+            Device::Fs { tag, .. } => {
+                argv.extend(["--fs".into(), format!("fd={fd},tag={tag},pid={pid}")])
+            }
         }
     }
     argv
@@ -868,6 +940,12 @@ fn backend_argv(
             }
             a
         }
+        _ if matches!(device, Device::Fs { .. }) => fs_argv(
+            device,
+            plan.virtiofsd_bin.as_ref().map_or(-1, File::as_raw_fd),
+            listener.as_raw_fd(),
+            seccomp,
+        ),
         _ => {
             let mut a = device.argv(n, seccomp);
             a.extend([
@@ -880,6 +958,10 @@ fn backend_argv(
         }
     }
 }
+
+/// Descriptors a virtio-fs backend may hold: one per file or directory the guest has
+/// open or looked up, and virtiofsd's own.
+const FS_NOFILE: u64 = 4096;
 
 /// The cgroup, the jail directory and the signals: what every cell of the VM shares.
 struct Shared<'a> {
@@ -934,11 +1016,48 @@ fn backend_cell<'a>(
             .metadata()
             .map_err(|e| setup(format!("disks: {e}")))?
             .len(),
+        // A guest writes no larger file into a share than a disk of its may be.
+        Device::Fs {
+            readonly: false, ..
+        } => plan.policy.max_disk_bytes.unwrap_or(libc::RLIM_INFINITY),
         _ => 0,
     };
     let mut keep = vec![listener.as_raw_fd(), page.as_raw_fd()];
     keep.extend(device.passed_fd());
     keep.extend(device.backing_fds());
+    let mut root = Root::Empty {
+        dir: s.jail.join(format!("dev{n}")),
+    };
+    let mut rules = Rules::DenyAllButExec;
+    let mut nofile = if matches!(device, Device::Vsock { .. }) {
+        // A vsock backend holds a socket per connection (at most 512, and 64 host
+        // streams still sending their CONNECT line); every other backend a few.
+        640
+    } else {
+        64
+    };
+    let (mut uid, mut gid) = (uid, uid);
+    if let Device::Fs { dir, readonly, .. } = device {
+        // virtiofsd: the share as the cell's only content, its binary by descriptor, a
+        // descriptor for each file the guest holds open, the tenant's share owner.
+        let binary = plan
+            .virtiofsd_bin
+            .as_ref()
+            .ok_or_else(|| setup("no virtiofsd binary was opened"))?;
+        keep = vec![listener.as_raw_fd(), binary.as_raw_fd()];
+        root = Root::Share {
+            dir: s.jail.join(format!("dev{n}")),
+            share: namespaces::detached_mount(dir)?,
+            writable: !readonly,
+        };
+        rules = Rules::Share {
+            writable: !readonly,
+        };
+        nofile = FS_NOFILE;
+        if let Some([u, g]) = plan.policy.share_owner {
+            (uid, gid) = (u, g);
+        }
+    }
     let mut argv = backend_argv(plan, n, listener, page, s.opts);
     if let (Device::Vsock { .. }, Some(host)) = (device, &s.vsock) {
         // The host's side: vsock.sock to accept on, vsock/ to reach host ports in.
@@ -974,28 +1093,20 @@ fn backend_cell<'a>(
         name: format!("dev{n} {}", device.kind()),
         tenant: plan.policy.name.clone(),
         uid,
-        gid: uid,
+        gid,
         // One MCS pair per VM: the backends run as cellvm_device_t with the VMM's pair.
         exec_label: s.label.as_ref().map(|_| s.mcs.device_label()),
         hostname: format!("cellvm-{}-dev{n}", plan.spec.name),
-        root: Root::Empty {
-            dir: s.jail.join(format!("dev{n}")),
-        },
+        root,
         limits: identity::Limits {
-            // A vsock backend holds a socket per connection (at most 512, and 64 host
-            // streams still sending their CONNECT line); every other backend a few.
-            nofile: if matches!(device, Device::Vsock { .. }) {
-                640
-            } else {
-                64
-            },
+            nofile,
             nproc: plan.policy.cgroup.pids_max as u64,
             // A raw image cannot grow: a write past its end fails with EFBIG; a qcow2
             // image grows no further than writing its whole virtual disk needs.
             fsize,
             memlock: 0,
         },
-        landlock: s.landlock(Rules::DenyAllButExec),
+        landlock: s.landlock(rules),
         exec,
         argv,
         keep,

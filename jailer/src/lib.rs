@@ -173,6 +173,7 @@ pub mod fuzzing {
             id: Some("fuzz".into()),
             vmm: root.join("vmm"),
             device: root.join("vmm"),
+            virtiofsd: root.join("vmm"),
             run_dir: root.join("run"),
             probe: None,
             probe_binary: None,

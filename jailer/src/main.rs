@@ -40,6 +40,10 @@ struct Common {
     /// to the VMM.
     #[arg(long)]
     device_binary: Option<PathBuf>,
+    /// virtiofsd (statically linked: tests/setup.sh builds one), exec'd in the cell of
+    /// each virtio-fs share.
+    #[arg(long, default_value = launch::DEFAULT_VIRTIOFSD)]
+    virtiofsd: PathBuf,
     #[arg(long, default_value = registry::RUN_DIR, hide = true)]
     run_dir: PathBuf,
 }
@@ -122,6 +126,7 @@ fn options(
         id: c.id,
         vmm,
         device,
+        virtiofsd: c.virtiofsd,
         run_dir: c.run_dir,
         probe,
         probe_binary,

@@ -160,22 +160,9 @@ pub fn detached_mount(file: &std::fs::File) -> Result<std::os::fd::OwnedFd, Erro
 
 /// Attaches a detached mount at `target` (created as an empty file), read-only.
 fn attach(tree: &impl AsRawFd, target: &Path, exec: bool) -> Result<(), Error> {
-    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
     std::fs::write(target, b"").map_err(io(target))?;
     let t = utf8(target)?;
-    let ct = cstr(t)?;
-    // SAFETY: move_mount from a detached tree fd (empty path) to a valid target path.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_FDCWD,
-            ct.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    } as libc::c_int;
-    check(rc, &format!("move_mount {t}"))?;
+    move_tree(tree, target)?;
     let mut flags =
         libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
     if !exec {
@@ -240,6 +227,116 @@ pub fn enter_empty_jail(root: &Path) -> Result<(), Error> {
     make_dir(&root.join(CELL_DIR), 0o555)?;
     pivot_into(r)?;
     chroot_into_cell()
+}
+
+/// In a virtio-fs backend's cell: a read-only root holding `/share`, the shared
+/// directory (the detached mount `share` of the descriptor the jailer opened beneath
+/// the tenant's share directories; never a submount of it), read-only unless
+/// `writable`, and always nosuid, nodev and noexec; and `/proc`, holding only what
+/// virtiofsd reads there: `self`, the cell's own process directory (virtiofsd reopens
+/// its files through /proc/self/fd), and `sys/fs/nr_open`, a copy of the host's. No
+/// other process, no other kernel file.
+pub fn enter_share_jail(root: &Path, share: &impl AsRawFd, writable: bool) -> Result<(), Error> {
+    std::fs::create_dir_all(root).map_err(io(root))?;
+    let nr_open =
+        std::fs::read("/proc/sys/fs/nr_open").map_err(io(Path::new("/proc/sys/fs/nr_open")))?;
+    let r = utf8(root)?;
+    mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None)?;
+    let hidden = libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_NODEV;
+    mount(
+        Some("cellvm-share"),
+        r,
+        Some("tmpfs"),
+        hidden,
+        Some("size=4k,nr_inodes=8,mode=0755"),
+    )?;
+    let cell = root.join(CELL_DIR);
+    make_dir(&cell, 0o755)?;
+    let target = cell.join("share");
+    make_dir(&target, 0o755)?;
+    move_tree(share, &target)?;
+    let mut flags = libc::MS_BIND | libc::MS_REMOUNT | hidden;
+    if !writable {
+        flags |= libc::MS_RDONLY;
+    }
+    mount(None, utf8(&target)?, None, flags, None)?;
+    // /proc: a tmpfs of two entries. This process is PID 1 of the cell's pid namespace
+    // and the one that execs virtiofsd: a procfs of that namespace, mounted outside the
+    // cell for a moment, lends its directory `1` as /proc/self and is detached again.
+    let procfs = root.join("procfs");
+    make_dir(&procfs, 0o555)?;
+    mount(
+        Some("proc"),
+        utf8(&procfs)?,
+        Some("proc"),
+        hidden,
+        Some("subset=pid,hidepid=invisible"),
+    )?;
+    let proc = cell.join("proc");
+    make_dir(&proc, 0o555)?;
+    mount(
+        Some("cellvm-proc"),
+        utf8(&proc)?,
+        Some("tmpfs"),
+        hidden,
+        Some("size=4k,nr_inodes=8,mode=0555"),
+    )?;
+    let own = proc.join("self");
+    make_dir(&own, 0o555)?;
+    mount(
+        Some(utf8(&procfs.join("1"))?),
+        utf8(&own)?,
+        None,
+        libc::MS_BIND,
+        None,
+    )?;
+    mount(
+        None,
+        utf8(&own)?,
+        None,
+        libc::MS_BIND | libc::MS_REMOUNT | hidden,
+        None,
+    )?;
+    check(
+        // SAFETY: umount2 with a valid NUL-terminated path.
+        unsafe { libc::umount2(cstr(utf8(&procfs)?)?.as_ptr(), libc::MNT_DETACH) },
+        "detach the cell's procfs",
+    )?;
+    let fs = proc.join("sys/fs");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o555)
+        .create(&fs)
+        .map_err(io(&fs))?;
+    std::fs::write(fs.join("nr_open"), nr_open).map_err(io(&fs))?;
+    mount(
+        None,
+        utf8(&proc)?,
+        None,
+        libc::MS_REMOUNT | libc::MS_RDONLY | hidden,
+        Some("size=4k,nr_inodes=8,mode=0555"),
+    )?;
+    pivot_into(r)?;
+    chroot_into_cell()
+}
+
+/// Moves a detached mount onto `target`.
+fn move_tree(tree: &impl AsRawFd, target: &Path) -> Result<(), Error> {
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+    let t = utf8(target)?;
+    let ct = cstr(t)?;
+    // SAFETY: move_mount from a detached tree fd (empty path) to a valid target path.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            ct.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    } as libc::c_int;
+    check(rc, &format!("move_mount {t}"))
 }
 
 fn make_dir(p: &Path, mode: u32) -> Result<(), Error> {

@@ -23,6 +23,8 @@ pub enum Error {
     },
     #[error("{path}: {kind}, not a regular file; refused")]
     NotAFile { path: String, kind: &'static str },
+    #[error("{path}: {kind}, not a directory; a share is a directory")]
+    NotADirectory { path: String, kind: &'static str },
     #[error("{path}: a block device is served only where the tenant policy's block_devices grant its path, never from an image directory")]
     BlockInImageDir { path: String },
     #[error("{path}: not a block device (block_devices grants only those)")]
@@ -126,6 +128,26 @@ pub fn open_beneath_mode(dirs: &[PathBuf], path: &Path, writable: bool) -> Resul
             kind: kind(mode),
         }),
     }
+}
+
+/// Opens a virtio-fs share: a directory beneath one of `dirs`, resolved with openat2
+/// (RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS) from its allowed directory, as images are.
+pub fn open_share(dirs: &[PathBuf], path: &Path) -> Result<File, Error> {
+    let dir = open_any_beneath(dirs, path, false)?;
+    let mode = dir
+        .metadata()
+        .map_err(|e| Error::Io {
+            path: shown_path(path),
+            source: e,
+        })?
+        .mode();
+    if mode & libc::S_IFMT != libc::S_IFDIR {
+        return Err(Error::NotADirectory {
+            path: shown_path(path),
+            kind: kind(mode),
+        });
+    }
+    Ok(dir)
 }
 
 fn open_any_beneath(dirs: &[PathBuf], path: &Path, writable: bool) -> Result<File, Error> {

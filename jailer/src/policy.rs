@@ -119,7 +119,40 @@ pub struct TenantPolicy {
     /// off before every cell is killed, in seconds.
     #[serde(default = "thirty")]
     pub stop_timeout_s: u64,
+    /// Directories a VM may share with its guest through virtio-fs (a VM spec's
+    /// `shares`): each share is a directory beneath one of these, served by virtiofsd in
+    /// a cell whose only content it is; writable only beneath an entry with
+    /// `writable = true`. None: no shares.
+    #[serde(default)]
+    pub share_dirs: Vec<ShareDir>,
+    /// The uid and gid a VM's virtiofsd runs as, so that what guests write stays the
+    /// tenant's across VMs (not in uid_range, not root). None: each virtiofsd runs as
+    /// its cell's own uid from uid_range, and only files that uid may touch are shared.
+    #[serde(default)]
+    pub share_owner: Option<[u32; 2]>,
     pub cgroup: CgroupLimits,
+}
+
+/// A directory of the tenant's shares.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareDir {
+    pub path: PathBuf,
+    /// Whether shares beneath it may be writable (default: read-only only).
+    #[serde(default)]
+    pub writable: bool,
+}
+
+impl TenantPolicy {
+    /// The share directories a share may lie beneath: every one, or (for a writable
+    /// share) the writable ones.
+    pub fn share_dirs(&self, writable: bool) -> Vec<PathBuf> {
+        self.share_dirs
+            .iter()
+            .filter(|d| d.writable || !writable)
+            .map(|d| d.path.clone())
+            .collect()
+    }
 }
 
 fn thirty() -> u64 {
@@ -230,6 +263,33 @@ pub struct VmSpec {
     pub memory_file: Option<PathBuf>,
     #[serde(default)]
     pub ksm: bool,
+    /// Directories shared with the guest through virtio-fs, each beneath the tenant's
+    /// `share_dirs`, at most MAX_SHARES.
+    #[serde(default)]
+    pub shares: Vec<ShareSpec>,
+}
+
+/// A virtio-fs share of a VM spec: the guest mounts `path` by `tag`; its virtiofsd runs
+/// in a cell of its own whose only content is the directory.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareSpec {
+    pub path: PathBuf,
+    /// 1 to 36 letters, digits, '.', '_' or '-', each share's own.
+    pub tag: String,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// The most virtio-fs shares one VM may have.
+pub const MAX_SHARES: usize = 4;
+
+/// A virtio-fs tag: 1 to 36 bytes (the device's tag field) of [A-Za-z0-9._-].
+pub fn valid_share_tag(tag: &str) -> bool {
+    (1..=36).contains(&tag.len())
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn one() -> u32 {
@@ -493,6 +553,20 @@ impl TenantPolicy {
         if let Some(d) = self.secrets_dir.as_ref().filter(|d| !d.is_absolute()) {
             return bad(format!("secrets_dir {} is not absolute", shown_path(d)));
         }
+        if let Some(d) = self.share_dirs.iter().find(|d| !d.path.is_absolute()) {
+            return bad(format!(
+                "share_dirs entry {} is not absolute",
+                shown_path(&d.path)
+            ));
+        }
+        if let Some([u, g]) = self.share_owner {
+            let [lo, hi] = self.uid_range;
+            if u == 0 || g == 0 || (lo..=hi).contains(&u) || (lo..=hi).contains(&g) {
+                return bad(format!(
+                    "share_owner [{u}, {g}] must be neither root nor in uid_range"
+                ));
+            }
+        }
         if let Some(d) = self.image_dirs.iter().find(|d| !d.is_absolute()) {
             return bad(format!(
                 "image_dirs entry {} is not absolute",
@@ -590,6 +664,7 @@ impl VmSpec {
             + usize::from(self.rng)
             + usize::from(self.vsock_cid.is_some())
             + usize::from(self.has_virtio_console())
+            + self.shares.len()
     }
 
     /// Whether the VM has a virtio-console (asked for, or implied by named ports).
@@ -895,6 +970,34 @@ pub fn check(policy: &TenantPolicy, spec: &VmSpec) -> Result<(), Error> {
             "violates",
             "the tenant policy (virtio_console = false)".into(),
         );
+    }
+    if spec.shares.len() > MAX_SHARES {
+        return violation(
+            "shares",
+            format!("{} entries", spec.shares.len()),
+            "exceeds",
+            format!("{MAX_SHARES} shares"),
+        );
+    }
+    for (i, share) in spec.shares.iter().enumerate() {
+        let field = format!("shares[{i}]");
+        let dirs = policy.share_dirs(!share.readonly);
+        if !valid_path(&share.path) || crate::paths::allowed_dir(&dirs, &share.path).is_none() {
+            let allowed = if share.readonly || policy.share_dirs.is_empty() {
+                format!("share_dirs {:?}", policy.share_dirs(false))
+            } else {
+                format!("the writable share_dirs {dirs:?} (readonly = true for the others)")
+            };
+            return violation(&field, shown_path(&share.path), "violates", allowed);
+        }
+        if !valid_share_tag(&share.tag) || spec.shares[..i].iter().any(|s| s.tag == share.tag) {
+            return violation(
+                &format!("{field}.tag"),
+                quoted(&share.tag),
+                "violates",
+                "1 to 36 letters, digits, '.', '_' or '-', each share's own".into(),
+            );
+        }
     }
     if spec.console_ports.len() > MAX_CONSOLE_PORTS {
         return violation(

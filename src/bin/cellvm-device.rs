@@ -16,7 +16,12 @@
 //! cellvm-device console (--socket PATH | --listen-fd N)
 //!                   (--hvc-fd N | --hvc-listen-fd N) [--ports NAME:FD,...]
 //!                   [--seccomp MODE]
+//! cellvm-device virtiofsd --exec-fd N [--seccomp MODE] -- ARGS...
 //! ```
+//! `virtiofsd` serves no device itself: it installs the `virtiofsd` seccomp profile
+//! (policy/seccomp/virtiofsd.json) and execs the virtiofsd binary open on `--exec-fd`
+//! (statically linked; checked by the jailer) with ARGS and an empty environment, so
+//! that a backend nobody here wrote runs under cellvm's own profile.
 //! `console` is virtio-console with the multiport feature: port 0 (hvc0) has its host
 //! end on `--hvc-fd` (a connected stream socket) or `--hvc-listen-fd` (a listening one,
 //! one host program at a time), and each of `--ports` a named port whose host end is
@@ -55,6 +60,7 @@ const USAGE: &str = "usage:
   cellvm-device console (--socket PATH | --listen-fd N)
                     (--hvc-fd N | --hvc-listen-fd N) [--ports NAME:FD,...]
                     [--seccomp MODE]
+  cellvm-device virtiofsd --exec-fd N [--seccomp MODE] -- ARGS...
 Every kind: [--counters-fd N], the page of counters its VMM reads.
 MODE: kill (default), log or off.";
 
@@ -537,10 +543,53 @@ fn console(opts: &Opts) -> Result<(), Usage> {
         .map_err(|e| (e.to_string(), 1))
 }
 
+/// Execs virtiofsd (open on `--exec-fd`) under cellvm's `virtiofsd` seccomp profile.
+/// Returns only if it could not.
+fn virtiofsd(args: &[String]) -> Result<u8, Usage> {
+    let split = args
+        .iter()
+        .position(|a| a == "--")
+        .ok_or_else(|| usage("virtiofsd: its own arguments follow --"))?;
+    let opts = Opts::parse(&args[..split], &[], &["exec-fd", "seccomp"])?;
+    let fd = opts
+        .value("exec-fd")
+        .ok_or_else(|| usage("virtiofsd needs --exec-fd N"))?;
+    let binary = owned_file(opts.fd("exec-fd", fd)?, "--exec-fd")?;
+    let argv = std::iter::once("virtiofsd")
+        .chain(args[split + 1..].iter().map(String::as_str))
+        .map(|a| {
+            std::ffi::CString::new(a).map_err(|_| usage(format!("argument {a:?} holds a NUL")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut argp: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argp.push(std::ptr::null());
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    // The profile stays across the exec and binds every thread virtiofsd starts.
+    cellvm::seccomp::install_process("virtiofsd", opts.seccomp()?)
+        .map_err(|e| (e.to_string(), 1))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: execveat of an open descriptor with an empty path (AT_EMPTY_PATH) and
+    // NULL-terminated arrays of NUL-terminated strings that outlive the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execveat,
+            binary.as_raw_fd(),
+            c"".as_ptr(),
+            argp.as_ptr(),
+            envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    Err((
+        format!("exec virtiofsd: {}", std::io::Error::last_os_error()),
+        1,
+    ))
+}
+
 fn run(args: &[String]) -> Result<u8, Usage> {
     let (kind, rest) = args
         .split_first()
-        .ok_or_else(|| usage("which device? blk, net, rng, vsock or console"))?;
+        .ok_or_else(|| usage("which device? blk, net, rng, vsock, console or virtiofsd"))?;
     match kind.as_str() {
         "blk" => blk(&Opts::parse(
             rest,
@@ -569,6 +618,7 @@ fn run(args: &[String]) -> Result<u8, Usage> {
             &keys(&["hvc-fd", "hvc-listen-fd", "ports"]),
         )?)
         .map(|_| 0),
+        "virtiofsd" => virtiofsd(rest),
         "--help" | "-h" | "help" => {
             println!("{USAGE}");
             Ok(0)

@@ -18,6 +18,7 @@ pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_CONSOLE: u32 = 3;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
+pub const TYPE_FS: u32 = 26;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub const STATUS_ACKNOWLEDGE: u8 = 1;

@@ -124,6 +124,9 @@ pub struct VhostUserDevice {
     queue_sizes: Vec<u16>,
     mem: GuestMemoryMmap,
     started: Vec<usize>,
+    /// A configuration space the VMM serves itself instead of the backend's (a
+    /// virtio-fs tag: virtiofsd is told nothing of it).
+    own_config: Option<Vec<u8>>,
     /// What the driver started the device with (features and queues), kept to start a
     /// backend that replaces a dead one in the same place.
     activation: Option<(u64, Vec<QueueSetup>)>,
@@ -229,8 +232,16 @@ impl VhostUserDevice {
             device_type,
             mem,
             started: Vec::new(),
+            own_config: None,
             activation: None,
         })
+    }
+
+    /// The device's configuration space is `config`, read-only, whatever the backend
+    /// has: a virtio-fs share's tag and request queue count.
+    pub fn with_config(mut self, config: Vec<u8>) -> Self {
+        self.own_config = Some(config);
+        self
     }
 
     /// Takes over from a backend that died: negotiates with the new one at the other
@@ -367,13 +378,17 @@ impl VirtioDevice for VhostUserDevice {
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         let at = offset as usize;
-        match self.link.config.get(at..at + data.len()) {
+        let config = self.own_config.as_ref().unwrap_or(&self.link.config);
+        match config.get(at..at.saturating_add(data.len())) {
             Some(src) => data.copy_from_slice(src),
             None => data.fill(0),
         }
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
+        if self.own_config.is_some() {
+            return;
+        }
         let at = offset as usize;
         let Some(dst) = self.link.config.get_mut(at..at + data.len()) else {
             return;

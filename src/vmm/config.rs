@@ -439,6 +439,63 @@ impl std::str::FromStr for ConsoleSpec {
     }
 }
 
+/// The longest tag a virtio-fs device may have (virtio 1.2, 5.11.4: 36 bytes).
+pub const MAX_FS_TAG: usize = 36;
+
+/// A virtio-fs share: `tag=TAG,socket=PATH` or `tag=TAG,fd=N`. Its backend is a
+/// virtiofsd someone else started (the jailer, in a cell of its own); the VMM never
+/// starts one. The guest mounts the share by its tag, which the VMM serves as the
+/// device's configuration (as QEMU's vhost-user-fs frontend does).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsSpec {
+    pub tag: String,
+    pub backend: Backend,
+    pub pid: Option<u32>,
+    pub counters: Option<i32>,
+}
+
+impl std::str::FromStr for FsSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let what = format!("fs {s:?}");
+        let mut tag = None;
+        let (backend, pid, counters) =
+            device_fields(s, &what, "socket=PATH or fd=N", |key, value| {
+                if key != "tag" {
+                    return Err(format!("{what}: unknown or empty key {key:?}"));
+                }
+                if !valid_fs_tag(value) {
+                    return Err(format!(
+                        "{what}: tag={value:?}: 1 to {MAX_FS_TAG} letters, digits, '.', '_' or '-'"
+                    ));
+                }
+                tag = Some(value.to_string());
+                Ok(false)
+            })?;
+        if backend == Backend::Spawn {
+            return Err(format!(
+                "{what}: give socket=PATH or fd=N: cellvm does not start virtiofsd"
+            ));
+        }
+        let tag =
+            tag.ok_or_else(|| format!("{what}: tag=TAG is needed (the guest mounts by it)"))?;
+        Ok(FsSpec {
+            tag,
+            backend,
+            pid,
+            counters,
+        })
+    }
+}
+
+/// Whether `tag` may name a virtio-fs share: 1 to 36 bytes of `[A-Za-z0-9._-]`.
+pub fn valid_fs_tag(tag: &str) -> bool {
+    (1..=MAX_FS_TAG).contains(&tag.len())
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 macro_rules! deserialize_from_str {
     ($t:ty) => {
         impl<'de> Deserialize<'de> for $t {
@@ -498,6 +555,7 @@ deserialize_from_str!(RngSpec);
 deserialize_from_str!(NetSpec);
 deserialize_from_str!(VsockSpec);
 deserialize_from_str!(ConsoleSpec);
+deserialize_from_str!(FsSpec);
 
 /// A VM's configuration. Every field is optional in the file; flags override the file.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -523,6 +581,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockSpec>,
     /// A virtio-console device (hvc0 and named ports), after the vsock.
     pub virtio_console: Option<ConsoleSpec>,
+    /// virtio-fs shares, after the console.
+    pub fs: Option<Vec<FsSpec>>,
     /// Guest RAM as private memory the kernel may merge with identical pages of other
     /// VMs (KSM). Device backends cannot share such RAM: no devices with it.
     pub ksm: Option<bool>,
@@ -590,6 +650,7 @@ impl VmConfig {
             nets: over.nets.or(self.nets),
             vsock: over.vsock.or(self.vsock),
             virtio_console: over.virtio_console.or(self.virtio_console),
+            fs: over.fs.or(self.fs),
             ksm: over.ksm.or(self.ksm),
             allow_executable_ram: over.allow_executable_ram.or(self.allow_executable_ram),
             hugepages: over.hugepages.or(self.hugepages),

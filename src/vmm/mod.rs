@@ -107,7 +107,8 @@ fn validate(cfg: &VmConfig, kvm: &Kvm) -> Result<(), Error> {
         || cfg.nets.as_ref().is_some_and(|n| !n.is_empty())
         || cfg.rng.is_some()
         || cfg.vsock.is_some()
-        || cfg.virtio_console.is_some();
+        || cfg.virtio_console.is_some()
+        || cfg.fs.as_ref().is_some_and(|f| !f.is_empty());
     if cfg.ksm == Some(true) && devices {
         return Err(Error::Invalid(
             "ksm: mergeable guest RAM is private to the VMM, and vhost-user device backends \
@@ -584,7 +585,7 @@ impl Vm {
     }
 
     /// Serves what the supervisor sent; returns whether it is still there.
-    fn from_supervisor(&mut self, epoll: &vmm_sys_util::epoll::Epoll) -> bool {
+    fn take_from_supervisor(&mut self, epoll: &vmm_sys_util::epoll::Epoll) -> bool {
         use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
         let Some(channel) = &self.supervisor else {
             return false;
@@ -776,7 +777,7 @@ impl Vm {
             // New backends after the hang-ups of the same wait: a replacement is never
             // taken for the hang-up of the connection it replaced.
             if events[..ready].iter().any(|e| e.data() == SUPERVISOR) {
-                supervised = self.from_supervisor(&epoll);
+                supervised = self.take_from_supervisor(&epoll);
             }
             while let Some(msg) = msgs.pop_front() {
                 let ended = match msg {

@@ -27,7 +27,7 @@ use crate::devices::pci::{PciFunction, PciRoot};
 use crate::virtio::irq::MsiRouter;
 use crate::virtio::pci::{Intx, IntxRelay, VirtioPci, BAR_SIZE};
 use crate::virtio::vhost_user::VhostUserDevice;
-use crate::virtio::{TYPE_BLOCK, TYPE_CONSOLE, TYPE_NET, TYPE_RNG, TYPE_VSOCK};
+use crate::virtio::{TYPE_BLOCK, TYPE_CONSOLE, TYPE_FS, TYPE_NET, TYPE_RNG, TYPE_VSOCK};
 
 /// Queue size offered for every queue.
 const QUEUE_SIZE: u16 = 256;
@@ -293,6 +293,19 @@ pub struct Attached {
     pub connections: Vec<UnixStream>,
 }
 
+/// A virtio-fs device's queues: the high-priority queue and one request queue.
+const FS_QUEUES: usize = 2;
+
+/// A virtio-fs device's configuration (virtio 1.2, 5.11.4): the tag, NUL-padded to 36
+/// bytes, then the number of request queues.
+fn fs_config(tag: &str) -> Vec<u8> {
+    let mut config = vec![0u8; 40];
+    let n = tag.len().min(crate::vmm::config::MAX_FS_TAG);
+    config[..n].copy_from_slice(&tag.as_bytes()[..n]);
+    config[36..].copy_from_slice(&(FS_QUEUES as u32 - 1).to_le_bytes());
+    config
+}
+
 /// IOAPIC pins for INTx: slot N drives pin 16 + (N - 1) % 8, level-triggered.
 fn intx_pin(slot: u8) -> u8 {
     16 + (slot - 1) % 8
@@ -544,6 +557,15 @@ pub fn attach(
             page,
         ));
     }
+    // virtio-fs shares: a virtiofsd someone else started (never the VMM), one
+    // high-priority queue and one request queue each.
+    let mut tags = Vec::new();
+    for (i, fs) in cfg.fs.iter().flatten().enumerate() {
+        let (stream, page) = connect(&fs.backend, fs.counters, Vec::new, &[], &mut children)?;
+        wanted.push((format!("fs{i}"), stream, TYPE_FS, FS_QUEUES, fs.pid, page));
+        tags.push(fs.tag.clone());
+    }
+    let mut tags = tags.into_iter();
     let (mut counters, mut connections) = (Vec::new(), Vec::new());
     for (n, (name, stream, ty, queues, pid, page)) in wanted.into_iter().enumerate() {
         let slot = n as u8 + 1;
@@ -552,6 +574,7 @@ pub fn attach(
             TYPE_NET => "net",
             TYPE_VSOCK => "vsock",
             TYPE_CONSOLE => "console",
+            TYPE_FS => "fs",
             _ => "rng",
         };
         let count = Arc::new(DeviceCounters::new(name.clone(), kind, pid, page));
@@ -560,8 +583,11 @@ pub fn attach(
                 .try_clone()
                 .map_err(|e| Error::Device(format!("{name}: dup: {e}")))?,
         );
-        let device = VhostUserDevice::connect(stream, ty, queues, QUEUE_SIZE, mem.clone())
+        let mut device = VhostUserDevice::connect(stream, ty, queues, QUEUE_SIZE, mem.clone())
             .map_err(|e| Error::Device(format!("{name}: {e}")))?;
+        if ty == TYPE_FS {
+            device = device.with_config(fs_config(&tags.next().unwrap_or_default()));
+        }
         let bar = layout::PCI_BAR_BASE + slot as u64 * layout::PCI_BAR_STRIDE;
         let mut function =
             VirtioPci::new(name.clone(), Box::new(device), bar as u32, router.clone())

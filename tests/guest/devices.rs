@@ -68,7 +68,7 @@ pub(crate) fn blk(q: &mut Queue, kind: u32, sector: u64, buf: Option<v::Buf>) ->
     (used, unsafe { core::ptr::read_volatile(core::ptr::addr_of!(STATUS[0])) })
 }
 
-fn start(ty: u16, features: u64, queues: u16, vectors: [u16; 2]) -> Result<(Device, u64, [Option<Queue>; 2]), &'static str> {
+pub(crate) fn start(ty: u16, features: u64, queues: u16, vectors: [u16; 2]) -> Result<(Device, u64, [Option<Queue>; 2]), &'static str> {
     start_with(ty, features, queues, vectors, |_| {})
 }
 

@@ -17,6 +17,8 @@
 //! over the net (each device that is there) while the host test kills their backends;
 //! see restart.rs.
 //!
+//! `fs` and `fsbench` in `tests=`: a FUSE client on the virtio-fs device; see fs.rs.
+//!
 //! `ticks` in `tests=` (after any other checks named there): print `tick N` (N = 1, 2,
 //! ...) every 50 ms of guest time, forever, while watching the ACPI power button (the
 //! Generic Event Device the DSDT describes); on a press print
@@ -33,6 +35,7 @@ core::arch::global_asm!(include_str!("boot.S"), options(att_syntax));
 mod acpi;
 mod console;
 mod devices;
+mod fs;
 mod hw;
 mod net;
 mod restart;
@@ -55,7 +58,7 @@ const CHECKS: [&str; 9] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "mad
 /// buffers, guest TSO). `vsock` and `virtconsole` need those devices and a host peer
 /// (tests/vsock.rs, tests/virtio_console.rs). `netmq` needs a net device with two or
 /// more queue pairs on a multi-queue tap, with the UDP echo of `net`.
-const OPT_IN: [&str; 18] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench", "netbench", "platform", "netgso", "vsock", "virtconsole", "netmq", "vsockbench", "netrxbench", "restartloop"];
+const OPT_IN: [&str; 20] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench", "netbench", "platform", "netgso", "vsock", "virtconsole", "netmq", "vsockbench", "netrxbench", "restartloop", "fs", "fsbench"];
 
 /// The vector the irq check programs the serial's IOAPIC pin with.
 const IRQ_VECTOR: u8 = 0x41;
@@ -298,6 +301,8 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
         "vsockbench" => vsock::check_vsockbench(r, args.bench_ms),
         "virtconsole" => console::check_virtconsole(r),
         "restartloop" => restart::check_restartloop(r, args.bench_ms),
+        "fs" => fs::check_fs(r),
+        "fsbench" => fs::check_fsbench(r, args.bench_ms),
         "console" => {
             let mut line = hw::Buf::<80>::new();
             let complete = r.serial.read_line(&mut line, 10);

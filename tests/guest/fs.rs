@@ -267,11 +267,11 @@ pub fn check_fs(r: &mut Report) {
         }
     }
     // Write what the host will check.
-    let mut wrote = Err(0);
-    if let Ok((node, fh)) = fs.create(ROOT, b"guest.txt") {
-        wrote = fs.write(node, fh, 0, GUEST);
+    let wrote = fs.create(ROOT, b"guest.txt").and_then(|(node, fh)| {
+        let w = fs.write(node, fh, 0, GUEST);
         let _ = fs.release(node, fh);
-    }
+        w
+    });
     let wrote_ok = wrote == Ok(GUEST.len() as u32);
 
     // The ways out. `..` of the root, and the file next to the share beneath it.

@@ -1065,6 +1065,52 @@ mod tests {
     }
 
     #[test]
+    fn shares_are_bounded_by_the_share_dirs_and_their_writability() {
+        let p = TenantPolicy::parse(&POLICY.replace(
+            "[cgroup]",
+            "share_dirs = [{ path = \"/srv/shares/acme\", writable = true }, { path = \"/srv/ro/acme\" }]\n[cgroup]",
+        ))
+        .unwrap();
+        let shares = |s: &str| spec(&format!("shares = [{s}]"));
+        let ok = |s: &str| check(&p, &shares(s)).is_ok();
+        let why = |s: &str| check(&p, &shares(s)).unwrap_err().to_string();
+        assert!(ok("{ path = \"/srv/shares/acme/a\", tag = \"a\" }"));
+        assert!(ok(
+            "{ path = \"/srv/ro/acme/a\", tag = \"a\", readonly = true }"
+        ));
+        assert!(why("{ path = \"/srv/ro/acme/a\", tag = \"a\" }").contains("writable share_dirs"));
+        assert!(why("{ path = \"/etc\", tag = \"a\" }").contains("share_dirs"));
+        assert!(why("{ path = \"/srv/shares/acme/../x\", tag = \"a\" }").contains("violates"));
+        assert!(why("{ path = \"/srv/shares/acme\", tag = \"a\" }").contains("violates"));
+        for tag in ["", "a b", "../x", &"t".repeat(37)] {
+            let s = format!("{{ path = \"/srv/shares/acme/a\", tag = \"{tag}\" }}");
+            assert!(why(&s).contains("tag"), "{tag:?}");
+        }
+        let twice = "{ path = \"/srv/shares/acme/a\", tag = \"t\" }, { path = \"/srv/shares/acme/b\", tag = \"t\" }";
+        assert!(why(twice).contains("each share's own"));
+        let five: Vec<String> = (0..5)
+            .map(|i| format!("{{ path = \"/srv/shares/acme/{i}\", tag = \"t{i}\" }}"))
+            .collect();
+        assert!(why(&five.join(", ")).contains("exceeds"));
+        assert_eq!(
+            shares("{ path = \"/srv/shares/acme/a\", tag = \"a\" }").device_count(),
+            1
+        );
+        // No share_dirs: no shares.
+        let none = TenantPolicy::parse(POLICY).unwrap();
+        assert!(check(
+            &none,
+            &shares("{ path = \"/srv/shares/acme/a\", tag = \"a\" }")
+        )
+        .is_err());
+        // A share owner is neither root nor one of the cells' uids.
+        for owner in ["[0, 5]", "[300050, 400000]", "[400000, 300000]"] {
+            let text = POLICY.replace("[cgroup]", &format!("share_owner = {owner}\n[cgroup]"));
+            assert!(TenantPolicy::parse(&text).is_err(), "{owner}");
+        }
+    }
+
+    #[test]
     fn a_spec_inside_the_policy_passes() {
         let p = TenantPolicy::parse(POLICY).unwrap();
         assert_eq!(p.selinux, Requirement::IfAvailable);

@@ -698,6 +698,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fs_specs_name_a_tag_and_a_backend_started_elsewhere() {
+        let f: FsSpec = "tag=share,socket=/run/fs.sock".parse().unwrap();
+        assert_eq!(f.tag, "share");
+        assert_eq!(f.backend, Backend::Socket("/run/fs.sock".into()));
+        let f: FsSpec = "fd=7,tag=a.b-c_d,pid=42".parse().unwrap();
+        assert_eq!((f.backend, f.pid), (Backend::Fd(7), Some(42)));
+        for bad in [
+            "tag=share",
+            "socket=/x",
+            "tag=,socket=/x",
+            "tag=a b,socket=/x",
+            "tag=../x,socket=/x",
+            "tag=share,socket=/x,fd=4",
+            "tag=share,path=/x",
+        ] {
+            assert!(bad.parse::<FsSpec>().is_err(), "{bad:?} accepted");
+        }
+        let long = format!("tag={},socket=/x", "t".repeat(37));
+        assert!(long.parse::<FsSpec>().is_err());
+    }
+
+    #[test]
     fn file_fields_parse_and_flags_override_them() {
         let file = VmConfig::parse_toml(
             "cpus = 2\nmemory_mib = 256\nserial = \"file=/tmp/x\"\ncmdline = \"a\"",

@@ -45,6 +45,14 @@ if [ ! -f "$images/disk.img" ]; then
     mkdir -p "$images"
     truncate -s 64M "$images/disk.img"
 fi
+# The example tenant's share (policy/vms/example-background.toml), the share owner's,
+# holding the file the test guest's `fs` check reads.
+share=/var/lib/cellvm/shares/example/demo
+if [ ! -f "$share/hello.txt" ]; then
+    mkdir -p "$share"
+    printf 'hello from the host through virtiofsd\n' > "$share/hello.txt"
+    chown -R 201000:201000 "$share"
+fi
 # The example tenant's network: a namespace of its own holding the tap its VM spec
 # names; the host end (10.77.0.1/24) answers the guest's ARP and ping. The jailer only
 # attaches to taps an administrator made, in the namespace the tenant policy names.

@@ -78,9 +78,11 @@ fn share_policy(name: &str) -> PathBuf {
             "seccomp_off_allowed = false",
             "seccomp_off_allowed = false\nallow_test_switches = true",
         );
-    let (head, cgroup) = base.split_once("[cgroup]").unwrap();
-    let text = format!(
-        "{head}share_dirs = [{{ path = \"{SHARES}\", writable = true }}]\nshare_owner = [{OWNER}, {OWNER}]\n\n[cgroup]{cgroup}"
+    let example = "share_dirs = [{ path = \"/var/lib/cellvm/shares/example\", writable = true }]\nshare_owner = [201000, 201000]";
+    assert!(base.contains(example));
+    let text = base.replace(
+        example,
+        &format!("share_dirs = [{{ path = \"{SHARES}\", writable = true }}]\nshare_owner = [{OWNER}, {OWNER}]"),
     );
     let p = common::scratch_dir(&format!("fs-policy-{name}")).join("tenant.toml");
     std::fs::write(&p, text).unwrap();

@@ -111,13 +111,7 @@ fn openat2(dir_fd: i32, rel: &Path, writable: bool, resolve: u64) -> std::io::Re
 /// name, without blocking.
 pub fn open_beneath_mode(dirs: &[PathBuf], path: &Path, writable: bool) -> Result<File, Error> {
     let file = open_any_beneath(dirs, path, writable)?;
-    let mode = file
-        .metadata()
-        .map_err(|e| Error::Io {
-            path: shown_path(path),
-            source: e,
-        })?
-        .mode();
+    let mode = mode_of(&file, path)?;
     match mode & libc::S_IFMT {
         libc::S_IFREG => Ok(file),
         libc::S_IFBLK => Err(Error::BlockInImageDir {
@@ -130,17 +124,19 @@ pub fn open_beneath_mode(dirs: &[PathBuf], path: &Path, writable: bool) -> Resul
     }
 }
 
+/// The file type and mode of what `file`, opened as `path`, is.
+fn mode_of(file: &File, path: &Path) -> Result<u32, Error> {
+    file.metadata().map(|m| m.mode()).map_err(|e| Error::Io {
+        path: shown_path(path),
+        source: e,
+    })
+}
+
 /// Opens a virtio-fs share: a directory beneath one of `dirs`, resolved with openat2
 /// (RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS) from its allowed directory, as images are.
 pub fn open_share(dirs: &[PathBuf], path: &Path) -> Result<File, Error> {
     let dir = open_any_beneath(dirs, path, false)?;
-    let mode = dir
-        .metadata()
-        .map_err(|e| Error::Io {
-            path: shown_path(path),
-            source: e,
-        })?
-        .mode();
+    let mode = mode_of(&dir, path)?;
     if mode & libc::S_IFMT != libc::S_IFDIR {
         return Err(Error::NotADirectory {
             path: shown_path(path),

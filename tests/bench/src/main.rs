@@ -9,6 +9,8 @@
 //!
 //! Scenario 9 (backend restart, `restart.rs`): a backend's SIGKILL to the guest's next
 //! completed request; `--restart-only` runs it alone.
+//! Scenario 10 (virtio-fs, `fs.rs`): the guest's FUSE client through our frontend and
+//! QEMU's, the same virtiofsd; `--fs-only` runs it alone.
 //!
 //! Scenario 7 (control plane, `control.rs`): the API, pause/resume, launch --detach and
 //! `cellvmctl list` against libvirt driving QEMU; `--control-plane-only` runs it alone.
@@ -21,6 +23,7 @@ use clap::Parser;
 use serde::Serialize;
 
 mod control;
+mod fs;
 mod restart;
 
 #[derive(Parser)]
@@ -56,6 +59,9 @@ struct Args {
     /// then the table.
     #[arg(long)]
     restart_only: bool,
+    /// Only scenario 10 (virtio-fs against QEMU's vhost-user-fs-pci), then the table.
+    #[arg(long)]
+    fs_only: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -105,6 +111,14 @@ impl Runner {
             *a = "microvm,pcie=on".into();
         }
         self
+    }
+
+    /// Guest RAM a shared memfd, which a vhost-user backend can map.
+    fn with_shared_memory(mut self) -> Runner {
+        for a in self.cmd.iter_mut().filter(|a| a.starts_with("microvm")) {
+            a.push_str(",memory-backend=mem");
+        }
+        self.with_args(["-object", "memory-backend-memfd,id=mem,size=64M,share=on"])
     }
 
     fn with_args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Runner {
@@ -967,6 +981,13 @@ fn main() {
         let _ = std::fs::remove_dir_all(&work);
         return;
     }
+    if args.fs_only {
+        fs::rows(&bin, &guest, &work, args.quick, runs, &mut rows);
+        print_table(runs, &rows);
+        write_json(args.json.as_deref(), &rows);
+        let _ = std::fs::remove_dir_all(&work);
+        return;
+    }
     if args.vsock_only {
         vsock_rows(&bin, &work, args.quick, runs, &mut rows);
         print_table(runs, &rows);
@@ -1264,6 +1285,7 @@ fn main() {
 
     vsock_rows(&bin, &work, args.quick, runs, &mut rows);
     restart::rows(&jailer, &example, &work, runs, &mut rows);
+    fs::rows(&bin, &guest, &work, args.quick, runs, &mut rows);
     let control = control_plane(&root, &bin, &guest, &work, args.quick, &mut rows);
 
     print_table(runs, &rows);

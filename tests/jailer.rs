@@ -359,14 +359,38 @@ fn every_thread_of_a_running_jailed_vmm_is_locked_down() {
     let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert!(env.is_empty(), "environment not cleared");
     // Only what the VMM made itself (KVM, guest RAM, its eventfds, epolls and signalfd)
-    // and what it was handed: its stdio pipes and one socket, the API's listener (the
-    // run directory's api.sock). Nothing else of the jailer's: not the console socket,
-    // not a log, not the registry lock.
-    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+    // and what it was handed: its stdio pipes and two sockets, the API's listener (the
+    // run directory's api.sock) and its end of the supervisor channel, at the number its
+    // command line names. Nothing else of the jailer's: not the console socket, not a
+    // log, not the registry lock.
+    let fd_table: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
-        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
-        .map(|t| t.display().to_string())
+        .filter_map(|e| {
+            let e = e.unwrap();
+            let target = std::fs::read_link(e.path()).ok()?;
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                target.display().to_string(),
+            ))
+        })
         .collect();
+    let fds: Vec<String> = fd_table.iter().map(|(_, t)| t.clone()).collect();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let argv: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let supervisor_fd = argv
+        .iter()
+        .position(|a| a == "--supervisor-fd")
+        .and_then(|i| argv.get(i + 1))
+        .unwrap_or_else(|| panic!("no --supervisor-fd in {argv:?}"));
+    let channel = fd_table
+        .iter()
+        .find(|(n, _)| n == supervisor_fd)
+        .map(|(_, t)| t.clone())
+        .unwrap_or_else(|| panic!("fd {supervisor_fd} is not open: {fd_table:?}"));
+    assert!(channel.starts_with("socket:["), "supervisor channel is {channel}");
     assert!(
         fds.len() < 24,
         "{} fds open: inherited descriptors were not closed: {fds:?}",
@@ -387,13 +411,15 @@ fn every_thread_of_a_running_jailed_vmm_is_locked_down() {
                 || f.starts_with("anon_inode:")
                 || f.starts_with("/memfd:cellvm-guest-ram")
                 || f == "/cell/dev/kvm"
-                || *f == api,
+                || *f == api
+                || *f == channel,
             "the VMM holds {f}: {fds:?}"
         );
     }
+    assert_ne!(api, channel);
     assert_eq!(
         fds.iter().filter(|f| f.starts_with("socket:")).count(),
-        1,
+        2,
         "{fds:?}"
     );
     assert_eq!(wait_code(jailer_proc), Some(0));

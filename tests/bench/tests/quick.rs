@@ -24,8 +24,30 @@ fn quick_mode_runs_every_scenario_against_its_peer() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(
         rows.len(),
-        47,
-        "5 comparisons x 3 metrics (the jailed launch with and without devices), the launch rate, RSS and PSS with and without devices, 11 block rows (raw: 3 against qemu-storage-daemon, 2 against the host; qcow2: 3 against qemu-storage-daemon's qcow2, 3 against cellvm on raw), 3 net rows, 4 density rows, 2 vsock rows, 7 control-plane rows"
+        53,
+        "5 comparisons x 3 metrics (the jailed launch with and without devices), the launch rate, RSS and PSS with and without devices, 11 block rows (raw: 3 against qemu-storage-daemon, 2 against the host; qcow2: 3 against qemu-storage-daemon's qcow2, 3 against cellvm on raw), 3 net rows, 4 density rows, 2 vsock rows, 7 control-plane rows, 3 backend-restart rows, 3 virtio-fs rows"
+    );
+    // Scenario 9: a restarted blk, net and rng backend, each against the same loop unkilled.
+    let restart: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| r["scenario"] == "9. backend restart, jailed")
+        .collect();
+    assert_eq!(restart.len(), 3);
+    for kind in ["blk", "net", "rng"] {
+        assert!(
+            restart
+                .iter()
+                .any(|r| r["metric"].as_str().unwrap().starts_with(&format!("{kind}: "))),
+            "{restart:?}"
+        );
+    }
+    // Scenario 10: virtio-fs through our frontend and QEMU's, the same virtiofsd.
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r["scenario"].as_str().unwrap().starts_with("10. virtio-fs")
+                && r["peer_name"] == "qemu vhost-user-fs-pci, same virtiofsd")
+            .count(),
+        3
     );
     // Scenario 4q: qcow2 against qemu-storage-daemon's own qcow2 driver, reads and writes.
     let qcow2: Vec<&serde_json::Value> = rows

@@ -1,8 +1,10 @@
 //! Device backends that come back: a jailed VM's blk, net and rng backends are killed
 //! with SIGKILL while the test guest's `restartloop` keeps writing the disk, asking
-//! the rng and ARPing over the net; the supervisor starts each again in a fresh cell,
-//! the VMM hands it the rings where the dead one left them, and the guest sees a delay
-//! and no error. A backend that keeps dying is given up: its device needs a reset.
+//! the rng and ARPing over the net; the supervisor starts each again — in the spare
+//! cell it built for it ahead of time, or in a fresh cell when it dies again before
+//! that spare is ready — the VMM hands it the rings where the dead one left them, and
+//! the guest sees a delay and no error. A backend that keeps dying is given up: its
+//! device needs a reset.
 
 mod common;
 
@@ -59,18 +61,69 @@ fn wait_console(id: &str, text: &str, limit: Duration) {
     }
 }
 
+fn uid_of(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The spare of the backend that runs as `uid`, if it is built.
+fn spare_of(id: &str, uid: u32) -> Option<u32> {
+    cgroup_pids(id)
+        .iter()
+        .filter(|p| is_spare(p))
+        .filter_map(|p| p.parse().ok())
+        .find(|&p| uid_of(p) == Some(uid))
+}
+
+/// How a killed backend came back.
+#[derive(Debug, PartialEq)]
+enum Back {
+    /// In the spare that was waiting when it was killed.
+    InItsSpare,
+    /// In a fresh cell: it had no spare yet.
+    Fresh,
+}
+
 /// Kills VM `id`'s one backend of `kind` and waits for the supervisor's new one: its
-/// pid, and how long the new cell took to appear.
-fn kill_and_wait(id: &str, kind: &str) -> (u32, Duration) {
+/// pid, how long it took to exec, and whether it was the spare. With `spare`, first
+/// waits until the backend's spare is built.
+fn kill_and_wait(id: &str, kind: &str, spare: bool) -> (u32, Duration, Back) {
     let old = backends(id, kind);
     assert_eq!(old.len(), 1, "vm {id}: one {kind} backend, found {old:?}");
+    let uid = uid_of(old[0]).expect("the backend's uid");
+    let start = Instant::now();
+    let mut waiting = spare_of(id, uid);
+    while spare && waiting.is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "vm {id}: the {kind} backend's spare was never built"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+        waiting = spare_of(id, uid);
+    }
     let t0 = Instant::now();
     // SAFETY: kill a process of the test's own VM.
     assert_eq!(unsafe { libc::kill(old[0] as i32, libc::SIGKILL) }, 0);
     loop {
         let now = backends(id, kind);
         if let Some(p) = now.iter().find(|p| !old.contains(p)) {
-            return (*p, t0.elapsed());
+            let back = if Some(*p) == waiting {
+                Back::InItsSpare
+            } else {
+                Back::Fresh
+            };
+            assert_eq!(
+                uid_of(*p),
+                Some(uid),
+                "vm {id}: the new {kind} backend's uid"
+            );
+            return (*p, t0.elapsed(), back);
         }
         assert!(
             t0.elapsed() < Duration::from_secs(5),
@@ -146,21 +199,49 @@ fn blk_net_and_rng_backends_killed_mid_loop_come_back_and_the_guest_sees_no_erro
         "restartloop: running blk=true rng=true net=true",
         Duration::from_secs(30),
     );
-    // Kill each kind, and the disk's several times, while the loop runs.
+    // Kill each kind, and the disk's several times, while the loop runs: each time
+    // its spare is ready, but once (the third blk kill) at once after the last restart,
+    // before the next spare is due, so that backend comes back in a fresh cell.
     let mut kills = Vec::new();
-    for kind in ["blk", "rng", "net", "blk", "blk", "rng", "blk"] {
-        std::thread::sleep(Duration::from_millis(300));
-        let (pid, took) = kill_and_wait(&vm.id, kind);
-        kills.push((kind, pid, took));
+    for (kind, spare) in [
+        ("blk", true),
+        ("rng", true),
+        ("net", true),
+        ("blk", true),
+        ("blk", false),
+        ("rng", true),
+        ("blk", true),
+    ] {
+        if spare {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let (pid, took, back) = kill_and_wait(&vm.id, kind, spare);
+        kills.push((kind, pid, took, back));
     }
     let out = jailer.join().unwrap();
     eprintln!("kills (kind, new pid, new cell seen after): {kills:?}");
+    eprintln!("the supervisor's log:\n{}", out.stderr);
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     let line = out.passed("restartloop");
     eprintln!("restartloop {line}");
-    // Every backend death was seen and answered with a new cell, none given up.
-    let restarted = out.stderr.matches("started again in a fresh cell").count();
-    assert_eq!(restarted, kills.len(), "{}", out.stderr);
+    // Every backend death was seen and answered with a new cell, none given up: in
+    // its spare whenever one waited, else in a fresh cell.
+    let spared = kills.iter().filter(|k| k.3 == Back::InItsSpare).count();
+    assert!(spared >= 6, "{kills:?}");
+    assert_eq!(
+        out.stderr
+            .matches("started again in its spare cell")
+            .count(),
+        spared,
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        out.stderr.matches("started again in a fresh cell").count(),
+        kills.len() - spared,
+        "{}",
+        out.stderr
+    );
     assert!(!out.stderr.contains("needs a reset"), "{}", out.stderr);
     // The writes outlived the kills: the loop kept going for its whole time, and the
     // device status never said NEEDS_RESET.
@@ -198,18 +279,39 @@ fn a_backend_that_keeps_dying_is_given_up_and_its_device_needs_a_reset() {
         "restartloop: running blk=true rng=true net=false",
         Duration::from_secs(30),
     );
-    // Up to the bound, each death is answered with a new backend ...
-    for _ in 0..MAX_RESTARTS {
-        std::thread::sleep(Duration::from_millis(100));
-        kill_and_wait(&vm.id, "rng");
+    // Up to the bound, each death is answered with a new backend: the first in its
+    // spare, the next ones (killed at once, before a new spare is due) in fresh cells.
+    let mut backs = Vec::new();
+    for k in 0..MAX_RESTARTS {
+        backs.push(kill_and_wait(&vm.id, "rng", k == 0).2);
     }
+    assert_eq!(backs[0], Back::InItsSpare);
+    assert!(backs[1..].contains(&Back::Fresh), "{backs:?}");
     // ... one more, and none comes: the positive control for the first test (the
-    // guest's requests complete only because a backend came back).
-    std::thread::sleep(Duration::from_millis(100));
+    // guest's requests complete only because a backend came back). Its spare is
+    // ready when it dies, and goes with it.
     let last = backends(&vm.id, "rng");
     assert_eq!(last.len(), 1);
+    let uid = uid_of(last[0]).unwrap();
+    let start = Instant::now();
+    while spare_of(&vm.id, uid).is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no spare before the last kill"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
     // SAFETY: kill a process of the test's own VM.
     assert_eq!(unsafe { libc::kill(last[0] as i32, libc::SIGKILL) }, 0);
+    // Well before the loop's end (and the VM's, which takes every spare with it).
+    let killed = Instant::now();
+    while spare_of(&vm.id, uid).is_some() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(1),
+            "the given-up backend's spare is still there"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let out = jailer.join().unwrap();
     assert!(
         out.stderr.contains(&format!(
@@ -219,11 +321,12 @@ fn a_backend_that_keeps_dying_is_given_up_and_its_device_needs_a_reset() {
         out.stderr
     );
     assert_eq!(
-        out.stderr.matches("started again in a fresh cell").count(),
+        out.stderr.matches("; started again in ").count(),
         MAX_RESTARTS,
         "{}",
         out.stderr
     );
+
     assert!(backends(&vm.id, "rng").is_empty());
     let line = out
         .test_lines()

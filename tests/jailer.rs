@@ -3,7 +3,7 @@
 //! inside each cell are in cell_probes.rs.)
 
 mod common;
-use common::{bin, repo, test_policy};
+use common::{bin, is_spare, repo, test_policy};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -390,7 +390,10 @@ fn every_thread_of_a_running_jailed_vmm_is_locked_down() {
         .find(|(n, _)| n == supervisor_fd)
         .map(|(_, t)| t.clone())
         .unwrap_or_else(|| panic!("fd {supervisor_fd} is not open: {fd_table:?}"));
-    assert!(channel.starts_with("socket:["), "supervisor channel is {channel}");
+    assert!(
+        channel.starts_with("socket:["),
+        "supervisor channel is {channel}"
+    );
     assert!(
         fds.len() < 24,
         "{} fds open: inherited descriptors were not closed: {fds:?}",
@@ -446,12 +449,13 @@ fn every_device_backend_runs_in_a_cell_of_its_own() {
         .unwrap();
     let procs = format!("/sys/fs/cgroup/pids/cellvm/{id}/cgroup.procs");
     let start = Instant::now();
-    // Four processes, all exec'd: the VMM and three backends.
+    // Four processes, all exec'd: the VMM and three backends (their spares: below).
     let pids: Vec<String> = loop {
         let pids: Vec<String> = std::fs::read_to_string(&procs)
             .unwrap_or_default()
             .lines()
             .map(|l| l.trim().to_string())
+            .filter(|p| !is_spare(p))
             .collect();
         let cmdlines: Vec<String> = pids
             .iter()
@@ -559,6 +563,76 @@ fn every_device_backend_runs_in_a_cell_of_its_own() {
             "{line}: not in the VM's cgroup"
         );
     }
+    // Each backend has a spare: its next cell, built whole and held just before the
+    // exec. It is a cell like the backend's: the backend's uid (one per device, not
+    // the VMM's), no capabilities, no_new_privs, namespaces of its own (neither the
+    // host's, the VMM's nor any backend's), an empty root, the VM's cgroup, and the
+    // device's descriptors only. Not yet seccomp: the backend installs its own filter
+    // as it starts, and a spare runs nothing of the backend before it is let go.
+    let spares = common::wait_spares(&id, 3);
+    let backend_pids: Vec<&String> = pids.iter().filter(|p| **p != vmm).collect();
+    let mut spare_uids = Vec::new();
+    for s in &spares {
+        assert_eq!(status_field(s, s, "NoNewPrivs"), "1", "spare {s}");
+        for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(
+                status_field(s, s, cap),
+                "0000000000000000",
+                "spare {s} {cap}"
+            );
+        }
+        assert_eq!(status_field(s, s, "Seccomp"), "0", "spare {s}");
+        let u = uid(s);
+        assert_ne!(u, uids[0], "spare {s} has the VMM's uid");
+        let backend = backend_pids
+            .iter()
+            .find(|b| uid(b) == u)
+            .unwrap_or_else(|| panic!("spare {s}: uid {u} is no backend's"));
+        spare_uids.push(u);
+        for n in ["mnt", "pid", "net", "ipc", "uts"] {
+            assert_ne!(ns(s, n), ns("self", n), "spare {s}: {n} is the host's");
+            assert_ne!(ns(s, n), ns(&vmm, n), "spare {s}: {n} is the VMM's");
+            for b in &backend_pids {
+                assert_ne!(ns(s, n), ns(b, n), "spare {s}: {n} is a backend's");
+            }
+        }
+        let root: Vec<_> = std::fs::read_dir(format!("/proc/{s}/root"))
+            .unwrap()
+            .collect();
+        assert!(
+            root.is_empty(),
+            "spare {s}: its root is not empty: {root:?}"
+        );
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{s}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+            .map(|t| t.display().to_string())
+            .collect();
+        assert!(fds.len() < 16, "spare {s}: {} descriptors open", fds.len());
+        // The tap and the image: the spare's exactly when its backend's.
+        let line = cmdline(backend);
+        let has = |what: &str| fds.iter().any(|f| f.contains(what));
+        assert_eq!(
+            has("/dev/net/tun"),
+            line.starts_with("cellvm-device net "),
+            "spare of {line}: {fds:?}"
+        );
+        assert_eq!(
+            has("disk.img"),
+            line.starts_with("cellvm-device blk "),
+            "spare of {line}: {fds:?}"
+        );
+        assert!(
+            std::fs::read_to_string(format!("/proc/{s}/cgroup"))
+                .unwrap()
+                .lines()
+                .any(|l| l.contains("pids") && l.ends_with(&format!("/cellvm/{id}"))),
+            "spare {s}: not in the VM's cgroup"
+        );
+    }
+    spare_uids.sort();
+    spare_uids.dedup();
+    assert_eq!(spare_uids.len(), 3, "one spare per backend");
     assert_eq!(wait_code(child), Some(0));
     assert_nothing_left(&id);
 }

@@ -1459,7 +1459,7 @@ fn run_once(
         cells.exec()?;
         let pid = cells.0.remove(target).pid;
         relay.attach(None, console_out, logs);
-        let ending = crate::supervise::wait(pid, &shared.signals, relay, ctl, &mut |_, _| {});
+        let ending = crate::supervise::wait(pid, &shared.signals, relay, ctl, &mut |_, _| None);
         drop(cells);
         relay.drain();
         return Ok(ending);
@@ -1499,20 +1499,32 @@ fn run_once(
         relay.drain();
         return Err(e.into());
     }
-    let mut history = crate::restart::History::new(cells.0.len());
+    let mut restarts = Restarts {
+        history: crate::restart::History::new(cells.0.len()),
+        spares: crate::restart::Spares::new(
+            plan.devices
+                .iter()
+                .map(|d| crate::restart::restartable(d.kind()))
+                .collect(),
+            std::time::Instant::now(),
+        ),
+    };
     let ending = crate::supervise::wait(vmm.pid, &shared.signals, relay, ctl, &mut |relay, ctl| {
-        if !ctl.stopping() {
-            tend_backends(
-                shared,
-                entry,
-                &mut cells,
-                &pages,
-                &channel,
-                &mut history,
-                relay,
-            );
+        if ctl.stopping() {
+            return None;
         }
+        tend_backends(
+            shared,
+            entry,
+            &mut cells,
+            &pages,
+            &channel,
+            &mut restarts,
+            relay,
+        )
     });
+    // Unused spares are killed with it.
+    drop(restarts);
     if ending != Ending::Exited(0) && !matches!(ending, Ending::Exited(EXIT_RESET)) {
         // Killed, timed out or failed: the backends go at once.
         cells.kill();
@@ -1522,18 +1534,34 @@ fn run_once(
     Ok(ending)
 }
 
-/// Reaps the backends that ended; each one that died is started again in a fresh cell
-/// (see restart.rs) and its VMM told, or given up.
+/// What restarting a VM's backends keeps: their recent deaths and their spares.
+struct Restarts {
+    history: crate::restart::History,
+    spares: crate::restart::Spares<NextCell<cell::Spare>>,
+}
+
+/// A backend's next life: its cell (a spare, or started), the VMM's end of the new
+/// connection and the cell's log.
+struct NextCell<C> {
+    cell: C,
+    vmm_end: OwnedFd,
+    log: Log,
+}
+
+/// Reaps the backends that ended; each one that died is started again (in its spare,
+/// else in a fresh cell; see restart.rs) and its VMM told, or given up. Then builds the
+/// spares that are due; returns when to be called again for the next ones.
 fn tend_backends(
     shared: &Shared,
     entry: &Entry,
     cells: &mut Cells,
     pages: &[OwnedFd],
     channel: &crate::restart::Channel,
-    history: &mut crate::restart::History,
+    restarts: &mut Restarts,
     relay: &mut Relay,
-) {
+) -> Option<std::time::Instant> {
     let plan = shared.plan;
+    let vm = &plan.id;
     for (n, page) in pages.iter().enumerate().take(cells.0.len()) {
         let pid = cells.0[n].pid;
         let mut status = 0;
@@ -1550,50 +1578,85 @@ fn tend_backends(
         } else {
             format!("exited with status {}", libc::WEXITSTATUS(status))
         };
-        let vm = &plan.id;
-        let give_up = |why: &str| {
-            eprintln!(
-                "cellvm-jailer: vm {vm}: dev{n} {kind} {how}; {why}: the device needs a reset"
-            );
-            if let Err(e) = channel.given_up(n) {
-                eprintln!("cellvm-jailer: vm {vm}: supervisor channel: {e}");
-            }
-        };
-        if !crate::restart::restartable(kind) {
-            give_up("a backend of its kind is not started again");
-            continue;
-        }
-        if !history.allow(n, std::time::Instant::now()) {
-            give_up(&format!(
+        let now = std::time::Instant::now();
+        let outcome = if !crate::restart::restartable(kind) {
+            Err("a backend of its kind is not started again".to_string())
+        } else if !restarts.history.allow(n, now) {
+            Err(format!(
                 "it died more than {} times within {} s",
                 crate::restart::MAX_RESTARTS,
                 crate::restart::WINDOW.as_secs()
-            ));
-            continue;
-        }
-        match start_backend_again(shared, entry, n, page, relay, channel) {
-            Ok(started) => {
+            ))
+        } else {
+            let spare = restarts.spares.take(n, now);
+            let from = if spare.is_some() {
+                "its spare cell"
+            } else {
+                "a fresh cell"
+            };
+            start_backend_again(shared, entry, n, page, spare, relay, channel)
+                .map(|started| (started, from))
+                .map_err(|e| format!("starting it again failed: {e}"))
+        };
+        match outcome {
+            Ok((started, from)) => {
                 eprintln!(
-                    "cellvm-jailer: vm {vm}: dev{n} {kind} {how}; started again in a fresh cell (pid {})",
+                    "cellvm-jailer: vm {vm}: dev{n} {kind} {how}; started again in {from} (pid {})",
                     started.pid
                 );
                 cells.0[n] = started;
             }
-            Err(e) => give_up(&format!("starting it again failed: {e}")),
+            Err(why) => {
+                eprintln!(
+                    "cellvm-jailer: vm {vm}: dev{n} {kind} {how}; {why}: the device needs a reset"
+                );
+                restarts.spares.stop(n);
+                if let Err(e) = channel.given_up(n) {
+                    eprintln!("cellvm-jailer: vm {vm}: supervisor channel: {e}");
+                }
+            }
         }
     }
+    // A spare that ended while it waited (it could not be built, or was killed) is
+    // not replaced: its backend's next restart is cold.
+    let ended: Vec<usize> = restarts
+        .spares
+        .ready()
+        .filter_map(|(n, slot)| slot.as_mut().is_some_and(|s| s.cell.ended()).then_some(n))
+        .collect();
+    for n in ended {
+        eprintln!(
+            "cellvm-jailer: vm {vm}: dev{n}: its spare cell ended; its restarts build fresh cells"
+        );
+        restarts.spares.stop(n);
+    }
+    let due = match restarts.spares.due(std::time::Instant::now()) {
+        Ok(due) => due,
+        Err(later) => return later,
+    };
+    for n in due {
+        match next_backend(shared, entry, n, &pages[n], cell::spare) {
+            Ok(spare) => restarts.spares.put(n, spare),
+            Err(e) => {
+                eprintln!(
+                    "cellvm-jailer: vm {vm}: dev{n}: no spare cell ({e}); its restarts build fresh cells"
+                );
+                restarts.spares.stop(n);
+            }
+        }
+    }
+    None
 }
 
-/// Backend `n` in a fresh cell with its device's descriptors and page; its VMM is sent
-/// the new connection as soon as the cell exists (the backend answers once it runs).
-fn start_backend_again(
+/// Backend `n`'s next cell, with a fresh connection (the VMM's end kept for it) and
+/// log, made by `build`: `cell::start` or `cell::spare`.
+fn next_backend<C>(
     shared: &Shared,
     entry: &Entry,
     n: usize,
     page: &OwnedFd,
-    relay: &mut Relay,
-    channel: &crate::restart::Channel,
-) -> Result<cell::Started, String> {
+    build: fn(&Cgroup, &CellSpec) -> Result<C, cell::CellError>,
+) -> Result<NextCell<C>, String> {
     let plan = shared.plan;
     let (listener, vmm_end) = connected_listener(&shared.jail, n)?;
     let null = File::options()
@@ -1617,7 +1680,35 @@ fn start_backend_again(
         stdio,
     )
     .map_err(|f| f.message)?;
-    let mut started = cell::start(&shared.cgroup, &spec).map_err(|e| e.to_string())?;
+    let cell = build(&shared.cgroup, &spec).map_err(|e| e.to_string())?;
+    Ok(NextCell { cell, vmm_end, log })
+}
+
+/// Backend `n` in its spare, let go, or else in a fresh cell, with its device's
+/// descriptors and page; its VMM is sent the new connection as soon as the cell exists
+/// (the backend answers once it runs).
+fn start_backend_again(
+    shared: &Shared,
+    entry: &Entry,
+    n: usize,
+    page: &OwnedFd,
+    spare: Option<NextCell<cell::Spare>>,
+    relay: &mut Relay,
+    channel: &crate::restart::Channel,
+) -> Result<cell::Started, String> {
+    let next = match spare {
+        Some(s) => NextCell {
+            cell: s.cell.go(),
+            vmm_end: s.vmm_end,
+            log: s.log,
+        },
+        None => next_backend(shared, entry, n, page, cell::start)?,
+    };
+    let NextCell {
+        cell: mut started,
+        vmm_end,
+        log,
+    } = next;
     relay.logs.retain(Log::is_open);
     relay.logs.push(log);
     let sent = channel.replaced(n, started.pid, &vmm_end);

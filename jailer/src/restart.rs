@@ -8,6 +8,13 @@
 //! (`cellvm::vmm::supervisor` reads them): kind 1 brings the new connection as its one
 //! descriptor; kind 2 says no backend will come. The supervisor only writes to it.
 //!
+//! A restart's cost is mostly building the cell, and most of that is the cgroup
+//! migration (on cgroup v1 a write to cgroup.procs waits for an RCU grace period: 8–15
+//! ms measured here). So each restartable backend has a spare: its next cell, built
+//! whole in the background (`SPARE_DELAY` after the VM starts or the last restart) and
+//! held just before the exec. A death then costs the exec and the reconnection; a
+//! backend that dies before its spare is ready is started cold.
+//!
 //! Only blk, net and rng backends are restarted: their state is all in the rings and
 //! their descriptors. A vsock backend holds its connections and a console backend its
 //! port sockets' peers; they are given up, and their device shows NEEDS_RESET.
@@ -112,6 +119,75 @@ impl Channel {
     }
 }
 
+/// How long spares wait after the VM starts or a backend is started again: building
+/// one blocks the supervisor through the cgroup migration, which should not fall on a
+/// boot or a restart still under way.
+pub const SPARE_DELAY: Duration = Duration::from_millis(100);
+
+/// One slot per backend for its spare (`T`: the cell and what goes with it).
+pub struct Spares<T> {
+    slots: Vec<Option<T>>,
+    wanted: Vec<bool>,
+    not_before: Instant,
+}
+
+impl<T> Spares<T> {
+    /// `wanted[n]`: whether backend `n` has a spare (whether it is restarted at all).
+    pub fn new(wanted: Vec<bool>, now: Instant) -> Spares<T> {
+        Spares {
+            slots: wanted.iter().map(|_| None).collect(),
+            wanted,
+            not_before: now + SPARE_DELAY,
+        }
+    }
+
+    /// Backend `n`'s spare, if it has one ready; building the next waits SPARE_DELAY.
+    pub fn take(&mut self, n: usize, now: Instant) -> Option<T> {
+        self.not_before = now + SPARE_DELAY;
+        self.slots.get_mut(n)?.take()
+    }
+
+    /// Backend `n` gets no more spares (given up, or its spare could not be built).
+    pub fn stop(&mut self, n: usize) {
+        if let Some(w) = self.wanted.get_mut(n) {
+            *w = false;
+        }
+        if let Some(s) = self.slots.get_mut(n) {
+            *s = None;
+        }
+    }
+
+    /// Backend `n`'s spare is ready.
+    pub fn put(&mut self, n: usize, spare: T) {
+        if self.wanted.get(n) == Some(&true) {
+            self.slots[n] = Some(spare);
+        }
+    }
+
+    /// The spares that are ready, each with its backend's number.
+    pub fn ready(&mut self) -> impl Iterator<Item = (usize, &mut Option<T>)> {
+        self.slots
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, s)| s.is_some())
+    }
+
+    /// The backends whose spare is to be built at `now`; else when to look again
+    /// (None: every wanted spare is there).
+    pub fn due(&self, now: Instant) -> Result<Vec<usize>, Option<Instant>> {
+        let missing: Vec<usize> = (0..self.slots.len())
+            .filter(|&n| self.wanted[n] && self.slots[n].is_none())
+            .collect();
+        if missing.is_empty() {
+            Err(None)
+        } else if now < self.not_before {
+            Err(Some(self.not_before))
+        } else {
+            Ok(missing)
+        }
+    }
+}
+
 /// Each backend's recent deaths, for the bound on restarts.
 pub struct History(Vec<VecDeque<Instant>>);
 
@@ -156,6 +232,34 @@ mod tests {
         assert!(h.allow(1, t));
         assert!(h.allow(0, t + WINDOW + Duration::from_secs(20)));
         assert!(!h.allow(7, t), "no such backend");
+    }
+
+    #[test]
+    fn spares_are_built_spare_delay_after_the_start_and_after_each_restart() {
+        let t = Instant::now();
+        let mut s: Spares<&str> = Spares::new(vec![true, false, true], t);
+        // Not during the boot.
+        assert_eq!(s.due(t), Err(Some(t + SPARE_DELAY)));
+        // Then every backend that is restarted; the others never.
+        assert_eq!(s.due(t + SPARE_DELAY), Ok(vec![0, 2]));
+        s.put(0, "spare 0");
+        s.put(1, "not wanted");
+        s.put(2, "spare 2");
+        assert_eq!(s.due(t + SPARE_DELAY), Err(None));
+        assert_eq!(s.ready().count(), 2);
+        // A restart takes the spare; the next waits SPARE_DELAY from then.
+        let r = t + Duration::from_secs(5);
+        assert_eq!(s.take(0, r), Some("spare 0"));
+        assert_eq!(s.take(1, r), None);
+        assert_eq!(s.due(r), Err(Some(r + SPARE_DELAY)));
+        assert_eq!(s.due(r + SPARE_DELAY), Ok(vec![0]));
+        // A backend given up gets none again, and its ready spare goes.
+        s.stop(2);
+        assert_eq!(s.ready().count(), 0);
+        s.put(2, "late");
+        assert_eq!(s.due(r + SPARE_DELAY), Ok(vec![0]));
+        assert_eq!(s.take(2, r), None);
+        assert_eq!(s.take(9, r), None, "no such backend");
     }
 
     #[test]

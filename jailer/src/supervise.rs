@@ -633,7 +633,7 @@ pub fn wait(
     signals: &Signals,
     relay: &mut Relay,
     ctl: &mut Control,
-    tend: &mut dyn FnMut(&mut Relay, &Control),
+    tend: &mut dyn FnMut(&mut Relay, &Control) -> Option<Instant>,
 ) -> Ending {
     #[derive(Clone, Copy)]
     enum Kind {
@@ -664,7 +664,7 @@ pub fn wait(
                 Ending::Exited(status_code(status))
             };
         }
-        tend(relay, ctl);
+        let tend_again = tend(relay, ctl);
         let mut what: Vec<(RawFd, i16, Kind)> = Vec::new();
         if let Some(f) = &sigfd {
             what.push((f.as_raw_fd(), libc::POLLIN, Kind::Sig));
@@ -711,6 +711,9 @@ pub fn wait(
             .collect();
         // Without a signalfd (or while a stop or a kill is on) look again often.
         let mut wake: Option<Instant> = ctl.ready.as_ref().map(|r| r.wake());
+        if let Some(t) = tend_again {
+            wake = Some(wake.map_or(t, |w| w.min(t)));
+        }
         if sigfd.is_none() || ctl.kill_at.is_some() || ctl.killed {
             let t = Instant::now() + Duration::from_millis(100);
             wake = Some(wake.map_or(t, |w| w.min(t)));

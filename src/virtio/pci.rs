@@ -277,14 +277,11 @@ impl VirtioPci {
         }
     }
 
-    /// The device's backend was replaced by the one at the other end of `stream`; if it
-    /// cannot carry on, the device needs a reset.
+    /// The device's backend was replaced by the one at the other end of `stream`. On an
+    /// error the caller decides: another backend may yet come (this one died during the
+    /// handshake), or the device needs a reset.
     pub fn reconnect(&mut self, stream: std::os::unix::net::UnixStream) -> Result<(), String> {
-        let r = self.device.reconnect(stream);
-        if r.is_err() {
-            self.needs_reset();
-        }
-        r
+        self.device.reconnect(stream)
     }
 
     /// The device cannot go on until the driver resets it (virtio 1.2, 2.1.1): the

@@ -667,12 +667,22 @@ impl Vm {
                         EpollEvent::new(EventSet::READ_HANG_UP, i as u64),
                     );
                 }
+                // A backend that died during the handshake is one more death: the
+                // supervisor sends the next backend, or says it gave up.
+                Err(e) if hung_up(&watch) => {
+                    log::warn!(
+                        "device {}: new backend pid {pid} went away during the handshake ({e}); waiting for a new backend",
+                        d.id
+                    );
+                    d.hung_up(true);
+                }
                 Err(e) => {
                     log::warn!(
                         "device {}: new backend pid {pid}: {e}; the device needs a reset",
                         d.id
                     );
                     d.failed();
+                    function.needs_reset();
                 }
             }
             if let Some(slot) = self.connections.get_mut(i) {
@@ -1006,6 +1016,34 @@ impl Vm {
 const MAX_JOBS_KEPT: usize = 16;
 
 /// How long an ending VMM waits for its last replies to reach their clients.
+/// Whether the peer of the failed connection `s` is gone: what it left unread is
+/// drained (at most 64 KiB) until end-of-file or a reset says so, or nothing more to
+/// read says it still lives (recvmsg, which the main thread's seccomp filter allows).
+fn hung_up(s: &std::os::unix::net::UnixStream) -> bool {
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: a zeroed msghdr with one iovec over a live buffer; no control buffer.
+        let n = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT)
+        };
+        match n {
+            0 => return true,
+            n if n < 0 => {
+                return std::io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN)
+            }
+            _ => continue,
+        }
+    }
+    false
+}
+
 fn flush_deadline() -> Instant {
     Instant::now() + Duration::from_secs(1)
 }
@@ -1074,4 +1112,25 @@ fn read_signal(fd: &OwnedFd) -> Option<u32> {
 /// Builds and runs the VM; returns the exit status once it ends.
 pub fn run(cfg: VmConfig, opts: RunOptions) -> Result<i32, Error> {
     Vm::create(cfg, opts)?.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hung_up;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_connection_is_hung_up_once_its_peer_is_gone_even_with_bytes_left_unread() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        assert!(!hung_up(&ours), "the peer lives and sent nothing");
+        theirs.write_all(&[7u8; 10_000]).unwrap();
+        assert!(!hung_up(&ours), "the peer lives; what it sent is drained");
+        theirs.write_all(&[7u8; 10_000]).unwrap();
+        drop(theirs);
+        assert!(hung_up(&ours), "the peer died after a partial reply");
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        drop(theirs);
+        assert!(hung_up(&ours));
+    }
 }

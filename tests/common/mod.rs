@@ -387,6 +387,40 @@ pub fn guest_spec(dir: &Path, name: &str, cmdline: &str) -> PathBuf {
     p
 }
 
+/// Whether `pid` is a backend's spare: its next cell, built and held before the exec
+/// (named `cellvm-spare` meanwhile; its argv is still the supervisor's).
+pub fn is_spare(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "cellvm-spare")
+}
+
+/// The pids in VM `id`'s pids cgroup.
+pub fn cgroup_pids(id: &str) -> Vec<String> {
+    std::fs::read_to_string(format!("/sys/fs/cgroup/pids/cellvm/{id}/cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+/// Waits up to 20 s until VM `id` has `n` spares; their pids.
+pub fn wait_spares(id: &str, n: usize) -> Vec<String> {
+    let start = std::time::Instant::now();
+    loop {
+        let spares: Vec<String> = cgroup_pids(id)
+            .into_iter()
+            .filter(|p| is_spare(p))
+            .collect();
+        if spares.len() == n {
+            return spares;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "vm {id}: {n} spares never appeared: {spares:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Asserts that nothing of VM `id`'s cell is left on the host: its registry entry (and
 /// any temporary one), run directory, jail, and its cgroup in every hierarchy.
 pub fn assert_cell_gone(id: &str) {

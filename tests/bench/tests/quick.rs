@@ -35,17 +35,20 @@ fn quick_mode_runs_every_scenario_against_its_peer() {
     assert_eq!(restart.len(), 3);
     for kind in ["blk", "net", "rng"] {
         assert!(
-            restart
-                .iter()
-                .any(|r| r["metric"].as_str().unwrap().starts_with(&format!("{kind}: "))),
+            restart.iter().any(|r| r["metric"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{kind}: "))),
             "{restart:?}"
         );
     }
     // Scenario 10: virtio-fs through our frontend and QEMU's, the same virtiofsd.
     assert_eq!(
         rows.iter()
-            .filter(|r| r["scenario"].as_str().unwrap().starts_with("10. virtio-fs")
-                && r["peer_name"] == "qemu vhost-user-fs-pci, same virtiofsd")
+            .filter(
+                |r| r["scenario"].as_str().unwrap().starts_with("10. virtio-fs")
+                    && r["peer_name"] == "qemu vhost-user-fs-pci, same virtiofsd"
+            )
             .count(),
         3
     );

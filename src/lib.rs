@@ -13,6 +13,7 @@ pub mod devices;
 pub mod fuzzing;
 pub mod hardening;
 pub mod seccomp;
+pub mod snapshot;
 pub mod testguest;
 pub mod virtio;
 pub mod vmm;

@@ -122,11 +122,28 @@ struct RunArgs {
     /// The exit status after a guest reset or vm.reboot (default 0).
     #[arg(long, default_value_t = 0)]
     reset_exit_code: u8,
+    /// Restore the snapshot in DIR (its `state` and `memory` files) instead of booting;
+    /// the configuration must describe the same VM (vCPUs, memory, devices).
+    #[arg(long, value_name = "DIR", conflicts_with = "restore_fds")]
+    restore: Option<PathBuf>,
+    /// Restore the snapshot whose state and memory files are open on these inherited
+    /// descriptors (the jailer's way): STATE,MEMORY.
+    #[arg(long, value_name = "STATE,MEMORY", value_parser = parse_fd_pair)]
+    restore_fds: Option<(i32, i32)>,
+    /// Start with every vCPU paused (vm.resume runs the guest).
+    #[arg(long)]
+    paused: bool,
     /// Write the ACPI tables a VM with this configuration gets into the existing
     /// directory DIR (rsdp.dat, xsdt.dat, facp.dat, dsdt.dat, apic.dat, mcfg.dat) and
     /// exit without running a guest.
     #[arg(long, value_name = "DIR")]
     dump_acpi: Option<PathBuf>,
+}
+
+fn parse_fd_pair(s: &str) -> Result<(i32, i32), String> {
+    let bad = || format!("{s:?}: expected two descriptor numbers, STATE,MEMORY");
+    let (a, b) = s.split_once(',').ok_or_else(bad)?;
+    Ok((a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?))
 }
 
 extern "C" fn on_sigterm(_: libc::c_int) {
@@ -205,6 +222,12 @@ fn run(args: RunArgs) -> Result<i32, (String, i32)> {
         identity: args.identity.unwrap_or_default(),
         reset_exit_code: args.reset_exit_code,
         supervisor: args.supervisor_fd,
+        restore: match (args.restore, args.restore_fds) {
+            (Some(dir), _) => Some(cellvm::vmm::save::RestoreFrom::Dir(dir)),
+            (None, Some((s, m))) => Some(cellvm::vmm::save::RestoreFrom::Fds(s, m)),
+            (None, None) => None,
+        },
+        start_paused: args.paused,
     };
     let code = cellvm::vmm::run(from_file.merge(flags), opts)
         .map_err(|e| (e.to_string(), e.exit_code()))?;

@@ -26,6 +26,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("api_http", cellvm::fuzzing::api_http),
     ("qcow2_image", cellvm::fuzzing::qcow2_image),
     ("luks_header", cellvm::fuzzing::luks_header),
+    ("snapshot_state", cellvm::fuzzing::snapshot_state),
     ("tenant_policy", cellvm_jailer::fuzzing::tenant_policy),
     ("mcs_label", cellvm_jailer::fuzzing::mcs_label),
     ("img_check", cellvm_img::fuzzing::img_check),

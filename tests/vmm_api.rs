@@ -966,7 +966,7 @@ fn the_server_matches_api_openapi_yaml() {
         "the state table is in the description"
     );
     let paths = doc["paths"].as_object().unwrap();
-    assert_eq!(paths.len(), 10);
+    assert_eq!(paths.len(), 11);
     let vm = Vm::start("openapi", &ticker(false), &[]);
     let methods = ["GET", "PUT", "POST", "DELETE", "PATCH"];
     for (path, ops) in paths {
@@ -988,7 +988,7 @@ fn the_server_matches_api_openapi_yaml() {
             }
         }
     }
-    for path in ["/api/v1/vm.snapshot", "/api/v1/", "/", "/api/v2/vm.info"] {
+    for path in ["/api/v1/vm.migrate", "/api/v1/", "/", "/api/v2/vm.info"] {
         assert_eq!(vm.request("GET", path, "").status, 404, "{path}");
     }
 }

@@ -192,6 +192,19 @@ impl Client {
         body: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<Response, Error> {
+        self.request_with_fds(method, target, body, &[], timeout)
+    }
+
+    /// The same, with `fds` sent along with the request's first bytes (SCM_RIGHTS): how
+    /// a snapshot's files reach a VMM that opens no path.
+    pub fn request_with_fds(
+        &mut self,
+        method: &str,
+        target: &str,
+        body: Option<&[u8]>,
+        fds: &[std::os::fd::RawFd],
+        timeout: Duration,
+    ) -> Result<Response, Error> {
         if self.closed {
             return Err(Error::Closed {
                 path: self.path.clone(),
@@ -212,7 +225,12 @@ impl Client {
         self.stream
             .set_write_timeout(Some(left))
             .map_err(|e| self.io(e))?;
-        if let Err(e) = self.stream.write_all(&out) {
+        let sent = if fds.is_empty() {
+            0
+        } else {
+            send_with_fds(&self.stream, &out, fds).map_err(|e| self.timeout_or(e, timeout))?
+        };
+        if let Err(e) = self.stream.write_all(&out[sent..]) {
             return Err(self.timeout_or(e, timeout));
         }
         let response = self.read_response(method, deadline, timeout);
@@ -332,6 +350,43 @@ pub(crate) fn parse_response(
         body: buf[start..start + len].to_vec(),
     };
     Ok(Some((response, start + len, head.close)))
+}
+
+/// sendmsg of (the start of) `data` with `fds` as one SCM_RIGHTS message; returns the
+/// bytes sent.
+fn send_with_fds(
+    stream: &UnixStream,
+    data: &[u8],
+    fds: &[std::os::fd::RawFd],
+) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let payload = std::mem::size_of_val(fds);
+    // SAFETY: CMSG_SPACE is arithmetic.
+    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut _,
+        iov_len: data.len(),
+    };
+    // SAFETY: the msghdr points at one live iovec and a control buffer of `space` bytes
+    // (8-byte aligned), which holds exactly one cmsghdr with the descriptors.
+    let n = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(payload as u32) as usize;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c) as *mut i32, fds.len());
+        libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 /// One request on a fresh connection, connect included within `timeout`.

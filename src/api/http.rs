@@ -28,6 +28,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/api/v1/vm.power-button", "PUT"),
     ("/api/v1/vm.shutdown", "PUT"),
     ("/api/v1/vm.reboot", "PUT"),
+    ("/api/v1/vm.snapshot", "PUT"),
     ("/metrics", "GET"),
 ];
 
@@ -214,6 +215,7 @@ fn action(path: &str, body: &[u8]) -> Result<Action, Response> {
         "/api/v1/vm.resume" => none(body).map(|_| Action::Op(Op::Resume))?,
         "/api/v1/vm.power-button" => none(body).map(|_| Action::Op(Op::PowerButton))?,
         "/api/v1/vm.reboot" => none(body).map(|_| Action::Op(Op::Reboot))?,
+        "/api/v1/vm.snapshot" => none(body).map(|_| Action::Op(Op::Snapshot))?,
         "/api/v1/vm.jobs.cancel" => match decode::<CancelBody>(body, Some("id"))? {
             Some(b) => Action::Op(Op::Cancel { job: b.id }),
             None => return Err(Response::error(400, "id: the job to cancel is required")),

@@ -44,6 +44,9 @@ pub enum Op {
     Cancel {
         job: u64,
     },
+    /// Saves the paused VM into the two files whose descriptors came with the request
+    /// (SCM_RIGHTS: the state file, then the memory file); the VMM opens no path.
+    Snapshot,
 }
 
 impl Op {
@@ -55,6 +58,7 @@ impl Op {
             Op::Shutdown { .. } => "vm.shutdown",
             Op::Reboot => "vm.reboot",
             Op::Cancel { .. } => "vm.jobs.cancel",
+            Op::Snapshot => "vm.snapshot",
         }
     }
 }
@@ -64,7 +68,12 @@ impl Op {
 pub struct ApiCall {
     pub conn: u64,
     pub op: Op,
+    /// The descriptors that came with the request (at most MAX_FDS).
+    pub fds: Vec<OwnedFd>,
 }
+
+/// The most descriptors one request may carry (a snapshot's two files).
+pub const MAX_FDS: usize = 2;
 
 /// The main loop's answer to `conn`; `then_exit`: the VMM exits once it is written, and
 /// waits (briefly) for `MainMsg::Flushed(conn)`.
@@ -230,6 +239,10 @@ struct Conn {
     eof: bool,
     /// The current epoll interest.
     interest: u32,
+    /// Descriptors received with the bytes in `rbuf` (SCM_RIGHTS), for the request
+    /// they came with; more than MAX_FDS and the request is refused.
+    fds: Vec<OwnedFd>,
+    too_many_fds: bool,
 }
 
 struct Server {
@@ -362,16 +375,35 @@ impl Server {
                 } => {
                     conn.rbuf.drain(..consumed);
                     conn.deadline = None;
+                    if !matches!(action, http::Action::Op(_)) {
+                        conn.fds.clear();
+                        conn.too_many_fds = false;
+                    }
                     let answer = match action {
                         http::Action::Info => render::info(&self.status),
                         http::Action::Counters => render::counters(&self.status),
                         http::Action::Jobs => render::jobs(&self.status),
                         http::Action::Metrics => render::metrics(&self.status),
                         http::Action::Respond(r) => r,
+                        http::Action::Op(_) if std::mem::take(&mut conn.too_many_fds) => {
+                            conn.fds.clear();
+                            Response::error(
+                                400,
+                                &format!("descriptors: more than {MAX_FDS} came with the request"),
+                            )
+                        }
                         http::Action::Op(op) => {
                             conn.inflight = true;
                             conn.close = close;
-                            self.main.post(MainMsg::Api(ApiCall { conn: id, op }));
+                            // Descriptors go with the request that uses them; any other
+                            // request's are closed.
+                            let fds = if op == Op::Snapshot {
+                                std::mem::take(&mut conn.fds)
+                            } else {
+                                conn.fds.clear();
+                                Vec::new()
+                            };
+                            self.main.post(MainMsg::Api(ApiCall { conn: id, op, fds }));
                             break;
                         }
                     };
@@ -552,7 +584,8 @@ fn write_some(fd: RawFd, mut data: &[u8]) -> Option<usize> {
     Some(total)
 }
 
-/// Reads what is there, up to what one request may hold.
+/// Reads what is there, up to what one request may hold, with any descriptors sent
+/// along (kept for the request, at most MAX_FDS; more are closed at once).
 fn read_into(fd: RawFd, conn: &mut Conn) {
     const CAP: usize = http::MAX_HEAD + http::MAX_BODY;
     let mut buf = [0u8; 16 * 1024];
@@ -561,8 +594,7 @@ fn read_into(fd: RawFd, conn: &mut Conn) {
         if room == 0 {
             return;
         }
-        // SAFETY: reads at most `room` bytes into a live stack buffer.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut _, room) };
+        let n = recv_with_fds(fd, &mut buf[..room], conn);
         if n == 0 {
             conn.eof = true;
             return;
@@ -580,4 +612,54 @@ fn read_into(fd: RawFd, conn: &mut Conn) {
             return;
         }
     }
+}
+
+/// recvmsg into `buf`, taking the descriptors of an SCM_RIGHTS message into `conn`
+/// (close-on-exec). Returns what recvmsg returned.
+fn recv_with_fds(fd: RawFd, buf: &mut [u8], conn: &mut Conn) -> isize {
+    // Room for a few more than MAX_FDS, so that too many is seen (and all are closed).
+    const ROOM: usize = 8;
+    let mut control = [0u64; 8]; // >= CMSG_SPACE(ROOM * 4), 8-byte aligned
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: a zeroed msghdr pointing at one live iovec and a live control buffer.
+    let (n, msg) = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        let n = libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT);
+        (n, msg)
+    };
+    if n < 0 {
+        return n;
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        conn.too_many_fds = true;
+    }
+    // SAFETY: the CMSG_* walk stays within msg_controllen bytes of `control`, which
+    // recvmsg filled; each SCM_RIGHTS payload is an array of descriptors now ours.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c) as *const libc::c_int;
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<libc::c_int>();
+                for i in 0..count.min(ROOM) {
+                    let owned = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
+                    if conn.fds.len() < MAX_FDS {
+                        conn.fds.push(owned);
+                    } else {
+                        conn.too_many_fds = true;
+                    }
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    n
 }

@@ -41,6 +41,12 @@ impl Ged {
         let _ = self.irq.trigger();
     }
 
+    /// A restored VM's latched events (its interrupt, if any was pending, is in the
+    /// LAPIC's saved state).
+    pub fn restore(&mut self, status: u8) {
+        self.status = status;
+    }
+
     /// Events latched and not yet read by the guest (does not clear them).
     pub fn pending(&self) -> u8 {
         self.status

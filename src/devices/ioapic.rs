@@ -42,6 +42,16 @@ impl MsiSink for std::sync::Arc<kvm_ioctls::VmFd> {
     }
 }
 
+/// What a snapshot keeps of the IOAPIC.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IoApicState {
+    pub id: u32,
+    pub select: u32,
+    pub table: [u64; NUM_PINS],
+    /// Bit n: pin n's line is high.
+    pub level: u32,
+}
+
 pub struct IoApic<S: MsiSink> {
     id: u32,
     select: u32,
@@ -59,6 +69,30 @@ impl<S: MsiSink> IoApic<S> {
             table: [MASKED; NUM_PINS],
             level: [false; NUM_PINS],
             sink,
+        }
+    }
+
+    pub fn state(&self) -> IoApicState {
+        IoApicState {
+            id: self.id,
+            select: self.select,
+            table: self.table,
+            level: self
+                .level
+                .iter()
+                .enumerate()
+                .fold(0, |m, (i, l)| m | ((*l as u32) << i)),
+        }
+    }
+
+    /// Takes a saved state (checked by its decoder: the id fits 4 bits, Delivery Status
+    /// is clear). Nothing is delivered: the LAPICs' own state holds what was in flight.
+    pub fn restore(&mut self, s: &IoApicState) {
+        self.id = s.id & 0xf;
+        self.select = s.select;
+        self.table = s.table.map(|e| e & !DELIVERY_STATUS);
+        for (i, l) in self.level.iter_mut().enumerate() {
+            *l = s.level & (1 << i) != 0;
         }
     }
 

@@ -31,6 +31,22 @@ impl Serial {
         Serial(Uart::new(irq, out))
     }
 
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> vm_superio::serial::SerialState {
+        self.0.state()
+    }
+
+    /// The UART of a restored VM: its saved registers, this VM's interrupt and output.
+    pub fn from_state(
+        state: &vm_superio::serial::SerialState,
+        irq: IrqLine,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, String> {
+        Uart::from_state(state, irq, vm_superio::serial::NoEvents, out)
+            .map(Serial)
+            .map_err(|e| format!("serial: {e:?}"))
+    }
+
     pub fn flush(&mut self) {
         let _ = self.0.writer_mut().flush();
     }

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod mailbox;
 pub mod memory;
+pub mod save;
 pub mod state;
 pub mod supervisor;
 pub mod vcpu;
@@ -184,6 +185,10 @@ pub struct RunOptions {
     pub reset_exit_code: u8,
     /// The supervisor's channel (`--supervisor-fd`): new backends for dead ones.
     pub supervisor: Option<RawFd>,
+    /// Restore this snapshot instead of booting.
+    pub restore: Option<save::RestoreFrom>,
+    /// Start with every vCPU parked (state paused): `vm.resume` runs the guest.
+    pub start_paused: bool,
 }
 
 /// The listening socket, checked: an AF_UNIX stream socket in the listening state.
@@ -253,6 +258,14 @@ pub struct Vm {
     supervisor: Option<OwnedFd>,
     reset_exit_code: u8,
     seccomp: crate::seccomp::Mode,
+    vm_fd: Arc<kvm_ioctls::VmFd>,
+    ram: memory::GuestRam,
+    ioapic: Arc<Mutex<IoApic<Arc<kvm_ioctls::VmFd>>>>,
+    /// The MSRs a snapshot saves (KVM's list, less those this host cannot read).
+    msr_list: Arc<Vec<u32>>,
+    tsc_khz: u32,
+    start_paused: bool,
+    restored: bool,
     /// Kept for the life of the VM (dropped only with the process).
     _keep: Box<dyn Send>,
 }
@@ -270,6 +283,15 @@ impl Vm {
         validate(&cfg, &kvm)?;
         let cpus = cfg.cpus();
         let mem_size = cfg.memory_mib() << 20;
+        let restore = match &opts.restore {
+            Some(from) => {
+                let (snap, mem_file) = save::open(from).map_err(Error::Invalid)?;
+                snap.check(&save::info(cpus, mem_size, virtio::device_count(&cfg), 0))
+                    .map_err(|e| Error::Invalid(format!("restore: {e}")))?;
+                Some((snap, mem_file))
+            }
+            None => None,
+        };
 
         // Open the images before any KVM object exists, so bad paths cost nothing.
         let kernel_path = cfg
@@ -364,48 +386,50 @@ impl Vm {
         }
         memory::register(&vm, &ram.mem)?;
 
-        let kernel = match kernel_file.as_mut() {
-            Some(f) => boot::load_kernel(
-                &ram.mem,
-                &kernel_path,
-                f,
-                mem_size,
-                cfg.boot_protocol.unwrap_or_default(),
-            )?,
-            None => {
-                let mut image = std::io::Cursor::new(crate::testguest::IMAGE);
-                boot::load_kernel(
-                    &ram.mem,
-                    &kernel_path,
-                    &mut image,
-                    mem_size,
-                    boot::BootProtocol::Pvh,
-                )?
+        // A restored VM's RAM comes from its snapshot; a booted one's from the kernel,
+        // the command line, the initrd and the tables.
+        let kernel = match &restore {
+            Some((snap, mem_file)) => {
+                crate::snapshot::memory::load(&ram.mem, &snap.ram, mem_file)
+                    .map_err(|e| Error::Invalid(format!("restore: {e}")))?;
+                None
             }
+            None => Some(load_boot_image(
+                &cfg,
+                &ram.mem,
+                kernel_file.as_mut(),
+                &kernel_path,
+                initrd_file.as_mut(),
+                mem_size,
+            )?),
         };
-        let cmdline = cfg.effective_cmdline();
-        let cmdline_len = boot::load_cmdline(&ram.mem, &kernel, &cmdline)?;
-        let initrd = match initrd_file.as_mut() {
-            Some((path, f)) => Some(boot::load_initrd(&ram.mem, &kernel, path, f, mem_size)?),
-            None => None,
-        };
-        let rsdp = acpi::create_tables(&ram.mem, cpus)?;
-        boot::write_boot_info(&ram.mem, &kernel, cmdline_len, initrd, rsdp, mem_size)?;
 
         let main = Arc::new(Mailbox::new().map_err(Error::MainLoop)?);
         let (events, device_events) = mpsc::channel();
         let device_events = Arc::new(Mutex::new(device_events));
         let ioapic = Arc::new(Mutex::new(IoApic::new(cpus, vm.clone())));
         let irq_ioapic = ioapic.clone();
-        let serial = Arc::new(Mutex::new(Serial::new(
-            IrqLine::new(move || {
-                irq_ioapic
+        let com1_irq = IrqLine::new(move || {
+            irq_ioapic
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .assert_irq(layout::COM1_IRQ as usize)
+        });
+        let com1_out = serial_writer(cfg.serial.as_ref().unwrap_or(&SerialOut::Stdio))?;
+        // A restored VM's platform devices take their saved state before any vCPU
+        // exists: an interrupt the UART raises now reaches no LAPIC, whose own saved
+        // state (restored with its vCPU) holds what was pending.
+        let serial = Arc::new(Mutex::new(match &restore {
+            Some((snap, _)) => {
+                ioapic
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .assert_irq(layout::COM1_IRQ as usize)
-            }),
-            serial_writer(cfg.serial.as_ref().unwrap_or(&SerialOut::Stdio))?,
-        )));
+                    .restore(&snap.ioapic);
+                Serial::from_state(&snap.serial, com1_irq, com1_out)
+                    .map_err(|e| Error::Invalid(format!("restore: {e}")))?
+            }
+            None => Serial::new(com1_irq, com1_out),
+        }));
         let ged_ioapic = ioapic.clone();
         let ged = Arc::new(Mutex::new(Ged::new(IrqLine::new(move || {
             // An edge: raise and drop the pin (its redirection entry is edge-triggered).
@@ -413,6 +437,9 @@ impl Vm {
             a.assert_irq(layout::GED_IRQ as usize);
             a.deassert_irq(layout::GED_IRQ as usize);
         }))));
+        if let Some((snap, _)) = &restore {
+            ged.lock().unwrap_or_else(|p| p.into_inner()).restore(snap.ged);
+        }
         let mut pio = Bus::default();
         let mut mmio = Bus::default();
         let bus_err = |e| Error::Invalid(format!("device layout: {e}"));
@@ -457,6 +484,14 @@ impl Vm {
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
         let base_cpuid = cpu::supported_cpuid(&kvm)?;
+        // What a snapshot saves of each vCPU's MSRs: KVM's list (those a vCPU cannot
+        // read are dropped when a snapshot is taken).
+        let msr_list = Arc::new(
+            kvm.get_msr_index_list()
+                .map(|l| l.as_slice().to_vec())
+                .map_err(|e| Error::Kvm("KVM_GET_MSR_INDEX_LIST", e))?,
+        );
+        let mut first_tsc_khz = 0;
         let mut fds = Vec::with_capacity(cpus as usize);
         for id in 0..cpus {
             let fd = vm
@@ -465,18 +500,40 @@ impl Vm {
             let tsc_khz = fd.get_tsc_khz().ok();
             log::debug!("vcpu {id}: TSC {tsc_khz:?} kHz");
             cpu::configure_vcpu(&fd, id, &cpu::vcpu_cpuid(&base_cpuid, id, cpus, tsc_khz))?;
+            if id == 0 {
+                first_tsc_khz = tsc_khz.unwrap_or(0);
+            }
             fds.push(fd);
         }
         // With APIC ids past 255, every LAPIC starts in x2APIC mode, as firmware leaves it
         // on such machines: guests only accept x2APIC MADT entries in that mode.
-        if cpus > 255 {
-            for (id, fd) in fds.iter().enumerate() {
-                cpu::enable_x2apic(fd, id as u32)?;
+        match (&kernel, &restore) {
+            (Some(kernel), _) => {
+                if cpus > 255 {
+                    for (id, fd) in fds.iter().enumerate() {
+                        cpu::enable_x2apic(fd, id as u32)?;
+                    }
+                }
+                // Only the boot vCPU starts at the entry point; the others wait in the
+                // kernel's LAPIC for INIT/SIPI, as on real hardware.
+                cpu::setup_boot_vcpu(&fds[0], &ram.mem, kernel.protocol, kernel.entry)?;
             }
+            (None, Some((snap, _))) => {
+                let xsave_size = kvm.check_extension_int(kvm_ioctls::Cap::Xsave2).max(0) as usize;
+                for (fd, state) in fds.iter().zip(&snap.vcpus) {
+                    state
+                        .restore(fd, xsave_size)
+                        .map_err(|e| Error::Invalid(format!("restore: {e}")))?;
+                }
+                let clock = kvm_bindings::kvm_clock_data {
+                    clock: snap.clock.clock,
+                    ..Default::default()
+                };
+                vm.set_clock(&clock)
+                    .map_err(|e| Error::Kvm("KVM_SET_CLOCK", e))?;
+            }
+            (None, None) => unreachable!("a VM either boots or is restored"),
         }
-        // Only the boot vCPU starts at the entry point; the others wait in the kernel's
-        // LAPIC for INIT/SIPI, as on real hardware.
-        cpu::setup_boot_vcpu(&fds[0], &ram.mem, kernel.protocol, kernel.entry)?;
 
         // SIGTERM is taken by the main loop (signalfd): blocked here, before any thread
         // starts, so every thread inherits the mask and none takes it.
@@ -488,6 +545,10 @@ impl Vm {
             // Runs at once (no parked start: a handoff less on the way to the guest);
             // what it reports waits in the mailbox until the main loop runs.
             let shared = Arc::new(vcpu::Shared::new(id as u32, main.clone()));
+            if opts.start_paused {
+                // Parks before its first KVM_RUN.
+                shared.request_pause();
+            }
             let ctx = vcpu::Context {
                 pio: pio.clone(),
                 mmio: mmio.clone(),
@@ -551,7 +612,14 @@ impl Vm {
             supervisor,
             reset_exit_code: opts.reset_exit_code,
             seccomp,
-            _keep: Box::new((kvm, vm, ram, attached, router, events)),
+            vm_fd: vm,
+            ram,
+            ioapic,
+            msr_list,
+            tsc_khz: first_tsc_khz,
+            start_paused: opts.start_paused,
+            restored: restore.is_some(),
+            _keep: Box::new((kvm, attached, router, events)),
         })
     }
 
@@ -736,7 +804,11 @@ impl Vm {
         let n = self.vcpus.len();
         let mut parked = vec![false; n];
         let mut stopped = vec![false; n];
-        self.status.set(State::Running, Reason::Booted);
+        match (self.start_paused, self.restored) {
+            (true, _) => self.status.set(State::Paused, Reason::User),
+            (false, true) => self.status.set(State::Running, Reason::Restored),
+            (false, false) => self.status.set(State::Running, Reason::Booted),
+        }
         let mut transition: Option<Transition> = None;
         // The shutdown job waiting, its waiters and its deadline.
         let mut shutdown: Option<(u64, Vec<u64>, Instant)> = None;
@@ -986,6 +1058,22 @@ impl Vm {
                     false,
                 ),
             },
+            (Op::Snapshot, State::Paused) if pending.is_none() => {
+                let response = self.snapshot_job(call.fds, next_job);
+                self.reply(conn, response, false)
+            }
+            (Op::Snapshot, _) => self.reply(
+                conn,
+                Response::error(
+                    409,
+                    &format!(
+                        "state: vm.snapshot needs a paused VM, and this one is {}{}: pause it first",
+                        state.name(),
+                        if pending.is_some() { " (a pause or resume is under way)" } else { "" }
+                    ),
+                ),
+                false,
+            ),
             (Op::Reboot, State::Running | State::Paused) if pending.is_none() => {
                 self.status.set(State::Ended, Reason::Reset);
                 self.reply(conn, Response::no_content(), true);
@@ -994,6 +1082,48 @@ impl Vm {
             _ => self.reply(conn, conflict(state, &call.op), false),
         }
         None
+    }
+
+    /// Takes a snapshot of the paused VM as a job of its own, and answers how it went.
+    fn snapshot_job(&self, fds: Vec<OwnedFd>, next_job: &mut u64) -> Response {
+        let id = *next_job;
+        *next_job += 1;
+        {
+            let mut l = self.status.lifecycle();
+            l.jobs.insert(
+                0,
+                Job {
+                    id,
+                    kind: "snapshot",
+                    state: "running",
+                    started: Instant::now(),
+                    finished: None,
+                    timeout_ms: 0,
+                },
+            );
+            l.jobs.truncate(MAX_JOBS_KEPT);
+        }
+        match self.snapshot(fds) {
+            Ok(saved) => {
+                self.finish_job(id, "done");
+                Response::json(
+                    200,
+                    serde_json::json!({
+                        "job": id,
+                        "ram_bytes_written": saved.ram_bytes_written,
+                        "chunks": saved.chunks,
+                        "state_bytes": saved.state_bytes,
+                        "ms": (saved.pause_to_saved_ms * 1000.0).round() / 1000.0,
+                    })
+                    .to_string(),
+                )
+            }
+            Err(e) => {
+                self.finish_job(id, "failed");
+                log::warn!("snapshot: {e}");
+                Response::error(400, &format!("snapshot: {e}"))
+            }
+        }
     }
 
     fn finish_job(&self, id: u64, result: &'static str) {
@@ -1107,6 +1237,40 @@ fn read_signal(fd: &OwnedFd) -> Option<u32> {
         let n = libc::read(fd.as_raw_fd(), &mut info as *mut _ as *mut _, size);
         (n as usize == size).then_some(info.ssi_signo)
     }
+}
+
+/// Loads what a booting VM starts from into RAM: the kernel (or the built-in test
+/// guest), the command line, the initrd, the ACPI tables and the boot information.
+fn load_boot_image(
+    cfg: &VmConfig,
+    mem: &vm_memory::GuestMemoryMmap,
+    kernel_file: Option<&mut File>,
+    kernel_path: &str,
+    initrd_file: Option<&mut (String, File)>,
+    mem_size: u64,
+) -> Result<boot::LoadedKernel, Error> {
+    let kernel = match kernel_file {
+        Some(f) => boot::load_kernel(
+            mem,
+            kernel_path,
+            f,
+            mem_size,
+            cfg.boot_protocol.unwrap_or_default(),
+        )?,
+        None => {
+            let mut image = std::io::Cursor::new(crate::testguest::IMAGE);
+            boot::load_kernel(mem, kernel_path, &mut image, mem_size, boot::BootProtocol::Pvh)?
+        }
+    };
+    let cmdline = cfg.effective_cmdline();
+    let cmdline_len = boot::load_cmdline(mem, &kernel, &cmdline)?;
+    let initrd = match initrd_file {
+        Some((path, f)) => Some(boot::load_initrd(mem, &kernel, path, f, mem_size)?),
+        None => None,
+    };
+    let rsdp = acpi::create_tables(mem, cfg.cpus())?;
+    boot::write_boot_info(mem, &kernel, cmdline_len, initrd, rsdp, mem_size)?;
+    Ok(kernel)
 }
 
 /// Builds and runs the VM; returns the exit status once it ends.

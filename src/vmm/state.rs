@@ -51,6 +51,8 @@ pub enum Reason {
     /// Being built.
     Creating,
     Booted,
+    /// Running from a snapshot.
+    Restored,
     /// Paused or resumed through the API.
     User,
     PowerButton,
@@ -64,6 +66,7 @@ impl Reason {
         match self {
             Reason::Creating => "creating",
             Reason::Booted => "booted",
+            Reason::Restored => "restored",
             Reason::User => "user",
             Reason::PowerButton => "power-button",
             Reason::Poweroff => "poweroff",

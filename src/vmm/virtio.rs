@@ -311,6 +311,16 @@ fn intx_pin(slot: u8) -> u8 {
     16 + (slot - 1) % 8
 }
 
+/// How many virtio functions `cfg` asks for.
+pub fn device_count(cfg: &VmConfig) -> usize {
+    cfg.disks.iter().flatten().count()
+        + cfg.nets.iter().flatten().count()
+        + cfg.fs.iter().flatten().count()
+        + cfg.rng.is_some() as usize
+        + cfg.vsock.is_some() as usize
+        + cfg.virtio_console.is_some() as usize
+}
+
 /// Attaches every configured device; returns the backend processes it started and the
 /// functions, for the INTx relay thread.
 pub fn attach(

@@ -19,6 +19,10 @@
 //!
 //! `fs` and `fsbench` in `tests=`: a FUSE client on the virtio-fs device; see fs.rs.
 //!
+//! `memload` in `tests=`: fill and check all of RAM above 16 MiB, pass after pass
+//! (`passes=N`, default until the host ends the VM): the workload of the snapshot
+//! tests; see memload.rs.
+//!
 //! `ticks` in `tests=` (after any other checks named there): print `tick N` (N = 1, 2,
 //! ...) every 50 ms of guest time, forever, while watching the ACPI power button (the
 //! Generic Event Device the DSDT describes); on a press print
@@ -37,6 +41,7 @@ mod console;
 mod devices;
 mod fs;
 mod hw;
+mod memload;
 mod net;
 mod restart;
 mod virtio;
@@ -58,7 +63,7 @@ const CHECKS: [&str; 9] = ["serial", "bootinfo", "cmdline", "e820", "acpi", "mad
 /// buffers, guest TSO). `vsock` and `virtconsole` need those devices and a host peer
 /// (tests/vsock.rs, tests/virtio_console.rs). `netmq` needs a net device with two or
 /// more queue pairs on a multi-queue tap, with the UDP echo of `net`.
-const OPT_IN: [&str; 20] = ["console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench", "netbench", "platform", "netgso", "vsock", "virtconsole", "netmq", "vsockbench", "netrxbench", "restartloop", "fs", "fsbench"];
+const OPT_IN: [&str; 21] = ["memload", "console", "virtio", "blk", "blkbad", "msix", "intx", "rng", "net", "blkbench", "netbench", "platform", "netgso", "vsock", "virtconsole", "netmq", "vsockbench", "netrxbench", "restartloop", "fs", "fsbench"];
 
 /// The vector the irq check programs the serial's IOAPIC pin with.
 const IRQ_VECTOR: u8 = 0x41;
@@ -83,11 +88,13 @@ struct Args<'a> {
     bench_ms: u64,
     ignore_power_button: bool,
     reset: bool,
+    /// `passes=N`: how many passes `memload` makes (0: until the host ends the VM).
+    passes: u64,
 }
 
 impl<'a> Args<'a> {
     fn parse(cmdline: &'a str) -> Self {
-        let mut args = Args { cmdline, tests: None, hold_secs: 0, expect_mem_mib: None, expect_cpus: None, ecam: None, bench_ms: 2000, ignore_power_button: false, reset: false };
+        let mut args = Args { cmdline, tests: None, hold_secs: 0, expect_mem_mib: None, expect_cpus: None, ecam: None, bench_ms: 2000, ignore_power_button: false, reset: false, passes: 0 };
         for word in cmdline.split_ascii_whitespace() {
             if word == "ignore-power-button" {
                 args.ignore_power_button = true;
@@ -100,6 +107,7 @@ impl<'a> Args<'a> {
                 "tests" => args.tests = Some(value),
                 "hold" => args.hold_secs = value.parse().unwrap_or(0),
                 "bench_ms" => args.bench_ms = value.parse().unwrap_or(2000),
+                "passes" => args.passes = value.parse().unwrap_or(0),
                 "expect_mem" => args.expect_mem_mib = value.parse().ok(),
                 "expect_cpus" => args.expect_cpus = value.parse().ok(),
                 "ecam" => args.ecam = value.strip_prefix("0x").and_then(|h| u64::from_str_radix(h, 16).ok()),
@@ -139,6 +147,10 @@ impl Report {
             Err(()) => self.failed += 1,
         }
         let _ = writeln!(self.serial, "TEST {name} {verdict} {detail}");
+    }
+
+    pub fn serial_mut(&mut self) -> &mut Serial {
+        &mut self.serial
     }
 
     /// A line that is not a verdict (a check's progress, for the host test to act on).
@@ -301,6 +313,7 @@ fn run_check(name: &str, args: &Args, info: Option<StartInfo>, tables: Option<&a
         "vsockbench" => vsock::check_vsockbench(r, args.bench_ms),
         "virtconsole" => console::check_virtconsole(r),
         "restartloop" => restart::check_restartloop(r, args.bench_ms),
+        "memload" => memload::run(r, info, args.passes),
         "fs" => fs::check_fs(r),
         "fsbench" => fs::check_fsbench(r, args.bench_ms),
         "console" => {

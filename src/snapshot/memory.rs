@@ -1,0 +1,184 @@
+//! Guest RAM in a snapshot: a file the size of RAM with each byte at its offset in the
+//! RAM file (region by region, as guest RAM is mapped), written sparsely — pages the
+//! guest never touched and chunks that are all zeros stay holes — with a CRC-32 per
+//! chunk in the state file. Restore copies every listed chunk into the new VM's RAM,
+//! checking it first: the device backends map that RAM, so nothing is ever loaded
+//! behind their back, and a chunk that does not match is refused before any vCPU runs.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::format::{Error as FormatError, Reader, Writer};
+
+pub const VERSION: u16 = 1;
+/// The unit of sparseness and of checksums.
+pub const CHUNK: u64 = 256 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("memory file: {0}")]
+    Io(std::io::Error),
+    #[error("memory file: chunk at offset {0:#x}: checksum mismatch (the file is damaged or not this snapshot's)")]
+    Checksum(u64),
+    #[error("memory file: truncated: the chunk at offset {0:#x} is not there")]
+    Truncated(u64),
+    #[error("snapshot: guest RAM is {snapshot} bytes, this VM has {vm}")]
+    Size { snapshot: u64, vm: u64 },
+    #[error("guest memory: {0}")]
+    Guest(String),
+}
+
+/// Where each populated chunk is, and its checksum.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RamIndex {
+    pub size: u64,
+    /// (offset in the RAM file, length, CRC-32), ascending and disjoint.
+    pub chunks: Vec<(u64, u32, u32)>,
+}
+
+impl RamIndex {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.size).u64(CHUNK).u32(self.chunks.len() as u32);
+        for (offset, len, crc) in &self.chunks {
+            w.u64(*offset).u32(*len).u32(*crc);
+        }
+        w.0
+    }
+
+    pub fn decode(mut r: Reader) -> Result<RamIndex, FormatError> {
+        let size = r.u64("ram size")?;
+        let chunk = r.u64("chunk size")?;
+        if chunk != CHUNK {
+            return Err(r.bad(format!("chunk size {chunk}: this cellvm writes {CHUNK}")));
+        }
+        if size == 0 || size % (1 << 20) != 0 {
+            return Err(r.bad(format!("ram size {size}: not a whole number of MiB")));
+        }
+        let most = size.div_ceil(CHUNK).min(u32::MAX as u64) as usize;
+        let n = r.count("chunk count", 16, most)?;
+        let mut chunks = Vec::with_capacity(n);
+        let mut next = 0u64;
+        for _ in 0..n {
+            let (offset, len, crc) = (r.u64("chunk offset")?, r.u32("chunk length")?, r.u32("chunk crc")?);
+            let end = offset.checked_add(len as u64);
+            if offset < next || offset % CHUNK != 0 || len == 0 || len as u64 > CHUNK || end.is_none_or(|e| e > size) {
+                return Err(r.bad(format!(
+                    "chunk at {offset:#x} ({len} bytes): not an aligned chunk after {next:#x} within {size:#x}"
+                )));
+            }
+            next = offset + len as u64;
+            chunks.push((offset, len, crc));
+        }
+        r.end()?;
+        Ok(RamIndex { size, chunks })
+    }
+}
+
+/// (offset in the RAM file, guest address, length) of each region.
+fn regions(mem: &GuestMemoryMmap) -> Vec<(u64, GuestAddress, u64)> {
+    let mut offset = 0;
+    mem.iter()
+        .map(|r| {
+            let e = (offset, r.start_addr(), r.len());
+            offset += r.len();
+            e
+        })
+        .collect()
+}
+
+/// The data ranges of `fd` within [0, size) (SEEK_DATA/SEEK_HOLE), or all of it where
+/// the file cannot say.
+fn data_ranges(fd: Option<&File>, size: u64) -> Vec<(u64, u64)> {
+    let Some(f) = fd else {
+        return vec![(0, size)];
+    };
+    let mut out = Vec::new();
+    let mut at = 0i64;
+    while (at as u64) < size {
+        // SAFETY: lseek on a descriptor we hold; no memory is involved.
+        let data = unsafe { libc::lseek(f.as_raw_fd(), at, libc::SEEK_DATA) };
+        if data < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break; // no data past `at`
+            }
+            return vec![(0, size)];
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return vec![(0, size)];
+        }
+        out.push((data as u64, (hole as u64).min(size)));
+        at = hole;
+    }
+    out
+}
+
+/// Writes guest RAM into `out` (an empty file, sized here) and returns its index.
+/// `ram_file` is the RAM's own file (the memfd), whose holes are skipped unread.
+pub fn save(mem: &GuestMemoryMmap, ram_file: Option<&File>, out: &File) -> Result<RamIndex, Error> {
+    let size: u64 = mem.iter().map(|r| r.len()).sum();
+    out.set_len(size).map_err(Error::Io)?;
+    let data = data_ranges(ram_file, size);
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut chunks = Vec::new();
+    for (file_start, guest, len) in regions(mem) {
+        let mut off = 0;
+        while off < len {
+            let n = CHUNK.min(len - off);
+            let at = file_start + off;
+            let populated = data.iter().any(|(s, e)| *s < at + n && *e > at);
+            if populated {
+                let b = &mut buf[..n as usize];
+                mem.read_slice(b, guest.unchecked_add(off))
+                    .map_err(|e| Error::Guest(e.to_string()))?;
+                if b.iter().any(|x| *x != 0) {
+                    out.write_all_at(b, at).map_err(Error::Io)?;
+                    chunks.push((at, n as u32, crc32fast::hash(b)));
+                }
+            }
+            off += n;
+        }
+    }
+    Ok(RamIndex { size, chunks })
+}
+
+/// Copies every chunk of `index` from `file` into guest RAM, each checked against its
+/// checksum first.
+pub fn load(mem: &GuestMemoryMmap, index: &RamIndex, file: &File) -> Result<(), Error> {
+    let size: u64 = mem.iter().map(|r| r.len()).sum();
+    if index.size != size {
+        return Err(Error::Size {
+            snapshot: index.size,
+            vm: size,
+        });
+    }
+    let regions = regions(mem);
+    let mut buf = vec![0u8; CHUNK as usize];
+    for &(offset, len, crc) in &index.chunks {
+        let b = &mut buf[..len as usize];
+        file.read_exact_at(b, offset).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::Truncated(offset)
+            } else {
+                Error::Io(e)
+            }
+        })?;
+        if crc32fast::hash(b) != crc {
+            return Err(Error::Checksum(offset));
+        }
+        let Some((start, guest, _)) = regions
+            .iter()
+            .find(|(s, _, l)| offset >= *s && offset + len as u64 <= s + l)
+        else {
+            return Err(Error::Guest(format!("chunk at {offset:#x} spans two regions")));
+        };
+        mem.write_slice(b, guest.unchecked_add(offset - start))
+            .map_err(|e| Error::Guest(e.to_string()))?;
+    }
+    Ok(())
+}

@@ -521,6 +521,120 @@ pub fn jailer_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("cellvm-jailer"))
 }
 
+/// How long a snapshot may take (RAM is written at disk speed).
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `snapshot ID DIR`: pauses the VM, has it write DIR/state and DIR/memory (created
+/// here, 0600, sent to the VMM as descriptors: it opens no path), puts the VM's spec
+/// beside them as DIR/vm.toml, and resumes the VM with `resume`. DIR is made (0700) if
+/// it is not there; files already in it are never overwritten. A failed snapshot
+/// leaves no files behind.
+pub fn snapshot(host: &Host, id: &str, dir: &Path, resume: bool) -> Result<i32, Error> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    host.find(id)?;
+    let fail = |what: &str, e: std::io::Error| Error::Other(format!("{what}: {e}"));
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(e) => return Err(fail(&dir.display().to_string(), e)),
+    }
+    let names = ["state", "memory", "vm.toml"];
+    for n in names {
+        if dir.join(n).symlink_metadata().is_ok() {
+            return Err(Error::Other(format!(
+                "{}: already there; a snapshot never overwrites one",
+                dir.join(n).display()
+            )));
+        }
+    }
+    let spec = std::fs::read(host.vm_dir(id).join(cellvm_jailer::rundir::SPEC_COPY))
+        .map_err(|e| fail(&format!("vm {id}: its spec"), e))?;
+    let create = |n: &str| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join(n))
+            .map_err(|e| fail(&dir.join(n).display().to_string(), e))
+    };
+    host.call(id, "PUT", "vm.pause", None, API_TIMEOUT)?;
+    let result = (|| {
+        let (state, memory) = (create("state")?, create("memory")?);
+        let sock = host.api_socket(id);
+        let target = api_target("vm.snapshot");
+        let r = crate::http::Client::connect(&sock, API_TIMEOUT)
+            .and_then(|mut c| {
+                c.request_with_fds(
+                    "PUT",
+                    &target,
+                    None,
+                    &[state.as_raw_fd(), memory.as_raw_fd()],
+                    SNAPSHOT_TIMEOUT,
+                )
+            });
+        let r = answered(id, &sock, "PUT", &target, r)?;
+        create("vm.toml")?
+            .write_all(&spec)
+            .map_err(|e| fail("vm.toml", e))?;
+        Ok(r)
+    })();
+    let answer = match result {
+        Ok(r) => r,
+        Err(e) => {
+            for n in names {
+                let _ = std::fs::remove_file(dir.join(n));
+            }
+            if resume {
+                let _ = host.call(id, "PUT", "vm.resume", None, API_TIMEOUT);
+            }
+            return Err(e);
+        }
+    };
+    let v = answer.json().unwrap_or_default();
+    if resume {
+        host.call(id, "PUT", "vm.resume", None, API_TIMEOUT)?;
+    }
+    println!(
+        "VM {id} saved in {}: {} MiB of RAM in {} chunks, {} ms; {}",
+        dir.display(),
+        v["ram_bytes_written"].as_u64().unwrap_or(0) >> 20,
+        v["chunks"].as_u64().unwrap_or(0),
+        v["ms"].as_f64().unwrap_or(0.0),
+        if resume {
+            "running again".to_string()
+        } else {
+            format!("paused (`cellvmctl resume {id}` runs it)")
+        }
+    );
+    Ok(0)
+}
+
+/// `restore DIR`: `cellvm-jailer launch --detach --restore DIR --vm DIR/vm.toml`, the
+/// spec checked against the tenant policy as for any launch.
+pub fn restore(
+    host: &Host,
+    dir: &Path,
+    policy: &Path,
+    id: Option<&str>,
+    paused: bool,
+    default_run_dir: bool,
+) -> Error {
+    let mut extra = vec!["--restore".into(), dir.as_os_str().to_owned()];
+    if paused {
+        extra.push("--paused".into());
+    }
+    launch_with(
+        host,
+        policy,
+        &dir.join("vm.toml"),
+        id,
+        default_run_dir,
+        &extra,
+    )
+}
+
 /// Replaces this process with `cellvm-jailer launch --detach`: it returns once the
 /// guest runs, printing the VM id, with the jailer's own exit status.
 pub fn launch(
@@ -529,6 +643,17 @@ pub fn launch(
     vm: &Path,
     id: Option<&str>,
     default_run_dir: bool,
+) -> Error {
+    launch_with(host, policy, vm, id, default_run_dir, &[])
+}
+
+fn launch_with(
+    host: &Host,
+    policy: &Path,
+    vm: &Path,
+    id: Option<&str>,
+    default_run_dir: bool,
+    extra: &[std::ffi::OsString],
 ) -> Error {
     use std::os::unix::process::CommandExt;
     if let Some(id) = id {
@@ -548,6 +673,7 @@ pub fn launch(
     if !default_run_dir {
         cmd.arg("--run-dir").arg(&host.run_dir);
     }
+    cmd.args(extra);
     let e = cmd.exec();
     Error::Other(format!("{}: {e}", jailer.display()))
 }

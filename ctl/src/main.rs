@@ -79,6 +79,29 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Save the VM into DIR (state, memory, vm.toml): it is paused first and stays
+    /// paused unless --resume.
+    Snapshot {
+        id: String,
+        dir: PathBuf,
+        /// Run the VM again once it is saved.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Start a VM from a snapshot directory in the background, through the jailer
+    /// (fresh cells; the snapshot's spec checked against the policy); prints its id.
+    Restore {
+        dir: PathBuf,
+        /// The tenant policy.
+        #[arg(long)]
+        policy: PathBuf,
+        /// The new VM's id (default: the jailer's).
+        #[arg(long)]
+        id: Option<String>,
+        /// Leave it paused (`cellvmctl resume` runs it).
+        #[arg(long)]
+        paused: bool,
+    },
     /// Start a VM in the background (`cellvm-jailer launch --detach`); prints its id.
     Launch {
         /// The tenant policy.
@@ -111,6 +134,20 @@ fn main() {
         Verb::Reboot { id } => commands::simple(&host, id, "vm.reboot", "is being rebooted"),
         Verb::Destroy { id } => commands::destroy(&host, id),
         Verb::Stats { id, json } => commands::stats(&host, id, *json),
+        Verb::Snapshot { id, dir, resume } => commands::snapshot(&host, id, dir, *resume),
+        Verb::Restore {
+            dir,
+            policy,
+            id,
+            paused,
+        } => Err(commands::restore(
+            &host,
+            dir,
+            policy,
+            id.as_deref(),
+            *paused,
+            cli.run_dir.as_os_str() == cellvm_jailer::registry::RUN_DIR,
+        )),
         Verb::Launch { policy, vm, id } => Err(commands::launch(
             &host,
             policy,

@@ -54,6 +54,12 @@ pub struct Options {
     /// Detached (`launch --detach`): no terminal; the supervisor's lines go to the run
     /// directory's supervisor.log, and the waiting parent is told once the guest runs.
     pub detach: bool,
+    /// Restore the snapshot in this directory (its `state` and `memory` files, opened
+    /// here and handed to the VMM, which checks them against the spec) instead of
+    /// booting; a guest reset afterwards boots afresh.
+    pub restore: Option<PathBuf>,
+    /// Start the VM paused (`vm.resume` runs it).
+    pub paused: bool,
 }
 
 pub struct Failure {
@@ -171,6 +177,8 @@ pub struct Plan {
     pub api_gid: Option<u32>,
     /// Guest RAM's file (`memory_file`), opened read-write and locked.
     pub memory_file: Option<File>,
+    /// A snapshot's state and memory files (`--restore`), opened read-only.
+    pub restore: Option<(File, File)>,
 }
 
 /// A device backend to start in its own cell.
@@ -611,6 +619,13 @@ pub fn plan_for(policy: TenantPolicy, spec: VmSpec, opts: &Options) -> Result<Pl
             Some(image.file)
         }
     };
+    let restore = match &opts.restore {
+        Some(dir) => Some((
+            snapshot_file(dir, "state").map_err(refused)?,
+            snapshot_file(dir, "memory").map_err(refused)?,
+        )),
+        None => None,
+    };
     Ok(Plan {
         policy,
         spec,
@@ -623,7 +638,25 @@ pub fn plan_for(policy: TenantPolicy, spec: VmSpec, opts: &Options) -> Result<Pl
         devices,
         api_gid,
         memory_file,
+        restore,
     })
+}
+
+/// One of a snapshot's files, for reading: a regular file (no symlink followed at the
+/// last step). Its content is the VMM's to check, in its cell; nothing is parsed here.
+fn snapshot_file(dir: &Path, name: &str) -> Result<File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let p = dir.join(name);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&p)
+        .map_err(|e| format!("snapshot {}: {e}", p.display()))?;
+    let meta = f.metadata().map_err(|e| format!("snapshot {}: {e}", p.display()))?;
+    if !meta.is_file() {
+        return Err(format!("snapshot {}: not a regular file", p.display()));
+    }
+    Ok(f)
 }
 
 /// The field the `n`-th image of `plan()` (kernel, initrd, then the disks) came from.
@@ -689,6 +722,9 @@ struct VmmContext<'a> {
     counter_fds: &'a [RawFd],
     /// The VMM's end of the supervisor channel (new backends for dead ones).
     supervisor_fd: RawFd,
+    /// The snapshot to restore (its state and memory files): the first VMM's only.
+    restore: Option<(RawFd, RawFd)>,
+    paused: bool,
 }
 
 /// `--identity id=..,tenant=..,label=..,cgroup=..`: every value is the jailer's own (an
@@ -775,6 +811,12 @@ fn vmm_argv(plan: &Plan, opts: &Options, ctx: &VmmContext) -> Vec<String> {
         "--supervisor-fd".into(),
         ctx.supervisor_fd.to_string(),
     ]);
+    if let Some((state, memory)) = ctx.restore {
+        argv.push(format!("--restore-fds={state},{memory}"));
+    }
+    if ctx.paused {
+        argv.push("--paused".into());
+    }
     // Each device: the VMM's end of a connection its backend cell already holds.
     let devices = plan.devices.iter().zip(ctx.device_fds);
     for ((d, fd), (pid, page)) in devices.zip(ctx.device_pids.iter().zip(ctx.counter_fds)) {
@@ -980,6 +1022,8 @@ struct Shared<'a> {
     vsock: Option<crate::rundir::VsockHost>,
     /// A virtio-console's named ports' listening sockets (`port-NAME.sock`), in order.
     console_ports: Vec<(String, OwnedFd)>,
+    /// No VMM has run yet.
+    first_run: std::cell::Cell<bool>,
 }
 
 impl Shared<'_> {
@@ -1128,6 +1172,9 @@ fn vmm_cell<'a>(
     let mut keep = ctx.device_fds.to_vec();
     keep.extend(ctx.counter_fds);
     keep.extend(plan.memory_file.as_ref().map(File::as_raw_fd));
+    if let Some((state, memory)) = ctx.restore {
+        keep.extend([state, memory]);
+    }
     if s.opts.probe.is_none() {
         keep.extend([ctx.api_fd, ctx.supervisor_fd]);
     }
@@ -1195,6 +1242,9 @@ fn build_and_supervise(
 ) -> Result<i32, Failure> {
     // The sockets bound and the logs open while the directory is still root's alone.
     let api = run.listen(crate::rundir::API_SOCKET).map_err(setup)?;
+    // The spec as given, root's alone: what `cellvmctl snapshot` puts beside a snapshot
+    // (a restore checks it against the tenant policy again).
+    run.keep_spec(&opts.vm).map_err(setup)?;
     let console_listener = run.listen(crate::rundir::CONSOLE_SOCKET).map_err(setup)?;
     // A vsock device's host side, made while the directory is still root's alone.
     let vsock = match plan
@@ -1303,6 +1353,7 @@ fn build_and_supervise(
         api,
         vsock,
         console_ports,
+        first_run: std::cell::Cell::new(true),
     };
     let mut relay = Relay::new(
         None,
@@ -1354,6 +1405,23 @@ fn build_and_supervise(
     };
     *notify = ctl.notify.take();
     match ending? {
+        // A detached launch whose VMM ended before it ran: its last line says why
+        // (a restore refused, say), and the caller waiting to hear is told it.
+        Ending::Exited(code) if code != 0 && notify.is_some() => {
+            let last = relay
+                .logs
+                .iter()
+                .find(|l| l.prefix.ends_with(": vmm"))
+                .map(|l| l.last_line().to_string())
+                .filter(|l| !l.is_empty());
+            Err(Failure {
+                code,
+                message: match last {
+                    Some(line) => format!("the VM ended before it was running (status {code}): {line}"),
+                    None => format!("the VM ended before it was running (status {code})"),
+                },
+            })
+        }
         Ending::Exited(code) => Ok(code),
         Ending::TimedOut => {
             eprintln!(
@@ -1474,6 +1542,9 @@ fn run_once(
     let counter_fds: Vec<RawFd> = pages.iter().map(|f| f.as_raw_fd()).collect();
     let (channel, vmm_channel) =
         crate::restart::Channel::pair().map_err(|e| setup(format!("supervisor channel: {e}")))?;
+    // Restoring and starting paused are the first VMM's; one rebuilt after a guest
+    // reset boots afresh and runs.
+    let first = shared.first_run.replace(false);
     let ctx = VmmContext {
         api_fd: shared.api.as_raw_fd(),
         identity: identity(plan, entry, &shared.cgroup),
@@ -1481,6 +1552,12 @@ fn run_once(
         device_pids: &device_pids,
         counter_fds: &counter_fds,
         supervisor_fd: vmm_channel.as_raw_fd(),
+        restore: plan
+            .restore
+            .as_ref()
+            .filter(|_| first)
+            .map(|(s, m)| (s.as_raw_fd(), m.as_raw_fd())),
+        paused: shared.opts.paused && first,
     };
     let stdio = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
     let spec = vmm_cell(shared, &trees, entry, &ctx, stdio);

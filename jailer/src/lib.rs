@@ -180,6 +180,8 @@ pub mod fuzzing {
             probe_in: "vmm".into(),
             probe_path: None,
             detach: false,
+            restore: None,
+            paused: false,
             seccomp: "kill".into(),
             without: Vec::new(),
         }

@@ -78,6 +78,14 @@ enum Command {
         /// the background (a session of its own, its log in /run/cellvm/vm/ID/).
         #[arg(long)]
         detach: bool,
+        /// Restore the snapshot in DIR (`state`, `memory`; `cellvmctl snapshot` writes
+        /// them) instead of booting: the spec is checked against the policy as for any
+        /// launch, and the VMM checks the snapshot against the spec.
+        #[arg(long, value_name = "DIR")]
+        restore: Option<PathBuf>,
+        /// Start the VM paused (`cellvmctl resume` runs it).
+        #[arg(long)]
+        paused: bool,
     },
     /// Validate and print the cell plan; launch nothing.
     Check {
@@ -101,6 +109,8 @@ fn options(
     seccomp: String,
     without: Vec<String>,
     detach: bool,
+    restore: Option<PathBuf>,
+    paused: bool,
 ) -> launch::Options {
     let vmm = c.vmm.unwrap_or_else(|| {
         std::env::current_exe()
@@ -135,6 +145,8 @@ fn options(
         seccomp,
         without,
         detach,
+        restore,
+        paused,
     }
 }
 
@@ -149,6 +161,8 @@ fn main() -> ExitCode {
             probe_path,
             without,
             detach,
+            restore,
+            paused,
         } => {
             let opts = options(
                 common,
@@ -159,6 +173,8 @@ fn main() -> ExitCode {
                 seccomp,
                 without,
                 detach,
+                restore,
+                paused,
             );
             if detach {
                 detached(&opts)
@@ -180,6 +196,8 @@ fn main() -> ExitCode {
             None,
             "kill".into(),
             Vec::new(),
+            false,
+            None,
             false,
         )),
         Command::Gc { run_dir } => match registry::Registry::lock(&run_dir) {

@@ -17,6 +17,10 @@ pub const API_SOCKET: &str = "api.sock";
 pub const CONSOLE_SOCKET: &str = "console.sock";
 pub const CONSOLE_LOG: &str = "console.log";
 pub const SUPERVISOR_LOG: &str = "supervisor.log";
+/// A copy of the VM's spec as the jailer was given it (root's, 0600).
+pub const SPEC_COPY: &str = "vm.toml";
+/// The most of a spec that is copied (a spec is at most this long anyway).
+const MAX_SPEC: u64 = 1 << 20;
 /// A vsock device's host side: host programs connect to `vsock.sock` and write
 /// `CONNECT PORT`; the guest's connections to host port P go to `vsock/port_P`.
 pub const VSOCK_SOCKET: &str = "vsock.sock";
@@ -159,6 +163,24 @@ impl RunDir {
         fs::set_permissions(&p, fs::Permissions::from_mode(self.shared_mode())).map_err(io(&p))?;
         self.give_group(&p)?;
         Ok(OwnedFd::from(l))
+    }
+
+    /// Copies the VM's spec into the directory (0600, root's), for `cellvmctl snapshot`.
+    pub fn keep_spec(&self, spec: &Path) -> Result<(), Error> {
+        use std::io::Read;
+        let mut text = Vec::new();
+        File::open(spec)
+            .and_then(|f| f.take(MAX_SPEC).read_to_end(&mut text))
+            .map_err(io(spec))?;
+        let p = self.path.join(SPEC_COPY);
+        let _ = fs::remove_file(&p);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &text))
+            .map_err(io(&p))
     }
 
     /// Opens (appending, creating) log `name`: the console log is the group's to read

@@ -93,6 +93,8 @@ pub struct Log {
     /// The current line passed MAX_LINE: drop the rest of it.
     cut: bool,
     open: bool,
+    /// The last line relayed, escaped (the VMM's reason for an early end).
+    last: String,
 }
 
 impl Log {
@@ -104,7 +106,13 @@ impl Log {
             line: Vec::new(),
             cut: false,
             open: true,
+            last: String::new(),
         }
+    }
+
+    /// The last line this cell wrote, escaped for a terminal.
+    pub fn last_line(&self) -> &str {
+        &self.last
     }
 
     /// Whether its cell may still write (a closed log has nothing more to relay).
@@ -116,10 +124,12 @@ impl Log {
         let mut out = Vec::with_capacity(self.line.len() + self.prefix.len() + 16);
         out.extend_from_slice(self.prefix.as_bytes());
         out.extend_from_slice(b": ");
+        let start = out.len();
         escape(&self.line, true, &mut out);
         if self.cut {
             out.extend_from_slice(b" [cut]");
         }
+        self.last = String::from_utf8_lossy(&out[start..]).into_owned();
         out.push(b'\n');
         write_all(2, &out);
         self.line.clear();
@@ -358,7 +368,8 @@ pub struct ReadyCheck {
 }
 
 /// Whether `answer` (a whole HTTP response or as much as was read) is a 200 whose
-/// body says `"state":"running"`. Looks at the status line and that one field only.
+/// body says `"state":"running"` (or `"paused"`: a launch with `--paused`). Looks at the
+/// status line and that one field only.
 pub fn says_running(answer: &[u8]) -> bool {
     let Some(head_end) = find(answer, b"\r\n\r\n") else {
         return false;
@@ -390,7 +401,8 @@ fn state_is_running(body: &[u8]) -> bool {
         if let [b':', tail @ ..] = rest {
             rest = tail;
             skip(&mut rest);
-            if rest.starts_with(b"\"running\"") {
+            // Paused: a launch with --paused is up, its vCPUs parked before they ran.
+            if rest.starts_with(b"\"running\"") || rest.starts_with(b"\"paused\"") {
                 return true;
             }
         }
@@ -941,9 +953,13 @@ mod tests {
         assert!(says_running(
             b"HTTP/1.1 200 OK\r\n\r\n{\"devices\":[],\"state\":\"running\"}"
         ));
+        // A launch with --paused is up once its vCPUs are parked.
+        assert!(says_running(
+            b"HTTP/1.1 200 OK\r\n\r\n{\"state\":\"paused\",\"reason\":\"user\"}"
+        ));
         for no in [
             &b"HTTP/1.1 200 OK\r\n\r\n{\"state\":\"created\"}"[..],
-            b"HTTP/1.1 200 OK\r\n\r\n{\"state\":\"paused\",\"reason\":\"running\"}",
+            b"HTTP/1.1 200 OK\r\n\r\n{\"state\":\"ended\",\"reason\":\"running\"}",
             b"HTTP/1.1 503 Busy\r\n\r\n{\"state\":\"running\"}",
             b"HTTP/1.1 200 OK\r\nX-State: \"state\":\"running\"\r\n\r\n{}",
             b"HTTP/1.1 200 OK\r\n{\"state\":\"running\"}",

@@ -1003,7 +1003,11 @@ pub fn snapshot_state(data: &[u8]) {
                 continue;
             }
             let tag = TAGS[piece[0] as usize % TAGS.len()];
-            f.section(tag, u16::from_le_bytes([piece[1], piece[2]]) % 3, &piece[3..]);
+            f.section(
+                tag,
+                u16::from_le_bytes([piece[1], piece[2]]) % 3,
+                &piece[3..],
+            );
         }
         f.finish()
     };
@@ -1014,4 +1018,3 @@ pub fn snapshot_state(data: &[u8]) {
         assert_eq!(back.encode(), again);
     }
 }
-

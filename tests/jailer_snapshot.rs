@@ -54,7 +54,11 @@ fn passes(log: &str) -> Vec<u64> {
 fn wait_passes(id: &str, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while passes(&console(id)).len() < n {
-        assert!(Instant::now() < deadline, "{id}: memload stalled:\n{}", console(id));
+        assert!(
+            Instant::now() < deadline,
+            "{id}: memload stalled:\n{}",
+            console(id)
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -103,7 +107,15 @@ fn a_jailed_vm_is_saved_and_restored_into_fresh_cells_and_goes_on() {
     );
     let _cleanup = Destroy(vec![a.clone(), b.clone()]);
     let pol = policy.to_str().unwrap();
-    ok(&ctl(&["launch", "--policy", pol, "--vm", spec.to_str().unwrap(), "--id", &a]));
+    ok(&ctl(&[
+        "launch",
+        "--policy",
+        pol,
+        "--vm",
+        spec.to_str().unwrap(),
+        "--id",
+        &a,
+    ]));
     wait_passes(&a, 2);
 
     let snap = dir.join("snap");
@@ -126,12 +138,22 @@ fn a_jailed_vm_is_saved_and_restored_into_fresh_cells_and_goes_on() {
     let at_pause = console(&a);
 
     // Restored while the original still exists (paused): a VM of its own.
-    let out = ok(&ctl(&["restore", snap.to_str().unwrap(), "--policy", pol, "--id", &b]));
+    let out = ok(&ctl(&[
+        "restore",
+        snap.to_str().unwrap(),
+        "--policy",
+        pol,
+        "--id",
+        &b,
+    ]));
     assert_eq!(out.trim(), b);
     let (ia, ib) = (info(&a), info(&b));
     assert_eq!(ib["state"], "running", "{ib}");
     assert_eq!(ib["reason"], "restored", "{ib}");
-    assert_ne!(ia["label"], ib["label"], "the restored VM has an MCS pair of its own");
+    assert_ne!(
+        ia["label"], ib["label"],
+        "the restored VM has an MCS pair of its own"
+    );
     let uids = |id: &str| -> Vec<String> {
         common::cgroup_pids(id)
             .iter()
@@ -153,7 +175,11 @@ fn a_jailed_vm_is_saved_and_restored_into_fresh_cells_and_goes_on() {
     assert!(!both.contains("FAIL"), "{both}");
     let p = passes(&both);
     for w in p.windows(2) {
-        assert_eq!(w[1], w[0] + 1, "the restored guest did not go on from the pause:\n{both}");
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "the restored guest did not go on from the pause:\n{both}"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -168,7 +194,15 @@ fn a_restore_is_bounded_by_the_tenant_policy_and_checked_against_its_spec() {
     let spec = common::guest_spec(&dir, "snapbound", "tests=memload");
     let a = format!("snapc-{}", std::process::id());
     let _cleanup = Destroy(vec![a.clone()]);
-    ok(&ctl(&["launch", "--policy", pol, "--vm", spec.to_str().unwrap(), "--id", &a]));
+    ok(&ctl(&[
+        "launch",
+        "--policy",
+        pol,
+        "--vm",
+        spec.to_str().unwrap(),
+        "--id",
+        &a,
+    ]));
     wait_passes(&a, 1);
     let snap = dir.join("snap");
     ok(&ctl(&["snapshot", &a, snap.to_str().unwrap(), "--resume"]));
@@ -184,15 +218,28 @@ fn a_restore_is_bounded_by_the_tenant_policy_and_checked_against_its_spec() {
             .replace("max_memory_mib = 1024", "max_memory_mib = 32"),
     )
     .unwrap();
-    let o = ctl(&["restore", snap.to_str().unwrap(), "--policy", small.to_str().unwrap()]);
+    let o = ctl(&[
+        "restore",
+        snap.to_str().unwrap(),
+        "--policy",
+        small.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(2), "{}", err(&o));
-    assert!(err(&o).contains("exceeds the tenant limit 32"), "{}", err(&o));
+    assert!(
+        err(&o).contains("exceeds the tenant limit 32"),
+        "{}",
+        err(&o)
+    );
 
     // A spec edited to claim more RAM than the snapshot holds: the VMM refuses, and the
     // operator hears why.
     let spec_path = snap.join("vm.toml");
     let text = std::fs::read_to_string(&spec_path).unwrap();
-    std::fs::write(&spec_path, text.replace("memory_mib = 64", "memory_mib = 128")).unwrap();
+    std::fs::write(
+        &spec_path,
+        text.replace("memory_mib = 64", "memory_mib = 128"),
+    )
+    .unwrap();
     let o = ctl(&["restore", snap.to_str().unwrap(), "--policy", pol]);
     assert_eq!(o.status.code(), Some(2), "{}", err(&o));
     assert!(

@@ -49,7 +49,11 @@ impl Vm {
         };
         let deadline = Instant::now() + TIMEOUT;
         while !vm.sock.exists() {
-            assert!(Instant::now() < deadline, "no API socket at {}", vm.sock.display());
+            assert!(
+                Instant::now() < deadline,
+                "no API socket at {}",
+                vm.sock.display()
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
         // The API answers from the start; the VM is `created` until its main loop runs.
@@ -78,7 +82,11 @@ impl Vm {
         let before = passes(&self.log()).len();
         let deadline = Instant::now() + TIMEOUT;
         while passes(&self.log()).len() < before + n {
-            assert!(Instant::now() < deadline, "memload stalled:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "memload stalled:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -150,7 +158,11 @@ fn ten_restores_in_a_row_go_on_counting_with_every_page_of_ram_intact() {
         // Only a paused VM is saved.
         let running = snapshot(&vm, &dir.join("refused"));
         assert_eq!(running.status, 409, "{}", running.message());
-        assert!(running.message().contains("pause it first"), "{}", running.message());
+        assert!(
+            running.message().contains("pause it first"),
+            "{}",
+            running.message()
+        );
         assert_eq!(vm.call("PUT", "vm.pause").status, 204);
         let snap = dir.join(format!("snap{i}"));
         let r = snapshot(&vm, &snap);
@@ -167,7 +179,11 @@ fn ten_restores_in_a_row_go_on_counting_with_every_page_of_ram_intact() {
             "the memory file is not sparse"
         );
         vm.kill();
-        vm = Vm::start(&dir, &format!("vm{i}"), &["--restore", snap.to_str().unwrap()]);
+        vm = Vm::start(
+            &dir,
+            &format!("vm{i}"),
+            &["--restore", snap.to_str().unwrap()],
+        );
         let info = vm.info();
         assert_eq!(info["state"], "running", "{info}");
         assert_eq!(info["reason"], "restored", "{info}");
@@ -183,7 +199,11 @@ fn ten_restores_in_a_row_go_on_counting_with_every_page_of_ram_intact() {
     let p = passes(&all);
     assert!(p.len() >= 2 * 10 + 3, "{} passes", p.len());
     for w in p.windows(2) {
-        assert_eq!(w[1], w[0] + 1, "the passes do not follow each other:\n{all}");
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "the passes do not follow each other:\n{all}"
+        );
     }
     // Every restored VM made passes of its own.
     for l in &logs[1..] {
@@ -211,7 +231,11 @@ fn the_workload_sees_a_page_the_snapshot_lost() {
     std::fs::write(snap.join("state"), s.encode()).unwrap();
     let vm = Vm::start(&dir, "restored", &["--restore", snap.to_str().unwrap()]);
     let deadline = Instant::now() + TIMEOUT;
-    while !vm.log().lines().any(|l| l.starts_with("TEST memload FAIL") && l.contains(" got=")) {
+    while !vm
+        .log()
+        .lines()
+        .any(|l| l.starts_with("TEST memload FAIL") && l.contains(" got="))
+    {
         assert!(Instant::now() < deadline, "no FAIL:\n{}", vm.log());
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -224,10 +248,18 @@ fn the_workload_sees_a_page_the_snapshot_lost() {
 fn a_restore_can_start_paused_and_run_on_resume() {
     let dir = scratch_dir("snapshot-paused");
     let snap = saved_vm(&dir, "snap");
-    let vm = Vm::start(&dir, "restored", &["--restore", snap.to_str().unwrap(), "--paused"]);
+    let vm = Vm::start(
+        &dir,
+        "restored",
+        &["--restore", snap.to_str().unwrap(), "--paused"],
+    );
     assert_eq!(vm.info()["state"], "paused");
     std::thread::sleep(Duration::from_millis(300));
-    assert!(passes(&vm.log()).is_empty(), "a paused guest ran:\n{}", vm.log());
+    assert!(
+        passes(&vm.log()).is_empty(),
+        "a paused guest ran:\n{}",
+        vm.log()
+    );
     assert_eq!(vm.call("PUT", "vm.resume").status, 204);
     vm.wait_passes(2);
     assert!(!vm.log().contains("FAIL"), "{}", vm.log());
@@ -247,14 +279,26 @@ fn snapshot_requests_without_two_writable_files_are_refused() {
     let ro = File::open(dir.join("vm.log")).unwrap();
     let r = send_snapshot(&vm, &[ro.as_raw_fd(), ro.as_raw_fd()]);
     assert_eq!(r.status, 400);
-    assert!(r.message().contains("not open for writing"), "{}", r.message());
+    assert!(
+        r.message().contains("not open for writing"),
+        "{}",
+        r.message()
+    );
     let three = send_snapshot(&vm, &[ro.as_raw_fd(), ro.as_raw_fd(), ro.as_raw_fd()]);
     assert_eq!(three.status, 400);
-    assert!(three.message().contains("more than 2"), "{}", three.message());
+    assert!(
+        three.message().contains("more than 2"),
+        "{}",
+        three.message()
+    );
     let dev = File::open("/dev/null").unwrap();
     let w = OpenOptions::new().write(true).open("/dev/null").unwrap();
     let r = send_snapshot(&vm, &[w.as_raw_fd(), dev.as_raw_fd()]);
-    assert!(r.message().contains("not a regular file"), "{}", r.message());
+    assert!(
+        r.message().contains("not a regular file"),
+        "{}",
+        r.message()
+    );
     // The VM is still there, paused, and runs on.
     assert_eq!(vm.info()["state"], "paused");
     assert_eq!(vm.call("PUT", "vm.resume").status, 204);
@@ -268,7 +312,14 @@ fn a_vm_with_virtio_devices_is_not_saved_and_says_why() {
     let dir = scratch_dir("snapshot-devices");
     let sock = dir.join("api.sock");
     let mut child = cellvm()
-        .args(["run", "--memory", "64", "--rng", "--cmdline", "tests=memload"])
+        .args([
+            "run",
+            "--memory",
+            "64",
+            "--rng",
+            "--cmdline",
+            "tests=memload",
+        ])
         .arg("--serial=off")
         .arg("--api-socket")
         .arg(&sock)
@@ -299,7 +350,11 @@ fn a_vm_with_virtio_devices_is_not_saved_and_says_why() {
 fn refused_restore(dir: &Path, snap: &Path, extra: &[&str]) -> String {
     let serial = dir.join("refused.log");
     let _ = std::fs::remove_file(&serial);
-    let memory: &[&str] = if extra.contains(&"--memory") { &[] } else { &["--memory", "64"] };
+    let memory: &[&str] = if extra.contains(&"--memory") {
+        &[]
+    } else {
+        &["--memory", "64"]
+    };
     let out = cellvm()
         .args(["run", "--cmdline", "tests=memload"])
         .args(memory)
@@ -343,7 +398,10 @@ fn damaged_foreign_and_mismatched_snapshots_are_refused_before_anything_runs() {
     version[8..12].copy_from_slice(&9u32.to_le_bytes());
     let d = variant("version", &version, &memory);
     let e = refused_restore(&dir, &d, &[]);
-    assert!(e.contains("format version 9") && e.contains("cellvm 0.1.0"), "{e}");
+    assert!(
+        e.contains("format version 9") && e.contains("cellvm 0.1.0"),
+        "{e}"
+    );
 
     let d = variant("garbage", &common::stream_bytes(7, 4096), &memory);
     assert!(refused_restore(&dir, &d, &[]).contains("not a cellvm state file"));
@@ -375,5 +433,45 @@ fn damaged_foreign_and_mismatched_snapshots_are_refused_before_anything_runs() {
     // Missing files are named.
     let e = refused_restore(&dir, &dir.join("nowhere"), &[]);
     assert!(e.contains("nowhere/state"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_vm_on_hugepages_is_saved_and_restored_on_hugepages() {
+    // hugetlbfs has no write(2): its RAM is loaded through the mapping. The host's 2 MiB
+    // pool is sized here (one 64 MiB VM at a time) and put back after.
+    const POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+    let before = std::fs::read_to_string(POOL).unwrap();
+    let pages: u64 = before.trim().parse::<u64>().unwrap() + 40;
+    std::fs::write(POOL, pages.to_string()).unwrap();
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::write(POOL, &self.0);
+        }
+    }
+    let _put_back = Restore(before);
+    let dir = scratch_dir("snapshot-hugepages");
+    let mut vm = Vm::start(&dir, "src", &["--hugepages", "2M"]);
+    vm.wait_passes(2);
+    assert_eq!(vm.call("PUT", "vm.pause").status, 204);
+    let snap = dir.join("snap");
+    let r = snapshot(&vm, &snap);
+    assert_eq!(r.status, 200, "{}", r.message());
+    let at_pause = vm.log();
+    vm.kill();
+    let vm = Vm::start(
+        &dir,
+        "dst",
+        &["--hugepages", "2M", "--restore", snap.to_str().unwrap()],
+    );
+    vm.wait_passes(2);
+    let both = format!("{at_pause}{}", vm.log());
+    assert!(!both.contains("FAIL"), "{both}");
+    let p = passes(&both);
+    for w in p.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "{both}");
+    }
+    drop(vm);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -564,16 +564,15 @@ pub fn snapshot(host: &Host, id: &str, dir: &Path, resume: bool) -> Result<i32, 
         let (state, memory) = (create("state")?, create("memory")?);
         let sock = host.api_socket(id);
         let target = api_target("vm.snapshot");
-        let r = crate::http::Client::connect(&sock, API_TIMEOUT)
-            .and_then(|mut c| {
-                c.request_with_fds(
-                    "PUT",
-                    &target,
-                    None,
-                    &[state.as_raw_fd(), memory.as_raw_fd()],
-                    SNAPSHOT_TIMEOUT,
-                )
-            });
+        let r = crate::http::Client::connect(&sock, API_TIMEOUT).and_then(|mut c| {
+            c.request_with_fds(
+                "PUT",
+                &target,
+                None,
+                &[state.as_raw_fd(), memory.as_raw_fd()],
+                SNAPSHOT_TIMEOUT,
+            )
+        });
         let r = answered(id, &sock, "PUT", &target, r)?;
         create("vm.toml")?
             .write_all(&spec)

@@ -652,7 +652,9 @@ fn snapshot_file(dir: &Path, name: &str) -> Result<File, String> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(&p)
         .map_err(|e| format!("snapshot {}: {e}", p.display()))?;
-    let meta = f.metadata().map_err(|e| format!("snapshot {}: {e}", p.display()))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| format!("snapshot {}: {e}", p.display()))?;
     if !meta.is_file() {
         return Err(format!("snapshot {}: not a regular file", p.display()));
     }
@@ -1417,7 +1419,9 @@ fn build_and_supervise(
             Err(Failure {
                 code,
                 message: match last {
-                    Some(line) => format!("the VM ended before it was running (status {code}): {line}"),
+                    Some(line) => {
+                        format!("the VM ended before it was running (status {code}): {line}")
+                    }
                     None => format!("the VM ended before it was running (status {code})"),
                 },
             })

@@ -79,7 +79,8 @@ impl FileWriter {
         self.out.extend_from_slice(&tag);
         self.out.extend_from_slice(&version.to_le_bytes());
         self.out.extend_from_slice(&0u16.to_le_bytes());
-        self.out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        self.out
+            .extend_from_slice(&(payload.len() as u32).to_le_bytes());
         self.out.extend_from_slice(payload);
         let crc = crc32fast::hash(&self.out[start..]);
         self.out.extend_from_slice(&crc.to_le_bytes());
@@ -308,7 +309,10 @@ mod tests {
         let (producer, s) = read_file(&data).unwrap();
         assert_eq!(producer, "cellvm test");
         assert_eq!(s.len(), 2);
-        assert_eq!((s[0].name().as_str(), s[0].version, s[0].payload), ("AAA", 1, &[1u8, 2, 3][..]));
+        assert_eq!(
+            (s[0].name().as_str(), s[0].version, s[0].payload),
+            ("AAA", 1, &[1u8, 2, 3][..])
+        );
         assert_eq!((s[1].name().as_str(), s[1].version), ("BBB", 2));
     }
 

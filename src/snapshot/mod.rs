@@ -133,8 +133,10 @@ impl Snapshot {
                     once(clock.is_some())?;
                     version(s, 1)?;
                     let mut r = s.reader();
-                    let b = r.blob_exact("kvm_clock_data", std::mem::size_of::<kvm_clock_data>())?;
-                    let c = kvm_clock_data::read_from_bytes(b).map_err(|_| r.bad("kvm_clock_data".into()))?;
+                    let b =
+                        r.blob_exact("kvm_clock_data", std::mem::size_of::<kvm_clock_data>())?;
+                    let c = kvm_clock_data::read_from_bytes(b)
+                        .map_err(|_| r.bad("kvm_clock_data".into()))?;
                     r.end()?;
                     clock = Some(c);
                 }
@@ -188,7 +190,11 @@ impl Snapshot {
         if vcpus.len() != vm.cpus as usize {
             return Err(Error::Bad {
                 tag: "CPU".into(),
-                what: format!("{} vCPU sections for a VM of {} vCPUs", vcpus.len(), vm.cpus),
+                what: format!(
+                    "{} vCPU sections for a VM of {} vCPUs",
+                    vcpus.len(),
+                    vm.cpus
+                ),
             });
         }
         for (i, v) in vcpus.iter().enumerate() {
@@ -245,7 +251,10 @@ impl Snapshot {
 }
 
 fn bad(s: &Section, what: String) -> Error {
-    Error::Bad { tag: s.name(), what }
+    Error::Bad {
+        tag: s.name(),
+        what,
+    }
 }
 
 fn version(s: &Section, want: u16) -> Result<(), Error> {
@@ -273,7 +282,10 @@ fn decode_vm(s: &Section) -> Result<VmInfo, Error> {
         return Err(bad(s, format!("cpus {}: 1 to {MAX_VCPUS}", vm.cpus)));
     }
     if vm.memory_bytes == 0 || vm.memory_bytes % (1 << 20) != 0 {
-        return Err(bad(s, format!("memory {}: not a whole number of MiB", vm.memory_bytes)));
+        return Err(bad(
+            s,
+            format!("memory {}: not a whole number of MiB", vm.memory_bytes),
+        ));
     }
     Ok(vm)
 }
@@ -290,7 +302,10 @@ fn decode_ioapic(s: &Section) -> Result<IoApicState, Error> {
     let level = r.u32("levels")?;
     r.end()?;
     if id > 0xf || level >> NUM_PINS != 0 || select > 0xff {
-        return Err(bad(s, format!("id {id}, select {select:#x}, levels {level:#x}: out of range")));
+        return Err(bad(
+            s,
+            format!("id {id}, select {select:#x}, levels {level:#x}: out of range"),
+        ));
     }
     Ok(IoApicState {
         id,
@@ -305,7 +320,9 @@ fn decode_serial(s: &Section) -> Result<SerialState, Error> {
     let mut r = s.reader();
     let mut b = [0u8; 9];
     for (i, x) in b.iter_mut().enumerate() {
-        *x = r.u8(["dll", "dlm", "ier", "iir", "lcr", "lsr", "mcr", "msr", "scr"][i])?;
+        *x = r.u8([
+            "dll", "dlm", "ier", "iir", "lcr", "lsr", "mcr", "msr", "scr",
+        ][i])?;
     }
     let n = r.count("receive fifo", 1, UART_FIFO)?;
     let in_buffer = r.bytes(n)?.to_vec();
@@ -401,7 +418,10 @@ mod tests {
         assert!(s.check(&s.vm).is_ok());
         let mut other = s.vm.clone();
         other.memory_bytes = 128 << 20;
-        assert!(s.check(&other).unwrap_err().contains("64 MiB of RAM; the VM spec says 128 MiB"));
+        assert!(s
+            .check(&other)
+            .unwrap_err()
+            .contains("64 MiB of RAM; the VM spec says 128 MiB"));
         let mut other = s.vm.clone();
         other.cpus = 1;
         assert!(s.check(&other).unwrap_err().contains("2 vCPUs"));

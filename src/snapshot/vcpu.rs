@@ -115,7 +115,9 @@ impl VcpuState {
             xsave: fd.get_xsave().map_err(kvm(id, "KVM_GET_XSAVE"))?,
             xcrs: fd.get_xcrs().map_err(kvm(id, "KVM_GET_XCRS"))?,
             lapic: fd.get_lapic().map_err(kvm(id, "KVM_GET_LAPIC"))?,
-            events: fd.get_vcpu_events().map_err(kvm(id, "KVM_GET_VCPU_EVENTS"))?,
+            events: fd
+                .get_vcpu_events()
+                .map_err(kvm(id, "KVM_GET_VCPU_EVENTS"))?,
             debugregs: fd.get_debug_regs().map_err(kvm(id, "KVM_GET_DEBUGREGS"))?,
             msrs,
         })
@@ -126,12 +128,14 @@ impl VcpuState {
     /// reads that many bytes, and a `kvm_xsave` holds 4096.
     pub fn restore(&self, fd: &VcpuFd, xsave_size: usize) -> Result<(), KvmError> {
         let id = self.id;
-        fd.set_sregs(&self.sregs).map_err(kvm(id, "KVM_SET_SREGS"))?;
+        fd.set_sregs(&self.sregs)
+            .map_err(kvm(id, "KVM_SET_SREGS"))?;
         fd.set_regs(&self.regs).map_err(kvm(id, "KVM_SET_REGS"))?;
         if xsave_size > std::mem::size_of::<kvm_xsave>() {
-            return Err(kvm(id, "KVM_SET_XSAVE (this host's XSAVE area is larger than 4 KiB)")(
-                kvm_ioctls::Error::new(libc::EOPNOTSUPP),
-            ));
+            return Err(kvm(
+                id,
+                "KVM_SET_XSAVE (this host's XSAVE area is larger than 4 KiB)",
+            )(kvm_ioctls::Error::new(libc::EOPNOTSUPP)));
         }
         // SAFETY: KVM reads at most its XSAVE area's size, checked above to fit the
         // 4096 bytes of `kvm_xsave`.
@@ -162,7 +166,8 @@ impl VcpuState {
                 });
             }
         }
-        fd.set_lapic(&self.lapic).map_err(kvm(id, "KVM_SET_LAPIC"))?;
+        fd.set_lapic(&self.lapic)
+            .map_err(kvm(id, "KVM_SET_LAPIC"))?;
         fd.set_vcpu_events(&self.events)
             .map_err(kvm(id, "KVM_SET_VCPU_EVENTS"))?;
         fd.set_debug_regs(&self.debugregs)
@@ -217,11 +222,18 @@ impl VcpuState {
         };
         r.end()?;
         if state.xcrs.nr_xcrs as usize > state.xcrs.xcrs.len() {
-            return Err(r.bad(format!("xcrs: {} entries, at most {}", state.xcrs.nr_xcrs, state.xcrs.xcrs.len())));
+            return Err(r.bad(format!(
+                "xcrs: {} entries, at most {}",
+                state.xcrs.nr_xcrs,
+                state.xcrs.xcrs.len()
+            )));
         }
         // KVM_MP_STATE_RUNNABLE .. KVM_MP_STATE_AP_RESET_HOLD on x86.
         if state.mp_state.mp_state > 9 {
-            return Err(r.bad(format!("mp state {}: not an x86 state", state.mp_state.mp_state)));
+            return Err(r.bad(format!(
+                "mp state {}: not an x86 state",
+                state.mp_state.mp_state
+            )));
         }
         Ok(state)
     }

@@ -390,8 +390,14 @@ impl Vm {
         // the command line, the initrd and the tables.
         let kernel = match &restore {
             Some((snap, mem_file)) => {
-                crate::snapshot::memory::load(&ram.mem, &snap.ram, mem_file)
+                let t = Instant::now();
+                crate::snapshot::memory::load(&ram.mem, ram.file.as_ref(), &snap.ram, mem_file)
                     .map_err(|e| Error::Invalid(format!("restore: {e}")))?;
+                log::info!(
+                    "restore: {} chunks of RAM loaded in {} us",
+                    snap.ram.chunks.len(),
+                    t.elapsed().as_micros()
+                );
                 None
             }
             None => Some(load_boot_image(
@@ -438,7 +444,9 @@ impl Vm {
             a.deassert_irq(layout::GED_IRQ as usize);
         }))));
         if let Some((snap, _)) = &restore {
-            ged.lock().unwrap_or_else(|p| p.into_inner()).restore(snap.ged);
+            ged.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore(snap.ged);
         }
         let mut pio = Bus::default();
         let mut mmio = Bus::default();
@@ -1259,7 +1267,13 @@ fn load_boot_image(
         )?,
         None => {
             let mut image = std::io::Cursor::new(crate::testguest::IMAGE);
-            boot::load_kernel(mem, kernel_path, &mut image, mem_size, boot::BootProtocol::Pvh)?
+            boot::load_kernel(
+                mem,
+                kernel_path,
+                &mut image,
+                mem_size,
+                boot::BootProtocol::Pvh,
+            )?
         }
     };
     let cmdline = cfg.effective_cmdline();

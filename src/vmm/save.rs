@@ -42,7 +42,10 @@ fn writable_file(fd: OwnedFd, what: &str) -> Result<File, String> {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fstat fills `st` for a descriptor we own.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
-        return Err(format!("{what}: fstat: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "{what}: fstat: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err(format!("{what}: not a regular file"));
@@ -134,8 +137,16 @@ impl super::Vm {
             .vm_fd
             .get_clock()
             .map_err(|e| format!("KVM_GET_CLOCK: {e}"))?;
-        let ioapic = self.ioapic.lock().unwrap_or_else(|p| p.into_inner()).state();
-        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).state();
+        let ioapic = self
+            .ioapic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .state();
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .state();
         let ged = self.ged.lock().unwrap_or_else(|p| p.into_inner()).pending();
         let ram = memory::save(&self.ram.mem, self.ram.file.as_ref(), &mem_file)
             .map_err(|e| e.to_string())?;
@@ -159,10 +170,16 @@ impl super::Vm {
             .write_all_at(&bytes, 0)
             .and_then(|_| state_file.set_len(bytes.len() as u64))
             .map_err(|e| format!("state file: {e}"))?;
+        let written_at = t0.elapsed();
         mem_file
             .sync_data()
             .and_then(|_| state_file.sync_data())
             .map_err(|e| format!("sync: {e}"))?;
+        log::info!(
+            "snapshot: written in {} us, synced in {} us more",
+            written_at.as_micros(),
+            (t0.elapsed() - written_at).as_micros()
+        );
         let written = snap.ram.chunks.iter().map(|c| c.1 as u64).sum();
         Ok(Saved {
             ram_bytes_written: written,

@@ -12,6 +12,10 @@
 //! Scenario 10 (virtio-fs, `fs.rs`): the guest's FUSE client through our frontend and
 //! QEMU's, the same virtiofsd; `--fs-only` runs it alone.
 //!
+//! Scenario 11 (snapshot and restore, `snapshot.rs`): a paused memload guest saved to
+//! files and brought back, against QEMU's migration to a file and `-incoming`;
+//! `--snapshot-only` runs it alone.
+//!
 //! Scenario 7 (control plane, `control.rs`): the API, pause/resume, launch --detach and
 //! `cellvmctl list` against libvirt driving QEMU; `--control-plane-only` runs it alone.
 
@@ -25,6 +29,7 @@ use serde::Serialize;
 mod control;
 mod fs;
 mod restart;
+mod snapshot;
 
 #[derive(Parser)]
 #[command(about = "cellvm benchmarks side by side with real peers")]
@@ -62,6 +67,9 @@ struct Args {
     /// Only scenario 10 (virtio-fs against QEMU's vhost-user-fs-pci), then the table.
     #[arg(long)]
     fs_only: bool,
+    /// Only scenario 11 (snapshot and restore against QEMU's migration to a file).
+    #[arg(long)]
+    snapshot_only: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -981,6 +989,13 @@ fn main() {
         let _ = std::fs::remove_dir_all(&work);
         return;
     }
+    if args.snapshot_only {
+        snapshot::rows(&bin, &guest, &work, args.quick, runs, &mut rows);
+        print_table(runs, &rows);
+        write_json(args.json.as_deref(), &rows);
+        let _ = std::fs::remove_dir_all(&work);
+        return;
+    }
     if args.fs_only {
         fs::rows(&bin, &guest, &work, args.quick, runs, &mut rows);
         print_table(runs, &rows);
@@ -1286,6 +1301,7 @@ fn main() {
     vsock_rows(&bin, &work, args.quick, runs, &mut rows);
     restart::rows(&jailer, &example, &work, runs, &mut rows);
     fs::rows(&bin, &guest, &work, args.quick, runs, &mut rows);
+    snapshot::rows(&bin, &guest, &work, args.quick, runs, &mut rows);
     let control = control_plane(&root, &bin, &guest, &work, args.quick, &mut rows);
 
     print_table(runs, &rows);

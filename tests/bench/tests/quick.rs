@@ -24,8 +24,16 @@ fn quick_mode_runs_every_scenario_against_its_peer() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(
         rows.len(),
-        53,
-        "5 comparisons x 3 metrics (the jailed launch with and without devices), the launch rate, RSS and PSS with and without devices, 11 block rows (raw: 3 against qemu-storage-daemon, 2 against the host; qcow2: 3 against qemu-storage-daemon's qcow2, 3 against cellvm on raw), 3 net rows, 4 density rows, 2 vsock rows, 7 control-plane rows, 3 backend-restart rows, 3 virtio-fs rows"
+        56,
+        "5 comparisons x 3 metrics (the jailed launch with and without devices), the launch rate, RSS and PSS with and without devices, 11 block rows (raw: 3 against qemu-storage-daemon, 2 against the host; qcow2: 3 against qemu-storage-daemon's qcow2, 3 against cellvm on raw), 3 net rows, 4 density rows, 2 vsock rows, 7 control-plane rows, 3 backend-restart rows, 3 virtio-fs rows, 3 snapshot rows"
+    );
+    // Scenario 11: snapshot and restore against QEMU's migration to a file.
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r["scenario"] == "11. snapshot, 128 MiB memload"
+                && r["peer_name"] == "qemu migrate to file / -incoming")
+            .count(),
+        3
     );
     // Scenario 9: a restarted blk, net and rng backend, each against the same loop unkilled.
     let restart: Vec<&serde_json::Value> = rows

@@ -207,7 +207,27 @@ fn a_restore_is_bounded_by_the_tenant_policy_and_checked_against_its_spec() {
     let snap = dir.join("snap");
     ok(&ctl(&["snapshot", &a, snap.to_str().unwrap(), "--resume"]));
     assert_eq!(info(&a)["state"], "running");
+    // An incremental snapshot into the same directory, through the jailed VMM.
+    let n = passes(&console(&a)).len();
+    wait_passes(&a, n + 2);
+    let out = ok(&ctl(&["snapshot", &a, snap.to_str().unwrap(), "--incremental"]));
+    assert!(out.contains("(incremental)"), "{out}");
+    assert!(!snap.join("state.new").exists());
+    let at_pause = console(&a);
     ok(&ctl(&["destroy", &a]));
+    // It restores, and the guest goes on from the second pause with all its RAM.
+    let b = format!("snapd-{}", std::process::id());
+    let _cleanup_b = Destroy(vec![b.clone()]);
+    ok(&ctl(&["restore", snap.to_str().unwrap(), "--policy", pol, "--id", &b]));
+    let m = passes(&console(&b)).len();
+    wait_passes(&b, m + 2);
+    let both = format!("{at_pause}{}", console(&b));
+    assert!(!both.contains("FAIL"), "{both}");
+    let p = passes(&both);
+    for w in p.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "{both}");
+    }
+    ok(&ctl(&["destroy", &b]));
 
     // A tenant allowed less memory than the snapshot's VM: the jailer refuses.
     let small = dir.join("small.toml");

@@ -475,3 +475,137 @@ fn a_vm_on_hugepages_is_saved_and_restored_on_hugepages() {
     drop(vm);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `vm.snapshot {"incremental": true}` into DIR: its memory file (opened read-write, not
+/// truncated) and a new state file that replaces DIR/state once the answer is 200.
+fn snapshot_incremental(vm: &Vm, dir: &Path) -> http::Response {
+    let memory = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("memory"))
+        .unwrap();
+    let new_state = dir.join("state.new");
+    let state = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&new_state)
+        .unwrap();
+    let mut c = http::Client::connect(&vm.sock, TIMEOUT).unwrap();
+    let r = c
+        .request_with_fds(
+            "PUT",
+            "/api/v1/vm.snapshot",
+            Some(br#"{"incremental":true}"#),
+            &[state.as_raw_fd(), memory.as_raw_fd()],
+            TIMEOUT,
+        )
+        .unwrap();
+    if r.status == 200 {
+        std::fs::rename(&new_state, dir.join("state")).unwrap();
+    } else {
+        std::fs::remove_file(&new_state).unwrap();
+    }
+    r
+}
+
+#[test]
+fn an_incremental_snapshot_rewrites_what_the_guest_wrote_and_restores_whole() {
+    let dir = scratch_dir("snapshot-incremental");
+    let mut vm = Vm::start(&dir, "src", &[]);
+    vm.wait_passes(2);
+    assert_eq!(vm.call("PUT", "vm.pause").status, 204);
+    let snap = dir.join("snap");
+    // Not before a full one.
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::write(snap.join("memory"), b"").unwrap();
+    let r = snapshot_incremental(&vm, &snap);
+    assert_eq!(r.status, 400);
+    assert!(r.message().contains("no snapshot yet"), "{}", r.message());
+    std::fs::remove_file(snap.join("memory")).unwrap();
+    let full = snapshot(&vm, &snap);
+    assert_eq!(full.status, 200, "{}", full.message());
+    // The guest goes on (every pass rewrites every page above 16 MiB), then the
+    // incremental snapshot writes what the dirty log says into the same file.
+    assert_eq!(vm.call("PUT", "vm.resume").status, 204);
+    vm.wait_passes(3);
+    assert_eq!(vm.call("PUT", "vm.pause").status, 204);
+    let r = snapshot_incremental(&vm, &snap);
+    assert_eq!(r.status, 200, "{}", r.message());
+    let v = r.json().unwrap();
+    assert_eq!(v["incremental"], true, "{v}");
+    assert!(
+        v["dirty_chunks"].as_u64().unwrap() >= 190,
+        "memload dirties all of it: {v}"
+    );
+    // Into any other memory file: refused.
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("memory"), b"").unwrap();
+    let r = snapshot_incremental(&vm, &other);
+    assert_eq!(r.status, 400);
+    assert!(r.message().contains("not the one"), "{}", r.message());
+    let at_pause = vm.log();
+    vm.kill();
+    // Restored from the updated snapshot: every page is the second pause's (memload
+    // would find a page of an older pass), and the passes go on from there.
+    let vm = Vm::start(&dir, "dst", &["--restore", snap.to_str().unwrap()]);
+    vm.wait_passes(2);
+    let both = format!("{at_pause}{}", vm.log());
+    assert!(!both.contains("FAIL"), "{both}");
+    let p = passes(&both);
+    for w in p.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "{both}");
+    }
+    drop(vm);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_idle_guests_incremental_snapshot_writes_next_to_nothing() {
+    let dir = scratch_dir("snapshot-incremental-idle");
+    let serial = dir.join("idle.log");
+    let sock = dir.join("idle.sock");
+    let child = cellvm()
+        .args(["run", "--memory", "64", "--cmdline", "tests=none hold=600"])
+        .arg(format!("--serial=file={}", serial.display()))
+        .arg("--api-socket")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let vm = Vm {
+        child: Some(child),
+        sock,
+        serial,
+    };
+    let deadline = Instant::now() + TIMEOUT;
+    while !vm.log().contains("cellvm-testguest: up") {
+        assert!(Instant::now() < deadline, "the guest did not come up");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(vm.call("PUT", "vm.pause").status, 204);
+    let snap = dir.join("snap");
+    let full = snapshot(&vm, &snap).json().unwrap();
+    assert_eq!(vm.call("PUT", "vm.resume").status, 204);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(vm.call("PUT", "vm.pause").status, 204);
+    let r = snapshot_incremental(&vm, &snap);
+    assert_eq!(r.status, 200, "{}", r.message());
+    let inc = r.json().unwrap();
+    let dirty = inc["dirty_chunks"].as_u64().unwrap();
+    assert!(
+        dirty <= 4,
+        "an idle guest (its stack, kvmclock) dirtied {dirty} chunks: {inc}"
+    );
+    assert!(
+        inc["ram_bytes_written"].as_u64().unwrap() < full["ram_bytes_written"].as_u64().unwrap(),
+        "{full} {inc}"
+    );
+    drop(vm);
+    let restored = Vm::start(&dir, "restored", &["--restore", snap.to_str().unwrap()]);
+    assert_eq!(restored.info()["state"], "running");
+    drop(restored);
+    let _ = std::fs::remove_dir_all(&dir);
+}

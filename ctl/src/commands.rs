@@ -529,11 +529,20 @@ pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// beside them as DIR/vm.toml, and resumes the VM with `resume`. DIR is made (0700) if
 /// it is not there; files already in it are never overwritten. A failed snapshot
 /// leaves no files behind.
-pub fn snapshot(host: &Host, id: &str, dir: &Path, resume: bool) -> Result<i32, Error> {
+pub fn snapshot(
+    host: &Host,
+    id: &str,
+    dir: &Path,
+    resume: bool,
+    incremental: bool,
+) -> Result<i32, Error> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     host.find(id)?;
     let fail = |what: &str, e: std::io::Error| Error::Other(format!("{what}: {e}"));
+    if incremental {
+        return snapshot_incremental(host, id, dir, resume);
+    }
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
@@ -599,6 +608,76 @@ pub fn snapshot(host: &Host, id: &str, dir: &Path, resume: bool) -> Result<i32, 
         "VM {id} saved in {}: {} MiB of RAM in {} chunks, {} ms; {}",
         dir.display(),
         v["ram_bytes_written"].as_u64().unwrap_or(0) >> 20,
+        v["chunks"].as_u64().unwrap_or(0),
+        v["ms"].as_f64().unwrap_or(0.0),
+        if resume {
+            "running again".to_string()
+        } else {
+            format!("paused (`cellvmctl resume {id}` runs it)")
+        }
+    );
+    Ok(0)
+}
+
+/// `snapshot ID DIR --incremental`: DIR holds this VM's last snapshot; the VMM writes
+/// the chunks its guest wrote since into DIR/memory, and the new state file replaces
+/// DIR/state once it is complete. A failure partway leaves DIR/memory ahead of
+/// DIR/state, which a restore then refuses by its checksums: take a full snapshot.
+fn snapshot_incremental(host: &Host, id: &str, dir: &Path, resume: bool) -> Result<i32, Error> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let fail = |what: &Path, e: std::io::Error| Error::Other(format!("{}: {e}", what.display()));
+    for n in ["state", "vm.toml"] {
+        let p = dir.join(n);
+        match p.symlink_metadata() {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => return Err(Error::Other(format!("{}: not a regular file", p.display()))),
+            Err(e) => return Err(fail(&p, e)),
+        }
+    }
+    let mem_path = dir.join("memory");
+    let memory = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&mem_path)
+        .map_err(|e| fail(&mem_path, e))?;
+    let new_state = dir.join("state.new");
+    let state = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&new_state)
+        .map_err(|e| fail(&new_state, e))?;
+    host.call(id, "PUT", "vm.pause", None, API_TIMEOUT)?;
+    let sock = host.api_socket(id);
+    let target = api_target("vm.snapshot");
+    let r = crate::http::Client::connect(&sock, API_TIMEOUT).and_then(|mut c| {
+        c.request_with_fds(
+            "PUT",
+            &target,
+            Some(br#"{"incremental":true}"#),
+            &[state.as_raw_fd(), memory.as_raw_fd()],
+            SNAPSHOT_TIMEOUT,
+        )
+    });
+    let answer = answered(id, &sock, "PUT", &target, r).and_then(|a| {
+        std::fs::rename(&new_state, dir.join("state"))
+            .map(|_| a)
+            .map_err(|e| fail(&new_state, e))
+    });
+    if answer.is_err() {
+        let _ = std::fs::remove_file(&new_state);
+    }
+    if resume {
+        host.call(id, "PUT", "vm.resume", None, API_TIMEOUT)?;
+    }
+    let v = answer?.json().unwrap_or_default();
+    println!(
+        "VM {id} saved in {} (incremental): {} of its {} chunks written again, {} ms; {}",
+        dir.display(),
+        v["dirty_chunks"].as_u64().unwrap_or(0),
         v["chunks"].as_u64().unwrap_or(0),
         v["ms"].as_f64().unwrap_or(0.0),
         if resume {

@@ -87,6 +87,10 @@ enum Verb {
         /// Run the VM again once it is saved.
         #[arg(long)]
         resume: bool,
+        /// DIR holds this VM's last snapshot: write only what the guest wrote since
+        /// into its memory file, and replace its state file.
+        #[arg(long)]
+        incremental: bool,
     },
     /// Start a VM from a snapshot directory in the background, through the jailer
     /// (fresh cells; the snapshot's spec checked against the policy); prints its id.
@@ -134,7 +138,12 @@ fn main() {
         Verb::Reboot { id } => commands::simple(&host, id, "vm.reboot", "is being rebooted"),
         Verb::Destroy { id } => commands::destroy(&host, id),
         Verb::Stats { id, json } => commands::stats(&host, id, *json),
-        Verb::Snapshot { id, dir, resume } => commands::snapshot(&host, id, dir, *resume),
+        Verb::Snapshot {
+            id,
+            dir,
+            resume,
+            incremental,
+        } => commands::snapshot(&host, id, dir, *resume, *incremental),
         Verb::Restore {
             dir,
             policy,

@@ -173,6 +173,12 @@ struct ShutdownBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct SnapshotBody {
+    incremental: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CancelBody {
     id: u64,
 }
@@ -215,7 +221,12 @@ fn action(path: &str, body: &[u8]) -> Result<Action, Response> {
         "/api/v1/vm.resume" => none(body).map(|_| Action::Op(Op::Resume))?,
         "/api/v1/vm.power-button" => none(body).map(|_| Action::Op(Op::PowerButton))?,
         "/api/v1/vm.reboot" => none(body).map(|_| Action::Op(Op::Reboot))?,
-        "/api/v1/vm.snapshot" => none(body).map(|_| Action::Op(Op::Snapshot))?,
+        "/api/v1/vm.snapshot" => {
+            let b = decode::<SnapshotBody>(body, Some("incremental"))?;
+            Action::Op(Op::Snapshot {
+                incremental: b.and_then(|b| b.incremental).unwrap_or(false),
+            })
+        }
         "/api/v1/vm.jobs.cancel" => match decode::<CancelBody>(body, Some("id"))? {
             Some(b) => Action::Op(Op::Cancel { job: b.id }),
             None => return Err(Response::error(400, "id: the job to cancel is required")),

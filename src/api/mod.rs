@@ -46,7 +46,11 @@ pub enum Op {
     },
     /// Saves the paused VM into the two files whose descriptors came with the request
     /// (SCM_RIGHTS: the state file, then the memory file); the VMM opens no path.
-    Snapshot,
+    /// `incremental`: the memory file is this VM's last snapshot's, and only the chunks
+    /// the guest wrote since are written into it.
+    Snapshot {
+        incremental: bool,
+    },
 }
 
 impl Op {
@@ -58,7 +62,7 @@ impl Op {
             Op::Shutdown { .. } => "vm.shutdown",
             Op::Reboot => "vm.reboot",
             Op::Cancel { .. } => "vm.jobs.cancel",
-            Op::Snapshot => "vm.snapshot",
+            Op::Snapshot { .. } => "vm.snapshot",
         }
     }
 }
@@ -397,7 +401,7 @@ impl Server {
                             conn.close = close;
                             // Descriptors go with the request that uses them; any other
                             // request's are closed.
-                            let fds = if op == Op::Snapshot {
+                            let fds = if matches!(op, Op::Snapshot { .. }) {
                                 std::mem::take(&mut conn.fds)
                             } else {
                                 conn.fds.clear();

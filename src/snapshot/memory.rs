@@ -158,6 +158,74 @@ pub fn save(mem: &GuestMemoryMmap, ram_file: Option<&File>, out: &File) -> Resul
     Ok(RamIndex { size, chunks })
 }
 
+/// An incremental save into `out`, the memory file of the snapshot `last` indexes:
+/// only the chunks holding a page of `dirty` (offsets in the RAM file, ascending) are
+/// read and written again (a chunk now all zeros becomes a hole); every other chunk
+/// keeps its bytes and its checksum. Returns the new index and how many chunks were
+/// dirty.
+pub fn save_dirty(
+    mem: &GuestMemoryMmap,
+    dirty: &[u64],
+    last: &RamIndex,
+    out: &File,
+) -> Result<(RamIndex, usize), Error> {
+    let size: u64 = mem.iter().map(|r| r.len()).sum();
+    if last.size != size {
+        return Err(Error::Size {
+            snapshot: last.size,
+            vm: size,
+        });
+    }
+    let mut chunks_dirty: Vec<u64> = dirty.iter().map(|p| p - p % CHUNK).collect();
+    chunks_dirty.dedup();
+    let regions = regions(mem);
+    let mut candidates = Vec::with_capacity(chunks_dirty.len());
+    for &at in &chunks_dirty {
+        let Some((start, guest, len)) = regions.iter().find(|(s, _, l)| at >= *s && at < s + l)
+        else {
+            return Err(Error::Guest(format!("dirty page at {at:#x} outside RAM")));
+        };
+        let n = CHUNK.min(start + len - at);
+        candidates.push((at, n as u32, guest.unchecked_add(at - start)));
+    }
+    let rewritten = save_chunks(mem, &candidates, out)?;
+    // Dirty chunks that are all zeros now: holes, as in a full snapshot.
+    let mut kept = rewritten.iter().map(|c| c.0).peekable();
+    for &(at, n, _) in &candidates {
+        if kept.peek() == Some(&at) {
+            kept.next();
+            continue;
+        }
+        punch_hole(out, at, n as u64)?;
+    }
+    // The new index: the old entries of clean chunks, and the rewritten ones.
+    let mut chunks: Vec<(u64, u32, u32)> = last
+        .chunks
+        .iter()
+        .filter(|c| chunks_dirty.binary_search(&c.0).is_err())
+        .copied()
+        .chain(rewritten)
+        .collect();
+    chunks.sort_unstable_by_key(|c| c.0);
+    Ok((RamIndex { size, chunks }, chunks_dirty.len()))
+}
+
+fn punch_hole(f: &File, at: u64, len: u64) -> Result<(), Error> {
+    // SAFETY: fallocate on a descriptor we hold; no memory is involved.
+    let rc = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            at as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc < 0 {
+        return Err(Error::Io(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// Reads each chunk of `part`, and writes the ones that are not all zeros.
 fn save_chunks(
     mem: &GuestMemoryMmap,

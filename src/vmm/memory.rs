@@ -299,10 +299,42 @@ pub fn lock(ram: &GuestRam) -> Result<(), Error> {
 
 /// Registers every RAM region as a KVM memory slot.
 pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
+    register_with(vm, mem, 0)
+}
+
+/// Registers the slots again with KVM_MEM_LOG_DIRTY_PAGES: from now on KVM records
+/// every page the guest writes (read back and cleared by `dirty_pages`).
+pub fn log_dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
+    register_with(vm, mem, kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES)
+}
+
+/// The offsets in the RAM file of the pages written since the last call (or since
+/// logging began), ascending; the log is cleared.
+pub fn dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<u64>, Error> {
+    let mut out = Vec::new();
+    let mut file_offset = 0;
+    for (slot, region) in mem.iter().enumerate() {
+        let bitmap = vm
+            .get_dirty_log(slot as u32, region.len() as usize)
+            .map_err(Error::Slot)?;
+        for (word, bits) in bitmap.iter().enumerate() {
+            let mut b = *bits;
+            while b != 0 {
+                let bit = b.trailing_zeros() as u64;
+                out.push(file_offset + (word as u64 * 64 + bit) * 4096);
+                b &= b - 1;
+            }
+        }
+        file_offset += region.len();
+    }
+    Ok(out)
+}
+
+fn register_with(vm: &VmFd, mem: &GuestMemoryMmap, flags: u32) -> Result<(), Error> {
     for (slot, region) in mem.iter().enumerate() {
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,

@@ -266,6 +266,9 @@ pub struct Vm {
     tsc_khz: u32,
     start_paused: bool,
     restored: bool,
+    /// The last snapshot's memory file and index, once one was taken (from then on
+    /// KVM logs the pages the guest writes, for the next, incremental one).
+    last_snapshot: Mutex<Option<save::LastSnapshot>>,
     /// Kept for the life of the VM (dropped only with the process).
     _keep: Box<dyn Send>,
 }
@@ -627,6 +630,7 @@ impl Vm {
             tsc_khz: first_tsc_khz,
             start_paused: opts.start_paused,
             restored: restore.is_some(),
+            last_snapshot: Mutex::new(None),
             _keep: Box::new((kvm, attached, router, events)),
         })
     }
@@ -1066,11 +1070,11 @@ impl Vm {
                     false,
                 ),
             },
-            (Op::Snapshot, State::Paused) if pending.is_none() => {
-                let response = self.snapshot_job(call.fds, next_job);
+            (Op::Snapshot { incremental }, State::Paused) if pending.is_none() => {
+                let response = self.snapshot_job(call.fds, *incremental, next_job);
                 self.reply(conn, response, false)
             }
-            (Op::Snapshot, _) => self.reply(
+            (Op::Snapshot { .. }, _) => self.reply(
                 conn,
                 Response::error(
                     409,
@@ -1093,7 +1097,7 @@ impl Vm {
     }
 
     /// Takes a snapshot of the paused VM as a job of its own, and answers how it went.
-    fn snapshot_job(&self, fds: Vec<OwnedFd>, next_job: &mut u64) -> Response {
+    fn snapshot_job(&self, fds: Vec<OwnedFd>, incremental: bool, next_job: &mut u64) -> Response {
         let id = *next_job;
         *next_job += 1;
         {
@@ -1111,7 +1115,7 @@ impl Vm {
             );
             l.jobs.truncate(MAX_JOBS_KEPT);
         }
-        match self.snapshot(fds) {
+        match self.snapshot(fds, incremental) {
             Ok(saved) => {
                 self.finish_job(id, "done");
                 Response::json(
@@ -1121,6 +1125,8 @@ impl Vm {
                         "ram_bytes_written": saved.ram_bytes_written,
                         "chunks": saved.chunks,
                         "state_bytes": saved.state_bytes,
+                        "incremental": saved.incremental,
+                        "dirty_chunks": saved.dirty_chunks,
                         "ms": (saved.pause_to_saved_ms * 1000.0).round() / 1000.0,
                     })
                     .to_string(),

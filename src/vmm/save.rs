@@ -27,17 +27,29 @@ pub enum RestoreFrom {
 pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
 
+/// The last snapshot a VM took: its memory file (device and inode) and index, which an
+/// incremental snapshot into the same file starts from.
+pub struct LastSnapshot {
+    pub dev: u64,
+    pub ino: u64,
+    pub index: memory::RamIndex,
+}
+
 /// What `vm.snapshot` answers.
 #[derive(Debug)]
 pub struct Saved {
+    pub incremental: bool,
+    /// Chunks the guest wrote since the last snapshot (incremental only).
+    pub dirty_chunks: usize,
     pub ram_bytes_written: u64,
     pub chunks: usize,
     pub state_bytes: usize,
     pub pause_to_saved_ms: f64,
 }
 
-/// A descriptor handed over for writing: a regular file open for writing.
-fn writable_file(fd: OwnedFd, what: &str) -> Result<File, String> {
+/// A descriptor handed over for writing: a regular file open for writing; with its
+/// device and inode.
+fn writable_file(fd: OwnedFd, what: &str) -> Result<(File, u64, u64), String> {
     // SAFETY: a zeroed stat is a valid value of the plain C struct.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fstat fills `st` for a descriptor we own.
@@ -55,7 +67,7 @@ fn writable_file(fd: OwnedFd, what: &str) -> Result<File, String> {
     if flags < 0 || flags & libc::O_ACCMODE == libc::O_RDONLY {
         return Err(format!("{what}: not open for writing"));
     }
-    Ok(File::from(fd))
+    Ok((File::from(fd), st.st_dev, st.st_ino))
 }
 
 /// Reads the whole state file (bounded) and decodes it.
@@ -104,8 +116,10 @@ pub fn info(cpus: u32, memory_bytes: u64, virtio_devices: usize, tsc_khz: u32) -
 }
 
 impl super::Vm {
-    /// Saves the paused VM into `fds` (the state file, then the memory file).
-    pub(super) fn snapshot(&self, fds: Vec<OwnedFd>) -> Result<Saved, String> {
+    /// Saves the paused VM into `fds` (the state file, then the memory file); with
+    /// `incremental`, into the memory file of its last snapshot, writing only the chunks
+    /// the guest wrote since.
+    pub(super) fn snapshot(&self, fds: Vec<OwnedFd>, incremental: bool) -> Result<Saved, String> {
         let t0 = Instant::now();
         if !self.functions.is_empty() {
             return Err(format!(
@@ -117,8 +131,26 @@ impl super::Vm {
         let (Some(state_fd), Some(mem_fd), None) = (fds.next(), fds.next(), fds.next()) else {
             return Err("descriptors: send two with the request (SCM_RIGHTS): the state file, then the memory file".into());
         };
-        let state_file = writable_file(state_fd, "state file")?;
-        let mem_file = writable_file(mem_fd, "memory file")?;
+        let (state_file, ..) = writable_file(state_fd, "state file")?;
+        let (mem_file, dev, ino) = writable_file(mem_fd, "memory file")?;
+        let mut last = self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        if incremental {
+            match last.as_ref() {
+                None => {
+                    return Err(
+                        "incremental: this VM has taken no snapshot yet; take a full one first"
+                            .into(),
+                    )
+                }
+                Some(l) if (l.dev, l.ino) != (dev, ino) => {
+                    return Err(
+                        "incremental: the memory file is not the one of this VM's last snapshot"
+                            .into(),
+                    )
+                }
+                Some(_) => {}
+            }
+        }
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {
             let id = v.shared.id;
@@ -148,8 +180,29 @@ impl super::Vm {
             .unwrap_or_else(|p| p.into_inner())
             .state();
         let ged = self.ged.lock().unwrap_or_else(|p| p.into_inner()).pending();
-        let ram = memory::save(&self.ram.mem, self.ram.file.as_ref(), &mem_file)
-            .map_err(|e| e.to_string())?;
+        let (ram, dirty_chunks) = match last.as_ref().filter(|_| incremental) {
+            Some(l) => {
+                let dirty = super::memory::dirty_pages(&self.vm_fd, &self.ram.mem)
+                    .map_err(|e| format!("dirty log: {e}"))?;
+                memory::save_dirty(&self.ram.mem, &dirty, &l.index, &mem_file)
+                    .map_err(|e| e.to_string())?
+            }
+            None => {
+                // From the first snapshot on, KVM logs the pages the guest writes; the
+                // log starts clean here (the guest is paused), and each snapshot's read
+                // of it clears it for the next.
+                if last.is_none() {
+                    super::memory::log_dirty_pages(&self.vm_fd, &self.ram.mem)
+                        .map_err(|e| format!("dirty log: {e}"))?;
+                } else {
+                    super::memory::dirty_pages(&self.vm_fd, &self.ram.mem)
+                        .map_err(|e| format!("dirty log: {e}"))?;
+                }
+                let r = memory::save(&self.ram.mem, self.ram.file.as_ref(), &mem_file)
+                    .map_err(|e| e.to_string())?;
+                (r, 0)
+            }
+        };
         let snap = Snapshot {
             producer: snapshot::producer(),
             vm: info(
@@ -180,8 +233,19 @@ impl super::Vm {
             written_at.as_micros(),
             (t0.elapsed() - written_at).as_micros()
         );
-        let written = snap.ram.chunks.iter().map(|c| c.1 as u64).sum();
+        let written = if incremental {
+            dirty_chunks as u64 * memory::CHUNK
+        } else {
+            snap.ram.chunks.iter().map(|c| c.1 as u64).sum()
+        };
+        *last = Some(LastSnapshot {
+            dev,
+            ino,
+            index: snap.ram.clone(),
+        });
         Ok(Saved {
+            incremental,
+            dirty_chunks,
             ram_bytes_written: written,
             chunks: snap.ram.chunks.len(),
             state_bytes: bytes.len(),

@@ -210,7 +210,12 @@ fn a_restore_is_bounded_by_the_tenant_policy_and_checked_against_its_spec() {
     // An incremental snapshot into the same directory, through the jailed VMM.
     let n = passes(&console(&a)).len();
     wait_passes(&a, n + 2);
-    let out = ok(&ctl(&["snapshot", &a, snap.to_str().unwrap(), "--incremental"]));
+    let out = ok(&ctl(&[
+        "snapshot",
+        &a,
+        snap.to_str().unwrap(),
+        "--incremental",
+    ]));
     assert!(out.contains("(incremental)"), "{out}");
     assert!(!snap.join("state.new").exists());
     let at_pause = console(&a);
@@ -218,7 +223,14 @@ fn a_restore_is_bounded_by_the_tenant_policy_and_checked_against_its_spec() {
     // It restores, and the guest goes on from the second pause with all its RAM.
     let b = format!("snapd-{}", std::process::id());
     let _cleanup_b = Destroy(vec![b.clone()]);
-    ok(&ctl(&["restore", snap.to_str().unwrap(), "--policy", pol, "--id", &b]));
+    ok(&ctl(&[
+        "restore",
+        snap.to_str().unwrap(),
+        "--policy",
+        pol,
+        "--id",
+        &b,
+    ]));
     let m = passes(&console(&b)).len();
     wait_passes(&b, m + 2);
     let both = format!("{at_pause}{}", console(&b));

@@ -27,10 +27,23 @@ impl Drop for Scratch {
 }
 
 fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img must be installed (tests/setup.sh)");
+    // A LUKS image's creation measures PBKDF2 speed from the thread's CPU time and fails
+    // ("Unable to get accurate CPU usage") when a loaded host charges its first round no
+    // tick: that one failure is tried again.
+    let mut out = None;
+    for _ in 0..10 {
+        let o = Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img must be installed (tests/setup.sh)");
+        let retry = String::from_utf8_lossy(&o.stderr).contains("Unable to get accurate CPU usage");
+        out = Some(o);
+        if !retry {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = out.expect("ran");
     assert!(
         out.status.success(),
         "qemu-img {args:?}: {}",

@@ -79,9 +79,9 @@ impl Vm {
 
     /// Waits until the console shows `n` more complete pass lines than it does now.
     fn wait_passes(&self, n: usize) {
-        let before = passes(&self.log()).len();
+        let before = common::memload_passes(&self.log()).len();
         let deadline = Instant::now() + TIMEOUT;
-        while passes(&self.log()).len() < before + n {
+        while common::memload_passes(&self.log()).len() < before + n {
             assert!(
                 Instant::now() < deadline,
                 "memload stalled:\n{}",
@@ -126,15 +126,6 @@ fn send_snapshot(vm: &Vm, fds: &[i32]) -> http::Response {
     let mut c = http::Client::connect(&vm.sock, TIMEOUT).unwrap();
     c.request_with_fds("PUT", "/api/v1/vm.snapshot", None, fds, TIMEOUT)
         .unwrap_or_else(|e| panic!("vm.snapshot: {e}"))
-}
-
-/// The pass numbers of the complete `memload pass N ok` lines.
-fn passes(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter_map(|l| l.strip_prefix("memload pass "))
-        .filter(|l| l.contains(" ok pages="))
-        .filter_map(|l| l.split(' ').next()?.parse().ok())
-        .collect()
 }
 
 /// A VM that has made a couple of passes, paused and saved into DIR/NAME.
@@ -195,19 +186,11 @@ fn ten_restores_in_a_row_go_on_counting_with_every_page_of_ram_intact() {
         .iter()
         .map(|p| std::fs::read_to_string(p).unwrap())
         .collect();
-    assert!(!all.contains("FAIL"), "{all}");
-    let p = passes(&all);
-    assert!(p.len() >= 2 * 10 + 3, "{} passes", p.len());
-    for w in p.windows(2) {
-        assert_eq!(
-            w[1],
-            w[0] + 1,
-            "the passes do not follow each other:\n{all}"
-        );
-    }
+    let n = common::assert_memload_continuous(&all);
+    assert!(n >= 2 * 10 + 3, "{n} passes");
     // Every restored VM made passes of its own.
     for l in &logs[1..] {
-        let own = passes(&std::fs::read_to_string(l).unwrap());
+        let own = common::memload_passes(&std::fs::read_to_string(l).unwrap());
         assert!(own.len() >= 2, "{}: {own:?}", l.display());
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -256,7 +239,7 @@ fn a_restore_can_start_paused_and_run_on_resume() {
     assert_eq!(vm.info()["state"], "paused");
     std::thread::sleep(Duration::from_millis(300));
     assert!(
-        passes(&vm.log()).is_empty(),
+        common::memload_passes(&vm.log()).is_empty(),
         "a paused guest ran:\n{}",
         vm.log()
     );
@@ -467,11 +450,7 @@ fn a_vm_on_hugepages_is_saved_and_restored_on_hugepages() {
     );
     vm.wait_passes(2);
     let both = format!("{at_pause}{}", vm.log());
-    assert!(!both.contains("FAIL"), "{both}");
-    let p = passes(&both);
-    for w in p.windows(2) {
-        assert_eq!(w[1], w[0] + 1, "{both}");
-    }
+    common::assert_memload_continuous(&both);
     drop(vm);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -553,11 +532,7 @@ fn an_incremental_snapshot_rewrites_what_the_guest_wrote_and_restores_whole() {
     let vm = Vm::start(&dir, "dst", &["--restore", snap.to_str().unwrap()]);
     vm.wait_passes(2);
     let both = format!("{at_pause}{}", vm.log());
-    assert!(!both.contains("FAIL"), "{both}");
-    let p = passes(&both);
-    for w in p.windows(2) {
-        assert_eq!(w[1], w[0] + 1, "{both}");
-    }
+    common::assert_memload_continuous(&both);
     drop(vm);
     let _ = std::fs::remove_dir_all(&dir);
 }

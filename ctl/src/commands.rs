@@ -536,7 +536,6 @@ pub fn snapshot(
     resume: bool,
     incremental: bool,
 ) -> Result<i32, Error> {
-    use std::os::fd::AsRawFd;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     host.find(id)?;
     let fail = |what: &str, e: std::io::Error| Error::Other(format!("{what}: {e}"));
@@ -571,18 +570,7 @@ pub fn snapshot(
     host.call(id, "PUT", "vm.pause", None, API_TIMEOUT)?;
     let result = (|| {
         let (state, memory) = (create("state")?, create("memory")?);
-        let sock = host.api_socket(id);
-        let target = api_target("vm.snapshot");
-        let r = crate::http::Client::connect(&sock, API_TIMEOUT).and_then(|mut c| {
-            c.request_with_fds(
-                "PUT",
-                &target,
-                None,
-                &[state.as_raw_fd(), memory.as_raw_fd()],
-                SNAPSHOT_TIMEOUT,
-            )
-        });
-        let r = answered(id, &sock, "PUT", &target, r)?;
+        let r = send_snapshot(host, id, None, &state, &memory)?;
         create("vm.toml")?
             .write_all(&spec)
             .map_err(|e| fail("vm.toml", e))?;
@@ -610,11 +598,7 @@ pub fn snapshot(
         v["ram_bytes_written"].as_u64().unwrap_or(0) >> 20,
         v["chunks"].as_u64().unwrap_or(0),
         v["ms"].as_f64().unwrap_or(0.0),
-        if resume {
-            "running again".to_string()
-        } else {
-            format!("paused (`cellvmctl resume {id}` runs it)")
-        }
+        after_snapshot(id, resume)
     );
     Ok(0)
 }
@@ -624,7 +608,6 @@ pub fn snapshot(
 /// DIR/state once it is complete. A failure partway leaves DIR/memory ahead of
 /// DIR/state, which a restore then refuses by its checksums: take a full snapshot.
 fn snapshot_incremental(host: &Host, id: &str, dir: &Path, resume: bool) -> Result<i32, Error> {
-    use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     let fail = |what: &Path, e: std::io::Error| Error::Other(format!("{}: {e}", what.display()));
     for n in ["state", "vm.toml"] {
@@ -651,18 +634,8 @@ fn snapshot_incremental(host: &Host, id: &str, dir: &Path, resume: bool) -> Resu
         .open(&new_state)
         .map_err(|e| fail(&new_state, e))?;
     host.call(id, "PUT", "vm.pause", None, API_TIMEOUT)?;
-    let sock = host.api_socket(id);
-    let target = api_target("vm.snapshot");
-    let r = crate::http::Client::connect(&sock, API_TIMEOUT).and_then(|mut c| {
-        c.request_with_fds(
-            "PUT",
-            &target,
-            Some(br#"{"incremental":true}"#),
-            &[state.as_raw_fd(), memory.as_raw_fd()],
-            SNAPSHOT_TIMEOUT,
-        )
-    });
-    let answer = answered(id, &sock, "PUT", &target, r).and_then(|a| {
+    let body = br#"{"incremental":true}"#;
+    let answer = send_snapshot(host, id, Some(body), &state, &memory).and_then(|a| {
         std::fs::rename(&new_state, dir.join("state"))
             .map(|_| a)
             .map_err(|e| fail(&new_state, e))
@@ -680,13 +653,41 @@ fn snapshot_incremental(host: &Host, id: &str, dir: &Path, resume: bool) -> Resu
         v["dirty_chunks"].as_u64().unwrap_or(0),
         v["chunks"].as_u64().unwrap_or(0),
         v["ms"].as_f64().unwrap_or(0.0),
-        if resume {
-            "running again".to_string()
-        } else {
-            format!("paused (`cellvmctl resume {id}` runs it)")
-        }
+        after_snapshot(id, resume)
     );
     Ok(0)
+}
+
+/// `vm.snapshot` with `body`, the state and memory files sent along as descriptors.
+fn send_snapshot(
+    host: &Host,
+    id: &str,
+    body: Option<&[u8]>,
+    state: &std::fs::File,
+    memory: &std::fs::File,
+) -> Result<crate::http::Response, Error> {
+    use std::os::fd::AsRawFd;
+    let sock = host.api_socket(id);
+    let target = api_target("vm.snapshot");
+    let r = crate::http::Client::connect(&sock, API_TIMEOUT).and_then(|mut c| {
+        c.request_with_fds(
+            "PUT",
+            &target,
+            body,
+            &[state.as_raw_fd(), memory.as_raw_fd()],
+            SNAPSHOT_TIMEOUT,
+        )
+    });
+    answered(id, &sock, "PUT", &target, r)
+}
+
+/// How a snapshot leaves the VM, for its summary line.
+fn after_snapshot(id: &str, resume: bool) -> String {
+    if resume {
+        "running again".to_string()
+    } else {
+        format!("paused (`cellvmctl resume {id}` runs it)")
+    }
 }
 
 /// `restore DIR`: `cellvm-jailer launch --detach --restore DIR --vm DIR/vm.toml`, the

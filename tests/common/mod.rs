@@ -706,3 +706,28 @@ pub fn device_refuses(cases: &[(&[&str], &str)]) {
         assert!(out.stderr.contains(expect), "{args:?}: {}", out.stderr);
     }
 }
+
+/// The pass numbers of the complete `memload pass N ok` lines of the test guest's
+/// memload workload.
+pub fn memload_passes(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.strip_prefix("memload pass "))
+        .filter(|l| l.contains(" ok pages="))
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// A memload console stream (one VM's, or several VMs' joined in order): no FAIL, and
+/// its passes follow each other without a gap or a repeat. Returns how many there are.
+pub fn assert_memload_continuous(log: &str) -> usize {
+    assert!(!log.contains("FAIL"), "{log}");
+    let p = memload_passes(log);
+    for w in p.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "the passes do not follow each other:\n{log}"
+        );
+    }
+    p.len()
+}
